@@ -1,0 +1,440 @@
+// Per-element math of the 8-bit blockwise AdamW step (SPEC section 3).
+//
+// Everything here is usable from host C++ and from CUDA device code, and uses
+// only correctly rounded float32/float64 operations, so that the CPU and CUDA
+// backends produce bit-identical codes, scales and params. No XLA, no pybind11.
+//
+// The block reduction and the iteration over leaves live in each backend; the
+// scalar step, the quantizer, the rounding to the param dtype and the defined
+// reduction order of the percentile-clipping norm live here, once.
+#ifndef OPTAX_PAGED8BIT_ADAM8BIT_H_
+#define OPTAX_PAGED8BIT_ADAM8BIT_H_
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define OP8_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define OP8_HD inline
+#endif
+
+namespace optax_paged8bit {
+
+// Elements per quantization block (one float32 scale each).
+constexpr int kBlockSize = 256;
+// Entries of each dynamic quantization map.
+constexpr int kMapSize = 256;
+// Slots of the percentile-clipping ring (squared grad norms of past steps).
+constexpr int kRingSize = 100;
+// A block is processed by 32 lanes that own 8 consecutive elements each; the
+// clipping norm is reduced in that shape on every backend (see BlockNormSq).
+constexpr int kLanes = 32;
+constexpr int kLaneElems = kBlockSize / kLanes;
+// Threads of the second stage of the per-leaf norm reduction (LeafNormSq).
+constexpr int kNormThreads = 1024;
+// Code of the signed map's smallest positive value; padded lanes use it.
+constexpr uint8_t kPadCode1 = 128;
+
+// Order of the float hyperparameter operand.
+enum HyperParam : int { kLr = 0, kBeta1, kBeta2, kEps, kWeightDecay, kNumHyperParams };
+
+// Param/grad element types, as stored in leaf descriptors.
+enum ElemType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Per-leaf flag bits (an attribute of the custom call).
+enum LeafFlag : int32_t { kLeaf8bit = 1, kLeafDecay = 2 };
+
+// ---------------------------------------------------------------------------
+// Correctly rounded primitives. On the device the explicit _rn intrinsics keep
+// nvcc from contracting a*b+c into an fma; on the host the build passes
+// -ffp-contract=off for the same reason.
+// ---------------------------------------------------------------------------
+OP8_HD float Mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+OP8_HD float Add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+OP8_HD float Div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+OP8_HD float Sqrt(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+OP8_HD float Fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+OP8_HD double MulD(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+OP8_HD double AddD(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+OP8_HD double SqrtD(double a) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+OP8_HD float ToFloat(double a) {
+#if defined(__CUDA_ARCH__)
+  return __double2float_rn(a);
+#else
+  return static_cast<float>(a);
+#endif
+}
+
+OP8_HD uint32_t FloatBits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+OP8_HD float BitsFloat(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+OP8_HD bool IsFinite(float f) { return (FloatBits(f) & 0x7f800000u) != 0x7f800000u; }
+OP8_HD bool IsNan(float f) { return (FloatBits(f) & 0x7fffffffu) > 0x7f800000u; }
+OP8_HD bool SignBit(float f) { return (FloatBits(f) >> 31) != 0; }
+OP8_HD float Abs(float f) { return BitsFloat(FloatBits(f) & 0x7fffffffu); }
+// max(acc, |x|) that never lets a NaN in (the state cannot produce one, but a
+// defined answer keeps the backends equal whatever happens).
+OP8_HD float MaxAbs(float acc, float x) {
+  float a = Abs(x);
+  return a > acc ? a : acc;
+}
+
+// ---------------------------------------------------------------------------
+// Param dtypes: float32 <-> bfloat16 / float16, round to nearest even.
+// ---------------------------------------------------------------------------
+OP8_HD float Bf16ToFloat(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
+
+OP8_HD uint16_t FloatToBf16(float f) {
+  uint32_t u = FloatBits(f);
+  if (IsNan(f)) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+OP8_HD float F16ToFloat(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0x1f) return BitsFloat(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24, exact in float32.
+    float magnitude = Mul(static_cast<float>(mantissa), 5.9604644775390625e-08f);
+    return BitsFloat(sign | FloatBits(magnitude));
+  }
+  return BitsFloat(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+OP8_HD uint16_t RoundShiftRightEven(uint32_t value, int shift) {
+  uint32_t result = value >> shift;
+  uint32_t rest = value & ((1u << shift) - 1u);
+  uint32_t half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (result & 1u))) ++result;
+  return static_cast<uint16_t>(result);
+}
+
+OP8_HD uint16_t FloatToF16(float f) {
+  uint32_t u = FloatBits(f);
+  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((a >> 13) & 0x3ffu);
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity
+  if (a >= 0x38800000u) {                        // normal half (>= 2^-14)
+    return sign | RoundShiftRightEven(a - 0x38000000u, 13);
+  }
+  if (a < 0x33000000u) return sign;  // below 2^-25: rounds to zero
+  uint32_t exponent = a >> 23;
+  uint32_t mantissa = (a & 0x7fffffu) | 0x800000u;
+  return sign | RoundShiftRightEven(mantissa, static_cast<int>(126u - exponent));
+}
+
+OP8_HD float LoadAsFloat(const void* data, int32_t type, int64_t i) {
+  switch (type) {
+    case kBF16:
+      return Bf16ToFloat(static_cast<const uint16_t*>(data)[i]);
+    case kF16:
+      return F16ToFloat(static_cast<const uint16_t*>(data)[i]);
+    default:
+      return static_cast<const float*>(data)[i];
+  }
+}
+
+// Rounds x to the param dtype and back: T(x) of SPEC 3.2.
+OP8_HD float RoundToType(float x, int32_t type) {
+  switch (type) {
+    case kBF16:
+      return Bf16ToFloat(FloatToBf16(x));
+    case kF16:
+      return F16ToFloat(FloatToF16(x));
+    default:
+      return x;
+  }
+}
+
+OP8_HD void StoreFromFloat(void* data, int32_t type, int64_t i, float x) {
+  switch (type) {
+    case kBF16:
+      static_cast<uint16_t*>(data)[i] = FloatToBf16(x);
+      break;
+    case kF16:
+      static_cast<uint16_t*>(data)[i] = FloatToF16(x);
+      break;
+    default:
+      static_cast<float*>(data)[i] = x;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Per-step scalars (SPEC 3): the bias corrections from count, with the powers
+// by binary exponentiation in float64 and one rounding to float32.
+// ---------------------------------------------------------------------------
+struct StepScalars {
+  float beta1, beta2;
+  float one_minus_beta1, one_minus_beta2;
+  float step_size;  // -lr * c2 / c1
+  float eps_hat;    // eps * c2
+  float decay;      // 1 - lr * wd, one rounding
+  bool weight_decay_on;
+};
+
+OP8_HD double PowBySquaring(double base, int64_t exponent) {
+  double result = 1.0;
+  while (exponent > 0) {
+    if (exponent & 1) result = MulD(result, base);
+    base = MulD(base, base);
+    exponent >>= 1;
+  }
+  return result;
+}
+
+// hyper: float32[kNumHyperParams]; t = count + 1.
+OP8_HD StepScalars ComputeStepScalars(const float* hyper, int64_t t) {
+  StepScalars s;
+  float lr = hyper[kLr];
+  s.beta1 = hyper[kBeta1];
+  s.beta2 = hyper[kBeta2];
+  s.one_minus_beta1 = Add(1.0f, -s.beta1);
+  s.one_minus_beta2 = Add(1.0f, -s.beta2);
+  float c1 = ToFloat(AddD(1.0, -PowBySquaring(static_cast<double>(s.beta1), t)));
+  float c2 = ToFloat(SqrtD(AddD(1.0, -PowBySquaring(static_cast<double>(s.beta2), t))));
+  s.step_size = Div(Mul(-lr, c2), c1);
+  s.eps_hat = Mul(hyper[kEps], c2);
+  s.decay = Fma(-lr, hyper[kWeightDecay], 1.0f);
+  s.weight_decay_on = hyper[kWeightDecay] > 0.0f;
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Moments and the param step.
+// ---------------------------------------------------------------------------
+
+// 8-bit path, SPEC 3.2 step 2. A non-finite gf zeroes both moments.
+OP8_HD void BlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
+                             const StepScalars& s, float* m, float* v) {
+  if (!IsFinite(gf)) {
+    *m = 0.0f;
+    *v = 0.0f;
+    return;
+  }
+  *m = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
+  *v = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
+}
+
+// float32 path, SPEC 3.3.
+OP8_HD void Float32Moments(float g, const StepScalars& s, float* m, float* v) {
+  *m = Fma(*m, s.beta1, Mul(g, s.one_minus_beta1));
+  *v = Fma(*v, s.beta2, Mul(s.one_minus_beta2, Mul(g, g)));
+}
+
+// SPEC 3.2 step 4 / 3.3: the step, rounded to the param dtype, then the
+// decoupled weight decay AFTER the step, rounded again.
+OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
+  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(Sqrt(v), s.eps_hat)), p), type);
+  if (decay && s.weight_decay_on) return RoundToType(Mul(s.decay, p1), type);
+  return p1;
+}
+
+// Next representable value of the param dtype after x (a finite, non-NaN
+// value of that dtype), toward +inf when up, else toward -inf.
+OP8_HD float NextInType(float x, bool up, int32_t type) {
+  if (type == kF32) {
+    uint32_t u = FloatBits(x);
+    if ((u & 0x7fffffffu) == 0) return up ? BitsFloat(1u) : BitsFloat(0x80000001u);
+    return BitsFloat(SignBit(x) == up ? u - 1u : u + 1u);
+  }
+  uint16_t h = type == kBF16 ? FloatToBf16(x) : FloatToF16(x);
+  if ((h & 0x7fffu) == 0) {
+    h = up ? 1u : 0x8001u;
+  } else {
+    h = (((h >> 15) != 0) == up) ? static_cast<uint16_t>(h - 1u) : static_cast<uint16_t>(h + 1u);
+  }
+  return type == kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+}
+
+// The optax path returns updates u with T(p + u) == p_new bit for bit (what
+// optax.apply_updates computes), so that it lands exactly where the fused
+// step does. u = T(p_new - p) is exact in almost all cases; where rounding
+// broke it, a neighbour of u does the job.
+OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
+  uint32_t want = FloatBits(p_new);
+  float u = RoundToType(Add(p_new, -p), type);
+  if (FloatBits(RoundToType(Add(p, u), type)) == want || !IsFinite(u)) return u;
+  float candidates[3] = {NextInType(u, true, type), NextInType(u, false, type), p_new};
+  for (float c : candidates) {
+    if (FloatBits(RoundToType(Add(p, c), type)) == want) return c;
+  }
+  return u;
+}
+
+// ---------------------------------------------------------------------------
+// The quantizer (SPEC 3.2 step 5). q is an ascending map of kMapSize values.
+// ---------------------------------------------------------------------------
+OP8_HD uint8_t QuantizeNearest(const float* q, float x) {
+  if (IsNan(x)) return 0;
+  int lo = 0, hi = kMapSize;  // k = #{i : q[i] < x} by lower bound
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (q[mid] < x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  int k = lo < 1 ? 1 : (lo > kMapSize - 1 ? kMapSize - 1 : lo);
+  float midpoint = Mul(Add(q[k - 1], q[k]), 0.5f);
+  if (x > midpoint) return static_cast<uint8_t>(k);
+  if (x < midpoint) return static_cast<uint8_t>(k - 1);
+  return static_cast<uint8_t>((k & 1) ? k - 1 : k);
+}
+
+// First moment: nearest code, then the sign fix so that a small negative
+// moment never decodes as zero or positive.
+OP8_HD uint8_t QuantizeSigned(const float* q1, float m, float absmax) {
+  uint8_t code = QuantizeNearest(q1, Div(m, absmax));
+  if (SignBit(q1[code]) != SignBit(m)) {
+    code = static_cast<uint8_t>(m > 0.0f ? code + 1 : code - 1);
+  }
+  return code;
+}
+
+OP8_HD uint8_t QuantizeUnsigned(const float* q2, float v, float absmax) {
+  return QuantizeNearest(q2, Div(v, absmax));
+}
+
+// ---------------------------------------------------------------------------
+// Percentile clipping (SPEC 3.5).
+//
+// The squared norm of a leaf's gradient is summed in float64 in one defined
+// order, shared by all backends:
+//  1. per block of 256: each of the 32 lanes sums the squares of its 8
+//     consecutive elements in order, then the lanes combine by the butterfly
+//     s[i] += s[i ^ d] for d = 16, 8, 4, 2, 1 (BlockNormSq);
+//  2. per leaf: thread t of kNormThreads sums the block partials t, t + T,
+//     t + 2T, ... in order, then the threads combine by the tree
+//     a[t] += a[t + d] for d = T/2, ..., 1 (LeafNormSq).
+// ---------------------------------------------------------------------------
+OP8_HD double LaneNormSq(const void* grad, int32_t type, int64_t start, int64_t size) {
+  double sum = 0.0;
+  for (int k = 0; k < kLaneElems; ++k) {
+    int64_t i = start + k;
+    if (i < size) {
+      double g = static_cast<double>(LoadAsFloat(grad, type, i));
+      sum = AddD(sum, MulD(g, g));
+    }
+  }
+  return sum;
+}
+
+#if !defined(__CUDA_ARCH__)
+// Host emulation of the block butterfly (the device uses warp shuffles).
+inline double BlockNormSq(const void* grad, int32_t type, int64_t block, int64_t size) {
+  double lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lanes[l] = LaneNormSq(grad, type, block * kBlockSize + l * kLaneElems, size);
+  }
+  for (int d = kLanes / 2; d >= 1; d /= 2) {
+    double next[kLanes];
+    for (int l = 0; l < kLanes; ++l) next[l] = AddD(lanes[l], lanes[l ^ d]);
+    for (int l = 0; l < kLanes; ++l) lanes[l] = next[l];
+  }
+  return lanes[0];
+}
+
+// Host emulation of the second stage; `scratch` has kNormThreads entries.
+inline double LeafNormSq(const double* partials, int64_t num_blocks, double* scratch) {
+  for (int t = 0; t < kNormThreads; ++t) {
+    double sum = 0.0;
+    for (int64_t j = t; j < num_blocks; j += kNormThreads) sum = AddD(sum, partials[j]);
+    scratch[t] = sum;
+  }
+  for (int d = kNormThreads / 2; d >= 1; d /= 2) {
+    for (int t = 0; t < d; ++t) scratch[t] = AddD(scratch[t], scratch[t + d]);
+  }
+  return scratch[0];
+}
+#endif
+
+// NaN sorts last, as in torch.sort.
+OP8_HD bool RingLess(float a, float b) { return a < b || (!IsNan(a) && IsNan(b)); }
+
+// Writes this step's squared norm into the ring and returns gnorm_scale.
+OP8_HD float UpdateRingAndScale(float* ring, float norm_sq, int64_t t, int percentile) {
+  if (t == 1) {
+    for (int i = 0; i < kRingSize; ++i) ring[i] = norm_sq;
+  } else {
+    ring[t % kRingSize] = norm_sq;
+  }
+  float sorted[kRingSize];
+  for (int i = 0; i < kRingSize; ++i) {
+    float x = ring[i];
+    int j = i;
+    while (j > 0 && RingLess(x, sorted[j - 1])) {
+      sorted[j] = sorted[j - 1];
+      --j;
+    }
+    sorted[j] = x;
+  }
+  float current = Sqrt(norm_sq);
+  float clip = Sqrt(sorted[percentile]);
+  return current > clip ? Div(clip, current) : 1.0f;
+}
+
+}  // namespace optax_paged8bit
+
+#endif  // OPTAX_PAGED8BIT_ADAM8BIT_H_

@@ -1,0 +1,306 @@
+// CPU handlers of the update, export and import custom calls: plain loops over
+// the math of adam8bit.h, state in host memory from the registry.
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "adam8bit.h"
+#include "ffi_common.h"
+#include "registry.h"
+
+namespace optax_paged8bit {
+namespace {
+
+class HostAllocator : public Allocator {
+ public:
+  Memory Allocate(size_t bytes, std::string* error) override {
+    Memory m;
+    m.bytes = bytes;
+    m.on_host = true;
+    m.free_fn = [](void* p) { std::free(p); };
+    m.data = std::calloc(bytes, 1);
+    if (m.data == nullptr) *error = "out of host memory (" + std::to_string(bytes) + " bytes)";
+    return m;
+  }
+};
+
+struct Maps {
+  const float* q1;  // signed map (first moment)
+  const float* q2;  // unsigned map (second moment)
+};
+
+// Percentile clipping: the leaf's gnorm_scale for this step (1 when off).
+float ClipScale(const LeafCall& leaf, float* ring, int64_t t, int32_t percentile) {
+  if (percentile >= 100) return 1.0f;
+  int64_t num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
+  std::vector<double> partials(num_blocks);
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    partials[j] = BlockNormSq(leaf.grad, leaf.type, j, leaf.size);
+  }
+  double scratch[kNormThreads];
+  float norm_sq = ToFloat(LeafNormSq(partials.data(), num_blocks, scratch));
+  return UpdateRingAndScale(ring, norm_sq, t, percentile);
+}
+
+// Writes the new param (fused) or the update that optax.apply_updates turns
+// into it.
+inline void WriteOut(const LeafCall& leaf, int64_t i, float p, float p_new, bool write_params) {
+  StoreFromFloat(leaf.out, leaf.type, i, write_params ? p_new : UpdateFor(p, p_new, leaf.type));
+}
+
+// SPEC 3.2: one scale per 256-element block, a partial last block padded.
+void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps,
+                     const StepScalars& s, float scale, bool write_params) {
+  auto* codes1 = static_cast<uint8_t*>(state.state1);
+  auto* codes2 = static_cast<uint8_t*>(state.state2);
+  bool decay = (leaf.flags & kLeafDecay) != 0;
+  int64_t num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
+  float m[kBlockSize], v[kBlockSize];
+  bool finite[kBlockSize];
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    int64_t begin = j * kBlockSize;
+    int count = static_cast<int>(std::min<int64_t>(kBlockSize, leaf.size - begin));
+    float old1 = state.absmax1[j], old2 = state.absmax2[j];
+    float absmax1 = 0.0f, absmax2 = 0.0f;
+    for (int e = 0; e < kBlockSize; ++e) {
+      float gf = 0.0f;
+      uint8_t c1 = kPadCode1, c2 = 0;
+      if (e < count) {
+        gf = Mul(LoadAsFloat(leaf.grad, leaf.type, begin + e), scale);
+        c1 = codes1[begin + e];
+        c2 = codes2[begin + e];
+      }
+      finite[e] = IsFinite(gf);
+      BlockwiseMoments(gf, maps.q1[c1], old1, maps.q2[c2], old2, s, &m[e], &v[e]);
+      absmax1 = MaxAbs(absmax1, m[e]);
+      absmax2 = MaxAbs(absmax2, v[e]);
+    }
+    for (int e = 0; e < count; ++e) {
+      int64_t i = begin + e;
+      float p = LoadAsFloat(leaf.param, leaf.type, i);
+      float p_new = finite[e] ? StepParam(p, m[e], v[e], s, decay, leaf.type) : p;
+      WriteOut(leaf, i, p, p_new, write_params);
+      codes1[i] = QuantizeSigned(maps.q1, m[e], absmax1);
+      codes2[i] = QuantizeUnsigned(maps.q2, v[e], absmax2);
+    }
+    state.absmax1[j] = absmax1;
+    state.absmax2[j] = absmax2;
+  }
+}
+
+// SPEC 3.4: one scale for the whole leaf; a first pass finds it.
+void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps,
+                     const StepScalars& s, float scale, bool write_params) {
+  auto* codes1 = static_cast<uint8_t*>(state.state1);
+  auto* codes2 = static_cast<uint8_t*>(state.state2);
+  bool decay = (leaf.flags & kLeafDecay) != 0;
+  float old1 = state.absmax1[0], old2 = state.absmax2[0];
+  auto moments = [&](int64_t i, float* gf, float* m, float* v) {
+    *gf = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
+    BlockwiseMoments(*gf, maps.q1[codes1[i]], old1, maps.q2[codes2[i]], old2, s, m, v);
+  };
+  float absmax1 = 0.0f, absmax2 = 0.0f;
+  for (int64_t i = 0; i < leaf.size; ++i) {
+    float gf, m, v;
+    moments(i, &gf, &m, &v);
+    absmax1 = MaxAbs(absmax1, m);
+    absmax2 = MaxAbs(absmax2, v);
+  }
+  for (int64_t i = 0; i < leaf.size; ++i) {
+    float gf, m, v;
+    moments(i, &gf, &m, &v);
+    float p = LoadAsFloat(leaf.param, leaf.type, i);
+    float p_new = IsFinite(gf) ? StepParam(p, m, v, s, decay, leaf.type) : p;
+    WriteOut(leaf, i, p, p_new, write_params);
+    codes1[i] = QuantizeSigned(maps.q1, m, absmax1);
+    codes2[i] = QuantizeUnsigned(maps.q2, v, absmax2);
+  }
+  state.absmax1[0] = absmax1;
+  state.absmax2[0] = absmax2;
+}
+
+// SPEC 3.3: float32 moments (small leaves, or optim_bits=32 through args).
+void UpdateFloat32(const LeafCall& leaf, LeafState& state, const StepScalars& s, float scale,
+                   bool write_params) {
+  auto* m1 = static_cast<float*>(state.state1);
+  auto* m2 = static_cast<float*>(state.state2);
+  bool decay = (leaf.flags & kLeafDecay) != 0;
+  for (int64_t i = 0; i < leaf.size; ++i) {
+    float g = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
+    Float32Moments(g, s, &m1[i], &m2[i]);
+    float p = LoadAsFloat(leaf.param, leaf.type, i);
+    WriteOut(leaf, i, p, StepParam(p, m1[i], m2[i], s, decay, leaf.type), write_params);
+  }
+}
+
+ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+                     ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
+                     ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
+                     ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                     ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
+                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
+                     bool write_params) {
+  if (auto e = CheckScalarOperands(kUpdateTarget, handle, count); e.failure()) return e;
+  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
+    return e;
+  }
+  std::vector<LeafCall> leaves;
+  std::vector<LeafSpec> layout;
+  if (auto e = DecodeUpdateLeaves(leaf_args, leaf_rets, leaf_flags, block_wise, &leaves, &layout);
+      e.failure()) {
+    return e;
+  }
+  int64_t step = count.typed_data()[0];
+  HostAllocator allocator;
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForUpdate(
+      handle.typed_data()[0], Platform::kCpu, device, step, layout, allocator, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::lock_guard<std::mutex> lock(slot->mu);
+  if (slot->step != step) {  // another call advanced it since the lookup
+    return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
+                                       std::to_string(handle.typed_data()[0]));
+  }
+
+  float* ring = rings_out->typed_data();
+  if (ring != rings.typed_data()) {
+    std::memcpy(ring, rings.typed_data(), rings.element_count() * sizeof(float));
+  }
+  int64_t t = step + 1;
+  StepScalars s = ComputeStepScalars(hyper.typed_data(), t);
+  Maps maps{qmaps.typed_data(), qmaps.typed_data() + kMapSize};
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const LeafCall& leaf = leaves[i];
+    float scale = ClipScale(leaf, ring + i * kRingSize, t, percentile);
+    LeafState& state = slot->leaves[i];
+    if (!layout[i].is_8bit) {
+      UpdateFloat32(leaf, state, s, scale, write_params);
+    } else if (block_wise) {
+      UpdateBlockwise(leaf, state, maps, s, scale, write_params);
+    } else {
+      UpdateWholeLeaf(leaf, state, maps, s, scale, write_params);
+    }
+  }
+  slot->step = t;
+  count_out->typed_data()[0] = static_cast<int32_t>(t);
+  return ffi::Error::Success();
+}
+
+ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+                     ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags,
+                     bool block_wise) {
+  if (auto e = CheckScalarOperands(kExportTarget, handle, count); e.failure()) return e;
+  std::vector<LeafArrays> leaves;
+  std::vector<LeafSpec> layout;
+  auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
+  if (auto e = DecodeStateArrays(kExportTarget, rets, get, leaf_flags, block_wise, &leaves,
+                                 &layout);
+      e.failure()) {
+    return e;
+  }
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForRead(
+      handle.typed_data()[0], Platform::kCpu, device, count.typed_data()[0], layout, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::unique_lock<std::mutex> lock;
+  if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const LeafArrays& leaf = leaves[i];
+    const LeafSpec& spec = layout[i];
+    auto copy = [&](void* dst, const void* src, size_t bytes) {
+      if (bytes == 0) return;
+      if (src == nullptr) {
+        std::memset(dst, 0, bytes);
+      } else {
+        std::memcpy(dst, src, bytes);
+      }
+    };
+    const LeafState* state = slot ? &slot->leaves[i] : nullptr;
+    copy(leaf.state1, state ? state->state1 : nullptr, spec.state_bytes());
+    copy(leaf.state2, state ? state->state2 : nullptr, spec.state_bytes());
+    copy(leaf.absmax1, state ? state->absmax1 : nullptr, spec.scale_bytes());
+    copy(leaf.absmax2, state ? state->absmax2 : nullptr, spec.scale_bytes());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+                     ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                     ffi::Span<const int32_t> leaf_flags, bool block_wise) {
+  if (auto e = CheckScalarOperands(kImportTarget, handle, count); e.failure()) return e;
+  std::vector<LeafArrays> leaves;
+  std::vector<LeafSpec> layout;
+  auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
+  if (auto e = DecodeStateArrays(kImportTarget, args, get, leaf_flags, block_wise, &leaves,
+                                 &layout);
+      e.failure()) {
+    return e;
+  }
+  HostAllocator allocator;
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForImport(
+      handle.typed_data()[0], Platform::kCpu, device, layout, allocator, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::lock_guard<std::mutex> lock(slot->mu);
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const LeafArrays& leaf = leaves[i];
+    LeafState& state = slot->leaves[i];
+    size_t state_bytes = layout[i].state_bytes(), scale_bytes = layout[i].scale_bytes();
+    if (state_bytes > 0) {
+      std::memcpy(state.state1, leaf.state1, state_bytes);
+      std::memcpy(state.state2, leaf.state2, state_bytes);
+    }
+    if (scale_bytes > 0) {
+      std::memcpy(state.absmax1, leaf.absmax1, scale_bytes);
+      std::memcpy(state.absmax2, leaf.absmax2, scale_bytes);
+    }
+  }
+  slot->step = count.typed_data()[0];
+  count_out->typed_data()[0] = count.typed_data()[0];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCpu, UpdateCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingArgs()               // grads, params
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingRets()               // updates or params
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise")
+                                  .Attr<int32_t>("percentile")
+                                  .Attr<bool>("write_params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCpu, ExportCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .RemainingRets()               // 4 arrays per leaf
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kImportCpu, ImportCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .RemainingArgs()               // 4 arrays per leaf
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise"));
+
+}  // namespace optax_paged8bit

@@ -1,0 +1,211 @@
+// Decoding and checking of the custom calls' operands, shared by the CPU and
+// CUDA handlers (host code only).
+//
+// update:  args   handle s32[], count s32[], hyper f32[5], qmaps f32[2,256],
+//                 rings f32[L or 0, 100], grads x L, params x L
+//          rets   count s32[], rings, out x L (updates, or new params when
+//                 write_params)
+//          attrs  leaf_flags i32[L], block_wise, percentile, write_params
+// export:  args   handle, count; rets state1, state2, absmax1, absmax2 x L
+// import:  args   handle, count, state1, state2, absmax1, absmax2 x L;
+//          rets   count
+//          attrs (both) leaf_flags, block_wise
+#ifndef OPTAX_PAGED8BIT_FFI_COMMON_H_
+#define OPTAX_PAGED8BIT_FFI_COMMON_H_
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "adam8bit.h"
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace optax_paged8bit {
+
+namespace ffi = xla::ffi;
+
+constexpr const char* kUpdateTarget = "optax_paged8bit_update";
+constexpr const char* kExportTarget = "optax_paged8bit_export";
+constexpr const char* kImportTarget = "optax_paged8bit_import";
+
+// One leaf of an update call.
+struct LeafCall {
+  int32_t type = kF32;
+  int64_t size = 0;
+  int32_t flags = 0;
+  const void* grad = nullptr;
+  const void* param = nullptr;
+  void* out = nullptr;
+};
+
+// One leaf of an export or import call: the four state arrays.
+struct LeafArrays {
+  int64_t size = 0;
+  int64_t num_scales = 0;
+  bool is_8bit = false;
+  void* state1 = nullptr;
+  void* state2 = nullptr;
+  void* absmax1 = nullptr;
+  void* absmax2 = nullptr;
+};
+
+inline int64_t NumScales(int64_t size, bool is_8bit, bool block_wise) {
+  if (!is_8bit) return 0;
+  return block_wise ? (size + kBlockSize - 1) / kBlockSize : 1;
+}
+
+inline bool ToElemType(ffi::DataType dtype, int32_t* type) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      *type = kF32;
+      return true;
+    case ffi::DataType::BF16:
+      *type = kBF16;
+      return true;
+    case ffi::DataType::F16:
+      *type = kF16;
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline ffi::Error InvalidArgument(const std::string& op, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(op) + ": " + what);
+}
+
+inline ffi::Error CheckScalarOperands(const char* op, const ffi::Buffer<ffi::S32>& handle,
+                                      const ffi::Buffer<ffi::S32>& count) {
+  if (handle.element_count() != 1 || count.element_count() != 1) {
+    return InvalidArgument(op, "handle and count must be int32 scalars");
+  }
+  return ffi::Error::Success();
+}
+
+// Decodes the variadic grads/params/outputs of an update.
+inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets rets,
+                                     ffi::Span<const int32_t> flags, bool block_wise,
+                                     std::vector<LeafCall>* leaves,
+                                     std::vector<LeafSpec>* layout) {
+  const char* op = kUpdateTarget;
+  size_t num_leaves = flags.size();
+  if (args.size() != 2 * num_leaves || rets.size() != num_leaves) {
+    std::ostringstream msg;
+    msg << "expected " << num_leaves << " grads, " << num_leaves << " params and " << num_leaves
+        << " outputs (one per leaf flag), got " << args.size() << " operands and " << rets.size()
+        << " results";
+    return InvalidArgument(op, msg.str());
+  }
+  leaves->resize(num_leaves);
+  layout->resize(num_leaves);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    auto grad = args.get<ffi::AnyBuffer>(i);
+    auto param = args.get<ffi::AnyBuffer>(num_leaves + i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!grad.has_value() || !param.has_value() || !out.has_value()) {
+      return InvalidArgument(op, "leaf " + std::to_string(i) + " is not a buffer");
+    }
+    LeafCall& leaf = (*leaves)[i];
+    if (!ToElemType(param->element_type(), &leaf.type)) {
+      return InvalidArgument(op, "leaf " + std::to_string(i) +
+                                     ": param dtype must be float32, bfloat16 or float16");
+    }
+    if (grad->element_type() != param->element_type() ||
+        (*out)->element_type() != param->element_type()) {
+      return InvalidArgument(op, "leaf " + std::to_string(i) +
+                                     ": grad, param and output dtypes differ");
+    }
+    leaf.size = static_cast<int64_t>(param->element_count());
+    if (static_cast<int64_t>(grad->element_count()) != leaf.size ||
+        static_cast<int64_t>((*out)->element_count()) != leaf.size) {
+      std::ostringstream msg;
+      msg << "leaf " << i << ": grad has " << grad->element_count() << " elements, param has "
+          << leaf.size << ", output has " << (*out)->element_count();
+      return InvalidArgument(op, msg.str());
+    }
+    leaf.flags = flags[i];
+    leaf.grad = grad->untyped_data();
+    leaf.param = param->untyped_data();
+    leaf.out = (*out)->untyped_data();
+    bool is_8bit = (leaf.flags & kLeaf8bit) != 0;
+    (*layout)[i] = LeafSpec{leaf.size, is_8bit, NumScales(leaf.size, is_8bit, block_wise)};
+  }
+  return ffi::Error::Success();
+}
+
+// Decodes the 4 x L state arrays of an export (results) or import (operands).
+template <typename Remaining, typename Getter>
+ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter get,
+                             ffi::Span<const int32_t> flags, bool block_wise,
+                             std::vector<LeafArrays>* leaves, std::vector<LeafSpec>* layout) {
+  size_t num_leaves = flags.size();
+  if (remaining.size() != 4 * num_leaves) {
+    std::ostringstream msg;
+    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got "
+        << remaining.size();
+    return InvalidArgument(op, msg.str());
+  }
+  leaves->resize(num_leaves);
+  layout->resize(num_leaves);
+  for (size_t i = 0; i < num_leaves; ++i) {
+    ffi::AnyBuffer buffers[4] = {get(4 * i), get(4 * i + 1), get(4 * i + 2), get(4 * i + 3)};
+    LeafArrays& leaf = (*leaves)[i];
+    leaf.is_8bit = (flags[i] & kLeaf8bit) != 0;
+    leaf.size = static_cast<int64_t>(buffers[0].element_count());
+    leaf.num_scales = NumScales(leaf.size, leaf.is_8bit, block_wise);
+    ffi::DataType state_type = leaf.is_8bit ? ffi::DataType::U8 : ffi::DataType::F32;
+    std::ostringstream msg;
+    for (int k = 0; k < 2; ++k) {
+      if (buffers[k].element_type() != state_type ||
+          static_cast<int64_t>(buffers[k].element_count()) != leaf.size) {
+        msg << "leaf " << i << ": state" << (k + 1) << " must be "
+            << (leaf.is_8bit ? "uint8" : "float32") << " with " << leaf.size << " elements";
+        return InvalidArgument(op, msg.str());
+      }
+    }
+    for (int k = 2; k < 4; ++k) {
+      if (buffers[k].element_type() != ffi::DataType::F32 ||
+          static_cast<int64_t>(buffers[k].element_count()) != leaf.num_scales) {
+        msg << "leaf " << i << ": absmax" << (k - 1) << " must be float32 with "
+            << leaf.num_scales << " elements, got " << buffers[k].element_count();
+        return InvalidArgument(op, msg.str());
+      }
+    }
+    leaf.state1 = buffers[0].untyped_data();
+    leaf.state2 = buffers[1].untyped_data();
+    leaf.absmax1 = buffers[2].untyped_data();
+    leaf.absmax2 = buffers[3].untyped_data();
+    (*layout)[i] = LeafSpec{leaf.size, leaf.is_8bit, leaf.num_scales};
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckUpdateAttrs(const ffi::Buffer<ffi::F32>& hyper,
+                                   const ffi::Buffer<ffi::F32>& qmaps,
+                                   const ffi::Buffer<ffi::F32>& rings, size_t num_leaves,
+                                   int32_t percentile) {
+  const char* op = kUpdateTarget;
+  if (hyper.element_count() != kNumHyperParams) {
+    return InvalidArgument(op, "hyperparameters must be float32[5] (lr, beta1, beta2, eps, wd)");
+  }
+  if (qmaps.element_count() != 2 * kMapSize) {
+    return InvalidArgument(op, "quantization maps must be float32[2, 256]");
+  }
+  bool clipping = percentile < 100;
+  if (percentile < 1 || percentile > 100) {
+    return InvalidArgument(op, "percentile must be in 1..100, got " + std::to_string(percentile));
+  }
+  size_t want = clipping ? num_leaves * kRingSize : 0;
+  if (rings.element_count() != want) {
+    std::ostringstream msg;
+    msg << "clipping rings must have " << want << " elements, got " << rings.element_count();
+    return InvalidArgument(op, msg.str());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace optax_paged8bit
+
+#endif  // OPTAX_PAGED8BIT_FFI_COMMON_H_

@@ -1,0 +1,91 @@
+// The extension module `optax_paged8bit._ops`: the FFI handlers of every
+// backend that was built, and the registry's host-side controls.
+//
+// One module holds both backends so that they share one registry; the CUDA
+// handlers are compiled in only when the build found nvcc
+// (OPTAX_PAGED8BIT_WITH_CUDA), and the CUDA runtime is linked statically, so a
+// CUDA build still imports on a machine without a GPU.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu_ops.h"
+#include "ffi_common.h"
+#include "registry.h"
+#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+#include "cuda_ops.h"
+#endif
+
+namespace py = pybind11;
+
+namespace optax_paged8bit {
+namespace {
+
+template <typename T>
+py::capsule EncapsulateHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "Encapsulated function must be an XLA FFI handler");
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+py::dict CpuRegistrations() {
+  py::dict d;
+  d[kUpdateTarget] = EncapsulateHandler(kUpdateCpu);
+  d[kExportTarget] = EncapsulateHandler(kExportCpu);
+  d[kImportTarget] = EncapsulateHandler(kImportCpu);
+  return d;
+}
+
+py::dict CudaRegistrations() {
+  py::dict d;
+#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+  d[kUpdateTarget] = EncapsulateHandler(kUpdateCuda);
+  d[kExportTarget] = EncapsulateHandler(kExportCuda);
+  d[kImportTarget] = EncapsulateHandler(kImportCuda);
+#endif
+  return d;
+}
+
+// Bytes of every slot of a handle, one dict per (platform, device).
+py::list SlotInfo(int32_t handle) {
+  std::vector<std::shared_ptr<Slot>> slots;
+  std::string error = Registry::Global().SlotsOf(handle, &slots);
+  if (!error.empty()) throw py::value_error(error);
+  py::list out;
+  for (const auto& slot : slots) {
+    py::dict d;
+    d["platform"] = PlatformName(slot->platform);
+    d["device"] = slot->device;
+    d["step"] = slot->step;
+    size_t on_host = 0, on_device = 0;
+    for (const Memory& m : slot->memory) (m.on_host ? on_host : on_device) += m.bytes;
+    d["bytes"] = slot->bytes();
+    d["bytes_on_host"] = on_host;
+    d["bytes_on_device"] = on_device;
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace optax_paged8bit
+
+PYBIND11_MODULE(_ops, m) {
+  using namespace optax_paged8bit;
+  m.doc() = "XLA FFI handlers and state registry of optax_paged8bit.";
+  m.def("cpu_registrations", &CpuRegistrations, "FFI target name -> CPU handler capsule.");
+  m.def("cuda_registrations", &CudaRegistrations,
+        "FFI target name -> CUDA handler capsule (empty when built without CUDA).");
+#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+  m.def("new_handle", [] { return Registry::Global().NewHandle(); },
+        "Reserves a fresh state handle.");
+  m.def("release", [](int32_t handle) { return Registry::Global().Release(handle); },
+        "Frees every slot of a handle and tombstones it; returns the bytes freed.");
+  m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
+  m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
+  m.def("total_bytes", [] { return Registry::Global().TotalBytes(); },
+        "Bytes held by all live slots.");
+}

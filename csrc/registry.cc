@@ -1,0 +1,245 @@
+#include "registry.h"
+
+#include <sstream>
+
+namespace optax_paged8bit {
+
+const char* PlatformName(Platform platform) {
+  return platform == Platform::kCuda ? "cuda" : "cpu";
+}
+
+Slot::~Slot() {
+  for (Memory& m : memory) {
+    if (m.data != nullptr && m.free_fn != nullptr) m.free_fn(m.data);
+  }
+}
+
+size_t Slot::bytes() const {
+  size_t total = 0;
+  for (const Memory& m : memory) total += m.bytes;
+  return total;
+}
+
+Registry& Registry::Global() {
+  static Registry* registry = new Registry();  // never destroyed: outlives XLA
+  return *registry;
+}
+
+int32_t Registry::NewHandle() {
+  std::lock_guard<std::mutex> lock(mu_);
+  int32_t handle = next_handle_++;
+  if (released_.size() <= static_cast<size_t>(handle)) released_.resize(handle + 1, false);
+  return handle;
+}
+
+bool Registry::IsReleased(int32_t handle) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return handle > 0 && handle < next_handle_ && released_[handle];
+}
+
+size_t Registry::Release(int32_t handle) {
+  std::vector<std::shared_ptr<Slot>> doomed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (handle <= 0 || handle >= next_handle_) return 0;
+    released_[handle] = true;
+    for (auto it = slots_.begin(); it != slots_.end();) {
+      if (std::get<0>(it->first) == handle) {
+        doomed.push_back(std::move(it->second));
+        it = slots_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  size_t freed = 0;
+  for (auto& slot : doomed) {
+    std::lock_guard<std::mutex> wait_for_users(slot->mu);
+    freed += slot->bytes();
+  }
+  return freed;  // the slots are freed here, when `doomed` goes out of scope
+}
+
+std::string Registry::CheckHandleLocked(int32_t handle) const {
+  std::ostringstream msg;
+  if (handle <= 0 || handle >= next_handle_) {
+    msg << "optimizer state handle " << handle
+        << " was not created in this process (a state saved elsewhere, or built by hand). "
+           "Create the state with tx.init(params) in this process and load saved values with "
+           "optax_paged8bit.import_state.";
+    return msg.str();
+  }
+  if (released_[handle]) {
+    msg << "optimizer state handle " << handle
+        << " was released (optax_paged8bit.release was called on it, or on a state that shares "
+           "its handle); create a new state with tx.init(params).";
+    return msg.str();
+  }
+  return "";
+}
+
+std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int device,
+                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
+                                       std::shared_ptr<Slot>* out) {
+  auto slot = std::make_shared<Slot>();
+  slot->platform = platform;
+  slot->device = device;
+  slot->layout = layout;
+  slot->leaves.resize(layout.size());
+  std::string error;
+  auto allocate = [&](size_t bytes) -> void* {
+    if (bytes == 0 || !error.empty()) return nullptr;
+    Memory m = allocator.Allocate(bytes, &error);
+    if (m.data == nullptr) return nullptr;
+    slot->memory.push_back(m);
+    return m.data;
+  };
+  for (size_t i = 0; i < layout.size(); ++i) {
+    LeafState& leaf = slot->leaves[i];
+    leaf.state1 = allocate(layout[i].state_bytes());
+    leaf.state2 = allocate(layout[i].state_bytes());
+    leaf.absmax1 = static_cast<float*>(allocate(layout[i].scale_bytes()));
+    leaf.absmax2 = static_cast<float*>(allocate(layout[i].scale_bytes()));
+  }
+  if (!error.empty()) {
+    std::ostringstream msg;
+    msg << "could not allocate optimizer state for handle " << std::get<0>(key) << " on "
+        << PlatformName(platform) << ":" << device << ": " << error;
+    return msg.str();  // `slot` frees what was allocated
+  }
+  slots_[key] = slot;
+  *out = std::move(slot);
+  return "";
+}
+
+std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device,
+                                       int64_t count, const std::vector<LeafSpec>& layout,
+                                       Allocator& allocator, std::shared_ptr<Slot>* slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = CheckHandleLocked(handle);
+  if (!error.empty()) return error;
+  Key key{handle, static_cast<int>(platform), device};
+  auto it = slots_.find(key);
+  std::ostringstream msg;
+  if (it == slots_.end()) {
+    if (count != 0) {
+      msg << "optimizer state handle " << handle << " has no stored state on "
+          << PlatformName(platform) << ":" << device << " but its count is " << count
+          << "; a restored opt_state must be loaded with optax_paged8bit.import_state before "
+             "the first update.";
+      return msg.str();
+    }
+    return CreateSlotLocked(key, platform, device, layout, allocator, slot);
+  }
+  const std::shared_ptr<Slot>& found = it->second;
+  std::string mismatch = DescribeLayoutMismatch(found->layout, layout);
+  if (!mismatch.empty()) {
+    msg << "optimizer state handle " << handle << " belongs to an optimizer over different "
+        << "parameters: " << mismatch
+        << ". Use the opt_state that this optimizer's init returned for these params.";
+    return msg.str();
+  }
+  if (found->step != count) {
+    msg << "stale optimizer state: handle " << handle << " on " << PlatformName(platform) << ":"
+        << device << " is at step " << found->step << " but the update got an opt_state with "
+        << "count " << count << ". paged_adamw8bit advances its state in place, so each "
+        << "opt_state can be updated once. This happens when an older opt_state is reused "
+        << "(re-running or rolling back a step), when optax.MultiSteps or another wrapper "
+        << "runs the update and discards its result, or when a jitted init handed the same "
+        << "handle to two states. Always pass the opt_state returned by the previous update; "
+        << "accumulate gradients with optax_paged8bit.accumulate_gradients.";
+    return msg.str();
+  }
+  *slot = found;
+  return "";
+}
+
+std::string Registry::AcquireForRead(int32_t handle, Platform platform, int device,
+                                     int64_t count, const std::vector<LeafSpec>& layout,
+                                     std::shared_ptr<Slot>* slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = CheckHandleLocked(handle);
+  if (!error.empty()) return error;
+  auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
+  std::ostringstream msg;
+  if (it == slots_.end()) {
+    if (count == 0) {
+      slot->reset();
+      return "";
+    }
+    msg << "optimizer state handle " << handle << " has no stored state on "
+        << PlatformName(platform) << ":" << device << " (count " << count << ").";
+    return msg.str();
+  }
+  std::string mismatch = DescribeLayoutMismatch(it->second->layout, layout);
+  if (!mismatch.empty()) {
+    msg << "optimizer state handle " << handle << " does not match the requested layout: "
+        << mismatch << ".";
+    return msg.str();
+  }
+  if (it->second->step != count) {
+    msg << "stale optimizer state: handle " << handle << " is at step " << it->second->step
+        << " but export was given an opt_state with count " << count
+        << "; export the opt_state returned by the latest update.";
+    return msg.str();
+  }
+  *slot = it->second;
+  return "";
+}
+
+std::string Registry::AcquireForImport(int32_t handle, Platform platform, int device,
+                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
+                                       std::shared_ptr<Slot>* slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = CheckHandleLocked(handle);
+  if (!error.empty()) return error;
+  Key key{handle, static_cast<int>(platform), device};
+  auto it = slots_.find(key);
+  if (it != slots_.end() && it->second->layout == layout) {
+    *slot = it->second;
+    return "";
+  }
+  if (it != slots_.end()) slots_.erase(it);
+  return CreateSlotLocked(key, platform, device, layout, allocator, slot);
+}
+
+std::string Registry::SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = CheckHandleLocked(handle);
+  if (!error.empty()) return error;
+  for (auto& [key, slot] : slots_) {
+    if (std::get<0>(key) == handle) slots->push_back(slot);
+  }
+  return "";
+}
+
+size_t Registry::TotalBytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t total = 0;
+  for (auto& [key, slot] : slots_) total += slot->bytes();
+  return total;
+}
+
+std::string DescribeLayoutMismatch(const std::vector<LeafSpec>& expected,
+                                   const std::vector<LeafSpec>& got) {
+  std::ostringstream msg;
+  if (expected.size() != got.size()) {
+    msg << "the stored state has " << expected.size() << " leaves, the call has " << got.size();
+    return msg.str();
+  }
+  for (size_t i = 0; i < expected.size(); ++i) {
+    if (expected[i] == got[i]) continue;
+    auto describe = [](const LeafSpec& s) {
+      std::ostringstream d;
+      d << s.size << " elements, " << (s.is_8bit ? "8-bit" : "float32") << " state, "
+        << s.num_scales << " scales";
+      return d.str();
+    };
+    msg << "leaf " << i << " is stored as (" << describe(expected[i]) << ") but the call has ("
+        << describe(got[i]) << ")";
+    return msg.str();
+  }
+  return "";
+}
+
+}  // namespace optax_paged8bit

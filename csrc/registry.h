@@ -1,0 +1,130 @@
+// The process-wide store of optimizer state (SPEC 5.1).
+//
+// A slot holds the 8-bit codes, block scales and float32 moments of every
+// leaf of one optimizer state on one device. Slots are keyed by
+// (handle, platform, device ordinal); the handle is a small integer leaf of
+// the optax state, handed out by NewHandle. Released handles are tombstoned.
+//
+// The registry knows nothing about CUDA: each backend passes the allocator
+// that places its memory (host memory on the CPU, managed memory on a GPU).
+#ifndef OPTAX_PAGED8BIT_REGISTRY_H_
+#define OPTAX_PAGED8BIT_REGISTRY_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace optax_paged8bit {
+
+enum class Platform : int { kCpu = 0, kCuda = 1 };
+
+const char* PlatformName(Platform platform);
+
+// Shape of one leaf's state, as the custom call and the slot see it.
+struct LeafSpec {
+  int64_t size = 0;        // elements of the param
+  bool is_8bit = false;    // codes + scales; else float32 moments
+  int64_t num_scales = 0;  // scales per moment (0 for float32 leaves)
+
+  bool operator==(const LeafSpec& other) const {
+    return size == other.size && is_8bit == other.is_8bit && num_scales == other.num_scales;
+  }
+  // Bytes of one moment's values (codes or float32).
+  size_t state_bytes() const { return static_cast<size_t>(size) * (is_8bit ? 1 : 4); }
+  size_t scale_bytes() const { return static_cast<size_t>(num_scales) * sizeof(float); }
+};
+
+// One allocation owned by a slot. `free_fn` is the backend's deallocator.
+struct Memory {
+  void* data = nullptr;
+  size_t bytes = 0;
+  bool on_host = true;  // where the pages were placed (or last moved)
+  void (*free_fn)(void*) = nullptr;
+};
+
+// Places zero-initialised memory for a slot; returns nullptr data on failure
+// and says why in `error`.
+struct Allocator {
+  virtual ~Allocator() = default;
+  virtual Memory Allocate(size_t bytes, std::string* error) = 0;
+};
+
+struct LeafState {
+  void* state1 = nullptr;  // uint8 codes or float32 first moment, [size]
+  void* state2 = nullptr;  // uint8 codes or float32 second moment, [size]
+  float* absmax1 = nullptr;  // [num_scales]
+  float* absmax2 = nullptr;  // [num_scales]
+};
+
+struct Slot {
+  int64_t step = 0;  // the count of the state that may update it next
+  Platform platform = Platform::kCpu;
+  int device = 0;
+  std::vector<LeafSpec> layout;
+  std::vector<LeafState> leaves;
+  std::vector<Memory> memory;
+  std::mutex mu;  // held while a call reads or writes the slot
+
+  ~Slot();
+  size_t bytes() const;
+};
+
+class Registry {
+ public:
+  static Registry& Global();
+
+  int32_t NewHandle();
+  // Frees every slot of the handle and tombstones it. Releasing twice is a
+  // no-op; returns the number of bytes freed.
+  size_t Release(int32_t handle);
+  bool IsReleased(int32_t handle);
+
+  // The slot an update at `count` may advance. Creates a zeroed one when
+  // count == 0 and none exists. Fails (returns a message, *slot untouched)
+  // for an unknown or released handle, a layout that differs from the slot's,
+  // or a count that is not the slot's step (a stale or reused state).
+  std::string AcquireForUpdate(int32_t handle, Platform platform, int device, int64_t count,
+                               const std::vector<LeafSpec>& layout, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot);
+
+  // The slot to read for an export at `count`; *slot is null when it was
+  // never allocated (a fresh state: all zeros) and count == 0.
+  std::string AcquireForRead(int32_t handle, Platform platform, int device, int64_t count,
+                             const std::vector<LeafSpec>& layout, std::shared_ptr<Slot>* slot);
+
+  // A slot to overwrite with imported state; it is (re)created with `layout`.
+  std::string AcquireForImport(int32_t handle, Platform platform, int device,
+                               const std::vector<LeafSpec>& layout, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot);
+
+  // Every slot of a handle (for paging and residency queries).
+  std::string SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots);
+
+  // Bytes held by all live slots.
+  size_t TotalBytes();
+
+ private:
+  using Key = std::tuple<int32_t, int, int>;  // handle, platform, device
+  std::string CheckHandleLocked(int32_t handle) const;
+  std::string CreateSlotLocked(const Key& key, Platform platform, int device,
+                               const std::vector<LeafSpec>& layout, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot);
+
+  std::mutex mu_;
+  int32_t next_handle_ = 1;
+  std::vector<bool> released_;  // indexed by handle
+  std::map<Key, std::shared_ptr<Slot>> slots_;
+};
+
+// Human-readable description of a layout difference, or "" when equal.
+std::string DescribeLayoutMismatch(const std::vector<LeafSpec>& expected,
+                                   const std::vector<LeafSpec>& got);
+
+}  // namespace optax_paged8bit
+
+#endif  // OPTAX_PAGED8BIT_REGISTRY_H_

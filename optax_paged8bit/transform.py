@@ -1,0 +1,521 @@
+"""paged_adamw8bit: bitsandbytes' PagedAdamW8bit as an optax transformation.
+
+The whole step (moments, bias correction, param update, weight decay,
+requantization) runs in one XLA FFI custom call over every leaf of the tree.
+The 8-bit moments live in the extension's registry, keyed by the state's
+`handle`; the optax state holds only the handle, the step count, the
+percentile-clipping ring and the static per-leaf layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_paged8bit import _ffi
+from optax_paged8bit.quantization import DEFAULT_MIN_8BIT_SIZE, QMAPS, num_blocks
+
+# Per-leaf flag bits; must match LeafFlag in csrc/adam8bit.h.
+LEAF_8BIT = 1
+LEAF_DECAY = 2
+RING_SIZE = 100
+_PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+_TRACER_ERRORS = (
+  jax.errors.ConcretizationTypeError,
+  jax.errors.TracerArrayConversionError,
+  jax.errors.TracerIntegerConversionError,
+  jax.errors.TracerBoolConversionError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static per-leaf structure of a state, fixed at `init`.
+
+  It is pytree metadata (no array leaves), so two optimizers built with the
+  same arguments over the same params give states of identical tree structure
+  and share one compiled step; traced copies of `min_8bit_size`, `optim_bits`
+  or `percentile_clipping` (under `optax.inject_hyperparams`) cannot change it.
+  """
+
+  treedef: Any  # jax.tree_util.PyTreeDef of the params
+  paths: tuple[str, ...]  # jax.tree_util.keystr of each leaf
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]  # param dtype names
+  leaf_flags: tuple[int, ...]  # LEAF_8BIT | LEAF_DECAY per leaf
+  optim_bits: int  # 8 (codes) or 32 (float32 moments for every leaf, via args)
+  min_8bit_size: int
+  percentile_clipping: int
+  block_wise: bool
+
+  @property
+  def num_leaves(self) -> int:
+    return len(self.paths)
+
+  @property
+  def clipping(self) -> bool:
+    return self.percentile_clipping < 100
+
+  def is_8bit(self, i: int) -> bool:
+    return bool(self.leaf_flags[i] & LEAF_8BIT)
+
+  def state_nbytes(self) -> int:
+    """Bytes of the moments this layout keeps in the registry."""
+    total = 0
+    for i, shape in enumerate(self.shapes):
+      size = math.prod(shape)
+      if self.is_8bit(i):
+        scales = num_blocks(size) if self.block_wise else 1
+        total += 2 * size + 2 * 4 * scales
+      else:
+        total += 2 * 4 * size
+    return total
+
+
+jax.tree_util.register_static(Layout)
+
+
+class PagedAdamW8bitState(NamedTuple):
+  """State of `paged_adamw8bit`; the moments themselves are in the registry."""
+
+  count: jax.Array  # int32[], number of updates applied; also orders the calls
+  handle: jax.Array  # int32[], key of this state's slots in the registry
+  gnorm_vec: jax.Array  # float32[num_leaves, 100]: squared grad norms of the
+  # last 100 steps per leaf (percentile clipping), float32[0, 100] when off
+  layout: Layout  # static per-leaf structure
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Validated arguments; structural fields are None when traced."""
+
+  optim_bits: int | None
+  min_8bit_size: int | None
+  percentile_clipping: int | None
+  block_wise: bool
+
+
+def _static_value(x: Any) -> Any:
+  """The Python value of x, or None when x is a tracer."""
+  if isinstance(x, (bool, int, float)):
+    return x
+  try:
+    return np.asarray(x).item()
+  except _TRACER_ERRORS:
+    return None
+
+
+def _check_range(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+  concrete = _static_value(value)
+  if concrete is not None and not ok(concrete):
+    raise ValueError(f"paged_adamw8bit: {name} must be {rule}, got {concrete!r}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: float) -> int | None:
+  concrete = _static_value(value)
+  if concrete is None:
+    return None
+  if (
+    isinstance(concrete, bool)
+    or not float(concrete).is_integer()
+    or not lo <= concrete <= hi
+  ):
+    rule = f"an integer in {lo}..{hi}" if hi != math.inf else f"an integer >= {lo}"
+    raise ValueError(f"paged_adamw8bit: {name} must be {rule}, got {concrete!r}")
+  return int(concrete)
+
+
+# bitsandbytes `args` fields that this port does not implement, with the
+# defaults that leave them off.
+_ARGS_UNSUPPORTED = {"max_unorm": 0.0, "skip_zeros": False}
+_ARGS_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
+
+
+def _args_fields(args: Any) -> dict[str, Any]:
+  if isinstance(args, Mapping):
+    return dict(args)
+  try:
+    return dict(vars(args))
+  except TypeError:
+    raise TypeError(
+      "paged_adamw8bit: args must be None, a mapping or an object with attributes "
+      f"(like bitsandbytes' args), got {type(args).__name__}"
+    ) from None
+
+
+def _resolve_config(
+  optim_bits: Any,
+  args: Any,
+  min_8bit_size: Any,
+  percentile_clipping: Any,
+  block_wise: Any,
+) -> _Config:
+  """Validates the structural arguments, with bnb's `args` overrides."""
+  bits = _static_value(optim_bits)
+  if bits is not None and bits != 32:
+    raise ValueError(
+      f"paged_adamw8bit: optim_bits must be 32, got {bits!r}. The keyword exists for "
+      "signature compatibility with bitsandbytes; the state is 8-bit regardless. For float32 "
+      "moments on every leaf pass args={'optim_bits': 32}."
+    )
+  effective_bits: Any = 8
+  if args is not None:
+    fields = _args_fields(args)
+    for name, value in fields.items():
+      if name in _ARGS_OVERRIDES:
+        continue
+      if name in _ARGS_UNSUPPORTED:
+        if value != _ARGS_UNSUPPORTED[name]:
+          raise ValueError(
+            f"paged_adamw8bit: args.{name}={value!r} is not supported "
+            f"(only its default {_ARGS_UNSUPPORTED[name]!r})"
+          )
+        continue
+      raise ValueError(
+        f"paged_adamw8bit: args.{name} is not an option of bitsandbytes' 8-bit optimizers; "
+        f"args may set {', '.join(_ARGS_OVERRIDES)}"
+      )
+    if "optim_bits" in fields:
+      effective_bits = fields["optim_bits"]
+      concrete = _static_value(effective_bits)
+      if concrete is not None and concrete not in (8, 32):
+        raise ValueError(f"paged_adamw8bit: args.optim_bits must be 8 or 32, got {concrete!r}")
+    min_8bit_size = fields.get("min_8bit_size", min_8bit_size)
+    percentile_clipping = fields.get("percentile_clipping", percentile_clipping)
+    block_wise = fields.get("block_wise", block_wise)
+  block_wise_value = _static_value(block_wise)
+  if block_wise_value is None or not isinstance(block_wise_value, (bool, np.bool_)):
+    raise ValueError(f"paged_adamw8bit: block_wise must be a Python bool, got {block_wise!r}")
+  return _Config(
+    optim_bits=_check_int("optim_bits", effective_bits, 8, 32),
+    min_8bit_size=_check_int("min_8bit_size", min_8bit_size, 0, math.inf),
+    percentile_clipping=_check_int("percentile_clipping", percentile_clipping, 1, 100),
+    block_wise=bool(block_wise_value),
+  )
+
+
+def _mask_leaves(mask: Any, params: Any, treedef: Any) -> list[bool]:
+  """One weight-decay flag per param leaf (optax convention: False = no decay)."""
+  if mask is None:
+    return [True] * treedef.num_leaves
+  tree = mask(params) if callable(mask) else mask
+  try:
+    full = jax.tree.map(
+      lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params, is_leaf=lambda x: x is None
+    )
+    leaves = treedef.flatten_up_to(full)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f"paged_adamw8bit: mask must be a pytree of bools shaped like the params (or a prefix of "
+      f"them), or a callable returning one: {e}"
+    ) from None
+  flags = []
+  for leaf in leaves:
+    value = _static_value(leaf)
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(f"paged_adamw8bit: mask leaves must be Python bools, got {leaf!r}")
+    flags.append(bool(value))
+  return flags
+
+
+def _platform_of(tree: Any) -> str:
+  """Platform of the concrete arrays of a tree, else JAX's default backend."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+      return next(iter(leaf.devices())).platform
+  return jax.default_backend()
+
+
+def _inside_optax_multisteps() -> bool:
+  code = optax.MultiSteps.update.__code__
+  frame = sys._getframe(2)
+  while frame is not None:
+    if frame.f_code is code:
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _flatten_like(layout: Layout, tree: Any, what: str) -> list[Any]:
+  if jax.tree.structure(tree) != layout.treedef:
+    raise ValueError(
+      f"paged_adamw8bit: the {what} do not have the tree structure of the params this state "
+      f"was initialised with.\n  state: {layout.treedef}\n  {what}: {jax.tree.structure(tree)}"
+    )
+  return layout.treedef.flatten_up_to(tree)
+
+
+def _check_leaves(layout: Layout, grads: list[Any], params: list[Any]) -> None:
+  for path, shape, dtype, g, p in zip(
+    layout.paths, layout.shapes, layout.dtypes, grads, params, strict=True
+  ):
+    if jnp.dtype(p.dtype) != jnp.dtype(dtype):
+      raise TypeError(
+        f"paged_adamw8bit: param {path} has dtype {p.dtype}, but the state was initialised "
+        f"for {dtype}"
+      )
+    if jnp.dtype(g.dtype) != jnp.dtype(p.dtype):
+      raise TypeError(
+        f"paged_adamw8bit: grad {path} has dtype {g.dtype} but its param has {p.dtype}; "
+        "grads must have their param's dtype"
+      )
+    if tuple(p.shape) != shape or tuple(g.shape) != shape:
+      raise ValueError(
+        f"paged_adamw8bit: leaf {path}: param shape {tuple(p.shape)} and grad shape "
+        f"{tuple(g.shape)} must both equal the shape {shape} the state was initialised for"
+      )
+
+
+def _hyperparams(lr: Any, count: jax.Array, betas: Any, eps: Any, weight_decay: Any) -> jax.Array:
+  lr_value = lr(count) if callable(lr) else lr
+  b1, b2 = betas
+  values = (lr_value, b1, b2, eps, weight_decay)
+  return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in values])
+
+
+def _update_call(
+  layout: Layout,
+  state: PagedAdamW8bitState,
+  hyper: jax.Array,
+  grads: list[jax.Array],
+  params: list[jax.Array],
+  write_params: bool,
+) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+  """Issues the custom call; returns (count, gnorm_vec, per-leaf outputs)."""
+  n = layout.num_leaves
+  out_types = [
+    jax.ShapeDtypeStruct((), jnp.int32),
+    jax.ShapeDtypeStruct(state.gnorm_vec.shape, jnp.float32),
+    *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params),
+  ]
+  aliases = {4: 1}  # the clipping ring is updated in place
+  if write_params:
+    aliases.update({5 + n + i: 2 + i for i in range(n)})
+  call = jax.ffi.ffi_call(
+    _ffi.UPDATE_TARGET, out_types, has_side_effect=True, input_output_aliases=aliases
+  )
+  outs = call(
+    state.handle,
+    state.count,
+    hyper,
+    jnp.asarray(QMAPS),
+    state.gnorm_vec,
+    *grads,
+    *params,
+    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+    block_wise=layout.block_wise,
+    percentile=np.int32(layout.percentile_clipping),
+    write_params=write_params,
+  )
+  return outs[0], outs[1], list(outs[2:])
+
+
+def paged_adamw8bit(
+  lr: float | optax.ScalarOrSchedule = 1e-3,
+  betas: tuple[float, float] = (0.9, 0.999),
+  eps: float = 1e-8,
+  weight_decay: float = 1e-2,
+  amsgrad: bool = False,
+  optim_bits: int = 32,
+  args: Any = None,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  percentile_clipping: int = 100,
+  block_wise: bool = True,
+  *,
+  mask: Any = None,
+) -> optax.GradientTransformation:
+  r"""AdamW with 8-bit blockwise moments in paged memory (bitsandbytes' PagedAdamW8bit).
+
+  Per leaf and step, with :math:`t` the 1-based step and :math:`q_1, q_2` the
+  dynamic maps, the dequantized moments are updated as
+
+  .. math::
+    m &= \beta_1\, q_1[c_1] a_1 + (1 - \beta_1)\, g \\
+    v &= \beta_2\, q_2[c_2] a_2 + (1 - \beta_2)\, g^2 \\
+    p &\leftarrow p - \eta \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+       \frac{m}{\sqrt{v} + \epsilon \sqrt{1-\beta_2^t}},
+    \quad p \leftarrow (1 - \eta\lambda)\, p
+
+  then requantized to codes :math:`c_1, c_2` with one float32 scale
+  :math:`a = \max|\cdot|` per block of 256 elements. Weight decay comes after
+  the step (bitsandbytes' order). Leaves with fewer than `min_8bit_size`
+  elements keep float32 moments. Non-finite gradient elements leave their
+  param unchanged and reset their moments.
+
+  Args:
+    lr: learning rate, a float or an optax schedule of the step count.
+    betas: (beta1, beta2), each in [0, 1).
+    eps: added to the bias-corrected denominator, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    amsgrad: must be False (kept for bitsandbytes' signature).
+    optim_bits: must be 32 (kept for bitsandbytes' signature; the state is
+      8-bit regardless; pass ``args={'optim_bits': 32}`` for float32 moments).
+    args: None, or a mapping/object whose ``optim_bits`` (8 or 32),
+      ``min_8bit_size``, ``percentile_clipping`` and ``block_wise`` override
+      the keywords, as bitsandbytes' ``args`` does.
+    min_8bit_size: leaves with fewer elements keep float32 moments.
+    percentile_clipping: 1..100; below 100, each leaf's gradient is scaled
+      down to this percentile of its last 100 gradient norms.
+    block_wise: one scale per 256 elements (True) or one per leaf (False).
+    mask: optax-style pytree of bools (or callable of the params) that marks
+      the leaves that get weight decay.
+
+  Returns:
+    An ``optax.GradientTransformation``. Its ``update`` needs ``params`` and
+    returns updates that ``optax.apply_updates`` turns into exactly the new
+    params. Each opt_state can be updated once (the moments advance in
+    place); use :func:`accumulate_gradients` instead of ``optax.MultiSteps``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_paged8bit import paged_adamw8bit
+    >>> params = {"w": jnp.ones((64, 128))}
+    >>> tx = paged_adamw8bit(2e-4)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
+    Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
+  """
+  if _static_value(amsgrad) is not False:
+    raise ValueError(
+      f"paged_adamw8bit: amsgrad={amsgrad!r} is not supported (bitsandbytes' 8-bit Adam has "
+      "no AMSGrad variant)"
+    )
+  if not callable(lr):
+    _check_range("lr", lr, lambda x: x >= 0, ">= 0")
+  try:
+    b1, b2 = betas
+  except (TypeError, ValueError):
+    raise ValueError(f"paged_adamw8bit: betas must be a pair (beta1, beta2), got {betas!r}") from None
+  _check_range("betas[0]", b1, lambda x: 0 <= x < 1, "in [0, 1)")
+  _check_range("betas[1]", b2, lambda x: 0 <= x < 1, "in [0, 1)")
+  _check_range("eps", eps, lambda x: x >= 0, ">= 0")
+  _check_range("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
+  config = _resolve_config(optim_bits, args, min_8bit_size, percentile_clipping, block_wise)
+
+  def init_fn(params: optax.Params) -> PagedAdamW8bitState:
+    for name in ("optim_bits", "min_8bit_size", "percentile_clipping"):
+      if getattr(config, name) is None:
+        raise ValueError(
+          f"paged_adamw8bit: {name} is traced at init, but it fixes the per-leaf layout of the "
+          "state and must be concrete there. Under optax.inject_hyperparams call init outside "
+          f"jax.jit, or pass static_args=('{name}',)."
+        )
+    _ffi.check_backend(_platform_of(params))
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    decay = _mask_leaves(mask, params, treedef)
+    paths, shapes, dtypes, flags = [], [], [], []
+    for (path, p), decays in zip(leaves_with_path, decay, strict=True):
+      name = jax.tree_util.keystr(path)
+      dtype = jnp.dtype(getattr(p, "dtype", None) or jnp.result_type(p))
+      if dtype not in _PARAM_DTYPES:
+        raise TypeError(
+          f"paged_adamw8bit: param {name} has dtype {dtype}; only float32, bfloat16 and "
+          "float16 params can be optimized"
+        )
+      shape = tuple(int(d) for d in np.shape(p))
+      size = math.prod(shape)
+      is_8bit = config.optim_bits == 8 and size >= config.min_8bit_size
+      paths.append(name)
+      shapes.append(shape)
+      dtypes.append(dtype.name)
+      flags.append((LEAF_8BIT if is_8bit else 0) | (LEAF_DECAY if decays else 0))
+    layout = Layout(
+      treedef=treedef,
+      paths=tuple(paths),
+      shapes=tuple(shapes),
+      dtypes=tuple(dtypes),
+      leaf_flags=tuple(flags),
+      optim_bits=config.optim_bits,
+      min_8bit_size=config.min_8bit_size,
+      percentile_clipping=config.percentile_clipping,
+      block_wise=config.block_wise,
+    )
+    rings = len(paths) if layout.clipping else 0
+    return PagedAdamW8bitState(
+      count=jnp.zeros([], jnp.int32),
+      handle=jnp.asarray(_ffi.new_handle(), jnp.int32),
+      gnorm_vec=jnp.zeros([rings, RING_SIZE], jnp.float32),
+      layout=layout,
+    )
+
+  def check_state(state: Any) -> Layout:
+    if not isinstance(state, PagedAdamW8bitState):
+      raise TypeError(
+        "paged_adamw8bit: expected the opt_state returned by paged_adamw8bit's init, got "
+        f"{type(state).__name__}"
+      )
+    layout = state.layout
+    for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
+      mine, theirs = getattr(config, name), getattr(layout, name)
+      if mine is not None and mine != theirs:
+        raise ValueError(
+          f"paged_adamw8bit: this opt_state was built by an optimizer with {name}={theirs!r}, "
+          f"this one has {name}={mine!r}; use the optimizer that created the state"
+        )
+    return layout
+
+  def step(
+    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params, write_params: bool
+  ) -> tuple[list[jax.Array], PagedAdamW8bitState, Layout]:
+    layout = check_state(state)
+    if params is None:
+      raise ValueError(
+        "paged_adamw8bit: update needs the params: call tx.update(grads, opt_state, params)"
+      )
+    if _inside_optax_multisteps():
+      raise ValueError(
+        "paged_adamw8bit cannot run inside optax.MultiSteps: MultiSteps runs the inner update on "
+        "every micro-step and keeps or discards its new state afterwards, but a paged state is "
+        "advanced in place, so it would be corrupted. Accumulate with "
+        "optax_paged8bit.accumulate_gradients(tx, every_k_steps) instead."
+      )
+    _ffi.check_backend(_platform_of(params))
+    grads = _flatten_like(layout, updates, "grads")
+    param_leaves = _flatten_like(layout, params, "params")
+    _check_leaves(layout, grads, param_leaves)
+    hyper = _hyperparams(lr, state.count, betas, eps, weight_decay)
+    count, rings, outs = _update_call(layout, state, hyper, grads, param_leaves, write_params)
+    return outs, state._replace(count=count, gnorm_vec=rings), layout
+
+  def update_fn(
+    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, PagedAdamW8bitState]:
+    outs, new_state, layout = step(updates, state, params, write_params=False)
+    return layout.treedef.unflatten(outs), new_state
+
+  def fused_update_fn(
+    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params
+  ) -> tuple[optax.Params, PagedAdamW8bitState]:
+    outs, new_state, layout = step(updates, state, params, write_params=True)
+    return layout.treedef.unflatten(outs), new_state
+
+  return PagedGradientTransformation(init_fn, update_fn, fused_update_fn)
+
+
+class PagedGradientTransformation(optax.GradientTransformation):
+  """An optax transformation that also offers the fused, in-place step.
+
+  ``fused_update(grads, opt_state, params) -> (new_params, new_opt_state)``
+  writes the new params into the params' buffers (donate them to the jitted
+  step) instead of returning updates: 16 bytes of memory traffic per float32
+  param instead of 28 through ``update`` + ``optax.apply_updates``, with
+  bit-identical results.
+  """
+
+  def __new__(cls, init: Callable, update: Callable, fused_update: Callable):
+    tx = super().__new__(cls, init, update)
+    tx.fused_update = fused_update
+    return tx
