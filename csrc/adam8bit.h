@@ -290,36 +290,13 @@ OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool dec
   return p1;
 }
 
-// Next representable value of the param dtype after x (a finite, non-NaN
-// value of that dtype), toward +inf when up, else toward -inf.
-OP8_HD float NextInType(float x, bool up, int32_t type) {
-  if (type == kF32) {
-    uint32_t u = FloatBits(x);
-    if ((u & 0x7fffffffu) == 0) return up ? BitsFloat(1u) : BitsFloat(0x80000001u);
-    return BitsFloat(SignBit(x) == up ? u - 1u : u + 1u);
-  }
-  uint16_t h = type == kBF16 ? FloatToBf16(x) : FloatToF16(x);
-  if ((h & 0x7fffu) == 0) {
-    h = up ? 1u : 0x8001u;
-  } else {
-    h = (((h >> 15) != 0) == up) ? static_cast<uint16_t>(h - 1u) : static_cast<uint16_t>(h + 1u);
-  }
-  return type == kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
-}
-
-// The optax path returns updates u with T(p + u) == p_new bit for bit (what
-// optax.apply_updates computes), so that it lands exactly where the fused
-// step does. u = T(p_new - p) is exact in almost all cases; where rounding
-// broke it, a neighbour of u does the job.
+// The optax path returns u = T(p_new - p), so that optax.apply_updates lands
+// on T(p + u) == p_new whenever that is representable: always, except where
+// the step crosses into a lower binade and p_new has bits below the spacing
+// of p and u (then it lands on the nearest value of that spacing). The fused
+// step writes p_new itself.
 OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
-  uint32_t want = FloatBits(p_new);
-  float u = RoundToType(Add(p_new, -p), type);
-  if (FloatBits(RoundToType(Add(p, u), type)) == want || !IsFinite(u)) return u;
-  float candidates[3] = {NextInType(u, true, type), NextInType(u, false, type), p_new};
-  for (float c : candidates) {
-    if (FloatBits(RoundToType(Add(p, c), type)) == want) return c;
-  }
-  return u;
+  return RoundToType(Add(p_new, -p), type);
 }
 
 // ---------------------------------------------------------------------------

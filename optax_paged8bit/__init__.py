@@ -1,17 +1,34 @@
 """optax_paged8bit: bitsandbytes' PagedAdamW8bit for JAX and optax."""
 
+from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
+from optax_paged8bit.paging import export_state, import_state, release, slot_info, state_nbytes
+from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
 from optax_paged8bit.transform import (
+  Adam8bitState,
   Layout,
   PagedAdamW8bitState,
   PagedGradientTransformation,
+  QuantizedMoments,
   paged_adamw8bit,
 )
 
 __all__ = [
+  "QMAP_SIGNED",
+  "QMAP_UNSIGNED",
+  "AccumulateGradientsState",
+  "Adam8bitState",
   "Layout",
   "PagedAdamW8bitState",
   "PagedGradientTransformation",
+  "QuantizedMoments",
+  "accumulate_gradients",
+  "dynamic_map",
+  "export_state",
+  "import_state",
   "paged_adamw8bit",
+  "release",
+  "slot_info",
+  "state_nbytes",
 ]
 
 __version__ = "0.1.0"

@@ -94,6 +94,29 @@ class PagedAdamW8bitState(NamedTuple):
   layout: Layout  # static per-leaf structure
 
 
+class QuantizedMoments(NamedTuple):
+  """One leaf's moments, named as in bitsandbytes' state_dict."""
+
+  state1: jax.Array  # uint8 codes of the first moment, shaped like the param
+  # (float32 moment for a float32 leaf)
+  state2: jax.Array  # uint8 codes of the second moment (float32 for a float32 leaf)
+  absmax1: jax.Array  # float32 block scales of state1 (quantization.scale_shape;
+  # empty for a float32 leaf)
+  absmax2: jax.Array  # float32 block scales of state2
+
+
+class Adam8bitState(NamedTuple):
+  """The 8-bit state as ordinary arrays: what export_state returns, the
+  checkpoint format of paged_adamw8bit."""
+
+  count: jax.Array  # int32[], number of updates applied (bnb's "step")
+  qmap1: jax.Array  # float32[256], signed dynamic map of state1
+  qmap2: jax.Array  # float32[256], unsigned dynamic map of state2
+  moments: Any  # pytree shaped like the params, a QuantizedMoments per leaf
+  gnorm_vec: jax.Array  # float32[num_leaves or 0, 100], percentile-clipping ring
+  layout: Layout  # static per-leaf structure
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Validated arguments; structural fields are None when traced."""

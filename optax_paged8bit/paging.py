@@ -1,0 +1,202 @@
+"""Host-side control of paged states: export/import (checkpoints), release
+and memory accounting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_paged8bit import _ffi
+from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, scale_shape
+from optax_paged8bit.transform import (
+  Adam8bitState,
+  Layout,
+  PagedAdamW8bitState,
+  QuantizedMoments,
+)
+
+
+def _is_paged(x: Any) -> bool:
+  return isinstance(x, PagedAdamW8bitState)
+
+
+def _is_exported(x: Any) -> bool:
+  return isinstance(x, Adam8bitState)
+
+
+def _paged_states(opt_state: Any) -> list[PagedAdamW8bitState]:
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_paged) if _is_paged(s)]
+
+
+def _concrete_handle(state: PagedAdamW8bitState) -> int:
+  try:
+    return int(state.handle)
+  except jax.errors.ConcretizationTypeError:
+    raise ValueError(
+      "optax_paged8bit: this function manages registry memory from the host and needs a "
+      "concrete opt_state; call it outside jax.jit"
+    ) from None
+
+
+def _moment_types(layout: Layout) -> list[jax.ShapeDtypeStruct]:
+  """The four arrays of each leaf, flattened leaf by leaf."""
+  types = []
+  for i, shape in enumerate(layout.shapes):
+    if layout.is_8bit(i):
+      state = jax.ShapeDtypeStruct(shape, jnp.uint8)
+      scales = jax.ShapeDtypeStruct(scale_shape(shape, layout.block_wise), jnp.float32)
+    else:
+      state = jax.ShapeDtypeStruct(shape, jnp.float32)
+      scales = jax.ShapeDtypeStruct((0,), jnp.float32)
+    types += [state, state, scales, scales]
+  return types
+
+
+def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
+  layout = state.layout
+  flat = jax.ffi.ffi_call(_ffi.EXPORT_TARGET, _moment_types(layout), has_side_effect=True)(
+    state.handle,
+    state.count,
+    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+    block_wise=layout.block_wise,
+  )
+  moments = [QuantizedMoments(*flat[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
+  return Adam8bitState(
+    count=state.count,
+    qmap1=jnp.asarray(QMAP_SIGNED),
+    qmap2=jnp.asarray(QMAP_UNSIGNED),
+    moments=layout.treedef.unflatten(moments),
+    gnorm_vec=state.gnorm_vec,
+    layout=layout,
+  )
+
+
+def export_state(opt_state: Any) -> Any:
+  """The 8-bit state of every paged_adamw8bit state in `opt_state`, as arrays.
+
+  Args:
+    opt_state: an opt_state that contains paged_adamw8bit states (alone, or
+      inside optax.chain, masked, partition, inject_hyperparams, ...).
+
+  Returns:
+    `opt_state` with each `PagedAdamW8bitState` replaced by an `Adam8bitState`
+    (codes, scales, count, maps and clipping ring as ordinary jax.Arrays):
+    the checkpoint format, for orbax or any pytree serializer.
+  """
+  return jax.tree.map(
+    lambda s: _export_one(s) if _is_paged(s) else s, opt_state, is_leaf=_is_paged
+  )
+
+
+def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array]:
+  if not _is_exported(exported):
+    raise TypeError(
+      f"import_state: expected an Adam8bitState (from export_state), got {type(exported).__name__}"
+    )
+  theirs = exported.layout
+  for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
+    if getattr(layout, name) != getattr(theirs, name):
+      raise ValueError(
+        f"import_state: the saved state has {name}={getattr(theirs, name)!r}, this optimizer "
+        f"has {name}={getattr(layout, name)!r}"
+      )
+  if theirs.treedef != layout.treedef:
+    raise ValueError(
+      "import_state: the saved state was made for params of another tree structure:\n"
+      f"  saved: {theirs.treedef}\n  this:  {layout.treedef}"
+    )
+  if not (
+    np.array_equal(np.asarray(exported.qmap1), QMAP_SIGNED)
+    and np.array_equal(np.asarray(exported.qmap2), QMAP_UNSIGNED)
+  ):
+    raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
+  flat = layout.treedef.flatten_up_to(exported.moments)
+  arrays = []
+  for path, leaf, want in zip(
+    layout.paths, flat, np.reshape(_moment_types(layout), (-1, 4)), strict=True
+  ):
+    for name, array, spec in zip(QuantizedMoments._fields, leaf, want, strict=True):
+      if tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
+        raise ValueError(
+          f"import_state: leaf {path}: {name} must be {spec.dtype}{list(spec.shape)}, got "
+          f"{array.dtype}{list(array.shape)}"
+        )
+      arrays.append(array)
+  want_rings = (layout.num_leaves if layout.clipping else 0, 100)
+  if tuple(exported.gnorm_vec.shape) != want_rings:
+    raise ValueError(
+      f"import_state: gnorm_vec must be float32{list(want_rings)}, got "
+      f"{list(exported.gnorm_vec.shape)}"
+    )
+  return arrays
+
+
+def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAdamW8bitState:
+  layout = state.layout
+  _concrete_handle(state)
+  arrays = _check_importable(layout, exported)
+  count = jnp.asarray(exported.count, jnp.int32)
+  count = jax.ffi.ffi_call(
+    _ffi.IMPORT_TARGET, jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True
+  )(
+    state.handle,
+    count,
+    *arrays,
+    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+    block_wise=layout.block_wise,
+  )
+  return state._replace(count=count, gnorm_vec=jnp.asarray(exported.gnorm_vec, jnp.float32))
+
+
+def import_state(opt_state: Any, exported: Any) -> Any:
+  """Loads exported 8-bit states into the paged states of `opt_state`.
+
+  Args:
+    opt_state: a fresh (or any) opt_state from the same optimizer's init.
+    exported: what `export_state` returned (or a restored copy of it), with
+      the same structure as `opt_state`.
+
+  Returns:
+    `exported` with each exported state replaced by the matching paged state
+    of `opt_state`, its count and clipping ring set from the export; the registry now holds the exported codes and scales, and the next
+    update continues exactly where the exported run stopped.
+  """
+  return jax.tree.map(
+    lambda s, e: _import_one(s, e) if _is_paged(s) else e,
+    opt_state,
+    exported,
+    is_leaf=lambda x: _is_paged(x) or _is_exported(x),
+  )
+
+
+def release(opt_state: Any) -> int:
+  """Frees the registry memory of every paged state in `opt_state`.
+
+  The handles are tombstoned: updating, exporting or importing a released
+  state (or any state sharing its handle) is an error. Returns the bytes freed.
+  """
+  return sum(_ffi.release(_concrete_handle(s)) for s in _paged_states(opt_state))
+
+
+def state_nbytes(opt_state: Any) -> int:
+  """Bytes of optimizer state: the arrays of `opt_state` plus, for each paged
+  state, what its layout keeps in the registry (allocated at the first update)."""
+  arrays = sum(
+    np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+    for x in jax.tree.leaves(opt_state)
+    if hasattr(x, "dtype")
+  )
+  return arrays + sum(s.layout.state_nbytes() for s in _paged_states(opt_state))
+
+
+def slot_info(opt_state: Any) -> list[dict]:
+  """Per-slot registry info (platform, device, step, bytes) of every paged state."""
+  out = []
+  for s in _paged_states(opt_state):
+    handle = _concrete_handle(s)
+    for info in _ffi.slot_info(handle):
+      out.append({"handle": handle, **info})
+  return out

@@ -1,0 +1,166 @@
+"""The custom call against the NumPy oracle of SPEC 3: codes and scales equal,
+params bit-equal, over 20+ steps."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from oracle import BFLOAT16, Oracle
+
+import optax_paged8bit as op
+
+SHAPES = {
+  "a_vec4097": (4097,),
+  "b_vec100000": (100000,),
+  "c_mat1024": (1024, 1024),
+  "d_mat4096x256": (4096, 256),
+  "e_small": (3, 100),
+}
+SMALL_SHAPES = {"a_vec4097": (4097,), "b_mat": (40, 300), "c_small": (3, 100)}
+DTYPES = {"float32": np.float32, "bfloat16": BFLOAT16, "float16": np.float16}
+STEPS = 21
+NONFINITE_STEPS = (5, 12)
+
+
+def make_tree(shapes, dtype, seed):
+  rng = np.random.default_rng(seed)
+  return {k: (rng.standard_normal(s) * 0.1).astype(dtype) for k, s in shapes.items()}
+
+
+def grads_for(shapes, dtype, rng, step):
+  grads = {}
+  for k, s in shapes.items():
+    g = rng.standard_normal(s).astype(np.float32) * np.float32(0.01)
+    if step in NONFINITE_STEPS:
+      flat = g.reshape(-1)
+      idx = rng.choice(flat.size, size=min(7, flat.size), replace=False)
+      flat[idx[0::3]] = np.nan
+      flat[idx[1::3]] = np.inf
+      flat[idx[2::3]] = -np.inf
+    grads[k] = g.astype(dtype)
+  return grads
+
+
+def bits(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x)
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def assert_bit_equal(got, want, what):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.dtype == want.dtype and got.shape == want.shape, what
+  nan = np.isnan(got.astype(np.float32)) & np.isnan(want.astype(np.float32))
+  bad = (bits(got) != bits(want)) & ~nan
+  if bad.any():
+    i = np.flatnonzero(bad)[:5]
+    raise AssertionError(
+      f"{what}: {bad.sum()} of {bad.size} differ, e.g. at {i}: got {got.reshape(-1)[i]} "
+      f"want {want.reshape(-1)[i]}"
+    )
+
+
+def compare_state(exported, oracle, step):
+  leaves = jax.tree.leaves(exported.moments, is_leaf=lambda x: isinstance(x, op.QuantizedMoments))
+  for k, (mom, ref) in enumerate(zip(leaves, oracle.leaves, strict=True)):
+    where = f"step {step} leaf {k}"
+    assert_bit_equal(np.asarray(mom.state1).reshape(-1), ref["state1"], f"{where} state1")
+    assert_bit_equal(np.asarray(mom.state2).reshape(-1), ref["state2"], f"{where} state2")
+    if ref["is_8bit"]:
+      assert_bit_equal(np.asarray(mom.absmax1).reshape(-1), ref["absmax1"], f"{where} absmax1")
+      assert_bit_equal(np.asarray(mom.absmax2).reshape(-1), ref["absmax2"], f"{where} absmax2")
+  if oracle.percentile < 100:
+    rings = np.stack([leaf["ring"] for leaf in oracle.leaves])
+    assert_bit_equal(np.asarray(exported.gnorm_vec), rings, f"step {step} gnorm_vec")
+
+
+def run_against_oracle(shapes, dtype, *, fused=True, seed=0, **kwargs):
+  lr, wd = kwargs.pop("lr", 1e-3), kwargs.pop("weight_decay", 1e-2)
+  tx = op.paged_adamw8bit(lr, weight_decay=wd, **kwargs)  # mask, args go to tx only
+  bits_ = 32 if (kwargs.get("args") or {}).get("optim_bits") == 32 else 8
+  kwargs.pop("args", None)
+  mask = kwargs.pop("mask", None)
+  oracle = Oracle(
+    op.QMAP_SIGNED,
+    op.QMAP_UNSIGNED,
+    lr=lr,
+    weight_decay=wd,
+    optim_bits=bits_,
+    decay_mask=None if mask is None else jax.tree.leaves(mask),
+    **kwargs,
+  )
+  params = make_tree(shapes, dtype, seed)
+  oracle.init(jax.tree.leaves(params))
+  ref_params = jax.tree.leaves(params)
+  state = tx.init(params)
+  params = jax.tree.map(jnp.asarray, params)
+
+  @jax.jit
+  def fused_step(grads, state, params):
+    return tx.fused_update(grads, state, params)
+
+  @jax.jit
+  def optax_step(grads, state, params):
+    return tx.update(grads, state, params)
+
+  rng = np.random.default_rng(seed + 1)
+  for t in range(1, STEPS + 1):
+    grads = grads_for(shapes, dtype, rng, t)
+    if fused:
+      # The fused step is the algorithm itself: params bit-equal, no re-sync.
+      params, state = fused_step(grads, state, params)
+      ref_params = oracle.step(jax.tree.leaves(grads), ref_params)
+      for k, (got, want) in enumerate(zip(jax.tree.leaves(params), ref_params, strict=True)):
+        assert_bit_equal(got, want, f"step {t} leaf {k} params")
+    else:
+      # The optax path returns u = T(p_new - p) exactly; apply_updates then
+      # adds it (the oracle steps from the same params).
+      current = [np.asarray(p) for p in jax.tree.leaves(params)]
+      updates, state = optax_step(grads, state, params)
+      ref_new = oracle.step(jax.tree.leaves(grads), current)
+      for k, (u, p, want) in enumerate(
+        zip(jax.tree.leaves(updates), current, ref_new, strict=True)
+      ):
+        want_u = (want.astype(np.float32) - p.astype(np.float32)).astype(p.dtype)
+        assert_bit_equal(u, want_u, f"step {t} leaf {k} updates")
+      params = optax.apply_updates(params, updates)
+    if t % 7 == 0 or t == STEPS:
+      compare_state(op.export_state(state), oracle, t)
+  op.release(state)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_full_shapes_wd_clipping_nonfinite(dtype):
+  run_against_oracle(SHAPES, DTYPES[dtype], percentile_clipping=90)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_shapes_no_wd_no_clipping(dtype):
+  run_against_oracle(SHAPES, DTYPES[dtype], weight_decay=0.0, percentile_clipping=100, seed=3)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_not_block_wise(dtype):
+  run_against_oracle(SMALL_SHAPES, DTYPES[dtype], block_wise=False, percentile_clipping=95)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_optax_path_updates(dtype):
+  run_against_oracle(SMALL_SHAPES, DTYPES[dtype], fused=False, percentile_clipping=50, seed=5)
+
+
+def test_optax_path_full_shapes():
+  run_against_oracle(SHAPES, np.float32, fused=False, seed=6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_float32_states_via_args(dtype):
+  run_against_oracle(SMALL_SHAPES, DTYPES[dtype], args={"optim_bits": 32}, seed=7)
+
+
+def test_min_8bit_size_zero_and_decay_mask():
+  shapes = {"a": (5,), "b": (300,), "c": (4097,)}
+  mask = {"a": True, "b": False, "c": False}
+  run_against_oracle(shapes, np.float32, min_8bit_size=0, mask=mask, seed=9)
