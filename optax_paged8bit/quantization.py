@@ -92,3 +92,17 @@ def scale_shape(shape: tuple[int, ...], block_wise: bool) -> tuple[int, ...]:
   if len(shape) >= 1 and shape[-1] % BLOCK_SIZE == 0 and shape[-1] > 0:
     return (*shape[:-1], shape[-1] // BLOCK_SIZE)
   return (num_blocks(size),)
+
+
+def dequantize(
+  codes: np.ndarray, absmax: np.ndarray, qmap: np.ndarray, block_wise: bool = True
+) -> np.ndarray:
+  """float32 values of 8-bit codes: qmap[code] * the scale of its block."""
+  codes = np.asarray(codes)
+  values = np.asarray(qmap, np.float32)[codes.reshape(-1)]
+  absmax = np.asarray(absmax, np.float32).reshape(-1)
+  if block_wise:
+    scales = np.repeat(absmax, BLOCK_SIZE)[: values.size]
+  else:
+    scales = absmax[0]
+  return (values * scales).reshape(codes.shape)

@@ -1,0 +1,383 @@
+"""paged_adamw8bit as an optax transformation: jit, chain, inject_hyperparams,
+schedules, masking, partition, eval_shape, scan, pytrees, several optimizers,
+stale states, accumulation, export/import."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import raises_at_runtime
+from oracle import F32, Oracle
+from test_oracle import assert_bit_equal
+
+import optax_paged8bit as op
+
+
+def tree(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return {
+    "dense": {"w": jnp.asarray(rng.standard_normal((64, 80)) * 0.1, dtype)},
+    "emb": jnp.asarray(rng.standard_normal((5000,)) * 0.1, dtype),
+    "bias": jnp.asarray(rng.standard_normal((10,)) * 0.1, dtype),
+  }
+
+
+def grads_like(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params
+  )
+
+
+def run(tx, params, steps, seed=100, jit=True):
+  state = tx.init(params)
+
+  def step(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step) if jit else step
+  for t in range(steps):
+    params, state = step(grads_like(params, seed + t), state, params)
+  return params, state
+
+
+def assert_trees_bit_equal(a, b, what="tree"):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b), what
+  for i, (x, y) in enumerate(zip(la, lb, strict=True)):
+    assert_bit_equal(np.asarray(x), np.asarray(y), f"{what} leaf {i}")
+
+
+def exported_moments(state):
+  return jax.tree.leaves(op.export_state(state))
+
+
+def test_positional_lr_and_defaults():
+  tx = op.paged_adamw8bit(2e-4)
+  params = tree()
+  new, state = run(tx, params, 2)
+  assert int(state.count) == 2
+  assert state.layout.leaf_flags == (2, 3, 3)  # bias is float32 (10 < 4096)
+  assert not np.array_equal(np.asarray(new["emb"]), np.asarray(params["emb"]))
+
+
+def test_jit_donation_and_second_step_compiles_nothing():
+  tx = op.paged_adamw8bit(1e-3)
+  params = tree()
+  state = tx.init(params)
+  traces = []
+
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jstep = jax.jit(step, donate_argnums=(0, 1))
+  for t in range(3):
+    params, state = jstep(params, state, grads_like(params, t))
+  assert len(traces) == 1
+  assert int(state.count) == 3
+
+
+def test_two_optimizers_same_structure_share_one_compiled_step():
+  params = tree()
+  tx1, tx2 = op.paged_adamw8bit(1e-3), op.paged_adamw8bit(1e-3)
+  s1, s2 = tx1.init(params), tx2.init(params)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  assert int(s1.handle) != int(s2.handle)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx1.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  p1, s1 = step(params, s1, grads_like(params, 0))
+  p2, s2 = step(params, s2, grads_like(params, 0))
+  assert len(traces) == 1
+  assert_trees_bit_equal(p1, p2, "params")
+  assert_trees_bit_equal(exported_moments(s1), exported_moments(s2), "states")
+
+
+def test_chain_with_clip_equals_clipping_by_hand():
+  params = tree()
+  chained = optax.chain(optax.clip_by_global_norm(0.05), op.paged_adamw8bit(1e-3))
+  p_chain, _ = run(chained, params, 4)
+  plain = op.paged_adamw8bit(1e-3)
+  clip = optax.clip_by_global_norm(0.05)
+  state = plain.init(params)
+
+  @jax.jit
+  def by_hand(grads, state, p):
+    g, _ = clip.update(grads, clip.init(p))
+    u, state = plain.update(g, state, p)
+    return optax.apply_updates(p, u), state
+
+  p = params
+  for t in range(4):
+    p, state = by_hand(grads_like(p, 100 + t), state, p)
+  assert_trees_bit_equal(p_chain, p, "params")
+
+
+def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
+  params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(5000) * 0.1, jnp.float32)}
+  tx = optax.inject_hyperparams(op.paged_adamw8bit)(lr=1e-3, weight_decay=1e-2)
+  state = tx.init(params)
+  assert set(state.hyperparams) >= {"lr", "weight_decay", "min_8bit_size", "optim_bits"}
+  oracle = Oracle(op.QMAP_SIGNED, op.QMAP_UNSIGNED, lr=1e-3, weight_decay=1e-2)
+  oracle.init([np.asarray(params["w"])])
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  ref = [np.asarray(params["w"])]
+  for t, (lr, wd) in enumerate([(1e-3, 1e-2), (5e-4, 0.0), (2e-3, 0.1)]):
+    state.hyperparams["lr"] = jnp.asarray(lr, jnp.float32)
+    state.hyperparams["weight_decay"] = jnp.asarray(wd, jnp.float32)
+    oracle.lr, oracle.wd = F32(lr), F32(wd)
+    grads = grads_like(params, t)
+    current = [np.asarray(params["w"])]
+    params, state = step(params, state, grads)
+    ref = oracle.step([np.asarray(grads["w"])], current)
+    want = current[0] + (ref[0] - current[0])  # what apply_updates computes
+    assert_bit_equal(np.asarray(params["w"]), want, f"step {t}")
+  assert len(traces) == 1
+  assert state.inner_state.layout.min_8bit_size == 4096
+
+
+def test_inject_hyperparams_jitted_init_names_the_traced_argument():
+  tx = optax.inject_hyperparams(op.paged_adamw8bit)(lr=1e-3)
+  with pytest.raises(ValueError, match="min_8bit_size is traced at init"):
+    jax.jit(tx.init)(tree())
+
+
+def test_lr_schedule_matches_oracle_per_step():
+  sched = optax.piecewise_constant_schedule(1e-3, {3: 0.5})
+  params = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(4500) * 0.1, jnp.float32)}
+  tx = op.paged_adamw8bit(sched)
+  oracle = Oracle(op.QMAP_SIGNED, op.QMAP_UNSIGNED)
+  oracle.init([np.asarray(params["w"])])
+  state = tx.init(params)
+  for t in range(6):
+    oracle.lr = F32(1e-3 if t < 3 else 5e-4)
+    grads = grads_like(params, t)
+    new, state = jax.jit(tx.fused_update)(grads, state, params)
+    ref = oracle.step([np.asarray(grads["w"])], [np.asarray(params["w"])])
+    assert_bit_equal(np.asarray(new["w"]), ref[0], f"step {t}")
+    params = new
+
+
+def test_mask_callable_and_prefix():
+  params = tree()
+  no_decay_bias = lambda p: {"dense": {"w": True}, "emb": True, "bias": False}
+  s = op.paged_adamw8bit(1e-3, mask=no_decay_bias).init(params)
+  assert s.layout.leaf_flags == (0, 3, 3)
+  s = op.paged_adamw8bit(1e-3, mask={"dense": False, "emb": True, "bias": True}).init(params)
+  assert s.layout.leaf_flags == (2, 1, 3)
+
+
+def test_optax_masked_and_partition_two_handles():
+  params = tree()
+  labels = {"dense": {"w": "a"}, "emb": "b", "bias": "a"}
+  tx = optax.partition(
+    {"a": op.paged_adamw8bit(1e-3), "b": op.paged_adamw8bit(1e-3, weight_decay=0.0)}, labels
+  )
+  new, state = run(tx, params, 3)
+  is_paged = lambda x: isinstance(x, op.PagedAdamW8bitState)
+  paged = [s for s in jax.tree.leaves(state, is_leaf=is_paged) if is_paged(s)]
+  assert len(paged) == 2 and int(paged[0].handle) != int(paged[1].handle)
+  # Each group equals the same optimizer run on that group alone.
+  alone_tx = op.paged_adamw8bit(1e-3, weight_decay=0.0)
+  alone, alone_state = {"emb": params["emb"]}, alone_tx.init({"emb": params["emb"]})
+  p = params
+  for t in range(3):
+    g = grads_like(p, 100 + t)
+    u, alone_state = alone_tx.update({"emb": g["emb"]}, alone_state, alone)
+    alone = optax.apply_updates(alone, u)
+    p = {**p, "emb": alone["emb"]}
+  assert_bit_equal(np.asarray(new["emb"]), np.asarray(alone["emb"]), "emb")
+  masked = optax.masked(op.paged_adamw8bit(1e-3), {"dense": {"w": True}, "emb": False, "bias": True})
+  new_m, state_m = run(masked, params, 2)
+  assert state_m.inner_state.layout.paths == ("['bias']", "['dense']['w']")
+  assert not np.array_equal(np.asarray(new_m["bias"]), np.asarray(params["bias"]))
+
+
+def test_eval_shape_init():
+  tx = op.paged_adamw8bit(1e-3)
+  shapes = jax.eval_shape(tx.init, tree())
+  assert isinstance(shapes, op.PagedAdamW8bitState)
+  assert shapes.count.shape == () and shapes.handle.dtype == jnp.int32
+  assert shapes.layout.shapes == ((10,), (64, 80), (5000,))
+
+
+def test_scan_over_steps_equals_python_loop():
+  params = tree()
+  tx = op.paged_adamw8bit(1e-3, percentile_clipping=80)
+  grads = [grads_like(params, 100 + t) for t in range(5)]
+  stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+  @jax.jit
+  def train(params, state, stacked):
+    def body(carry, g):
+      p, s = carry
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (params, state), stacked)[0]
+
+  p_scan, s_scan = train(params, tx.init(params), stacked)
+  p_loop, s_loop = run(tx, params, 5)
+  assert_trees_bit_equal(p_scan, p_loop, "params")
+  assert_trees_bit_equal(exported_moments(s_scan), exported_moments(s_loop), "state")
+
+
+def test_nested_pytrees_with_tuples_and_none():
+  rng = np.random.default_rng(3)
+  params = {
+    "layers": (
+      {"w": jnp.asarray(rng.standard_normal((70, 70)), jnp.bfloat16), "b": None},
+      [jnp.asarray(rng.standard_normal(300), jnp.float16), None],
+    ),
+    "head": None,
+  }
+  tx = op.paged_adamw8bit(1e-3, min_8bit_size=256)
+  new, state = run(tx, params, 3)
+  assert jax.tree.structure(new) == jax.tree.structure(params)
+  assert new["layers"][0]["b"] is None and new["head"] is None
+  assert state.layout.paths == ("['layers'][0]['w']", "['layers'][1][0]")
+
+
+def test_several_optimizers_alive_at_once_interleaved():
+  pa, pb = tree(1), tree(2)
+  txa, txb = op.paged_adamw8bit(1e-3), op.paged_adamw8bit(3e-4, weight_decay=0.0)
+  sa, sb = txa.init(pa), txb.init(pb)
+  for t in range(3):
+    ua, sa = txa.update(grads_like(pa, 100 + t), sa, pa)
+    ub, sb = txb.update(grads_like(pb, 100 + t), sb, pb)
+    pa, pb = optax.apply_updates(pa, ua), optax.apply_updates(pb, ub)
+  ref_a, _ = run(op.paged_adamw8bit(1e-3), tree(1), 3, jit=False)
+  ref_b, _ = run(op.paged_adamw8bit(3e-4, weight_decay=0.0), tree(2), 3, jit=False)
+  assert_trees_bit_equal(pa, ref_a, "a")
+  assert_trees_bit_equal(pb, ref_b, "b")
+
+
+# -- stale states and accumulation ---------------------------------------------
+
+
+def test_reusing_an_old_state_fails_and_keeps_the_slot_intact():
+  tx = op.paged_adamw8bit(1e-3)
+  params = tree()
+  s0 = tx.init(params)
+  g = grads_like(params, 0)
+  _, s1 = tx.update(g, s0, params)
+  before = exported_moments(s1)
+  with raises_at_runtime(r"stale optimizer state.*count 0.*accumulate_gradients"):
+    jax.block_until_ready(tx.update(g, s0, params))
+  assert_trees_bit_equal(exported_moments(s1), before, "state after the failed call")
+  _, s2 = tx.update(g, s1, params)  # the current state still works
+  assert int(s2.count) == 2
+
+
+def test_jitted_init_shares_a_handle_and_the_second_state_fails_as_stale():
+  tx = op.paged_adamw8bit(1e-3)
+  params = tree()
+  init = jax.jit(tx.init)
+  s_a, s_b = init(params), init(params)
+  assert int(s_a.handle) == int(s_b.handle)
+  _, s_a = tx.update(grads_like(params, 0), s_a, params)
+  with raises_at_runtime("stale optimizer state"):
+    jax.block_until_ready(tx.update(grads_like(params, 0), s_b, params))
+
+
+def test_optax_multisteps_is_refused_before_any_update():
+  tx = optax.MultiSteps(op.paged_adamw8bit(1e-3), every_k_schedule=2)
+  params = tree()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"optax.MultiSteps.*accumulate_gradients"):
+    tx.update(grads_like(params, 0), state, params)
+
+
+def test_accumulate_gradients_matches_accumulating_by_hand():
+  params = tree(dtype=jnp.bfloat16)
+  k = 3
+  tx = op.accumulate_gradients(op.paged_adamw8bit(1e-3), k)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  p = params
+  micro = [grads_like(params, 200 + i) for i in range(2 * k)]
+  for i, g in enumerate(micro):
+    u, state = step(g, state, p)
+    if (i + 1) % k:
+      assert all(not np.any(np.asarray(x, np.float32)) for x in jax.tree.leaves(u))
+    p = optax.apply_updates(p, u)
+  ref_tx = op.paged_adamw8bit(1e-3)
+  ref_state = ref_tx.init(params)
+  q = params
+  for j in range(2):
+    group = micro[j * k : (j + 1) * k]
+    mean = jax.tree.map(
+      lambda *g: (sum(x.astype(jnp.float32) for x in g) / k).astype(g[0].dtype), *group
+    )
+    u, ref_state = ref_tx.update(mean, ref_state, q)
+    q = optax.apply_updates(q, u)
+  assert_trees_bit_equal(p, q, "params")
+  assert int(state.inner_state.count) == 2
+
+
+# -- export / import -------------------------------------------------------------
+
+
+def test_export_import_resume_is_bit_identical():
+  params = tree()
+  kw = dict(percentile_clipping=90)
+  full_params, full_state = run(op.paged_adamw8bit(1e-3, **kw), params, 8)
+  tx = op.paged_adamw8bit(1e-3, **kw)
+  half_params, half_state = run(tx, params, 4)
+  saved = jax.tree.map(np.asarray, op.export_state(half_state))  # to host, like a checkpoint
+  op.release(half_state)
+  tx2 = op.paged_adamw8bit(1e-3, **kw)
+  state = op.import_state(tx2.init(half_params), saved)
+  assert int(state.count) == 4
+  p = half_params
+  for t in range(4, 8):
+    u, state = jax.jit(tx2.update)(grads_like(p, 100 + t), state, p)
+    p = optax.apply_updates(p, u)
+  assert_trees_bit_equal(p, full_params, "params")
+  assert_trees_bit_equal(exported_moments(state), exported_moments(full_state), "state")
+
+
+def test_export_of_a_fresh_state_is_zeros_with_bnb_names():
+  tx = op.paged_adamw8bit(1e-3)
+  params = {"w": jnp.zeros((8, 512)), "v": jnp.zeros((300,))}
+  exported = op.export_state(tx.init(params))
+  w = exported.moments["w"]
+  assert w.state1.dtype == jnp.uint8 and w.state1.shape == (8, 512)
+  assert w.absmax1.shape == (8, 2)  # last axis divided by 256
+  v = exported.moments["v"]
+  assert v.state1.dtype == jnp.float32 and v.absmax1.shape == (0,)
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(exported.moments))
+  np.testing.assert_array_equal(np.asarray(exported.qmap1), op.QMAP_SIGNED)
+
+
+def test_export_inside_chain_and_release():
+  params = tree()
+  tx = optax.chain(optax.clip(1.0), op.paged_adamw8bit(1e-3))
+  _, state = run(tx, params, 2)
+  exported = op.export_state(state)
+  assert isinstance(exported[1], op.Adam8bitState)
+  assert op.state_nbytes(state) > 0
+  before = op._ffi.total_bytes()
+  freed = op.release(state)
+  assert freed == state[1].layout.state_nbytes() and op._ffi.total_bytes() == before - freed
+  with raises_at_runtime("was released"):
+    jax.block_until_ready(tx.update(grads_like(params, 0), state, params))
+  assert op.release(state) == 0  # releasing twice is a no-op
