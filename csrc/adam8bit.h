@@ -346,14 +346,12 @@ OP8_HD uint8_t QuantizeUnsigned(const float* q2, float v, float absmax) {
 //     t + 2T, ... in order, then the threads combine by the tree
 //     a[t] += a[t + d] for d = T/2, ..., 1 (LeafNormSq).
 // ---------------------------------------------------------------------------
-OP8_HD double LaneNormSq(const void* grad, int32_t type, int64_t start, int64_t size) {
+// One lane's sum: the squares of its `valid` (<= 8) loaded grads, in order.
+OP8_HD double LaneNormSq(const float* g, int valid) {
   double sum = 0.0;
-  for (int k = 0; k < kLaneElems; ++k) {
-    int64_t i = start + k;
-    if (i < size) {
-      double g = static_cast<double>(LoadAsFloat(grad, type, i));
-      sum = AddD(sum, MulD(g, g));
-    }
+  for (int k = 0; k < valid; ++k) {
+    double x = static_cast<double>(g[k]);
+    sum = AddD(sum, MulD(x, x));
   }
   return sum;
 }
@@ -363,7 +361,13 @@ OP8_HD double LaneNormSq(const void* grad, int32_t type, int64_t start, int64_t 
 inline double BlockNormSq(const void* grad, int32_t type, int64_t block, int64_t size) {
   double lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    lanes[l] = LaneNormSq(grad, type, block * kBlockSize + l * kLaneElems, size);
+    float g[kLaneElems];
+    int64_t start = block * kBlockSize + l * kLaneElems;
+    int valid = 0;
+    for (; valid < kLaneElems && start + valid < size; ++valid) {
+      g[valid] = LoadAsFloat(grad, type, start + valid);
+    }
+    lanes[l] = LaneNormSq(g, valid);
   }
   for (int d = kLanes / 2; d >= 1; d /= 2) {
     double next[kLanes];

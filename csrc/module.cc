@@ -88,4 +88,23 @@ PYBIND11_MODULE(_ops, m) {
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
   m.def("total_bytes", [] { return Registry::Global().TotalBytes(); },
         "Bytes held by all live slots.");
+#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+  auto paging = [](size_t (*move)(int32_t, std::string*)) {
+    return [move](int32_t handle) {
+      std::string error;
+      size_t moved;
+      {
+        py::gil_scoped_release release;
+        moved = move(handle, &error);
+      }
+      if (!error.empty()) throw py::value_error(error);
+      return moved;
+    };
+  };
+  m.def("page_out", paging(&PageOut), "Moves a handle's GPU slots to host RAM; returns bytes.");
+  m.def("page_in", paging(&PageIn), "Moves a handle's GPU slots back to their GPUs; returns bytes.");
+  m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
+  m.def("device_budget", &DeviceBudget);
+  m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
+#endif
 }

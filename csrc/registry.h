@@ -43,7 +43,8 @@ struct LeafSpec {
 struct Memory {
   void* data = nullptr;
   size_t bytes = 0;
-  bool on_host = true;  // where the pages were placed (or last moved)
+  bool on_host = true;     // where the pages are now (placed, paged out or in)
+  bool host_home = false;  // placed on the host for good (oversubscription guard)
   void (*free_fn)(void*) = nullptr;
 };
 

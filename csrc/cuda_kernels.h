@@ -1,0 +1,73 @@
+// Kernels of the CUDA backend and their launchers. The math is adam8bit.h's;
+// this file holds the iteration: one warp per 256-element block, 8 elements per
+// lane, every leaf of the tree in one launch (the leaf table travels as a
+// kernel parameter).
+#ifndef OPTAX_PAGED8BIT_CUDA_KERNELS_H_
+#define OPTAX_PAGED8BIT_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace optax_paged8bit {
+
+// Extra flag of a launch's leaf: an 8-bit leaf with one scale for the whole
+// leaf (block_wise=False).
+constexpr int32_t kLeafWhole = 4;
+
+struct LeafDesc {
+  const void* grad;
+  const void* param;
+  void* out;       // updates, or the new params (may alias param)
+  void* state1;    // uint8 codes or float32 moment
+  void* state2;
+  float* absmax1;  // block scales (8-bit leaves)
+  float* absmax2;
+  int64_t size;         // elements
+  int64_t block_begin;  // index of the leaf's first block among the launch's blocks
+  int32_t type;         // ElemType
+  int32_t flags;        // LeafFlag bits | kLeafWhole
+  int32_t index;        // leaf index in the call (clip scales, whole-leaf scales)
+};
+
+// Leaves per launch: the table must fit the 32 KiB kernel-parameter limit.
+constexpr int kMaxLeavesPerLaunch = 320;
+
+struct LeafTable {
+  LeafDesc leaves[kMaxLeavesPerLaunch];
+  int32_t num_leaves;
+  int64_t num_blocks;  // blocks of all leaves together
+};
+
+// Per-call scalars and scratch (device pointers).
+struct StepArgs {
+  const float* hyper;      // float32[5]
+  const float* qmaps;      // float32[2, 256]
+  const float* clip_scale;  // float32[num leaves in the call] or null (no clipping)
+  float* whole_absmax;      // float32[2 * leaves]: new scales of whole-leaf leaves
+  int32_t* count_out;       // written with t by the launch that has write_count
+  int64_t t;                // 1-based step
+  bool write_params;
+  bool write_count;
+};
+
+// Squared grad norm per 256-element block (float64), into partials[block].
+cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,
+                              cudaStream_t stream);
+
+// Per leaf: reduce its partials, update its ring, write its gnorm scale.
+cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
+                            float* clip_scale, int64_t t, int32_t percentile,
+                            cudaStream_t stream);
+
+// New scales of whole-leaf 8-bit leaves (max over the leaf, by atomics).
+cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
+                               cudaStream_t stream);
+
+// The update of every leaf of the table.
+cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
+                         cudaStream_t stream);
+
+}  // namespace optax_paged8bit
+
+#endif  // OPTAX_PAGED8BIT_CUDA_KERNELS_H_

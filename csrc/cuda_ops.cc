@@ -1,0 +1,549 @@
+// CUDA handlers of the update, export and import custom calls, the managed
+// memory allocator with its oversubscription guard, and paging.
+//
+// Every launch goes on the stream XLA hands the handler and is followed by a
+// check of cudaGetLastError. The one host synchronisation of a step is the read
+// of the 8 bytes of handle and count (SPEC 5.1).
+#include "cuda_ops.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "adam8bit.h"
+#include "cuda_kernels.h"
+#include "ffi_common.h"
+#include "registry.h"
+
+namespace optax_paged8bit {
+namespace {
+
+constexpr int kMaxDevices = 64;
+// Free device memory left alone when placing state (XLA's scratch, the driver).
+constexpr size_t kDeviceReserveBytes = size_t{256} << 20;
+
+std::string CudaMessage(const char* what, cudaError_t error) {
+  return std::string(what) + " failed: " + cudaGetErrorString(error);
+}
+
+ffi::Error CudaError(const char* op, const char* what, cudaError_t error) {
+  return ffi::Error::Internal(std::string(op) + ": " + CudaMessage(what, error));
+}
+
+cudaMemLocation DeviceLocation(int device) {
+  cudaMemLocation loc = {};
+  loc.type = cudaMemLocationTypeDevice;
+  loc.id = device;
+  return loc;
+}
+
+cudaMemLocation HostLocation() {
+  cudaMemLocation loc = {};
+  loc.type = cudaMemLocationTypeHost;
+  loc.id = 0;
+  return loc;
+}
+
+// Bytes of managed memory placed on each device, and the budget for them.
+std::atomic<int64_t> g_device_bytes[kMaxDevices];
+std::atomic<int64_t> g_device_budget{-1};  // -1: no budget beyond free memory
+std::mutex g_placement_mu;                   // placement decisions, one at a time
+std::mutex g_sizes_mu;
+std::map<void*, std::pair<int, int64_t>> g_device_sizes;  // device-placed allocations
+
+// Stops counting a device-placed allocation against its device.
+void ForgetDevicePlacement(void* p) {
+  std::lock_guard<std::mutex> lock(g_sizes_mu);
+  auto it = g_device_sizes.find(p);
+  if (it != g_device_sizes.end()) {
+    g_device_bytes[it->second.first] -= it->second.second;
+    g_device_sizes.erase(it);
+  }
+}
+
+void FreeManaged(void* p) {
+  ForgetDevicePlacement(p);
+  cudaFree(p);  // waits for work in flight that may still touch it
+}
+
+// Makes `device` current for the scope (XLA's threads usually have it already).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~DeviceScope() {
+    int now;
+    cudaGetDevice(&now);
+    if (now != previous_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+};
+
+// Whether free device memory (minus a reserve) can take `bytes` more.
+bool FreeMemoryAllows(size_t bytes) {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return false;
+  return bytes + kDeviceReserveBytes <= free_bytes;
+}
+
+// Whether `bytes` more may be placed on `device`: within free memory and under
+// the budget. Never oversubscribes.
+bool FitsOnDevice(int device, size_t bytes) {
+  int64_t budget = g_device_budget.load();
+  return FreeMemoryAllows(bytes) &&
+         (budget < 0 || g_device_bytes[device].load() + static_cast<int64_t>(bytes) <= budget);
+}
+
+// Managed memory homed on the owning GPU when it fits, else on the host
+// (preferred location host, mapped for the GPU, read over the bus).
+class ManagedAllocator : public Allocator {
+ public:
+  ManagedAllocator(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+
+  Memory Allocate(size_t bytes, std::string* error) override {
+    std::lock_guard<std::mutex> lock(g_placement_mu);
+    Memory m;
+    m.bytes = bytes;
+    m.free_fn = FreeManaged;
+    bool on_device = FitsOnDevice(device_, bytes);
+    void* p = nullptr;
+    cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
+    if (e != cudaSuccess) {
+      *error = CudaMessage("cudaMallocManaged", e) + " (" + std::to_string(bytes) + " bytes)";
+      return m;
+    }
+    cudaMemLocation home = on_device ? DeviceLocation(device_) : HostLocation();
+    e = cudaMemAdvise(p, bytes, cudaMemAdviseSetPreferredLocation, home);
+    if (e == cudaSuccess) {
+      e = cudaMemAdvise(p, bytes, cudaMemAdviseSetAccessedBy, DeviceLocation(device_));
+    }
+    if (e == cudaSuccess) {
+      e = on_device ? cudaMemsetAsync(p, 0, bytes, stream_)
+                    : (std::memset(p, 0, bytes), cudaSuccess);
+    }
+    if (e != cudaSuccess) {
+      cudaFree(p);
+      *error = CudaMessage("placing managed memory", e);
+      return m;
+    }
+    if (on_device) {
+      std::lock_guard<std::mutex> sizes(g_sizes_mu);
+      g_device_sizes[p] = {device_, static_cast<int64_t>(bytes)};
+      g_device_bytes[device_] += static_cast<int64_t>(bytes);
+    }
+    m.data = p;
+    m.on_host = !on_device;
+    m.host_home = !on_device;
+    return m;
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+};
+
+int NumSms(int device) {
+  static std::atomic<int> cache[kMaxDevices];
+  int n = cache[device].load();
+  if (n == 0) {
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    cache[device] = n = std::max(n, 1);
+  }
+  return n;
+}
+
+// The step's one synchronisation: handle and count to the host.
+ffi::Error ReadHandleAndCount(const char* op, cudaStream_t stream, const void* handle,
+                              const void* count, int32_t* out_handle, int32_t* out_count) {
+  static thread_local int32_t* pinned = nullptr;
+  if (pinned == nullptr) {
+    cudaError_t e = cudaMallocHost(&pinned, 2 * sizeof(int32_t));
+    if (e != cudaSuccess) return CudaError(op, "cudaMallocHost", e);
+  }
+  cudaError_t e = cudaMemcpyAsync(pinned, handle, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  if (e == cudaSuccess) {
+    e = cudaMemcpyAsync(pinned + 1, count, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e != cudaSuccess) return CudaError(op, "reading handle and count", e);
+  *out_handle = pinned[0];
+  *out_count = pinned[1];
+  return ffi::Error::Success();
+}
+
+// Brings paged-out memory of a slot back before a kernel touches it, so that
+// the kernel never faults pages in. Memory that no longer fits moves its home
+// to the host (read over the bus) instead of oversubscribing.
+ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
+  for (Memory& m : slot.memory) {
+    if (!m.on_host || m.host_home) continue;
+    std::lock_guard<std::mutex> lock(g_placement_mu);
+    cudaError_t e;
+    if (FreeMemoryAllows(m.bytes)) {
+      e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
+      m.on_host = false;
+    } else {
+      e = cudaMemAdvise(m.data, m.bytes, cudaMemAdviseSetPreferredLocation, HostLocation());
+      ForgetDevicePlacement(m.data);
+      m.host_home = true;
+    }
+    if (e != cudaSuccess) return CudaError(op, "prefetching state to the device", e);
+  }
+  return ffi::Error::Success();
+}
+
+// Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
+std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
+                                                    const std::vector<LeafSpec>& layout,
+                                                    Slot& slot, bool block_wise,
+                                                    std::vector<int64_t>* block_offsets) {
+  std::vector<std::unique_ptr<LeafTable>> tables;
+  int64_t offset = 0;
+  for (size_t i = 0; i < std::max<size_t>(calls.size(), 1); ++i) {
+    if (tables.empty() || tables.back()->num_leaves == kMaxLeavesPerLaunch) {
+      tables.push_back(std::make_unique<LeafTable>());
+      tables.back()->num_leaves = 0;
+      tables.back()->num_blocks = 0;
+      block_offsets->push_back(offset);
+    }
+    if (i == calls.size()) break;  // no leaves: one empty table still writes the count
+    LeafTable& table = *tables.back();
+    const LeafCall& call = calls[i];
+    LeafState& state = slot.leaves[i];
+    LeafDesc& d = table.leaves[table.num_leaves++];
+    d.grad = call.grad;
+    d.param = call.param;
+    d.out = call.out;
+    d.state1 = state.state1;
+    d.state2 = state.state2;
+    d.absmax1 = state.absmax1;
+    d.absmax2 = state.absmax2;
+    d.size = call.size;
+    d.block_begin = table.num_blocks;
+    d.type = call.type;
+    d.flags = call.flags | (layout[i].is_8bit && !block_wise ? kLeafWhole : 0);
+    d.index = static_cast<int32_t>(i);
+    int64_t blocks = (call.size + kBlockSize - 1) / kBlockSize;
+    table.num_blocks += blocks;
+    offset += blocks;
+  }
+  return tables;
+}
+
+#define RETURN_IF_LAUNCH_FAILED(op, what, expr)           \
+  do {                                                    \
+    cudaError_t launch_error = (expr);                    \
+    if (launch_error != cudaSuccess) {                    \
+      return CudaError(op, what, launch_error);           \
+    }                                                     \
+  } while (0)
+
+ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+                      ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
+                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
+                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
+                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
+                      bool write_params) {
+  const char* op = kUpdateTarget;
+  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
+    return e;
+  }
+  std::vector<LeafCall> calls;
+  std::vector<LeafSpec> layout;
+  if (auto e = DecodeUpdateLeaves(leaf_args, leaf_rets, leaf_flags, block_wise, &calls, &layout);
+      e.failure()) {
+    return e;
+  }
+  DeviceScope scope(device);
+  int32_t handle_value, step;
+  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
+                                  &handle_value, &step);
+      e.failure()) {
+    return e;
+  }
+  ManagedAllocator allocator(device, stream);
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForUpdate(handle_value, Platform::kCuda, device,
+                                                          step, layout, allocator, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::lock_guard<std::mutex> lock(slot->mu);
+  if (slot->step != step) {
+    return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
+                                       std::to_string(handle_value));
+  }
+  if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
+
+  float* ring = rings_out->typed_data();
+  if (ring != rings.typed_data() && rings.element_count() > 0) {
+    RETURN_IF_LAUNCH_FAILED(op, "copying the clipping rings",
+                            cudaMemcpyAsync(ring, rings.typed_data(),
+                                            rings.element_count() * sizeof(float),
+                                            cudaMemcpyDeviceToDevice, stream));
+  }
+  std::vector<int64_t> block_offsets;
+  auto tables = BuildTables(calls, layout, *slot, block_wise, &block_offsets);
+  int64_t total_blocks = 0;
+  for (const auto& table : tables) total_blocks += table->num_blocks;
+  bool clipping = percentile < 100;
+  bool any_whole = !block_wise && std::any_of(layout.begin(), layout.end(),
+                                              [](const LeafSpec& s) { return s.is_8bit; });
+  size_t num_leaves = calls.size();
+
+  StepArgs args = {};
+  args.hyper = hyper.typed_data();
+  args.qmaps = qmaps.typed_data();
+  args.count_out = count_out->typed_data();
+  args.t = static_cast<int64_t>(step) + 1;
+  args.write_params = write_params;
+  int num_sms = NumSms(device);
+  auto allocate = [&](size_t bytes) -> void* {
+    return scratch.Allocate(std::max<size_t>(bytes, 16), 16).value_or(nullptr);
+  };
+  if (clipping) {
+    auto* partials = static_cast<double*>(allocate(total_blocks * sizeof(double)));
+    auto* clip_scale = static_cast<float*>(allocate(num_leaves * sizeof(float)));
+    if (partials == nullptr || clip_scale == nullptr) {
+      return ffi::Error::Internal(std::string(op) + ": out of scratch memory for clipping");
+    }
+    for (size_t k = 0; k < tables.size(); ++k) {
+      RETURN_IF_LAUNCH_FAILED(
+          op, "BlockNormSqKernel",
+          LaunchBlockNormSq(*tables[k], partials + block_offsets[k], num_sms, stream));
+    }
+    for (size_t k = 0; k < tables.size(); ++k) {
+      RETURN_IF_LAUNCH_FAILED(op, "RingScaleKernel",
+                              LaunchRingScale(*tables[k], partials + block_offsets[k], ring,
+                                              clip_scale, args.t, percentile, stream));
+    }
+    args.clip_scale = clip_scale;
+  }
+  if (any_whole) {
+    args.whole_absmax = static_cast<float*>(allocate(2 * num_leaves * sizeof(float)));
+    if (args.whole_absmax == nullptr) {
+      return ffi::Error::Internal(std::string(op) + ": out of scratch memory");
+    }
+    RETURN_IF_LAUNCH_FAILED(
+        op, "zeroing scales",
+        cudaMemsetAsync(args.whole_absmax, 0, 2 * num_leaves * sizeof(float), stream));
+    for (const auto& table : tables) {
+      RETURN_IF_LAUNCH_FAILED(op, "WholeLeafMaxKernel",
+                              LaunchWholeLeafMax(*table, args, num_sms, stream));
+    }
+  }
+  for (size_t k = 0; k < tables.size(); ++k) {
+    args.write_count = k + 1 == tables.size();
+    RETURN_IF_LAUNCH_FAILED(op, "UpdateKernel", LaunchUpdate(*tables[k], args, num_sms, stream));
+  }
+  slot->step = args.t;
+  return ffi::Error::Success();
+}
+
+// Copies between a slot and the call's buffers (export: slot -> buffers).
+ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves,
+                           const std::vector<LeafSpec>& layout, Slot* slot, bool to_slot,
+                           cudaStream_t stream) {
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const LeafArrays& leaf = leaves[i];
+    const LeafState* state = slot ? &slot->leaves[i] : nullptr;
+    void* buffers[4] = {leaf.state1, leaf.state2, leaf.absmax1, leaf.absmax2};
+    void* stored[4] = {state ? state->state1 : nullptr, state ? state->state2 : nullptr,
+                       state ? static_cast<void*>(state->absmax1) : nullptr,
+                       state ? static_cast<void*>(state->absmax2) : nullptr};
+    size_t bytes[4] = {layout[i].state_bytes(), layout[i].state_bytes(), layout[i].scale_bytes(),
+                       layout[i].scale_bytes()};
+    for (int k = 0; k < 4; ++k) {
+      if (bytes[k] == 0) continue;
+      cudaError_t e;
+      if (stored[k] == nullptr) {
+        e = cudaMemsetAsync(buffers[k], 0, bytes[k], stream);
+      } else if (to_slot) {
+        e = cudaMemcpyAsync(stored[k], buffers[k], bytes[k], cudaMemcpyDefault, stream);
+      } else {
+        e = cudaMemcpyAsync(buffers[k], stored[k], bytes[k], cudaMemcpyDefault, stream);
+      }
+      if (e != cudaSuccess) return CudaError(op, "copying state", e);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ExportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> handle,
+                      ffi::Buffer<ffi::S32> count, ffi::RemainingRets rets,
+                      ffi::Span<const int32_t> leaf_flags, bool block_wise) {
+  const char* op = kExportTarget;
+  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  std::vector<LeafArrays> leaves;
+  std::vector<LeafSpec> layout;
+  auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
+  if (auto e = DecodeStateArrays(op, rets, get, leaf_flags, block_wise, &leaves, &layout);
+      e.failure()) {
+    return e;
+  }
+  DeviceScope scope(device);
+  int32_t handle_value, step;
+  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
+                                  &handle_value, &step);
+      e.failure()) {
+    return e;
+  }
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForRead(handle_value, Platform::kCuda, device,
+                                                        step, layout, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::unique_lock<std::mutex> lock;
+  if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
+  return CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/false, stream);
+}
+
+ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> handle,
+                      ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args,
+                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                      ffi::Span<const int32_t> leaf_flags, bool block_wise) {
+  const char* op = kImportTarget;
+  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  std::vector<LeafArrays> leaves;
+  std::vector<LeafSpec> layout;
+  auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
+  if (auto e = DecodeStateArrays(op, args, get, leaf_flags, block_wise, &leaves, &layout);
+      e.failure()) {
+    return e;
+  }
+  DeviceScope scope(device);
+  int32_t handle_value, step;
+  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
+                                  &handle_value, &step);
+      e.failure()) {
+    return e;
+  }
+  ManagedAllocator allocator(device, stream);
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForImport(handle_value, Platform::kCuda, device,
+                                                          layout, allocator, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::lock_guard<std::mutex> lock(slot->mu);
+  if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
+  if (auto e = CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/true, stream);
+      e.failure()) {
+    return e;
+  }
+  cudaError_t e = cudaMemcpyAsync(count_out->typed_data(), count.typed_data(), sizeof(int32_t),
+                                  cudaMemcpyDeviceToDevice, stream);
+  if (e != cudaSuccess) return CudaError(op, "writing count", e);
+  slot->step = step;
+  return ffi::Error::Success();
+}
+
+cudaStream_t PagingStream(int device) {
+  static std::mutex mu;
+  static cudaStream_t streams[kMaxDevices] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (streams[device] == nullptr) cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
+  return streams[device];
+}
+
+// Moves every CUDA slot of `handle` to the host (to_host) or back.
+size_t Move(int32_t handle, bool to_host, std::string* error) {
+  std::vector<std::shared_ptr<Slot>> slots;
+  *error = Registry::Global().SlotsOf(handle, &slots);
+  if (!error->empty()) return 0;
+  size_t moved = 0;
+  for (auto& slot : slots) {
+    if (slot->platform != Platform::kCuda) continue;
+    std::lock_guard<std::mutex> lock(slot->mu);
+    DeviceScope scope(slot->device);
+    cudaStream_t stream = PagingStream(slot->device);
+    for (Memory& m : slot->memory) {
+      if (m.host_home || m.on_host == to_host) continue;
+      std::lock_guard<std::mutex> placement(g_placement_mu);
+      if (!to_host && !FreeMemoryAllows(m.bytes)) {
+        *error = "page_in: not enough free device memory for " + std::to_string(m.bytes) +
+                 " more bytes of optimizer state; the rest stays on the host and the next "
+                 "update moves its home there (read over the bus) rather than oversubscribe";
+        return moved;
+      }
+      cudaError_t e = cudaMemPrefetchAsync(
+          m.data, m.bytes, to_host ? HostLocation() : DeviceLocation(slot->device), 0, stream);
+      if (e != cudaSuccess) {
+        *error = CudaMessage("cudaMemPrefetchAsync", e);
+        return moved;
+      }
+      m.on_host = to_host;
+      moved += m.bytes;
+    }
+    cudaError_t e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) {
+      *error = CudaMessage("paging", e);
+      return moved;
+    }
+  }
+  return moved;
+}
+
+}  // namespace
+
+size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }
+size_t PageIn(int32_t handle, std::string* error) { return Move(handle, false, error); }
+
+void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
+int64_t DeviceBudget() { return g_device_budget.load(); }
+
+int64_t ManagedDeviceBytes(int device) {
+  return device >= 0 && device < kMaxDevices ? g_device_bytes[device].load() : 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCuda, UpdateCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingArgs()               // grads, params
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingRets()               // updates or params
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise")
+                                  .Attr<int32_t>("percentile")
+                                  .Attr<bool>("write_params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCuda, ExportCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .RemainingRets()               // 4 arrays per leaf
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kImportCuda, ImportCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .RemainingArgs()               // 4 arrays per leaf
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise"));
+
+}  // namespace optax_paged8bit
