@@ -93,7 +93,10 @@ __device__ __forceinline__ void StoreLane(void* data, int32_t type, int64_t star
       }
     }
   }
-  for (int k = 0; k < valid; ++k) StoreFromFloat(data, type, start + k, in[k]);
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    if (k < valid) StoreFromFloat(data, type, start + k, in[k]);
+  }
 }
 
 // 8 codes of a lane; padded lanes get `pad`.
@@ -124,7 +127,10 @@ __device__ __forceinline__ void StoreCodes(uint8_t* codes, int64_t start, int va
     *reinterpret_cast<uint2*>(codes + start) = raw;
     return;
   }
-  for (int k = 0; k < valid; ++k) codes[start + k] = in[k];
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    if (k < valid) codes[start + k] = in[k];
+  }
 }
 
 __device__ __forceinline__ float WarpMax(float x) {

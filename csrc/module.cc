@@ -12,6 +12,8 @@
 #include "ffi_common.h"
 #include "registry.h"
 #if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+#include <cuda_runtime.h>
+
 #include "cuda_ops.h"
 #endif
 
@@ -106,5 +108,15 @@ PYBIND11_MODULE(_ops, m) {
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
   m.def("device_budget", &DeviceBudget);
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
+  m.def("device_memory_info", [](int device) {
+    size_t free_bytes = 0, total_bytes = 0;
+    int previous = 0;
+    cudaGetDevice(&previous);
+    cudaSetDevice(device);
+    cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes);
+    cudaSetDevice(previous);
+    if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+    return py::make_tuple(free_bytes, total_bytes);
+  }, "(free, total) bytes of a GPU, as cudaMemGetInfo reports them.");
 #endif
 }

@@ -1,7 +1,17 @@
 """optax_paged8bit: bitsandbytes' PagedAdamW8bit for JAX and optax."""
 
 from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
-from optax_paged8bit.paging import export_state, import_state, release, slot_info, state_nbytes
+from optax_paged8bit.paging import (
+  export_state,
+  import_state,
+  page_in,
+  page_out,
+  release,
+  residency,
+  set_device_memory_budget,
+  slot_info,
+  state_nbytes,
+)
 from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
 from optax_paged8bit.transform import (
   Adam8bitState,
@@ -25,8 +35,12 @@ __all__ = [
   "dynamic_map",
   "export_state",
   "import_state",
+  "page_in",
+  "page_out",
   "paged_adamw8bit",
   "release",
+  "residency",
+  "set_device_memory_budget",
   "slot_info",
   "state_nbytes",
 ]

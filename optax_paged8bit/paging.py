@@ -200,3 +200,59 @@ def slot_info(opt_state: Any) -> list[dict]:
     for info in _ffi.slot_info(handle):
       out.append({"handle": handle, **info})
   return out
+
+
+def _cuda_op(name: str):
+  if not _ffi.BUILT_WITH_CUDA:
+    return None
+  return getattr(_ffi._ops, name)
+
+
+def page_out(opt_state: Any) -> int:
+  """Moves the GPU-resident state of every paged state in `opt_state` to host
+  RAM (to free HBM for evaluation, generation or a memory spike).
+
+  Waits for the updates in flight first. The next update brings the pages
+  back itself (prefetched on XLA's stream before the kernel), so `page_in` is
+  optional. Returns the bytes moved; 0 for CPU states.
+  """
+  jax.block_until_ready([s.count for s in _paged_states(opt_state)])
+  move = _cuda_op("page_out")
+  if move is None:
+    return 0
+  return sum(int(move(_concrete_handle(s))) for s in _paged_states(opt_state))
+
+
+def page_in(opt_state: Any) -> int:
+  """Moves paged-out state back to its GPUs now; returns the bytes moved.
+
+  Raises when free device memory cannot take it (the state then stays on the
+  host, and the next update reads it there instead of oversubscribing).
+  """
+  move = _cuda_op("page_in")
+  if move is None:
+    return 0
+  return sum(int(move(_concrete_handle(s))) for s in _paged_states(opt_state))
+
+
+def residency(opt_state: Any) -> dict[str, int]:
+  """Bytes of registry state on GPUs and in host memory, over every paged state
+  in `opt_state` (CPU states count as host)."""
+  on_device = on_host = 0
+  for info in slot_info(opt_state):
+    on_device += info["bytes_on_device"]
+    on_host += info["bytes_on_host"]
+  return {"bytes_on_device": on_device, "bytes_on_host": on_host}
+
+
+def set_device_memory_budget(nbytes: int | None) -> None:
+  """Caps the bytes of paged state placed on each GPU; allocations beyond it go
+  to host memory (read by the kernel over the bus). None removes the cap (free
+  device memory, minus a reserve, is always a cap). Applies to allocations made
+  after the call."""
+  setter = _cuda_op("set_device_budget")
+  if setter is None:
+    return
+  if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
+    raise ValueError(f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}")
+  setter(-1 if nbytes is None else nbytes)

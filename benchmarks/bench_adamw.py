@@ -1,0 +1,215 @@
+"""optax.adamw against paged_adamw8bit (optax path and fused step) on one GPU.
+
+Builds its own inputs and prints one table: ms per step (median of --iters
+after warm-up, each step awaited), effective GB/s, the ratio to optax.adamw
+measured in the same run, the memory-traffic floor (bytes per step / device
+copy bandwidth measured in the same run) and optimizer-state bytes on the
+device per parameter.
+
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/bench_adamw.py --json out.json
+
+Cases: 64 x (4096, 4096) float32 (1.07e9 params), the same in bfloat16, and a
+GPT-2-medium-shaped float32 tree (292 leaves, 355M params).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_paged8bit as op
+
+LR = 2e-4
+
+
+def gpt2_medium_shapes() -> dict[str, tuple[int, ...]]:
+  shapes = {"wte": (50304, 1024), "wpe": (1024, 1024), "ln_f.g": (1024,), "ln_f.b": (1024,)}
+  for i in range(24):
+    shapes |= {
+      f"h{i}.ln1.g": (1024,),
+      f"h{i}.ln1.b": (1024,),
+      f"h{i}.qkv.w": (1024, 3072),
+      f"h{i}.qkv.b": (3072,),
+      f"h{i}.proj.w": (1024, 1024),
+      f"h{i}.proj.b": (1024,),
+      f"h{i}.ln2.g": (1024,),
+      f"h{i}.ln2.b": (1024,),
+      f"h{i}.fc.w": (1024, 4096),
+      f"h{i}.fc.b": (4096,),
+      f"h{i}.fc2.w": (4096, 1024),
+      f"h{i}.fc2.b": (1024,),
+    }
+  return shapes
+
+
+CASES = {
+  "1.07e9 f32 (64x4096x4096)": ({f"w{i:02d}": (4096, 4096) for i in range(64)}, jnp.float32),
+  "1.07e9 bf16 (64x4096x4096)": ({f"w{i:02d}": (4096, 4096) for i in range(64)}, jnp.bfloat16),
+  "GPT-2 medium f32 (292 leaves)": (gpt2_medium_shapes(), jnp.float32),
+}
+
+
+def make_tree(shapes, dtype, key):
+  keys = jax.random.split(key, len(shapes))
+  return {
+    name: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype)
+    for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+  }
+
+
+def time_steps(step, carry, iters, warmup=3, before=None):
+  """Median seconds of `carry = step(*carry)`, each step awaited."""
+  times = []
+  for i in range(warmup + iters):
+    if before is not None:
+      before(carry)
+    t0 = time.perf_counter()
+    carry = step(*carry)
+    jax.block_until_ready(carry)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), carry
+
+
+def copy_bandwidth(nbytes=4 << 30):
+  """Device copy bandwidth (bytes read + written per second)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda x: x + 1.0)  # reads and writes every element once
+  sec, _ = time_steps(lambda x: (f(x),), (x,), iters=20)
+  return 2 * nbytes / sec
+
+
+def state_device_bytes(state) -> int:
+  arrays = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+  return arrays + op.residency(state)["bytes_on_device"]
+
+
+def traffic_per_param(dtype, method):
+  """Bytes one step must move per param (the floor's numerator)."""
+  b = jnp.dtype(dtype).itemsize
+  scales = 16 / 256  # read + write two float32 scales per 256 params
+  if method == "optax.adamw":
+    # read g, p, mu, nu; write p, mu, nu (moments in the param dtype)
+    return 7 * b
+  if method == "paged fused":
+    return b + 2 * b + 4 + scales  # read g; read + write p; read + write 2 codes
+  # optax path: the kernel reads g, p, writes u; apply_updates reads p, u, writes p
+  return b + b + b + 4 + scales + 3 * b
+
+
+def bench_case(name, shapes, dtype, iters, bandwidth, key):
+  params = make_tree(shapes, dtype, key)
+  grads = make_tree(shapes, dtype, jax.random.fold_in(key, 1))
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  rows = []
+
+  def run(method, tx, fused=False, paged_out=False):
+    nonlocal params
+    state = tx.init(params)
+    if fused:
+      step = jax.jit(lambda p, s: tx.fused_update(grads, s, p), donate_argnums=(0, 1))
+    else:
+
+      def plain(p, s):
+        u, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, u), s
+
+      step = jax.jit(plain, donate_argnums=(0, 1))
+    before = (lambda carry: op.page_out(carry[1])) if paged_out else None
+    sec, (params, state) = time_steps(step, (params, state), iters, before=before)
+    device_bytes = state_device_bytes(state)
+    if isinstance(tx, op.PagedGradientTransformation):
+      op.release(state)
+    del state
+    gc.collect()
+    traffic = traffic_per_param(dtype, method.replace(", paged out", "")) * n
+    rows.append(
+      dict(
+        case=name,
+        method=method,
+        ms=sec * 1e3,
+        gbps=traffic / sec / 1e9,
+        floor_ms=traffic / bandwidth * 1e3,
+        state_bytes_per_param=device_bytes / n,
+      )
+    )
+
+  run("optax.adamw", optax.adamw(LR, weight_decay=1e-2))
+  run("paged optax path", op.paged_adamw8bit(LR))
+  run("paged fused", op.paged_adamw8bit(LR), fused=True)
+  run("paged fused, paged out", op.paged_adamw8bit(LR), fused=True, paged_out=True)
+  base = rows[0]["ms"]
+  for r in rows:
+    r["speedup_vs_adamw"] = base / r["ms"]
+    r["vs_floor"] = r["ms"] / r["floor_ms"]
+  del params, grads
+  gc.collect()
+  return rows
+
+
+def sync_cost(iters):
+  """Per-step cost of the handle/count read: a 1-leaf tree of 4096 params,
+  paged fused step against optax.adamw (both dominated by fixed costs)."""
+  p = {"w": jnp.zeros((4096,), jnp.float32)}
+  g = {"w": jnp.ones((4096,), jnp.float32)}
+  out = {}
+  for method, tx in (("optax.adamw", optax.adamw(LR)), ("paged fused", op.paged_adamw8bit(LR))):
+    s = tx.init(p)
+    if method == "paged fused":
+      step = jax.jit(lambda p, s, tx=tx: tx.fused_update(g, s, p))
+    else:
+      step = jax.jit(lambda p, s, tx=tx: (optax.apply_updates(p, tx.update(g, s, p)[0]), s))
+    sec, (_, s) = time_steps(step, (p, s), iters * 10)
+    out[method] = sec * 1e6
+    if method == "paged fused":
+      op.release(s)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--json", default=None, help="write the rows here")
+  parser.add_argument("--cases", default=None, help="comma-separated case numbers (0-based)")
+  args = parser.parse_args()
+  dev = jax.devices()[0]
+  bandwidth = copy_bandwidth()
+  gc.collect()
+  key = jax.random.PRNGKey(0)
+  rows = []
+  selected = [int(c) for c in args.cases.split(",")] if args.cases else range(len(CASES))
+  for i, (name, (shapes, dtype)) in enumerate(CASES.items()):
+    if i in selected:
+      rows += bench_case(name, shapes, dtype, args.iters, bandwidth, jax.random.fold_in(key, i))
+  sync = sync_cost(args.iters)
+  print(f"device: {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
+        f"{bandwidth / 1e12:.2f} TB/s (read+write)")
+  header = f"{'case':32} {'method':24} {'ms':>8} {'GB/s':>7} {'vs adamw':>9} "
+  header += f"{'floor ms':>9} {'x floor':>8} {'state B/param':>14}"
+  print(header)
+  for r in rows:
+    print(
+      f"{r['case']:32} {r['method']:24} {r['ms']:8.2f} {r['gbps']:7.0f} "
+      f"{r['speedup_vs_adamw']:8.2f}x {r['floor_ms']:9.2f} {r['vs_floor']:7.2f}x "
+      f"{r['state_bytes_per_param']:14.3f}"
+    )
+  print(
+    f"tiny tree (4096 params) step: optax.adamw {sync['optax.adamw']:.0f} us, "
+    f"paged fused {sync['paged fused']:.0f} us (includes the handle/count read)"
+  )
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": dev.device_kind, "jax": jax.__version__,
+                 "copy_bandwidth": bandwidth, "rows": rows, "tiny_step_us": sync}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device-machine session: build the CUDA extension against the machine's
+# own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
+# Usage (from the repo root on the device): bash benchmarks/device_run.sh [gpu] [bench] [cpu]
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+steps=${*:-gpu bench}
+{
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+  python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__)"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+t0=$(date +%s)
+OPTAX_PAGED8BIT_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q \
+  -C cmake.define.OPTAX_PAGED8BIT_CUDA_ARCHITECTURES=90-real . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+status=0
+for step in $steps; do
+  t0=$(date +%s)
+  case $step in
+    gpu) (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider test_gpu.py) \
+           > "$OUT/gpu_tests.log" 2>&1 || status=1
+         tail -15 "$OUT/gpu_tests.log" ;;
+    bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
+             || status=1
+           tail -20 "$OUT/bench.log" ;;
+    cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
+           > "$OUT/cpu_tests.log" 2>&1 || status=1
+         tail -8 "$OUT/cpu_tests.log" ;;
+  esac
+  echo "$step: $(( $(date +%s) - t0 )) s"
+done
+exit $status

@@ -1,0 +1,203 @@
+"""CUDA backend: bit-identity with the CPU backend, paging, host placement and
+release. Marked `gpu`; skipped without a GPU and the CUDA build."""
+
+from __future__ import annotations
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from oracle import BFLOAT16
+from test_oracle import assert_bit_equal
+
+import optax_paged8bit as op
+
+
+def _gpu():
+  try:
+    return jax.devices("gpu")[0]
+  except RuntimeError:
+    return None
+
+
+GPU = _gpu()
+CPU = jax.devices("cpu")[0]
+pytestmark = [
+  pytest.mark.gpu,
+  pytest.mark.skipif(
+    GPU is None or not op._ffi.BUILT_WITH_CUDA, reason="needs a CUDA GPU and the CUDA build"
+  ),
+]
+
+SHAPES = {
+  "a": (4097,),  # partial last block
+  "b": (1000, 300),  # 300000 elements: partial last block
+  "c": (1024, 1024),
+  "d": (3, 100),  # float32 moments
+  "e": (2, 2500),  # 5000: 8-bit, partial block
+}
+DTYPES = {"float32": np.float32, "bfloat16": BFLOAT16, "float16": np.float16}
+STEPS = 5
+
+
+def inputs(dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {k: (rng.standard_normal(s) * 0.1).astype(dtype) for k, s in SHAPES.items()}
+  grads = []
+  for t in range(STEPS):
+    g = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in SHAPES.items()}
+    if t == 2:  # non-finite grads
+      for k in g:
+        flat = g[k].reshape(-1)
+        flat[rng.choice(flat.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
+    grads.append({k: v.astype(dtype) for k, v in g.items()})
+  return params, grads
+
+
+def run_on(device, tx, params, grads, fused):
+  with jax.default_device(device):
+    params = jax.device_put(params, device)
+    state = tx.init(params)
+    step = jax.jit(tx.fused_update if fused else tx.update)
+    outs = []
+    for g in grads:
+      out, state = step(jax.device_put(g, device), state, params)
+      params = out if fused else optax.apply_updates(params, out)
+      outs.append(jax.tree.map(np.asarray, out))
+    exported = jax.tree.map(np.asarray, op.export_state(state))
+    op.release(state)
+  return outs, exported
+
+
+CASES = [
+  dict(weight_decay=1e-2, percentile_clipping=90),
+  dict(weight_decay=0.0, percentile_clipping=100),
+  dict(weight_decay=1e-2, percentile_clipping=100, block_wise=False),
+  dict(weight_decay=1e-2, percentile_clipping=70, block_wise=False),
+  dict(weight_decay=1e-2, args={"optim_bits": 32}),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cpu_and_cuda_bit_identical(dtype, case, fused):
+  params, grads = inputs(DTYPES[dtype], seed=case)
+  kwargs = CASES[case]
+  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
+    for k in a:
+      assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
+  for i, (a, b) in enumerate(
+    zip(jax.tree.leaves(cpu_state), jax.tree.leaves(gpu_state), strict=True)
+  ):
+    assert_bit_equal(b, a, f"state leaf {i}")
+
+
+def small_tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    "w": jnp.asarray(rng.standard_normal((2048, 1024)) * 0.1, jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(300) * 0.1, jnp.float32),
+  }
+
+
+def steps(tx, state, params, n, seed=10, before_step=None):
+  step = jax.jit(tx.fused_update, donate_argnums=(2,))
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params)
+    if before_step is not None:
+      before_step(state)
+    params, state = step(grads, state, params)
+  return params, state
+
+
+def test_page_out_then_step_equals_never_paged():
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  p_ref, s_ref = steps(tx, s_ref, p_ref, 2, seed=12)
+  params, state = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  total = state.layout.state_nbytes()
+  assert op.residency(state) == {"bytes_on_device": total, "bytes_on_host": 0}
+  assert op.page_out(state) == total
+  assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": total}
+  params, state = steps(tx, state, params, 2, seed=12)  # no page_in: the step brings it back
+  assert op.residency(state) == {"bytes_on_device": total, "bytes_on_host": 0}
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_ref), strict=True):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
+  for a, b in zip(
+    jax.tree.leaves(op.export_state(state)), jax.tree.leaves(op.export_state(s_ref)), strict=True
+  ):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "state")
+  op.release(state)
+  op.release(s_ref)
+
+
+def test_page_out_before_every_step_and_page_in():
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 3)
+  p, s = steps(tx, tx.init(small_tree()), small_tree(), 3, before_step=op.page_out)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
+  op.page_out(s)
+  assert op.page_in(s) == s.layout.state_nbytes()
+  assert op.residency(s)["bytes_on_host"] == 0
+  op.release(s)
+  op.release(s_ref)
+
+
+def test_forced_host_placement_gives_the_same_results():
+  tx = op.paged_adamw8bit(1e-3, percentile_clipping=80)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 3)
+  op.set_device_memory_budget(0)
+  try:
+    p, s = steps(tx, tx.init(small_tree()), small_tree(), 3)
+  finally:
+    op.set_device_memory_budget(None)
+  res = op.residency(s)
+  assert res == {"bytes_on_device": 0, "bytes_on_host": s.layout.state_nbytes()}
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
+  for a, b in zip(
+    jax.tree.leaves(op.export_state(s)), jax.tree.leaves(op.export_state(s_ref)), strict=True
+  ):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "state")
+  op.page_out(s)  # host-placed state does not move
+  assert op.residency(s)["bytes_on_device"] == 0
+  op.release(s)
+  op.release(s_ref)
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * 4096
+
+
+def test_release_frees_and_100_cycles_leave_memory_where_it_started():
+  ops = op._ffi._ops
+  tx = op.paged_adamw8bit(1e-3)
+
+  def cycle():
+    params = small_tree()
+    _, state = steps(tx, tx.init(params), params, 1)
+    jax.block_until_ready(state)
+    assert op.release(state) == state.layout.state_nbytes()
+
+  for _ in range(3):  # warm up JAX's caches
+    cycle()
+  gc.collect()
+  free0 = ops.device_memory_info(GPU.id)[0]
+  placed0, registry0, rss0 = ops.managed_device_bytes(GPU.id), op._ffi.total_bytes(), _rss_bytes()
+  for _ in range(100):
+    cycle()
+  gc.collect()
+  assert ops.managed_device_bytes(GPU.id) == placed0
+  assert op._ffi.total_bytes() == registry0
+  free1 = ops.device_memory_info(GPU.id)[0]
+  assert abs(free1 - free0) <= 4 << 20, (free0, free1)
+  assert _rss_bytes() - rss0 < 64 << 20, (rss0, _rss_bytes())
