@@ -302,9 +302,10 @@ OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
 // ---------------------------------------------------------------------------
 // The quantizer (SPEC 3.2 step 5). q is an ascending map of kMapSize values.
 // ---------------------------------------------------------------------------
-OP8_HD uint8_t QuantizeNearest(const float* q, float x) {
-  if (IsNan(x)) return 0;
-  int lo = 0, hi = kMapSize;  // k = #{i : q[i] < x} by lower bound
+
+// k = #{i : q[i] < x}, by binary search.
+OP8_HD int LowerBound(const float* q, float x) {
+  int lo = 0, hi = kMapSize;
   while (lo < hi) {
     int mid = (lo + hi) >> 1;
     if (q[mid] < x) {
@@ -313,25 +314,76 @@ OP8_HD uint8_t QuantizeNearest(const float* q, float x) {
       hi = mid;
     }
   }
-  int k = lo < 1 ? 1 : (lo > kMapSize - 1 ? kMapSize - 1 : lo);
+  return lo;
+}
+
+// The same count, scanning up from a start known not to exceed it.
+OP8_HD int LowerBoundFrom(const float* q, float x, int k) {
+  while (k < kMapSize && q[k] < x) ++k;
+  return k;
+}
+
+// Nearest entry given the lower bound: ties go to the even code, NaN to 0.
+OP8_HD uint8_t NearestCode(const float* q, float x, int lower_bound) {
+  if (IsNan(x)) return 0;
+  int k = lower_bound < 1 ? 1 : (lower_bound > kMapSize - 1 ? kMapSize - 1 : lower_bound);
   float midpoint = Mul(Add(q[k - 1], q[k]), 0.5f);
   if (x > midpoint) return static_cast<uint8_t>(k);
   if (x < midpoint) return static_cast<uint8_t>(k - 1);
   return static_cast<uint8_t>((k & 1) ? k - 1 : k);
 }
 
-// First moment: nearest code, then the sign fix so that a small negative
-// moment never decodes as zero or positive.
-OP8_HD uint8_t QuantizeSigned(const float* q1, float m, float absmax) {
-  uint8_t code = QuantizeNearest(q1, Div(m, absmax));
-  if (SignBit(q1[code]) != SignBit(m)) {
-    code = static_cast<uint8_t>(m > 0.0f ? code + 1 : code - 1);
-  }
+// First moment's sign fix: a code whose value has the wrong sign moves one
+// step toward m's sign, so that a small negative moment never decodes as zero.
+OP8_HD uint8_t SignFix(const float* q1, float m, uint8_t code) {
+  if (SignBit(q1[code]) != SignBit(m)) code = static_cast<uint8_t>(m > 0.0f ? code + 1 : code - 1);
   return code;
 }
 
-OP8_HD uint8_t QuantizeUnsigned(const float* q2, float v, float absmax) {
-  return QuantizeNearest(q2, Div(v, absmax));
+// Bucket tables: a fast route to the lower bound, used by both backends.
+// Floats are ordered by a monotonic 32-bit key; a bucket is 2^18 consecutive
+// keys (1/32 of a binade). table[i] is the lower bound of the bucket's
+// smallest float, so a scan from it ends at the exact #{q < x}; scaled moments
+// lie in [-1, 1] (signed) and [0, 1] (unsigned), other values clamp to the
+// first or last bucket and the scan still ends right.
+constexpr int kBucketShift = 18;
+constexpr uint32_t kKeyMinusOne = 0x407fffffu;  // OrderKey(-1.0f)
+constexpr uint32_t kKeyZero = 0x80000000u;      // OrderKey(+0.0f)
+constexpr int kSignedBuckets = 8192;             // covers keys of [-1, 1]
+constexpr int kUnsignedBuckets = 4096;           // covers keys of [0, 1]
+
+OP8_HD uint32_t OrderKey(float x) {
+  uint32_t u = FloatBits(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+OP8_HD float KeyFloat(uint32_t key) {
+  return BitsFloat((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+OP8_HD int BucketOf(float x, uint32_t base, int num_buckets) {
+  int64_t i = (static_cast<int64_t>(OrderKey(x)) - static_cast<int64_t>(base)) >> kBucketShift;
+  return i < 0 ? 0 : (i >= num_buckets ? num_buckets - 1 : static_cast<int>(i));
+}
+
+// Table entry i: min(lower bound of the bucket's first float, 255).
+OP8_HD uint8_t BucketEntry(const float* q, uint32_t base, int i) {
+  int k = LowerBound(q, KeyFloat(base + (static_cast<uint32_t>(i) << kBucketShift)));
+  return static_cast<uint8_t>(k > kMapSize - 1 ? kMapSize - 1 : k);
+}
+
+// code1 = Q(q1, m / absmax) with the sign fix; code2 = Q(q2, v / absmax).
+OP8_HD uint8_t QuantizeSignedTable(const float* q1, const uint8_t* table1, float m, float absmax) {
+  float x = Div(m, absmax);
+  int start = table1[BucketOf(x, kKeyMinusOne, kSignedBuckets)];
+  return SignFix(q1, m, NearestCode(q1, x, LowerBoundFrom(q1, x, start)));
+}
+
+OP8_HD uint8_t QuantizeUnsignedTable(const float* q2, const uint8_t* table2, float v,
+                                     float absmax) {
+  float x = Div(v, absmax);
+  int start = table2[BucketOf(x, kKeyZero, kUnsignedBuckets)];
+  return NearestCode(q2, x, LowerBoundFrom(q2, x, start));
 }
 
 // ---------------------------------------------------------------------------

@@ -28,9 +28,19 @@ class HostAllocator : public Allocator {
   }
 };
 
+// The maps and their bucket tables (adam8bit.h), as the CUDA kernel has them.
 struct Maps {
   const float* q1;  // signed map (first moment)
   const float* q2;  // unsigned map (second moment)
+  uint8_t table1[kSignedBuckets];
+  uint8_t table2[kUnsignedBuckets];
+
+  explicit Maps(const float* qmaps) : q1(qmaps), q2(qmaps + kMapSize) {
+    for (int i = 0; i < kSignedBuckets; ++i) table1[i] = BucketEntry(q1, kKeyMinusOne, i);
+    for (int i = 0; i < kUnsignedBuckets; ++i) table2[i] = BucketEntry(q2, kKeyZero, i);
+  }
+  uint8_t Code1(float m, float absmax) const { return QuantizeSignedTable(q1, table1, m, absmax); }
+  uint8_t Code2(float v, float absmax) const { return QuantizeUnsignedTable(q2, table2, v, absmax); }
 };
 
 // Percentile clipping: the leaf's gnorm_scale for this step (1 when off).
@@ -84,8 +94,8 @@ void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps,
       float p = LoadAsFloat(leaf.param, leaf.type, i);
       float p_new = finite[e] ? StepParam(p, m[e], v[e], s, decay, leaf.type) : p;
       WriteOut(leaf, i, p, p_new, write_params);
-      codes1[i] = QuantizeSigned(maps.q1, m[e], absmax1);
-      codes2[i] = QuantizeUnsigned(maps.q2, v[e], absmax2);
+      codes1[i] = maps.Code1(m[e], absmax1);
+      codes2[i] = maps.Code2(v[e], absmax2);
     }
     state.absmax1[j] = absmax1;
     state.absmax2[j] = absmax2;
@@ -116,8 +126,8 @@ void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps,
     float p = LoadAsFloat(leaf.param, leaf.type, i);
     float p_new = IsFinite(gf) ? StepParam(p, m, v, s, decay, leaf.type) : p;
     WriteOut(leaf, i, p, p_new, write_params);
-    codes1[i] = QuantizeSigned(maps.q1, m, absmax1);
-    codes2[i] = QuantizeUnsigned(maps.q2, v, absmax2);
+    codes1[i] = maps.Code1(m, absmax1);
+    codes2[i] = maps.Code2(v, absmax2);
   }
   state.absmax1[0] = absmax1;
   state.absmax2[0] = absmax2;
@@ -173,7 +183,7 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   }
   int64_t t = step + 1;
   StepScalars s = ComputeStepScalars(hyper.typed_data(), t);
-  Maps maps{qmaps.typed_data(), qmaps.typed_data() + kMapSize};
+  auto maps = std::make_unique<Maps>(qmaps.typed_data());
   for (size_t i = 0; i < leaves.size(); ++i) {
     const LeafCall& leaf = leaves[i];
     float scale = ClipScale(leaf, ring + i * kRingSize, t, percentile);
@@ -181,9 +191,9 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
     if (!layout[i].is_8bit) {
       UpdateFloat32(leaf, state, s, scale, write_params);
     } else if (block_wise) {
-      UpdateBlockwise(leaf, state, maps, s, scale, write_params);
+      UpdateBlockwise(leaf, state, *maps, s, scale, write_params);
     } else {
-      UpdateWholeLeaf(leaf, state, maps, s, scale, write_params);
+      UpdateWholeLeaf(leaf, state, *maps, s, scale, write_params);
     }
   }
   slot->step = t;

@@ -173,14 +173,65 @@ __device__ __forceinline__ void LoadMaps(const float* qmaps, float* shared) {
   __syncthreads();
 }
 
+// Shared-memory copy of the maps and their bucket tables (see adam8bit.h).
+struct alignas(16) Quantizer {
+  float q[2 * kMapSize];
+  uint8_t table1[kSignedBuckets];
+  uint8_t table2[kUnsignedBuckets];
+};
+
+__device__ __forceinline__ void LoadQuantizer(const float* qmaps, const uint8_t* tables,
+                                              Quantizer* shared) {
+  for (int i = threadIdx.x; i < 2 * kMapSize; i += blockDim.x) shared->q[i] = qmaps[i];
+  const uint4* src = reinterpret_cast<const uint4*>(tables);
+  uint4* dst = reinterpret_cast<uint4*>(shared->table1);  // table2 follows table1
+  constexpr int kWords = (kSignedBuckets + kUnsignedBuckets) / 16;
+  for (int i = threadIdx.x; i < kWords; i += blockDim.x) dst[i] = src[i];
+  __syncthreads();
+}
+
+// Blocks [begin, end) of the launch handled by this warp: a contiguous range,
+// so that a warp (and its neighbours) stays within one leaf for long runs.
+__device__ __forceinline__ void WarpRange(int64_t num_blocks, int64_t* begin, int64_t* end) {
+  int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kLanes;
+  int64_t per_warp = (num_blocks + num_warps - 1) / num_warps;
+  *begin = warp * per_warp;
+  *end = *begin + per_warp < num_blocks ? *begin + per_warp : num_blocks;
+}
+
+// Follows a warp's blocks through the leaves (a search only on crossing one).
+struct LeafCursor {
+  int index = -1;
+  int64_t begin = 0, end = 0;
+
+  __device__ __forceinline__ const LeafDesc& At(const LeafTable& table, int64_t block) {
+    if (index < 0 || block < begin || block >= end) {
+      index = FindLeaf(table, block);
+      begin = table.leaves[index].block_begin;
+      end = begin + (table.leaves[index].size + kBlockSize - 1) / kBlockSize;
+    }
+    return table.leaves[index];
+  }
+};
+
+__global__ void BuildTablesKernel(const float* qmaps, uint8_t* tables) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < kSignedBuckets) tables[i] = BucketEntry(qmaps, kKeyMinusOne, i);
+  if (i < kUnsignedBuckets) {
+    tables[kSignedBuckets + i] = BucketEntry(qmaps + kMapSize, kKeyZero, i);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) BlockNormSqKernel(const __grid_constant__ LeafTable table,
                                                               double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
-  int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kLanes;
-  for (int64_t b = warp; b < table.num_blocks; b += num_warps) {
-    const LeafDesc& leaf = table.leaves[FindLeaf(table, b)];
-    int64_t start = (b - leaf.block_begin) * kBlockSize + lane * kLaneElems;
+  int64_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor;
+  for (int64_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float g[kLaneElems];
     LoadLane(leaf.grad, leaf.type, start, valid, g);
@@ -219,12 +270,13 @@ __global__ void __launch_bounds__(kThreads) WholeLeafMaxKernel(const __grid_cons
   LoadMaps(args.qmaps, maps);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
-  int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kLanes;
-  for (int64_t b = warp; b < table.num_blocks; b += num_warps) {
-    const LeafDesc& leaf = table.leaves[FindLeaf(table, b)];
+  int64_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor;
+  for (int64_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
     if (!(leaf.flags & kLeafWhole)) continue;
-    int64_t start = (b - leaf.block_begin) * kBlockSize + lane * kLaneElems;
+    int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     float m[kLaneElems], v[kLaneElems];
@@ -248,22 +300,23 @@ __global__ void __launch_bounds__(kThreads) WholeLeafMaxKernel(const __grid_cons
   }
 }
 
-__global__ void __launch_bounds__(kThreads) UpdateKernel(const __grid_constant__ LeafTable table,
+__global__ void __launch_bounds__(kThreads, 4) UpdateKernel(const __grid_constant__ LeafTable table,
                                                          const StepArgs args) {
-  __shared__ float maps[2 * kMapSize];
-  LoadMaps(args.qmaps, maps);
-  const float* q1 = maps;
-  const float* q2 = maps + kMapSize;
+  __shared__ Quantizer quant;
+  LoadQuantizer(args.qmaps, args.tables, &quant);
+  const float* q1 = quant.q;
+  const float* q2 = quant.q + kMapSize;
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   if (args.write_count && blockIdx.x == 0 && threadIdx.x == 0) {
     *args.count_out = static_cast<int32_t>(args.t);
   }
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
-  int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kLanes;
-  for (int64_t b = warp; b < table.num_blocks; b += num_warps) {
-    const LeafDesc& leaf = table.leaves[FindLeaf(table, b)];
-    int64_t j = b - leaf.block_begin;
+  int64_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor;
+  for (int64_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t j = b - cursor.begin;
     int64_t start = j * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
@@ -313,8 +366,8 @@ __global__ void __launch_bounds__(kThreads) UpdateKernel(const __grid_constant__
     for (int k = 0; k < kLaneElems; ++k) {
       float p_new = (finite >> k) & 1u ? StepParam(p[k], m[k], v[k], s, decay, leaf.type) : p[k];
       out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, leaf.type);
-      c1[k] = QuantizeSigned(q1, m[k], absmax1);
-      c2[k] = QuantizeUnsigned(q2, v[k], absmax2);
+      c1[k] = QuantizeSignedTable(q1, quant.table1, m[k], absmax1);
+      c2[k] = QuantizeUnsignedTable(q2, quant.table2, v[k], absmax2);
     }
     StoreLane(leaf.out, leaf.type, start, valid, out);
     StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);
@@ -340,7 +393,7 @@ __global__ void StoreWholeScalesKernel(const __grid_constant__ LeafTable table,
 
 int GridFor(int64_t num_blocks, int num_sms) {
   int64_t ctas = (num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-  int64_t cap = static_cast<int64_t>(num_sms) * 8;
+  int64_t cap = static_cast<int64_t>(num_sms) * 4;  // one resident wave (4 CTAs per SM)
   return static_cast<int>(std::max<int64_t>(1, std::min(ctas, cap)));
 }
 
@@ -364,6 +417,11 @@ cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, floa
 cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
                                cudaStream_t stream) {
   WholeLeafMaxKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, args);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBuildTables(const float* qmaps, uint8_t* tables, cudaStream_t stream) {
+  BuildTablesKernel<<<kSignedBuckets / kThreads, kThreads, 0, stream>>>(qmaps, tables);
   return cudaGetLastError();
 }
 

@@ -43,6 +43,7 @@ struct LeafTable {
 struct StepArgs {
   const float* hyper;      // float32[5]
   const float* qmaps;      // float32[2, 256]
+  const uint8_t* tables;    // bucket tables of both maps (LaunchBuildTables)
   const float* clip_scale;  // float32[num leaves in the call] or null (no clipping)
   float* whole_absmax;      // float32[2 * leaves]: new scales of whole-leaf leaves
   int32_t* count_out;       // written with t by the launch that has write_count
@@ -63,6 +64,9 @@ cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, floa
 // New scales of whole-leaf 8-bit leaves (max over the leaf, by atomics).
 cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
                                cudaStream_t stream);
+
+// Bucket tables of the two maps, uint8[kSignedBuckets + kUnsignedBuckets].
+cudaError_t LaunchBuildTables(const float* qmaps, uint8_t* tables, cudaStream_t stream);
 
 // The update of every leaf of the table.
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,

@@ -314,6 +314,13 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   auto allocate = [&](size_t bytes) -> void* {
     return scratch.Allocate(std::max<size_t>(bytes, 16), 16).value_or(nullptr);
   };
+  auto* bucket_tables = static_cast<uint8_t*>(allocate(kSignedBuckets + kUnsignedBuckets));
+  if (bucket_tables == nullptr) {
+    return ffi::Error::Internal(std::string(op) + ": out of scratch memory");
+  }
+  RETURN_IF_LAUNCH_FAILED(op, "BuildTablesKernel",
+                          LaunchBuildTables(args.qmaps, bucket_tables, stream));
+  args.tables = bucket_tables;
   if (clipping) {
     auto* partials = static_cast<double*>(allocate(total_blocks * sizeof(double)));
     auto* clip_scale = static_cast<float*>(allocate(num_leaves * sizeof(float)));

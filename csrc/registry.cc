@@ -86,26 +86,38 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
   slot->device = device;
   slot->layout = layout;
   slot->leaves.resize(layout.size());
+  // One allocation (arena) per slot: one prefetch or advice call moves it all.
+  constexpr size_t kAlign = 256;
+  auto round_up = [](size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+  size_t total = 0;
+  for (const LeafSpec& spec : layout) {
+    total += 2 * round_up(spec.state_bytes()) + 2 * round_up(spec.scale_bytes());
+  }
   std::string error;
-  auto allocate = [&](size_t bytes) -> void* {
-    if (bytes == 0 || !error.empty()) return nullptr;
-    Memory m = allocator.Allocate(bytes, &error);
-    if (m.data == nullptr) return nullptr;
+  char* arena = nullptr;
+  if (total > 0) {
+    Memory m = allocator.Allocate(total, &error);
+    if (m.data == nullptr) {
+      std::ostringstream msg;
+      msg << "could not allocate optimizer state for handle " << std::get<0>(key) << " on "
+          << PlatformName(platform) << ":" << device << ": " << error;
+      return msg.str();
+    }
     slot->memory.push_back(m);
-    return m.data;
+    arena = static_cast<char*>(m.data);
+  }
+  auto carve = [&](size_t bytes) -> void* {
+    if (bytes == 0) return nullptr;
+    void* p = arena;
+    arena += round_up(bytes);
+    return p;
   };
   for (size_t i = 0; i < layout.size(); ++i) {
     LeafState& leaf = slot->leaves[i];
-    leaf.state1 = allocate(layout[i].state_bytes());
-    leaf.state2 = allocate(layout[i].state_bytes());
-    leaf.absmax1 = static_cast<float*>(allocate(layout[i].scale_bytes()));
-    leaf.absmax2 = static_cast<float*>(allocate(layout[i].scale_bytes()));
-  }
-  if (!error.empty()) {
-    std::ostringstream msg;
-    msg << "could not allocate optimizer state for handle " << std::get<0>(key) << " on "
-        << PlatformName(platform) << ":" << device << ": " << error;
-    return msg.str();  // `slot` frees what was allocated
+    leaf.state1 = carve(layout[i].state_bytes());
+    leaf.state2 = carve(layout[i].state_bytes());
+    leaf.absmax1 = static_cast<float*>(carve(layout[i].scale_bytes()));
+    leaf.absmax2 = static_cast<float*>(carve(layout[i].scale_bytes()));
   }
   slots_[key] = slot;
   *out = std::move(slot);

@@ -69,15 +69,17 @@ class Layout:
     return bool(self.leaf_flags[i] & LEAF_8BIT)
 
   def state_nbytes(self) -> int:
-    """Bytes of the moments this layout keeps in the registry."""
+    """Bytes of the moments this layout keeps in the registry: one arena per
+    slot, each array 256-byte aligned (as csrc/registry.cc allocates it)."""
+    pad = lambda n: -(-n // 256) * 256
     total = 0
     for i, shape in enumerate(self.shapes):
       size = math.prod(shape)
       if self.is_8bit(i):
         scales = num_blocks(size) if self.block_wise else 1
-        total += 2 * size + 2 * 4 * scales
+        total += 2 * pad(size) + 2 * pad(4 * scales)
       else:
-        total += 2 * 4 * size
+        total += 2 * pad(4 * size)
     return total
 
 
