@@ -401,9 +401,12 @@ OP8_HD uint8_t QuantizeUnsignedTable(const float* q2, const uint8_t* table2, flo
 // One lane's sum: the squares of its `valid` (<= 8) loaded grads, in order.
 OP8_HD double LaneNormSq(const float* g, int valid) {
   double sum = 0.0;
-  for (int k = 0; k < valid; ++k) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < kLaneElems; ++k) {
     double x = static_cast<double>(g[k]);
-    sum = AddD(sum, MulD(x, x));
+    if (k < valid) sum = AddD(sum, MulD(x, x));
   }
   return sum;
 }

@@ -200,20 +200,38 @@ __device__ __forceinline__ void WarpRange(int64_t num_blocks, int64_t* begin, in
   *end = *begin + per_warp < num_blocks ? *begin + per_warp : num_blocks;
 }
 
-// Follows a warp's blocks through the leaves (a search only on crossing one).
+// Follows a warp's blocks through the leaves. On crossing into a leaf it copies
+// the leaf's descriptor from the kernel parameters (constant memory, whose
+// small cache thrashes when warps sit in many different leaves) into this
+// warp's shared-memory slot; later reads are shared-memory broadcasts.
 struct LeafCursor {
+  LeafDesc* slot;  // this warp's shared-memory copy
   int index = -1;
   int64_t begin = 0, end = 0;
 
   __device__ __forceinline__ const LeafDesc& At(const LeafTable& table, int64_t block) {
     if (index < 0 || block < begin || block >= end) {
       index = FindLeaf(table, block);
-      begin = table.leaves[index].block_begin;
-      end = begin + (table.leaves[index].size + kBlockSize - 1) / kBlockSize;
+      constexpr int kWords = sizeof(LeafDesc) / sizeof(uint32_t);
+      static_assert(kWords <= kLanes, "a leaf descriptor is copied one word per lane");
+      int lane = threadIdx.x & (kLanes - 1);
+      __syncwarp();
+      if (lane < kWords) {
+        reinterpret_cast<uint32_t*>(slot)[lane] =
+            reinterpret_cast<const uint32_t*>(&table.leaves[index])[lane];
+      }
+      __syncwarp();
+      begin = slot->block_begin;
+      end = begin + (slot->size + kBlockSize - 1) / kBlockSize;
     }
-    return table.leaves[index];
+    return *slot;
   }
 };
+
+__device__ __forceinline__ LeafDesc* WarpLeafSlot() {
+  __shared__ LeafDesc slots[kWarpsPerCta];
+  return &slots[threadIdx.x / kLanes];
+}
 
 __global__ void BuildTablesKernel(const float* qmaps, uint8_t* tables) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -228,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) BlockNormSqKernel(const __grid_const
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
   WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor;
+  LeafCursor cursor{WarpLeafSlot()};
   for (int64_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
@@ -272,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) WholeLeafMaxKernel(const __grid_cons
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
   WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor;
+  LeafCursor cursor{WarpLeafSlot()};
   for (int64_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     if (!(leaf.flags & kLeafWhole)) continue;
@@ -313,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 4) UpdateKernel(const __grid_constan
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
   WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor;
+  LeafCursor cursor{WarpLeafSlot()};
   for (int64_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t j = b - cursor.begin;

@@ -88,6 +88,19 @@ PYBIND11_MODULE(_ops, m) {
         "Frees every slot of a handle and tombstones it; returns the bytes freed.");
   m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
+  m.def(
+      "check_update",
+      [](int32_t handle, const std::string& platform, int device, int64_t count,
+         const std::vector<int64_t>& sizes, const std::vector<int32_t>& flags, bool block_wise) {
+        std::vector<LeafSpec> layout;
+        for (size_t i = 0; i < sizes.size(); ++i) {
+          bool is_8bit = (flags[i] & kLeaf8bit) != 0;
+          layout.push_back(LeafSpec{sizes[i], is_8bit, NumScales(sizes[i], is_8bit, block_wise)});
+        }
+        Platform p = platform == "cpu" ? Platform::kCpu : Platform::kCuda;
+        return Registry::Global().CheckUpdate(handle, p, device, count, layout);
+      },
+      "The error an update of this state would fail with, or '' (host-side pre-check).");
   m.def("total_bytes", [] { return Registry::Global().TotalBytes(); },
         "Bytes held by all live slots.");
 #if defined(OPTAX_PAGED8BIT_WITH_CUDA)

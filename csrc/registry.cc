@@ -124,14 +124,12 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
   return "";
 }
 
-std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device,
-                                       int64_t count, const std::vector<LeafSpec>& layout,
-                                       Allocator& allocator, std::shared_ptr<Slot>* slot) {
-  std::lock_guard<std::mutex> lock(mu_);
+std::string Registry::FindForUpdateLocked(int32_t handle, Platform platform, int device,
+                                          int64_t count, const std::vector<LeafSpec>& layout,
+                                          std::shared_ptr<Slot>* slot) {
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
-  Key key{handle, static_cast<int>(platform), device};
-  auto it = slots_.find(key);
+  auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
   std::ostringstream msg;
   if (it == slots_.end()) {
     if (count != 0) {
@@ -141,7 +139,8 @@ std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int de
              "the first update.";
       return msg.str();
     }
-    return CreateSlotLocked(key, platform, device, layout, allocator, slot);
+    slot->reset();  // a fresh state: the caller may create its slot
+    return "";
   }
   const std::shared_ptr<Slot>& found = it->second;
   std::string mismatch = DescribeLayoutMismatch(found->layout, layout);
@@ -164,6 +163,23 @@ std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int de
   }
   *slot = found;
   return "";
+}
+
+std::string Registry::CheckUpdate(int32_t handle, Platform platform, int device, int64_t count,
+                                  const std::vector<LeafSpec>& layout) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::shared_ptr<Slot> unused;
+  return FindForUpdateLocked(handle, platform, device, count, layout, &unused);
+}
+
+std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device,
+                                       int64_t count, const std::vector<LeafSpec>& layout,
+                                       Allocator& allocator, std::shared_ptr<Slot>* slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = FindForUpdateLocked(handle, platform, device, count, layout, slot);
+  if (!error.empty() || *slot) return error;
+  return CreateSlotLocked(Key{handle, static_cast<int>(platform), device}, platform, device,
+                          layout, allocator, slot);
 }
 
 std::string Registry::AcquireForRead(int32_t handle, Platform platform, int device,

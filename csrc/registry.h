@@ -93,6 +93,11 @@ class Registry {
                                const std::vector<LeafSpec>& layout, Allocator& allocator,
                                std::shared_ptr<Slot>* slot);
 
+  // What AcquireForUpdate would fail with ("" when it would succeed), without
+  // creating anything: lets the host check an eager call before issuing it.
+  std::string CheckUpdate(int32_t handle, Platform platform, int device, int64_t count,
+                          const std::vector<LeafSpec>& layout);
+
   // The slot to read for an export at `count`; *slot is null when it was
   // never allocated (a fresh state: all zeros) and count == 0.
   std::string AcquireForRead(int32_t handle, Platform platform, int device, int64_t count,
@@ -112,6 +117,9 @@ class Registry {
  private:
   using Key = std::tuple<int32_t, int, int>;  // handle, platform, device
   std::string CheckHandleLocked(int32_t handle) const;
+  std::string FindForUpdateLocked(int32_t handle, Platform platform, int device, int64_t count,
+                                  const std::vector<LeafSpec>& layout,
+                                  std::shared_ptr<Slot>* slot);
   std::string CreateSlotLocked(const Key& key, Platform platform, int device,
                                const std::vector<LeafSpec>& layout, Allocator& allocator,
                                std::shared_ptr<Slot>* slot);

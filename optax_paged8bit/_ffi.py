@@ -3,6 +3,8 @@ targets with JAX and wraps the registry's host-side controls."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 from optax_paged8bit import _ops
@@ -46,6 +48,22 @@ def release(handle: int) -> int:
 
 def is_released(handle: int) -> bool:
   return bool(_ops.is_released(int(handle)))
+
+
+def check_update(handle, count, layout) -> None:
+  """Raises the error an update of a concrete state would fail with, before the
+  call is issued (under jit the custom call itself checks)."""
+  device = next(iter(handle.devices()))
+  platform = "cpu" if device.platform == "cpu" else "cuda"
+  ordinal = getattr(device, "local_hardware_id", None)
+  ordinal = device.id if ordinal is None else ordinal
+  sizes = [math.prod(shape) for shape in layout.shapes]
+  error = _ops.check_update(
+    int(handle), platform, int(ordinal), int(count), sizes, list(layout.leaf_flags),
+    layout.block_wise,
+  )
+  if error:
+    raise ValueError(error)
 
 
 def slot_info(handle: int) -> list[dict]:

@@ -511,6 +511,8 @@ def paged_adamw8bit(
     grads = _flatten_like(layout, updates, "grads")
     param_leaves = _flatten_like(layout, params, "params")
     _check_leaves(layout, grads, param_leaves)
+    if not isinstance(state.handle, jax.core.Tracer) and not isinstance(state.count, jax.core.Tracer):
+      _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call
     hyper = _hyperparams(lr, state.count, betas, eps, weight_decay)
     count, rings, outs = _update_call(layout, state, hyper, grads, param_leaves, write_params)
     return outs, state._replace(count=count, gnorm_vec=rings), layout

@@ -207,7 +207,8 @@ def test_release_frees_and_100_cycles_leave_memory_where_it_started():
   print("free device memory every 20 cycles (MiB):", [f >> 20 for f in free])
   assert ops.managed_device_bytes(GPU.id) == placed0
   assert op._ffi.total_bytes() == registry0
-  # The driver caches freed managed-memory chunks, so free memory oscillates by
-  # a few tens of MiB; what matters is that it does not drift down.
-  assert min(free[5:]) >= min(free[:5]) - (4 << 20), [f >> 20 for f in free]
+  # The driver caches freed managed-memory chunks and reclaims them in bursts,
+  # so free memory saws by tens of MiB (seen: 120 MiB). A leak of this test's
+  # 8.4 MB state per cycle would lose 840 MiB over the 100 measured cycles.
+  assert free[-1] >= free[5] - (160 << 20), [f >> 20 for f in free]
   assert _rss_bytes() - rss0 < 64 << 20, (rss0, _rss_bytes())
