@@ -14,7 +14,6 @@
 #define OPTAX_PAGED8BIT_FFI_COMMON_H_
 
 #include <cstdint>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -92,7 +91,7 @@ inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets
   const char* op = kUpdateTarget;
   size_t num_leaves = flags.size();
   if (args.size() != 2 * num_leaves || rets.size() != num_leaves) {
-    std::ostringstream msg;
+    Message msg;
     msg << "expected " << num_leaves << " grads, " << num_leaves << " params and " << num_leaves
         << " outputs (one per leaf flag), got " << args.size() << " operands and " << rets.size()
         << " results";
@@ -120,7 +119,7 @@ inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets
     leaf.size = static_cast<int64_t>(param->element_count());
     if (static_cast<int64_t>(grad->element_count()) != leaf.size ||
         static_cast<int64_t>((*out)->element_count()) != leaf.size) {
-      std::ostringstream msg;
+      Message msg;
       msg << "leaf " << i << ": grad has " << grad->element_count() << " elements, param has "
           << leaf.size << ", output has " << (*out)->element_count();
       return InvalidArgument(op, msg.str());
@@ -142,7 +141,7 @@ ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter 
                              std::vector<LeafArrays>* leaves, std::vector<LeafSpec>* layout) {
   size_t num_leaves = flags.size();
   if (remaining.size() != 4 * num_leaves) {
-    std::ostringstream msg;
+    Message msg;
     msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got "
         << remaining.size();
     return InvalidArgument(op, msg.str());
@@ -156,7 +155,7 @@ ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter 
     leaf.size = static_cast<int64_t>(buffers[0].element_count());
     leaf.num_scales = NumScales(leaf.size, leaf.is_8bit, block_wise);
     ffi::DataType state_type = leaf.is_8bit ? ffi::DataType::U8 : ffi::DataType::F32;
-    std::ostringstream msg;
+    Message msg;
     for (int k = 0; k < 2; ++k) {
       if (buffers[k].element_type() != state_type ||
           static_cast<int64_t>(buffers[k].element_count()) != leaf.size) {
@@ -199,7 +198,7 @@ inline ffi::Error CheckUpdateAttrs(const ffi::Buffer<ffi::F32>& hyper,
   }
   size_t want = clipping ? num_leaves * kRingSize : 0;
   if (rings.element_count() != want) {
-    std::ostringstream msg;
+    Message msg;
     msg << "clipping rings must have " << want << " elements, got " << rings.element_count();
     return InvalidArgument(op, msg.str());
   }

@@ -1,6 +1,5 @@
 #include "registry.h"
 
-#include <sstream>
 
 namespace optax_paged8bit {
 
@@ -61,7 +60,7 @@ size_t Registry::Release(int32_t handle) {
 }
 
 std::string Registry::CheckHandleLocked(int32_t handle) const {
-  std::ostringstream msg;
+  Message msg;
   if (handle <= 0 || handle >= next_handle_) {
     msg << "optimizer state handle " << handle
         << " was not created in this process (a state saved elsewhere, or built by hand). "
@@ -98,7 +97,7 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
   if (total > 0) {
     Memory m = allocator.Allocate(total, &error);
     if (m.data == nullptr) {
-      std::ostringstream msg;
+      Message msg;
       msg << "could not allocate optimizer state for handle " << std::get<0>(key) << " on "
           << PlatformName(platform) << ":" << device << ": " << error;
       return msg.str();
@@ -130,7 +129,7 @@ std::string Registry::FindForUpdateLocked(int32_t handle, Platform platform, int
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
   auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
-  std::ostringstream msg;
+  Message msg;
   if (it == slots_.end()) {
     if (count != 0) {
       msg << "optimizer state handle " << handle << " has no stored state on "
@@ -189,7 +188,7 @@ std::string Registry::AcquireForRead(int32_t handle, Platform platform, int devi
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
   auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
-  std::ostringstream msg;
+  Message msg;
   if (it == slots_.end()) {
     if (count == 0) {
       slot->reset();
@@ -250,7 +249,7 @@ size_t Registry::TotalBytes() {
 
 std::string DescribeLayoutMismatch(const std::vector<LeafSpec>& expected,
                                    const std::vector<LeafSpec>& got) {
-  std::ostringstream msg;
+  Message msg;
   if (expected.size() != got.size()) {
     msg << "the stored state has " << expected.size() << " leaves, the call has " << got.size();
     return msg.str();
@@ -258,7 +257,7 @@ std::string DescribeLayoutMismatch(const std::vector<LeafSpec>& expected,
   for (size_t i = 0; i < expected.size(); ++i) {
     if (expected[i] == got[i]) continue;
     auto describe = [](const LeafSpec& s) {
-      std::ostringstream d;
+      Message d;
       d << s.size << " elements, " << (s.is_8bit ? "8-bit" : "float32") << " state, "
         << s.num_scales << " scales";
       return d.str();

@@ -17,9 +17,34 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace optax_paged8bit {
+
+// Builds error messages without iostreams: a Python process can hold several
+// C++ runtimes (jaxlib's, a framework's), and an ostream's locale machinery
+// crashed in one of them (seen with jax 0.11.2 on the lent GPU machine).
+class Message {
+ public:
+  Message& operator<<(const char* text) {
+    text_ += text;
+    return *this;
+  }
+  Message& operator<<(const std::string& text) {
+    text_ += text;
+    return *this;
+  }
+  template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+  Message& operator<<(T value) {
+    text_ += std::to_string(value);
+    return *this;
+  }
+  const std::string& str() const { return text_; }
+
+ private:
+  std::string text_;
+};
 
 enum class Platform : int { kCpu = 0, kCuda = 1 };
 
