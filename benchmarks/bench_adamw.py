@@ -152,8 +152,6 @@ def bench_case(name, shapes, dtype, iters, bandwidth, key):
   for r in rows:
     r["speedup_vs_adamw"] = base / r["ms"]
     r["vs_floor"] = r["ms"] / r["floor_ms"]
-  del params, grads
-  gc.collect()
   return rows
 
 
@@ -197,8 +195,10 @@ def main():
     if i in selected:
       rows += bench_case(name, shapes, dtype, args.iters, bandwidth, jax.random.fold_in(key, i))
   sync = sync_cost(args.iters)
-  print(f"device: {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
-        f"{bandwidth / 1e12:.2f} TB/s (read+write)")
+  print(
+    f"device: {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
+    f"{bandwidth / 1e12:.2f} TB/s (read+write)"
+  )
   header = f"{'case':32} {'method':24} {'ms':>8} {'GB/s':>7} {'vs adamw':>9} "
   header += f"{'floor ms':>9} {'x floor':>8} {'state B/param':>14}"
   print(header)
@@ -214,8 +214,17 @@ def main():
   )
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"device": dev.device_kind, "jax": jax.__version__,
-                 "copy_bandwidth": bandwidth, "rows": rows, "tiny_step_us": sync}, f, indent=1)
+      json.dump(
+        {
+          "device": dev.device_kind,
+          "jax": jax.__version__,
+          "copy_bandwidth": bandwidth,
+          "rows": rows,
+          "tiny_step_us": sync,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

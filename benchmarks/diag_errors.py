@@ -33,7 +33,13 @@ except Exception as e:
 for platform in ("cpu", "cuda"):
   for kind in ("eager", "ffi", "jit", "stale"):
     env = dict(os.environ, JAX_PLATFORMS=platform)
-    r = subprocess.run([sys.executable, "-c", SCENARIO % kind], env=env, capture_output=True,
-                       text=True, timeout=120, cwd="/")
+    r = subprocess.run(
+      [sys.executable, "-c", SCENARIO % kind],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd="/",
+    )
     tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
     print(f"{platform:5} {kind:6} rc={r.returncode} {tail[0][:160]}")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 import jax
+from bench_adamw import CASES, make_tree
 
 import optax_paged8bit as op
-from bench_adamw import CASES, make_tree
 
 name, (shapes, dtype) = list(CASES.items())[int(sys.argv[1]) if len(sys.argv) > 1 else 0]
 params = make_tree(shapes, dtype, jax.random.PRNGKey(0))

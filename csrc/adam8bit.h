@@ -175,7 +175,7 @@ OP8_HD uint16_t FloatToF16(float f) {
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((a >> 13) & 0x3ffu);
   if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity
-  if (a >= 0x38800000u) {                        // normal half (>= 2^-14)
+  if (a >= 0x38800000u) {                       // normal half (>= 2^-14)
     return sign | RoundShiftRightEven(a - 0x38000000u, 13);
   }
   if (a < 0x33000000u) return sign;  // below 2^-25: rounds to zero
@@ -349,8 +349,8 @@ OP8_HD uint8_t SignFix(const float* q1, float m, uint8_t code) {
 constexpr int kBucketShift = 18;
 constexpr uint32_t kKeyMinusOne = 0x407fffffu;  // OrderKey(-1.0f)
 constexpr uint32_t kKeyZero = 0x80000000u;      // OrderKey(+0.0f)
-constexpr int kSignedBuckets = 8192;             // covers keys of [-1, 1]
-constexpr int kUnsignedBuckets = 4096;           // covers keys of [0, 1]
+constexpr int kSignedBuckets = 8192;            // covers keys of [-1, 1]
+constexpr int kUnsignedBuckets = 4096;          // covers keys of [0, 1]
 
 OP8_HD uint32_t OrderKey(float x) {
   uint32_t u = FloatBits(x);

@@ -40,7 +40,9 @@ struct Maps {
     for (int i = 0; i < kUnsignedBuckets; ++i) table2[i] = BucketEntry(q2, kKeyZero, i);
   }
   uint8_t Code1(float m, float absmax) const { return QuantizeSignedTable(q1, table1, m, absmax); }
-  uint8_t Code2(float v, float absmax) const { return QuantizeUnsignedTable(q2, table2, v, absmax); }
+  uint8_t Code2(float v, float absmax) const {
+    return QuantizeUnsignedTable(q2, table2, v, absmax);
+  }
 };
 
 // Percentile clipping: the leaf's gnorm_scale for this step (1 when off).
@@ -63,8 +65,8 @@ inline void WriteOut(const LeafCall& leaf, int64_t i, float p, float p_new, bool
 }
 
 // SPEC 3.2: one scale per 256-element block, a partial last block padded.
-void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps,
-                     const StepScalars& s, float scale, bool write_params) {
+void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps, const StepScalars& s,
+                     float scale, bool write_params) {
   auto* codes1 = static_cast<uint8_t*>(state.state1);
   auto* codes2 = static_cast<uint8_t*>(state.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
@@ -103,8 +105,8 @@ void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps,
 }
 
 // SPEC 3.4: one scale for the whole leaf; a first pass finds it.
-void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps,
-                     const StepScalars& s, float scale, bool write_params) {
+void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps, const StepScalars& s,
+                     float scale, bool write_params) {
   auto* codes1 = static_cast<uint8_t*>(state.state1);
   auto* codes2 = static_cast<uint8_t*>(state.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
@@ -155,8 +157,7 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                      bool write_params) {
   if (auto e = CheckScalarOperands(kUpdateTarget, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile);
-      e.failure()) {
+  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile); e.failure()) {
     return e;
   }
   std::vector<LeafCall> leaves;
@@ -168,8 +169,8 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   int64_t step = count.typed_data()[0];
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForUpdate(
-      handle.typed_data()[0], Platform::kCpu, device, step, layout, allocator, &slot);
+  std::string error = Registry::Global().AcquireForUpdate(handle.typed_data()[0], Platform::kCpu,
+                                                          device, step, layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
@@ -208,8 +209,8 @@ ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(kExportTarget, rets, get, leaf_flags, block_wise, &leaves,
-                                 &layout);
+  if (auto e =
+          DecodeStateArrays(kExportTarget, rets, get, leaf_flags, block_wise, &leaves, &layout);
       e.failure()) {
     return e;
   }
@@ -246,15 +247,15 @@ ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(kImportTarget, args, get, leaf_flags, block_wise, &leaves,
-                                 &layout);
+  if (auto e =
+          DecodeStateArrays(kImportTarget, args, get, leaf_flags, block_wise, &leaves, &layout);
       e.failure()) {
     return e;
   }
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForImport(
-      handle.typed_data()[0], Platform::kCpu, device, layout, allocator, &slot);
+  std::string error = Registry::Global().AcquireForImport(handle.typed_data()[0], Platform::kCpu,
+                                                          device, layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   for (size_t i = 0; i < leaves.size(); ++i) {

@@ -64,7 +64,8 @@ __device__ __forceinline__ void LoadLane(const void* data, int32_t type, int64_t
     }
   }
 #pragma unroll
-  for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, type, start + k) : 0.0f;
+  for (int k = 0; k < kLaneElems; ++k)
+    out[k] = k < valid ? LoadAsFloat(data, type, start + k) : 0.0f;
 }
 
 // Stores a lane's elements [start, start + valid) in the param dtype.
@@ -241,8 +242,8 @@ __global__ void BuildTablesKernel(const float* qmaps, uint8_t* tables) {
   }
 }
 
-__global__ void __launch_bounds__(kThreads) BlockNormSqKernel(const __grid_constant__ LeafTable table,
-                                                              double* partials) {
+__global__ void __launch_bounds__(kThreads)
+    BlockNormSqKernel(const __grid_constant__ LeafTable table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
   WarpRange(table.num_blocks, &first, &last);
@@ -282,8 +283,8 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads) WholeLeafMaxKernel(const __grid_constant__ LeafTable table,
-                                                               const StepArgs args) {
+__global__ void __launch_bounds__(kThreads)
+    WholeLeafMaxKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
   __shared__ float maps[2 * kMapSize];
   LoadMaps(args.qmaps, maps);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
@@ -318,8 +319,8 @@ __global__ void __launch_bounds__(kThreads) WholeLeafMaxKernel(const __grid_cons
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 4) UpdateKernel(const __grid_constant__ LeafTable table,
-                                                         const StepArgs args) {
+__global__ void __launch_bounds__(kThreads, 4)
+    UpdateKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
   __shared__ Quantizer quant;
   LoadQuantizer(args.qmaps, args.tables, &quant);
   const float* q1 = quant.q;
@@ -424,11 +425,10 @@ cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_
 }
 
 cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
-                            float* clip_scale, int64_t t, int32_t percentile,
-                            cudaStream_t stream) {
+                            float* clip_scale, int64_t t, int32_t percentile, cudaStream_t stream) {
   if (table.num_leaves == 0) return cudaSuccess;
-  RingScaleKernel<<<table.num_leaves, kNormThreads, 0, stream>>>(table, partials, rings,
-                                                                 clip_scale, t, percentile);
+  RingScaleKernel<<<table.num_leaves, kNormThreads, 0, stream>>>(table, partials, rings, clip_scale,
+                                                                 t, percentile);
   return cudaGetLastError();
 }
 

@@ -18,8 +18,8 @@ constexpr int32_t kLeafWhole = 4;
 struct LeafDesc {
   const void* grad;
   const void* param;
-  void* out;       // updates, or the new params (may alias param)
-  void* state1;    // uint8 codes or float32 moment
+  void* out;     // updates, or the new params (may alias param)
+  void* state1;  // uint8 codes or float32 moment
   void* state2;
   float* absmax1;  // block scales (8-bit leaves)
   float* absmax2;
@@ -41,8 +41,8 @@ struct LeafTable {
 
 // Per-call scalars and scratch (device pointers).
 struct StepArgs {
-  const float* hyper;      // float32[5]
-  const float* qmaps;      // float32[2, 256]
+  const float* hyper;       // float32[5]
+  const float* qmaps;       // float32[2, 256]
   const uint8_t* tables;    // bucket tables of both maps (LaunchBuildTables)
   const float* clip_scale;  // float32[num leaves in the call] or null (no clipping)
   float* whole_absmax;      // float32[2 * leaves]: new scales of whole-leaf leaves
@@ -58,8 +58,7 @@ cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_
 
 // Per leaf: reduce its partials, update its ring, write its gnorm scale.
 cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
-                            float* clip_scale, int64_t t, int32_t percentile,
-                            cudaStream_t stream);
+                            float* clip_scale, int64_t t, int32_t percentile, cudaStream_t stream);
 
 // New scales of whole-leaf 8-bit leaves (max over the leaf, by atomics).
 cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,

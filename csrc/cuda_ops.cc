@@ -54,7 +54,7 @@ cudaMemLocation HostLocation() {
 // Bytes of managed memory placed on each device, and the budget for them.
 std::atomic<int64_t> g_device_bytes[kMaxDevices];
 std::atomic<int64_t> g_device_budget{-1};  // -1: no budget beyond free memory
-std::mutex g_placement_mu;                   // placement decisions, one at a time
+std::mutex g_placement_mu;                 // placement decisions, one at a time
 std::mutex g_sizes_mu;
 std::map<void*, std::pair<int, int64_t>> g_device_sizes;  // device-placed allocations
 
@@ -205,8 +205,8 @@ ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
 
 // Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
 std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
-                                                    const std::vector<LeafSpec>& layout,
-                                                    Slot& slot, bool block_wise,
+                                                    const std::vector<LeafSpec>& layout, Slot& slot,
+                                                    bool block_wise,
                                                     std::vector<int64_t>* block_offsets) {
   std::vector<std::unique_ptr<LeafTable>> tables;
   int64_t offset = 0;
@@ -241,12 +241,12 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
   return tables;
 }
 
-#define RETURN_IF_LAUNCH_FAILED(op, what, expr)           \
-  do {                                                    \
-    cudaError_t launch_error = (expr);                    \
-    if (launch_error != cudaSuccess) {                    \
-      return CudaError(op, what, launch_error);           \
-    }                                                     \
+#define RETURN_IF_LAUNCH_FAILED(op, what, expr) \
+  do {                                          \
+    cudaError_t launch_error = (expr);          \
+    if (launch_error != cudaSuccess) {          \
+      return CudaError(op, what, launch_error); \
+    }                                           \
   } while (0)
 
 ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
@@ -259,8 +259,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       bool write_params) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile);
-      e.failure()) {
+  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile); e.failure()) {
     return e;
   }
   std::vector<LeafCall> calls;
@@ -290,10 +289,10 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
 
   float* ring = rings_out->typed_data();
   if (ring != rings.typed_data() && rings.element_count() > 0) {
-    RETURN_IF_LAUNCH_FAILED(op, "copying the clipping rings",
-                            cudaMemcpyAsync(ring, rings.typed_data(),
-                                            rings.element_count() * sizeof(float),
-                                            cudaMemcpyDeviceToDevice, stream));
+    RETURN_IF_LAUNCH_FAILED(
+        op, "copying the clipping rings",
+        cudaMemcpyAsync(ring, rings.typed_data(), rings.element_count() * sizeof(float),
+                        cudaMemcpyDeviceToDevice, stream));
   }
   std::vector<int64_t> block_offsets;
   auto tables = BuildTables(calls, layout, *slot, block_wise, &block_offsets);
@@ -409,8 +408,8 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
     return e;
   }
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForRead(handle_value, Platform::kCuda, device,
-                                                        step, layout, &slot);
+  std::string error =
+      Registry::Global().AcquireForRead(handle_value, Platform::kCuda, device, step, layout, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::unique_lock<std::mutex> lock;
   if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
@@ -459,7 +458,8 @@ cudaStream_t PagingStream(int device) {
   static std::mutex mu;
   static cudaStream_t streams[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mu);
-  if (streams[device] == nullptr) cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
+  if (streams[device] == nullptr)
+    cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
   return streams[device];
 }
 

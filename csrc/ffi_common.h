@@ -86,8 +86,7 @@ inline ffi::Error CheckScalarOperands(const char* op, const ffi::Buffer<ffi::S32
 // Decodes the variadic grads/params/outputs of an update.
 inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets rets,
                                      ffi::Span<const int32_t> flags, bool block_wise,
-                                     std::vector<LeafCall>* leaves,
-                                     std::vector<LeafSpec>* layout) {
+                                     std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout) {
   const char* op = kUpdateTarget;
   size_t num_leaves = flags.size();
   if (args.size() != 2 * num_leaves || rets.size() != num_leaves) {
@@ -108,13 +107,13 @@ inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets
     }
     LeafCall& leaf = (*leaves)[i];
     if (!ToElemType(param->element_type(), &leaf.type)) {
-      return InvalidArgument(op, "leaf " + std::to_string(i) +
-                                     ": param dtype must be float32, bfloat16 or float16");
+      return InvalidArgument(
+          op, "leaf " + std::to_string(i) + ": param dtype must be float32, bfloat16 or float16");
     }
     if (grad->element_type() != param->element_type() ||
         (*out)->element_type() != param->element_type()) {
-      return InvalidArgument(op, "leaf " + std::to_string(i) +
-                                     ": grad, param and output dtypes differ");
+      return InvalidArgument(
+          op, "leaf " + std::to_string(i) + ": grad, param and output dtypes differ");
     }
     leaf.size = static_cast<int64_t>(param->element_count());
     if (static_cast<int64_t>(grad->element_count()) != leaf.size ||
@@ -142,8 +141,7 @@ ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter 
   size_t num_leaves = flags.size();
   if (remaining.size() != 4 * num_leaves) {
     Message msg;
-    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got "
-        << remaining.size();
+    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got " << remaining.size();
     return InvalidArgument(op, msg.str());
   }
   leaves->resize(num_leaves);
@@ -167,8 +165,8 @@ ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter 
     for (int k = 2; k < 4; ++k) {
       if (buffers[k].element_type() != ffi::DataType::F32 ||
           static_cast<int64_t>(buffers[k].element_count()) != leaf.num_scales) {
-        msg << "leaf " << i << ": absmax" << (k - 1) << " must be float32 with "
-            << leaf.num_scales << " elements, got " << buffers[k].element_count();
+        msg << "leaf " << i << ": absmax" << (k - 1) << " must be float32 with " << leaf.num_scales
+            << " elements, got " << buffers[k].element_count();
         return InvalidArgument(op, msg.str());
       }
     }

@@ -82,10 +82,12 @@ PYBIND11_MODULE(_ops, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
-  m.def("new_handle", [] { return Registry::Global().NewHandle(); },
-        "Reserves a fresh state handle.");
-  m.def("release", [](int32_t handle) { return Registry::Global().Release(handle); },
-        "Frees every slot of a handle and tombstones it; returns the bytes freed.");
+  m.def(
+      "new_handle", [] { return Registry::Global().NewHandle(); },
+      "Reserves a fresh state handle.");
+  m.def(
+      "release", [](int32_t handle) { return Registry::Global().Release(handle); },
+      "Frees every slot of a handle and tombstones it; returns the bytes freed.");
   m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
   m.def(
@@ -101,8 +103,9 @@ PYBIND11_MODULE(_ops, m) {
         return Registry::Global().CheckUpdate(handle, p, device, count, layout);
       },
       "The error an update of this state would fail with, or '' (host-side pre-check).");
-  m.def("total_bytes", [] { return Registry::Global().TotalBytes(); },
-        "Bytes held by all live slots.");
+  m.def(
+      "total_bytes", [] { return Registry::Global().TotalBytes(); },
+      "Bytes held by all live slots.");
 #if defined(OPTAX_PAGED8BIT_WITH_CUDA)
   auto paging = [](size_t (*move)(int32_t, std::string*)) {
     return [move](int32_t handle) {
@@ -117,19 +120,23 @@ PYBIND11_MODULE(_ops, m) {
     };
   };
   m.def("page_out", paging(&PageOut), "Moves a handle's GPU slots to host RAM; returns bytes.");
-  m.def("page_in", paging(&PageIn), "Moves a handle's GPU slots back to their GPUs; returns bytes.");
+  m.def("page_in", paging(&PageIn),
+        "Moves a handle's GPU slots back to their GPUs; returns bytes.");
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
   m.def("device_budget", &DeviceBudget);
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
-  m.def("device_memory_info", [](int device) {
-    size_t free_bytes = 0, total_bytes = 0;
-    int previous = 0;
-    cudaGetDevice(&previous);
-    cudaSetDevice(device);
-    cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes);
-    cudaSetDevice(previous);
-    if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
-    return py::make_tuple(free_bytes, total_bytes);
-  }, "(free, total) bytes of a GPU, as cudaMemGetInfo reports them.");
+  m.def(
+      "device_memory_info",
+      [](int device) {
+        size_t free_bytes = 0, total_bytes = 0;
+        int previous = 0;
+        cudaGetDevice(&previous);
+        cudaSetDevice(device);
+        cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes);
+        cudaSetDevice(previous);
+        if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+        return py::make_tuple(free_bytes, total_bytes);
+      },
+      "(free, total) bytes of a GPU, as cudaMemGetInfo reports them.");
 #endif
 }

@@ -1,11 +1,8 @@
 #include "registry.h"
 
-
 namespace optax_paged8bit {
 
-const char* PlatformName(Platform platform) {
-  return platform == Platform::kCuda ? "cuda" : "cpu";
-}
+const char* PlatformName(Platform platform) { return platform == Platform::kCuda ? "cuda" : "cpu"; }
 
 Slot::~Slot() {
   for (Memory& m : memory) {
@@ -171,18 +168,18 @@ std::string Registry::CheckUpdate(int32_t handle, Platform platform, int device,
   return FindForUpdateLocked(handle, platform, device, count, layout, &unused);
 }
 
-std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device,
-                                       int64_t count, const std::vector<LeafSpec>& layout,
-                                       Allocator& allocator, std::shared_ptr<Slot>* slot) {
+std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device, int64_t count,
+                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
+                                       std::shared_ptr<Slot>* slot) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string error = FindForUpdateLocked(handle, platform, device, count, layout, slot);
   if (!error.empty() || *slot) return error;
-  return CreateSlotLocked(Key{handle, static_cast<int>(platform), device}, platform, device,
-                          layout, allocator, slot);
+  return CreateSlotLocked(Key{handle, static_cast<int>(platform), device}, platform, device, layout,
+                          allocator, slot);
 }
 
-std::string Registry::AcquireForRead(int32_t handle, Platform platform, int device,
-                                     int64_t count, const std::vector<LeafSpec>& layout,
+std::string Registry::AcquireForRead(int32_t handle, Platform platform, int device, int64_t count,
+                                     const std::vector<LeafSpec>& layout,
                                      std::shared_ptr<Slot>* slot) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string error = CheckHandleLocked(handle);
@@ -200,8 +197,8 @@ std::string Registry::AcquireForRead(int32_t handle, Platform platform, int devi
   }
   std::string mismatch = DescribeLayoutMismatch(it->second->layout, layout);
   if (!mismatch.empty()) {
-    msg << "optimizer state handle " << handle << " does not match the requested layout: "
-        << mismatch << ".";
+    msg << "optimizer state handle " << handle
+        << " does not match the requested layout: " << mismatch << ".";
     return msg.str();
   }
   if (it->second->step != count) {

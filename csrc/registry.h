@@ -81,8 +81,8 @@ struct Allocator {
 };
 
 struct LeafState {
-  void* state1 = nullptr;  // uint8 codes or float32 first moment, [size]
-  void* state2 = nullptr;  // uint8 codes or float32 second moment, [size]
+  void* state1 = nullptr;    // uint8 codes or float32 first moment, [size]
+  void* state2 = nullptr;    // uint8 codes or float32 second moment, [size]
   float* absmax1 = nullptr;  // [num_scales]
   float* absmax2 = nullptr;  // [num_scales]
 };
@@ -143,8 +143,7 @@ class Registry {
   using Key = std::tuple<int32_t, int, int>;  // handle, platform, device
   std::string CheckHandleLocked(int32_t handle) const;
   std::string FindForUpdateLocked(int32_t handle, Platform platform, int device, int64_t count,
-                                  const std::vector<LeafSpec>& layout,
-                                  std::shared_ptr<Slot>* slot);
+                                  const std::vector<LeafSpec>& layout, std::shared_ptr<Slot>* slot);
   std::string CreateSlotLocked(const Key& key, Platform platform, int device,
                                const std::vector<LeafSpec>& layout, Allocator& allocator,
                                std::shared_ptr<Slot>* slot);

@@ -59,7 +59,12 @@ def check_update(handle, count, layout) -> None:
   ordinal = device.id if ordinal is None else ordinal
   sizes = [math.prod(shape) for shape in layout.shapes]
   error = _ops.check_update(
-    int(handle), platform, int(ordinal), int(count), sizes, list(layout.leaf_flags),
+    int(handle),
+    platform,
+    int(ordinal),
+    int(count),
+    sizes,
+    list(layout.leaf_flags),
     layout.block_wise,
   )
   if error:

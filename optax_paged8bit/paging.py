@@ -86,9 +86,7 @@ def export_state(opt_state: Any) -> Any:
     (codes, scales, count, maps and clipping ring as ordinary jax.Arrays):
     the checkpoint format, for orbax or any pytree serializer.
   """
-  return jax.tree.map(
-    lambda s: _export_one(s) if _is_paged(s) else s, opt_state, is_leaf=_is_paged
-  )
+  return jax.tree.map(lambda s: _export_one(s) if _is_paged(s) else s, opt_state, is_leaf=_is_paged)
 
 
 def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array]:
@@ -161,8 +159,9 @@ def import_state(opt_state: Any, exported: Any) -> Any:
 
   Returns:
     `exported` with each exported state replaced by the matching paged state
-    of `opt_state`, its count and clipping ring set from the export; the registry now holds the exported codes and scales, and the next
-    update continues exactly where the exported run stopped.
+    of `opt_state`, its count and clipping ring set from the export. The
+    registry now holds the exported codes and scales, and the next update
+    continues exactly where the exported run stopped.
   """
   return jax.tree.map(
     lambda s, e: _import_one(s, e) if _is_paged(s) else e,
@@ -254,5 +253,7 @@ def set_device_memory_budget(nbytes: int | None) -> None:
   if setter is None:
     return
   if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
-    raise ValueError(f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}")
+    raise ValueError(
+      f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
+    )
   setter(-1 if nbytes is None else nbytes)

@@ -101,8 +101,5 @@ def dequantize(
   codes = np.asarray(codes)
   values = np.asarray(qmap, np.float32)[codes.reshape(-1)]
   absmax = np.asarray(absmax, np.float32).reshape(-1)
-  if block_wise:
-    scales = np.repeat(absmax, BLOCK_SIZE)[: values.size]
-  else:
-    scales = absmax[0]
+  scales = np.repeat(absmax, BLOCK_SIZE)[: values.size] if block_wise else absmax[0]
   return (values * scales).reshape(codes.shape)

@@ -149,11 +149,7 @@ def _check_int(name: str, value: Any, lo: int, hi: float) -> int | None:
   concrete = _static_value(value)
   if concrete is None:
     return None
-  if (
-    isinstance(concrete, bool)
-    or not float(concrete).is_integer()
-    or not lo <= concrete <= hi
-  ):
+  if isinstance(concrete, bool) or not float(concrete).is_integer() or not lo <= concrete <= hi:
     rule = f"an integer in {lo}..{hi}" if hi != math.inf else f"an integer >= {lo}"
     raise ValueError(f"paged_adamw8bit: {name} must be {rule}, got {concrete!r}")
   return int(concrete)
@@ -270,13 +266,21 @@ def _inside_optax_multisteps() -> bool:
   return False
 
 
-def _flatten_like(layout: Layout, tree: Any, what: str) -> list[Any]:
-  if jax.tree.structure(tree) != layout.treedef:
+def _flatten_like(layout: Layout, tree: Any, what: str) -> tuple[list[Any], Any]:
+  """Leaves of `tree` in the params' order, and its treedef.
+
+  The structure may differ from the one `init` saw by wrapper nodes that hold
+  one array each (Flax NNX hands init Variables and update plain arrays), so
+  the leaves are matched by position, then checked one by one for shape and
+  dtype.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if len(leaves) != layout.num_leaves:
     raise ValueError(
-      f"paged_adamw8bit: the {what} do not have the tree structure of the params this state "
-      f"was initialised with.\n  state: {layout.treedef}\n  {what}: {jax.tree.structure(tree)}"
+      f"paged_adamw8bit: the {what} have {len(leaves)} leaves, but the params this state was "
+      f"initialised with have {layout.num_leaves}.\n  state: {layout.treedef}\n  {what}: {treedef}"
     )
-  return layout.treedef.flatten_up_to(tree)
+  return leaves, treedef
 
 
 def _check_leaves(layout: Layout, grads: list[Any], params: list[Any]) -> None:
@@ -423,7 +427,9 @@ def paged_adamw8bit(
   try:
     b1, b2 = betas
   except (TypeError, ValueError):
-    raise ValueError(f"paged_adamw8bit: betas must be a pair (beta1, beta2), got {betas!r}") from None
+    raise ValueError(
+      f"paged_adamw8bit: betas must be a pair (beta1, beta2), got {betas!r}"
+    ) from None
   _check_range("betas[0]", b1, lambda x: 0 <= x < 1, "in [0, 1)")
   _check_range("betas[1]", b2, lambda x: 0 <= x < 1, "in [0, 1)")
   _check_range("eps", eps, lambda x: x >= 0, ">= 0")
@@ -494,7 +500,7 @@ def paged_adamw8bit(
 
   def step(
     updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params, write_params: bool
-  ) -> tuple[list[jax.Array], PagedAdamW8bitState, Layout]:
+  ) -> tuple[Any, PagedAdamW8bitState]:
     layout = check_state(state)
     if params is None:
       raise ValueError(
@@ -508,26 +514,27 @@ def paged_adamw8bit(
         "optax_paged8bit.accumulate_gradients(tx, every_k_steps) instead."
       )
     _ffi.check_backend(_platform_of(params))
-    grads = _flatten_like(layout, updates, "grads")
-    param_leaves = _flatten_like(layout, params, "params")
+    grads, grads_def = _flatten_like(layout, updates, "grads")
+    param_leaves, params_def = _flatten_like(layout, params, "params")
     _check_leaves(layout, grads, param_leaves)
-    if not isinstance(state.handle, jax.core.Tracer) and not isinstance(state.count, jax.core.Tracer):
+    if not isinstance(state.handle, jax.core.Tracer) and not isinstance(
+      state.count, jax.core.Tracer
+    ):
       _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call
     hyper = _hyperparams(lr, state.count, betas, eps, weight_decay)
     count, rings, outs = _update_call(layout, state, hyper, grads, param_leaves, write_params)
-    return outs, state._replace(count=count, gnorm_vec=rings), layout
+    out_def = params_def if write_params else grads_def
+    return out_def.unflatten(outs), state._replace(count=count, gnorm_vec=rings)
 
   def update_fn(
     updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, PagedAdamW8bitState]:
-    outs, new_state, layout = step(updates, state, params, write_params=False)
-    return layout.treedef.unflatten(outs), new_state
+    return step(updates, state, params, write_params=False)
 
   def fused_update_fn(
     updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params
   ) -> tuple[optax.Params, PagedAdamW8bitState]:
-    outs, new_state, layout = step(updates, state, params, write_params=True)
-    return layout.treedef.unflatten(outs), new_state
+    return step(updates, state, params, write_params=True)
 
   return PagedGradientTransformation(init_fn, update_fn, fused_update_fn)
 

@@ -87,7 +87,7 @@ def test_wrong_shapes_name_the_leaf():
 def test_wrong_tree_structure():
   tx = op.paged_adamw8bit()
   state = tx.init(PARAMS)
-  with pytest.raises(ValueError, match="grads do not have the tree structure"):
+  with pytest.raises(ValueError, match="the grads have 1 leaves, but the params this state was initialised with have 2"):
     tx.update({"w": jnp.ones((64, 80))}, state, PARAMS)
 
 
@@ -158,7 +158,7 @@ def test_import_checks_what_it_loads():
 def test_host_functions_need_concrete_states():
   tx = op.paged_adamw8bit()
   state = tx.init(PARAMS)
-  with pytest.raises(ValueError, match="call it outside jax.jit"):
+  with pytest.raises(ValueError, match=r"call it outside jax\.jit"):
     jax.jit(op.release)(state)
 
 

@@ -110,7 +110,9 @@ def steps(tx, state, params, n, seed=10, before_step=None):
   step = jax.jit(tx.fused_update, donate_argnums=(2,))
   rng = np.random.default_rng(seed)
   for _ in range(n):
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params)
+    grads = jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params
+    )
     if before_step is not None:
       before_step(state)
     params, state = step(grads, state, params)

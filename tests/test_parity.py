@@ -44,7 +44,7 @@ def test_bnb_thresholds_with_resync(dtype, max_abs, max_rel):
 
   @jax.jit
   def step32(grads, mu, nu, count, params):
-    state = (optax.ScaleByAdamState(count=count, mu=mu, nu=nu),) + tx32.init(params)[1:]
+    state = (optax.ScaleByAdamState(count=count, mu=mu, nu=nu), *tx32.init(params)[1:])
     updates, state = tx32.update(grads, state, params)
     return optax.apply_updates(params, updates), state[0]
 
@@ -134,7 +134,7 @@ def test_small_model_reaches_adamw_loss():
 
     p, s = init, tx.init(init)
     for _ in range(300):
-      p, s, loss = step(p, s)
+      p, s, _ = step(p, s)
     return float(loss_fn(p)), s
 
   loss8, s8 = train(op.paged_adamw8bit(3e-3, min_8bit_size=256))

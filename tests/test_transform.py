@@ -27,9 +27,7 @@ def tree(seed=0, dtype=jnp.float32):
 
 def grads_like(params, seed):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-    lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params
-  )
+  return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.01, p.dtype), params)
 
 
 def run(tx, params, steps, seed=100, jit=True):
@@ -205,7 +203,9 @@ def test_optax_masked_and_partition_two_handles():
     alone = optax.apply_updates(alone, u)
     p = {**p, "emb": alone["emb"]}
   assert_bit_equal(np.asarray(new["emb"]), np.asarray(alone["emb"]), "emb")
-  masked = optax.masked(op.paged_adamw8bit(1e-3), {"dense": {"w": True}, "emb": False, "bias": True})
+  masked = optax.masked(
+    op.paged_adamw8bit(1e-3), {"dense": {"w": True}, "emb": False, "bias": True}
+  )
   new_m, state_m = run(masked, params, 2)
   assert state_m.inner_state.layout.paths == ("['bias']", "['dense']['w']")
   assert not np.array_equal(np.asarray(new_m["bias"]), np.asarray(params["bias"]))
