@@ -87,7 +87,10 @@ def test_wrong_shapes_name_the_leaf():
 def test_wrong_tree_structure():
   tx = op.paged_adamw8bit()
   state = tx.init(PARAMS)
-  with pytest.raises(ValueError, match="the grads have 1 leaves, but the params this state was initialised with have 2"):
+  with pytest.raises(
+    ValueError,
+    match="the grads have 1 leaves, but the params this state was initialised with have 2",
+  ):
     tx.update({"w": jnp.ones((64, 80))}, state, PARAMS)
 
 
