@@ -3,14 +3,16 @@ and memory accounting."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from optax_paged8bit import _ffi
-from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, scale_shape
+from optax_paged8bit.quantization import BLOCK_SIZE, QMAP_SIGNED, QMAP_UNSIGNED, scale_shape
 from optax_paged8bit.transform import (
   Adam8bitState,
   Layout,
@@ -41,27 +43,76 @@ def _concrete_handle(state: PagedAdamW8bitState) -> int:
     ) from None
 
 
-def _moment_types(layout: Layout) -> list[jax.ShapeDtypeStruct]:
-  """The four arrays of each leaf, flattened leaf by leaf."""
-  types = []
-  for i, shape in enumerate(layout.shapes):
+class _MomentArray(NamedTuple):
+  """One exported array: its per-device type, its global shape and spec."""
+
+  local: jax.ShapeDtypeStruct
+  shape: tuple[int, ...]
+  spec: PartitionSpec
+
+
+def _moment_arrays(layout: Layout) -> list[_MomentArray]:
+  """The four arrays of each leaf (state1, state2, absmax1, absmax2), leaf by leaf.
+
+  Codes shard like their param. Scales do too when each device's last axis
+  divides by 256 (they are shaped like the param with that axis divided by
+  256); otherwise each device's scales are flat and the global array is their
+  concatenation over the leaf's shards, in device order.
+  """
+  out = []
+  for i, (shape, local) in enumerate(zip(layout.shapes, layout.local_shapes, strict=True)):
+    spec = layout.specs[i] if layout.mesh is not None else PartitionSpec()
+    axes = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    shards = math.prod(layout.mesh.shape[a] for a in axes) if axes else 1
     if layout.is_8bit(i):
-      state = jax.ShapeDtypeStruct(shape, jnp.uint8)
-      scales = jax.ShapeDtypeStruct(scale_shape(shape, layout.block_wise), jnp.float32)
+      state = jax.ShapeDtypeStruct(local, jnp.uint8)
+      local_scales = scale_shape(local, layout.block_wise)
+      if layout.block_wise and len(local) >= 1 and local[-1] % BLOCK_SIZE == 0 and local[-1]:
+        scales = _MomentArray(
+          jax.ShapeDtypeStruct(local_scales, jnp.float32),
+          (*shape[:-1], shape[-1] // BLOCK_SIZE),
+          spec,
+        )
+      else:
+        flat_spec = PartitionSpec(axes) if axes else PartitionSpec()
+        scales = _MomentArray(
+          jax.ShapeDtypeStruct(local_scales, jnp.float32),
+          (shards * local_scales[0],),
+          flat_spec,
+        )
     else:
-      state = jax.ShapeDtypeStruct(shape, jnp.float32)
-      scales = jax.ShapeDtypeStruct((0,), jnp.float32)
-    types += [state, state, scales, scales]
-  return types
+      state = jax.ShapeDtypeStruct(local, jnp.float32)
+      scales = _MomentArray(jax.ShapeDtypeStruct((0,), jnp.float32), (0,), PartitionSpec())
+    codes = _MomentArray(state, shape, spec)
+    out += [codes, codes, scales, scales]
+  return out
+
+
+def _sharded(layout: Layout, fn, in_specs, out_specs):
+  """fn as is on one device; inside jax.shard_map over the params' mesh."""
+  if layout.mesh is None:
+    return fn
+  return jax.shard_map(
+    fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
 
 
 def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   layout = state.layout
-  flat = jax.ffi.ffi_call(_ffi.EXPORT_TARGET, _moment_types(layout), has_side_effect=True)(
-    state.handle,
-    state.count,
-    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-    block_wise=layout.block_wise,
+  arrays = _moment_arrays(layout)
+
+  def local(handle, count):
+    return tuple(
+      jax.ffi.ffi_call(_ffi.EXPORT_TARGET, [a.local for a in arrays], has_side_effect=True)(
+        handle,
+        count,
+        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+        block_wise=layout.block_wise,
+      )
+    )
+
+  flat = _sharded(layout, local, (PartitionSpec(), PartitionSpec()), tuple(a.spec for a in arrays))(
+    state.handle, state.count
   )
   moments = [QuantizedMoments(*flat[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
   return Adam8bitState(
@@ -113,13 +164,14 @@ def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array
     raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
   flat = layout.treedef.flatten_up_to(exported.moments)
   arrays = []
-  for path, leaf, want in zip(
-    layout.paths, flat, np.reshape(_moment_types(layout), (-1, 4)), strict=True
-  ):
-    for name, array, spec in zip(QuantizedMoments._fields, leaf, want, strict=True):
-      if tuple(array.shape) != spec.shape or array.dtype != spec.dtype:
+  wanted = _moment_arrays(layout)
+  for i, (path, leaf) in enumerate(zip(layout.paths, flat, strict=True)):
+    for name, array, want in zip(
+      QuantizedMoments._fields, leaf, wanted[4 * i : 4 * i + 4], strict=True
+    ):
+      if tuple(array.shape) != want.shape or array.dtype != want.local.dtype:
         raise ValueError(
-          f"import_state: leaf {path}: {name} must be {spec.dtype}{list(spec.shape)}, got "
+          f"import_state: leaf {path}: {name} must be {want.local.dtype}{list(want.shape)}, got "
           f"{array.dtype}{list(array.shape)}"
         )
       arrays.append(array)
@@ -137,14 +189,21 @@ def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAda
   _concrete_handle(state)
   arrays = _check_importable(layout, exported)
   count = jnp.asarray(exported.count, jnp.int32)
-  count = jax.ffi.ffi_call(
-    _ffi.IMPORT_TARGET, jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True
-  )(
-    state.handle,
-    count,
-    *arrays,
-    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-    block_wise=layout.block_wise,
+
+  def local(handle, count, *arrays):
+    return jax.ffi.ffi_call(
+      _ffi.IMPORT_TARGET, jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True
+    )(
+      handle,
+      count,
+      *arrays,
+      leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+      block_wise=layout.block_wise,
+    )
+
+  specs = tuple(a.spec for a in _moment_arrays(layout))
+  count = _sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
+    state.handle, count, *arrays
   )
   return state._replace(count=count, gnorm_vec=jnp.asarray(exported.gnorm_vec, jnp.float32))
 
@@ -182,13 +241,16 @@ def release(opt_state: Any) -> int:
 
 def state_nbytes(opt_state: Any) -> int:
   """Bytes of optimizer state: the arrays of `opt_state` plus, for each paged
-  state, what its layout keeps in the registry (allocated at the first update)."""
+  state, what its layout keeps in the registry on all its devices (allocated
+  at the first update)."""
   arrays = sum(
     np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
     for x in jax.tree.leaves(opt_state)
     if hasattr(x, "dtype")
   )
-  return arrays + sum(s.layout.state_nbytes() for s in _paged_states(opt_state))
+  return arrays + sum(
+    s.layout.state_nbytes() * s.layout.num_devices for s in _paged_states(opt_state)
+  )
 
 
 def slot_info(opt_state: Any) -> list[dict]:

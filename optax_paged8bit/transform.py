@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_paged8bit import _ffi
 from optax_paged8bit.quantization import DEFAULT_MIN_8BIT_SIZE, QMAPS, num_blocks
@@ -56,6 +57,8 @@ class Layout:
   min_8bit_size: int
   percentile_clipping: int
   block_wise: bool
+  mesh: Any = None  # jax.sharding.Mesh of sharded params; None on one device
+  specs: tuple = ()  # PartitionSpec per leaf when mesh is set (P() = replicated)
 
   @property
   def num_leaves(self) -> int:
@@ -68,12 +71,27 @@ class Layout:
   def is_8bit(self, i: int) -> bool:
     return bool(self.leaf_flags[i] & LEAF_8BIT)
 
+  @property
+  def local_shapes(self) -> tuple[tuple[int, ...], ...]:
+    """Per-device shapes of the leaves (the global shapes on one device)."""
+    if self.mesh is None:
+      return self.shapes
+    return tuple(
+      local_shape(shape, spec, self.mesh)
+      for shape, spec in zip(self.shapes, self.specs, strict=True)
+    )
+
+  @property
+  def num_devices(self) -> int:
+    return 1 if self.mesh is None else self.mesh.size
+
   def state_nbytes(self) -> int:
-    """Bytes of the moments this layout keeps in the registry: one arena per
-    slot, each array 256-byte aligned (as csrc/registry.cc allocates it)."""
+    """Bytes of the moments this layout keeps in the registry on each device:
+    one arena per slot, each array 256-byte aligned (as csrc/registry.cc
+    allocates it)."""
     pad = lambda n: -(-n // 256) * 256
     total = 0
-    for i, shape in enumerate(self.shapes):
+    for i, shape in enumerate(self.local_shapes):
       size = math.prod(shape)
       if self.is_8bit(i):
         scales = num_blocks(size) if self.block_wise else 1
@@ -84,6 +102,55 @@ class Layout:
 
 
 jax.tree_util.register_static(Layout)
+
+
+def _spec_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def local_shape(shape: tuple[int, ...], spec: Any, mesh: Any) -> tuple[int, ...]:
+  """The shape of one device's shard of an array of `shape` sharded by `spec`."""
+  out = list(shape)
+  for dim, entry in enumerate(spec):
+    n = math.prod(mesh.shape[a] for a in _spec_axes(entry))
+    out[dim] //= n
+  return tuple(out)
+
+
+def _mesh_and_specs(leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]:
+  """The mesh the params are sharded over (None when none is) and each leaf's
+  PartitionSpec, padded to its rank (P() for leaves not sharded by a mesh)."""
+  mesh = None
+  for name, p in leaves:
+    sharding = getattr(p, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+      if mesh is not None and sharding.mesh != mesh:
+        raise ValueError(
+          f"paged_adamw8bit: param {name} is sharded over another mesh than the other params; "
+          "all sharded params must share one mesh"
+        )
+      mesh = sharding.mesh
+  if mesh is None:
+    return None, ()
+  specs = []
+  for name, p in leaves:
+    sharding = getattr(p, "sharding", None)
+    ndim = len(np.shape(p))
+    spec = (
+      tuple(sharding.spec) if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else ()
+    )
+    spec = spec + (None,) * (ndim - len(spec))
+    for dim, entry in enumerate(spec):
+      n = math.prod(mesh.shape[a] for a in _spec_axes(entry))
+      if np.shape(p)[dim] % n:
+        raise ValueError(
+          f"paged_adamw8bit: param {name} has {np.shape(p)[dim]} elements on axis {dim}, not a "
+          f"multiple of its {n} shards"
+        )
+    specs.append(PartitionSpec(*spec))
+  return mesh, tuple(specs)
 
 
 class PagedAdamW8bitState(NamedTuple):
@@ -319,32 +386,52 @@ def _update_call(
   params: list[jax.Array],
   write_params: bool,
 ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-  """Issues the custom call; returns (count, gnorm_vec, per-leaf outputs)."""
+  """Issues the custom call; returns (count, gnorm_vec, per-leaf outputs).
+
+  With sharded params the call runs inside jax.shard_map: each device updates
+  its own shards with its own registry slot, and nothing is gathered.
+  """
   n = layout.num_leaves
-  out_types = [
-    jax.ShapeDtypeStruct((), jnp.int32),
-    jax.ShapeDtypeStruct(state.gnorm_vec.shape, jnp.float32),
-    *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params),
-  ]
-  aliases = {4: 1}  # the clipping ring is updated in place
-  if write_params:
-    aliases.update({5 + n + i: 2 + i for i in range(n)})
-  call = jax.ffi.ffi_call(
-    _ffi.UPDATE_TARGET, out_types, has_side_effect=True, input_output_aliases=aliases
-  )
-  outs = call(
-    state.handle,
-    state.count,
-    hyper,
-    jnp.asarray(QMAPS),
-    state.gnorm_vec,
-    *grads,
-    *params,
-    leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-    block_wise=layout.block_wise,
-    percentile=np.int32(layout.percentile_clipping),
-    write_params=write_params,
-  )
+
+  def local(handle, count, hyper, qmaps, rings, *leaves):
+    out_types = [
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct(rings.shape, jnp.float32),
+      *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n:]),
+    ]
+    aliases = {4: 1}  # the clipping ring is updated in place
+    if write_params:
+      aliases.update({5 + n + i: 2 + i for i in range(n)})
+    call = jax.ffi.ffi_call(
+      _ffi.UPDATE_TARGET, out_types, has_side_effect=True, input_output_aliases=aliases
+    )
+    return tuple(
+      call(
+        handle,
+        count,
+        hyper,
+        qmaps,
+        rings,
+        *leaves,
+        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+        block_wise=layout.block_wise,
+        percentile=np.int32(layout.percentile_clipping),
+        write_params=write_params,
+      )
+    )
+
+  operands = (state.handle, state.count, hyper, jnp.asarray(QMAPS), state.gnorm_vec)
+  if layout.mesh is None:
+    outs = local(*operands, *grads, *params)
+  else:
+    replicated = (PartitionSpec(),) * len(operands)
+    outs = jax.shard_map(
+      local,
+      mesh=layout.mesh,
+      in_specs=(*replicated, *layout.specs, *layout.specs),
+      out_specs=(PartitionSpec(), PartitionSpec(), *layout.specs),
+      check_vma=False,
+    )(*operands, *grads, *params)
   return outs[0], outs[1], list(outs[2:])
 
 
@@ -447,6 +534,7 @@ def paged_adamw8bit(
     _ffi.check_backend(_platform_of(params))
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     decay = _mask_leaves(mask, params, treedef)
+    mesh, specs = _mesh_and_specs([(jax.tree_util.keystr(path), p) for path, p in leaves_with_path])
     paths, shapes, dtypes, flags = [], [], [], []
     for (path, p), decays in zip(leaves_with_path, decay, strict=True):
       name = jax.tree_util.keystr(path)
@@ -473,8 +561,16 @@ def paged_adamw8bit(
       min_8bit_size=config.min_8bit_size,
       percentile_clipping=config.percentile_clipping,
       block_wise=config.block_wise,
+      mesh=mesh,
+      specs=specs,
     )
     rings = len(paths) if layout.clipping else 0
+    if layout.mesh is not None and layout.clipping:
+      raise ValueError(
+        "paged_adamw8bit: percentile_clipping < 100 with params sharded over several devices is "
+        "not supported yet (each device would clip by its own shard's norm); use "
+        "optax.clip_by_global_norm before the optimizer instead"
+      )
     return PagedAdamW8bitState(
       count=jnp.zeros([], jnp.int32),
       handle=jnp.asarray(_ffi.new_handle(), jnp.int32),

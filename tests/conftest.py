@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+
+# 8 fake CPU devices for the sharding tests (single-device tests use device 0);
+# set before JAX initialises its backends.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 import jax
 import jax.numpy as jnp

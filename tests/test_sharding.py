@@ -1,0 +1,170 @@
+"""Sharded updates under jax.jit with NamedSharding params, on 4 and 8 fake
+CPU devices (conftest.py asks XLA for 8)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_oracle import assert_bit_equal
+
+import optax_paged8bit as op
+
+CPUS = jax.devices("cpu")
+pytestmark = pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (fake) CPU devices")
+
+
+def mesh(shape, names):
+  n = int(np.prod(shape))
+  return jax.sharding.Mesh(np.asarray(CPUS[:n]).reshape(shape), names)
+
+
+def make(shapes, seed, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  return {k: (rng.standard_normal(s) * 0.1).astype(dtype) for k, s in shapes.items()}
+
+
+def place(tree, m, specs):
+  return {k: jax.device_put(v, NamedSharding(m, specs[k])) for k, v in tree.items()}
+
+
+def run(tx, params, grads_list, fused):
+  state = tx.init(params)
+  if fused:
+    step = jax.jit(tx.fused_update)
+  else:
+
+    @jax.jit
+    def step(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+  for grads in grads_list:
+    params, state = step(grads, state, params)
+  return params, state
+
+
+def assert_same(a_params, a_state, b_params, b_state):
+  for k in a_params:
+    assert_bit_equal(np.asarray(b_params[k]), np.asarray(a_params[k]), f"params {k}")
+  ea, eb = op.export_state(a_state), op.export_state(b_state)
+  for i, (x, y) in enumerate(zip(jax.tree.leaves(ea), jax.tree.leaves(eb), strict=True)):
+    assert_bit_equal(np.asarray(y), np.asarray(x), f"state leaf {i}")
+
+
+ALIGNED = {
+  "rows": ((1024, 512), P("x")),  # first axis, local (256, 512)
+  "cols": ((512, 2048), P(None, "x")),  # last axis, local (512, 512) or (512, 256)
+  "flat": ((8192,), P("x")),  # 1-D, local 2048
+  "bias": ((300,), P()),  # replicated, float32 moments
+  "emb": ((64, 80), P()),  # replicated, 8-bit
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+@pytest.mark.parametrize("devices", [4, 8])
+def test_aligned_shards_bit_identical_to_one_device(devices, fused):
+  m = mesh((devices,), ("x",))
+  shapes = {k: s for k, (s, _) in ALIGNED.items()}
+  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
+  params = make(shapes, 0)
+  grads = [make(shapes, 10 + t) for t in range(3)]
+  kw = dict(min_8bit_size=1000, weight_decay=1e-2)
+  p1, s1 = run(op.paged_adamw8bit(1e-3, **kw), params, grads, fused)
+  sharded_grads = [place(g, m, specs) for g in grads]
+  p2, s2 = run(op.paged_adamw8bit(1e-3, **kw), place(params, m, specs), sharded_grads, fused)
+  assert s2.layout.mesh == m and len(op.slot_info(s2)) == devices
+  for k in shapes:
+    assert p2[k].sharding.spec == specs[k] or specs[k] == P()
+  assert_same(p1, s1, p2, s2)
+  op.release(s1)
+  op.release(s2)
+
+
+def test_two_dimensional_mesh_and_mixed_tree():
+  m = mesh((2, 4), ("data", "model"))
+  shapes = {"w": (1024, 2048), "v": (2048, 512), "u": (4096,), "b": (512,)}
+  specs = {"w": P("data", "model"), "v": P("model", None), "u": P(("data", "model")), "b": P()}
+  params = make(shapes, 1)
+  grads = [make(shapes, 20 + t) for t in range(2)]
+  p1, s1 = run(op.paged_adamw8bit(1e-3), params, grads, True)
+  p2, s2 = run(
+    op.paged_adamw8bit(1e-3), place(params, m, specs), [place(g, m, specs) for g in grads], True
+  )
+  assert_same(p1, s1, p2, s2)
+  exported = op.export_state(s2)
+  assert exported.moments["w"].absmax1.shape == (1024, 8)
+  assert exported.moments["w"].state1.sharding.spec == P("data", "model")
+  op.release(s1)
+  op.release(s2)
+
+
+def test_compiled_step_gathers_nothing():
+  m = mesh((4,), ("x",))
+  shapes = {k: s for k, (s, _) in ALIGNED.items()}
+  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
+  params = place(make(shapes, 0), m, specs)
+  tx = op.paged_adamw8bit(1e-3, min_8bit_size=1000)
+  state = tx.init(params)
+
+  def step(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  text = jax.jit(step).lower(params, state, params).compile().as_text()
+  assert "all-gather" not in text and "all-to-all" not in text
+  assert "optax_paged8bit_update" in text
+
+
+def test_misaligned_shards_update_each_shard_on_its_own():
+  """Shard boundaries off the 256-element blocks: still correct, each device
+  quantizes its own shard (results equal one optimizer per shard)."""
+  m = mesh((4,), ("x",))
+  params = make({"w": (1000, 300)}, 2)
+  grads = make({"w": (1000, 300)}, 3)
+  p2, s2 = run(
+    op.paged_adamw8bit(1e-3),
+    place(params, m, {"w": P("x")}),
+    [place(grads, m, {"w": P("x")})],
+    True,
+  )
+  for d in range(4):
+    rows = slice(250 * d, 250 * (d + 1))
+    pd, sd = run(
+      op.paged_adamw8bit(1e-3), {"w": params["w"][rows]}, [{"w": grads["w"][rows]}], True
+    )
+    assert_bit_equal(np.asarray(p2["w"])[rows], np.asarray(pd["w"]), f"shard {d}")
+    op.release(sd)
+  op.release(s2)
+
+
+def test_sharded_export_import_resume():
+  m = mesh((4,), ("x",))
+  shapes = {k: s for k, (s, _) in ALIGNED.items()}
+  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
+  params = place(make(shapes, 4), m, specs)
+  grads = [place(make(shapes, 30 + t), m, specs) for t in range(4)]
+  full_p, full_s = run(op.paged_adamw8bit(1e-3), params, grads, True)
+  half_p, half_s = run(op.paged_adamw8bit(1e-3), params, grads[:2], True)
+  saved = op.export_state(half_s)
+  assert saved.moments["rows"].state1.sharding.spec[0] == "x"
+  op.release(half_s)
+  tx = op.paged_adamw8bit(1e-3)
+  state = op.import_state(tx.init(half_p), saved)
+  step = jax.jit(tx.fused_update)
+  p = half_p
+  for g in grads[2:]:
+    p, state = step(g, state, p)
+  assert_same(full_p, full_s, p, state)
+  op.release(full_s)
+  op.release(state)
+
+
+def test_percentile_clipping_with_sharded_params_is_refused():
+  m = mesh((4,), ("x",))
+  params = place(make({"w": (1024, 512)}, 0), m, {"w": P("x")})
+  with pytest.raises(ValueError, match="percentile_clipping < 100 with params sharded"):
+    op.paged_adamw8bit(1e-3, percentile_clipping=90).init(params)
