@@ -149,6 +149,31 @@ void UpdateFloat32(const LeafCall& leaf, LeafState& state, const StepScalars& s,
   }
 }
 
+// One step over every leaf, on the states given (a registry slot's, or the
+// arrays of an arrays-state call).
+void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& layout,
+             std::vector<LeafState>& states, const float* hyper, const float* qmaps,
+             const ffi::Buffer<ffi::F32>& rings, float* rings_out, int64_t t, int32_t percentile,
+             bool block_wise, bool write_params) {
+  if (rings_out != rings.typed_data()) {
+    std::memcpy(rings_out, rings.typed_data(), rings.element_count() * sizeof(float));
+  }
+  StepScalars s = ComputeStepScalars(hyper, t);
+  auto maps = std::make_unique<Maps>(qmaps);
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const LeafCall& leaf = leaves[i];
+    float scale = ClipScale(leaf, rings_out + i * kRingSize, t, percentile);
+    LeafState& state = states[i];
+    if (!layout[i].is_8bit) {
+      UpdateFloat32(leaf, state, s, scale, write_params);
+    } else if (block_wise) {
+      UpdateBlockwise(leaf, state, *maps, s, scale, write_params);
+    } else {
+      UpdateWholeLeaf(leaf, state, *maps, s, scale, write_params);
+    }
+  }
+}
+
 ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
@@ -156,13 +181,16 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                      bool write_params) {
-  if (auto e = CheckScalarOperands(kUpdateTarget, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile); e.failure()) {
+  const char* op = kUpdateTarget;
+  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
     return e;
   }
   std::vector<LeafCall> leaves;
   std::vector<LeafSpec> layout;
-  if (auto e = DecodeUpdateLeaves(leaf_args, leaf_rets, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e =
+          DecodeUpdateLeaves(op, leaf_args, leaf_rets, leaf_flags, block_wise, 0, &leaves, &layout);
       e.failure()) {
     return e;
   }
@@ -177,27 +205,63 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle.typed_data()[0]));
   }
+  RunStep(leaves, layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
+          rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+  slot->step = step + 1;
+  count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
+  return ffi::Error::Success();
+}
 
-  float* ring = rings_out->typed_data();
-  if (ring != rings.typed_data()) {
-    std::memcpy(ring, rings.typed_data(), rings.element_count() * sizeof(float));
+// adamw8bit: the same step with the state as operands, updated in place in
+// the aliased results (copied first when XLA did not alias them).
+ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
+                           ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
+                           ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                           ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
+                           ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
+                           bool write_params) {
+  const char* op = kUpdateArraysTarget;
+  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
+  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
+    return e;
   }
-  int64_t t = step + 1;
-  StepScalars s = ComputeStepScalars(hyper.typed_data(), t);
-  auto maps = std::make_unique<Maps>(qmaps.typed_data());
-  for (size_t i = 0; i < leaves.size(); ++i) {
-    const LeafCall& leaf = leaves[i];
-    float scale = ClipScale(leaf, ring + i * kRingSize, t, percentile);
-    LeafState& state = slot->leaves[i];
-    if (!layout[i].is_8bit) {
-      UpdateFloat32(leaf, state, s, scale, write_params);
-    } else if (block_wise) {
-      UpdateBlockwise(leaf, state, *maps, s, scale, write_params);
-    } else {
-      UpdateWholeLeaf(leaf, state, *maps, s, scale, write_params);
+  std::vector<LeafCall> leaves;
+  std::vector<LeafSpec> layout;
+  if (auto e = DecodeUpdateLeaves(op, args, rets, leaf_flags, block_wise, 4, &leaves, &layout);
+      e.failure()) {
+    return e;
+  }
+  size_t n = leaves.size();
+  std::vector<LeafArrays> in, out;
+  std::vector<LeafSpec> in_layout, out_layout;
+  auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
+  auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
+  if (auto e = DecodeStateArrays(op, 4 * n, get_in, leaf_flags, block_wise, &in, &in_layout);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = DecodeStateArrays(op, 4 * n, get_out, leaf_flags, block_wise, &out, &out_layout);
+      e.failure()) {
+    return e;
+  }
+  std::string mismatch = DescribeLayoutMismatch(in_layout, layout);
+  if (!mismatch.empty())
+    return InvalidArgument(op, "state arrays do not fit the params: " + mismatch);
+  std::vector<LeafState> states(n);
+  for (size_t i = 0; i < n; ++i) {
+    void* src[4] = {in[i].state1, in[i].state2, in[i].absmax1, in[i].absmax2};
+    void* dst[4] = {out[i].state1, out[i].state2, out[i].absmax1, out[i].absmax2};
+    size_t bytes[4] = {layout[i].state_bytes(), layout[i].state_bytes(), layout[i].scale_bytes(),
+                       layout[i].scale_bytes()};
+    for (int k = 0; k < 4; ++k) {
+      if (bytes[k] > 0 && src[k] != dst[k]) std::memcpy(dst[k], src[k], bytes[k]);
     }
+    states[i] = LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
   }
-  slot->step = t;
+  int64_t t = static_cast<int64_t>(count.typed_data()[0]) + 1;
+  RunStep(leaves, layout, states, hyper.typed_data(), qmaps.typed_data(), rings,
+          rings_out->typed_data(), t, percentile, block_wise, write_params);
   count_out->typed_data()[0] = static_cast<int32_t>(t);
   return ffi::Error::Success();
 }
@@ -209,8 +273,8 @@ ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
-  if (auto e =
-          DecodeStateArrays(kExportTarget, rets, get, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e = DecodeStateArrays(kExportTarget, rets.size(), get, leaf_flags, block_wise, &leaves,
+                                 &layout);
       e.failure()) {
     return e;
   }
@@ -247,8 +311,8 @@ ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
-  if (auto e =
-          DecodeStateArrays(kImportTarget, args, get, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e = DecodeStateArrays(kImportTarget, args.size(), get, leaf_flags, block_wise, &leaves,
+                                 &layout);
       e.failure()) {
     return e;
   }
@@ -290,6 +354,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCpu, UpdateCpu,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
                                   .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
                                   .RemainingRets()               // updates or params
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise")
+                                  .Attr<int32_t>("percentile")
+                                  .Attr<bool>("write_params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCpu, UpdateArraysCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingArgs()               // grads, params, state
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingRets()               // outputs, state
                                   .Attr<ffi::Span<const int32_t>>("leaf_flags")
                                   .Attr<bool>("block_wise")
                                   .Attr<int32_t>("percentile")

@@ -205,8 +205,8 @@ ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
 
 // Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
 std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
-                                                    const std::vector<LeafSpec>& layout, Slot& slot,
-                                                    bool block_wise,
+                                                    const std::vector<LeafSpec>& layout,
+                                                    std::vector<LeafState>& states, bool block_wise,
                                                     std::vector<int64_t>* block_offsets) {
   std::vector<std::unique_ptr<LeafTable>> tables;
   int64_t offset = 0;
@@ -220,7 +220,7 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
     if (i == calls.size()) break;  // no leaves: one empty table still writes the count
     LeafTable& table = *tables.back();
     const LeafCall& call = calls[i];
-    LeafState& state = slot.leaves[i];
+    LeafState& state = states[i];
     LeafDesc& d = table.leaves[table.num_leaves++];
     d.grad = call.grad;
     d.param = call.param;
@@ -249,45 +249,14 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
     }                                           \
   } while (0)
 
-ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-                      ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
-                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
-                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
-                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
-                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
-                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
-                      bool write_params) {
-  const char* op = kUpdateTarget;
-  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(hyper, qmaps, rings, leaf_flags.size(), percentile); e.failure()) {
-    return e;
-  }
-  std::vector<LeafCall> calls;
-  std::vector<LeafSpec> layout;
-  if (auto e = DecodeUpdateLeaves(leaf_args, leaf_rets, leaf_flags, block_wise, &calls, &layout);
-      e.failure()) {
-    return e;
-  }
-  DeviceScope scope(device);
-  int32_t handle_value, step;
-  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
-                                  &handle_value, &step);
-      e.failure()) {
-    return e;
-  }
-  ManagedAllocator allocator(device, stream);
-  std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForUpdate(handle_value, Platform::kCuda, device,
-                                                          step, layout, allocator, &slot);
-  if (!error.empty()) return ffi::Error::InvalidArgument(error);
-  std::lock_guard<std::mutex> lock(slot->mu);
-  if (slot->step != step) {
-    return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
-                                       std::to_string(handle_value));
-  }
-  if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
-
-  float* ring = rings_out->typed_data();
+// One step over every leaf on the states given (a registry slot's, or the
+// arrays of an arrays-state call): all launches on `stream`.
+ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
+                      ffi::ScratchAllocator& scratch, const std::vector<LeafCall>& calls,
+                      const std::vector<LeafSpec>& layout, std::vector<LeafState>& states,
+                      const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
+                      const ffi::Buffer<ffi::F32>& rings, float* ring, int32_t* count_out,
+                      int64_t t, int32_t percentile, bool block_wise, bool write_params) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
     RETURN_IF_LAUNCH_FAILED(
         op, "copying the clipping rings",
@@ -295,7 +264,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                         cudaMemcpyDeviceToDevice, stream));
   }
   std::vector<int64_t> block_offsets;
-  auto tables = BuildTables(calls, layout, *slot, block_wise, &block_offsets);
+  auto tables = BuildTables(calls, layout, states, block_wise, &block_offsets);
   int64_t total_blocks = 0;
   for (const auto& table : tables) total_blocks += table->num_blocks;
   bool clipping = percentile < 100;
@@ -306,8 +275,8 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   StepArgs args = {};
   args.hyper = hyper.typed_data();
   args.qmaps = qmaps.typed_data();
-  args.count_out = count_out->typed_data();
-  args.t = static_cast<int64_t>(step) + 1;
+  args.count_out = count_out;
+  args.t = t;
   args.write_params = write_params;
   int num_sms = NumSms(device);
   auto allocate = [&](size_t bytes) -> void* {
@@ -355,8 +324,123 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
     args.write_count = k + 1 == tables.size();
     RETURN_IF_LAUNCH_FAILED(op, "UpdateKernel", LaunchUpdate(*tables[k], args, num_sms, stream));
   }
-  slot->step = args.t;
   return ffi::Error::Success();
+}
+
+ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+                      ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
+                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
+                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
+                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
+                      bool write_params) {
+  const char* op = kUpdateTarget;
+  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
+    return e;
+  }
+  std::vector<LeafCall> calls;
+  std::vector<LeafSpec> layout;
+  if (auto e =
+          DecodeUpdateLeaves(op, leaf_args, leaf_rets, leaf_flags, block_wise, 0, &calls, &layout);
+      e.failure()) {
+    return e;
+  }
+  DeviceScope scope(device);
+  int32_t handle_value, step;
+  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
+                                  &handle_value, &step);
+      e.failure()) {
+    return e;
+  }
+  ManagedAllocator allocator(device, stream);
+  std::shared_ptr<Slot> slot;
+  std::string error = Registry::Global().AcquireForUpdate(handle_value, Platform::kCuda, device,
+                                                          step, layout, allocator, &slot);
+  if (!error.empty()) return ffi::Error::InvalidArgument(error);
+  std::lock_guard<std::mutex> lock(slot->mu);
+  if (slot->step != step) {
+    return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
+                                       std::to_string(handle_value));
+  }
+  if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
+  int64_t t = static_cast<int64_t>(step) + 1;
+  if (auto e = LaunchStep(op, stream, device, scratch, calls, layout, slot->leaves, hyper, qmaps,
+                          rings, rings_out->typed_data(), count_out->typed_data(), t, percentile,
+                          block_wise, write_params);
+      e.failure()) {
+    return e;
+  }
+  slot->step = t;
+  return ffi::Error::Success();
+}
+
+// adamw8bit: the same step with the state as operands, updated in place in
+// the aliased results (copied first when XLA did not alias them). The count
+// is read like the paged update's (the kernels take the step from the host).
+ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+                            ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
+                            ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
+                            ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                            ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
+                            ffi::Span<const int32_t> leaf_flags, bool block_wise,
+                            int32_t percentile, bool write_params) {
+  const char* op = kUpdateArraysTarget;
+  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
+  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+      e.failure()) {
+    return e;
+  }
+  std::vector<LeafCall> calls;
+  std::vector<LeafSpec> layout;
+  if (auto e = DecodeUpdateLeaves(op, args, rets, leaf_flags, block_wise, 4, &calls, &layout);
+      e.failure()) {
+    return e;
+  }
+  size_t n = calls.size();
+  std::vector<LeafArrays> in, out;
+  std::vector<LeafSpec> in_layout, out_layout;
+  auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
+  auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
+  if (auto e = DecodeStateArrays(op, 4 * n, get_in, leaf_flags, block_wise, &in, &in_layout);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = DecodeStateArrays(op, 4 * n, get_out, leaf_flags, block_wise, &out, &out_layout);
+      e.failure()) {
+    return e;
+  }
+  std::string mismatch = DescribeLayoutMismatch(in_layout, layout);
+  if (!mismatch.empty()) {
+    return InvalidArgument(op, "state arrays do not fit the params: " + mismatch);
+  }
+  DeviceScope scope(device);
+  int32_t step, unused;
+  if (auto e = ReadHandleAndCount(op, stream, count.untyped_data(), count.untyped_data(), &unused,
+                                  &step);
+      e.failure()) {
+    return e;
+  }
+  std::vector<LeafState> states(n);
+  for (size_t i = 0; i < n; ++i) {
+    void* src[4] = {in[i].state1, in[i].state2, in[i].absmax1, in[i].absmax2};
+    void* dst[4] = {out[i].state1, out[i].state2, out[i].absmax1, out[i].absmax2};
+    size_t bytes[4] = {layout[i].state_bytes(), layout[i].state_bytes(), layout[i].scale_bytes(),
+                       layout[i].scale_bytes()};
+    for (int k = 0; k < 4; ++k) {
+      if (bytes[k] > 0 && src[k] != dst[k]) {
+        RETURN_IF_LAUNCH_FAILED(
+            op, "copying state",
+            cudaMemcpyAsync(dst[k], src[k], bytes[k], cudaMemcpyDeviceToDevice, stream));
+      }
+    }
+    states[i] = LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
+  }
+  return LaunchStep(op, stream, device, scratch, calls, layout, states, hyper, qmaps, rings,
+                    rings_out->typed_data(), count_out->typed_data(),
+                    static_cast<int64_t>(step) + 1, percentile, block_wise, write_params);
 }
 
 // Copies between a slot and the call's buffers (export: slot -> buffers).
@@ -396,7 +480,7 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(op, rets, get, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e = DecodeStateArrays(op, rets.size(), get, leaf_flags, block_wise, &leaves, &layout);
       e.failure()) {
     return e;
   }
@@ -425,7 +509,7 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(op, args, get, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e = DecodeStateArrays(op, args.size(), get, leaf_flags, block_wise, &leaves, &layout);
       e.failure()) {
     return e;
   }
@@ -527,6 +611,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCuda, UpdateCuda,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
                                   .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
                                   .RemainingRets()               // updates or params
+                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
+                                  .Attr<bool>("block_wise")
+                                  .Attr<int32_t>("percentile")
+                                  .Attr<bool>("write_params"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCuda, UpdateArraysCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingArgs()               // grads, params, state
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+                                  .RemainingRets()               // outputs, state
                                   .Attr<ffi::Span<const int32_t>>("leaf_flags")
                                   .Attr<bool>("block_wise")
                                   .Attr<int32_t>("percentile")

@@ -11,6 +11,7 @@
 namespace optax_paged8bit {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kUpdateCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kUpdateArraysCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kExportCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kImportCuda);
 

@@ -10,6 +10,11 @@
 // import:  args   handle, count, state1, state2, absmax1, absmax2 x L;
 //          rets   count
 //          attrs (both) leaf_flags, block_wise
+// update_arrays (adamw8bit: the state as arrays, no registry):
+//          args   count, hyper, qmaps, rings, grads x L, params x L,
+//                 state1, state2, absmax1, absmax2 x L
+//          rets   count, rings, out x L, the 4 state arrays x L (aliased)
+//          attrs  as update
 #ifndef OPTAX_PAGED8BIT_FFI_COMMON_H_
 #define OPTAX_PAGED8BIT_FFI_COMMON_H_
 
@@ -28,6 +33,7 @@ namespace ffi = xla::ffi;
 constexpr const char* kUpdateTarget = "optax_paged8bit_update";
 constexpr const char* kExportTarget = "optax_paged8bit_export";
 constexpr const char* kImportTarget = "optax_paged8bit_import";
+constexpr const char* kUpdateArraysTarget = "optax_paged8bit_update_arrays";
 
 // One leaf of an update call.
 struct LeafCall {
@@ -83,17 +89,19 @@ inline ffi::Error CheckScalarOperands(const char* op, const ffi::Buffer<ffi::S32
   return ffi::Error::Success();
 }
 
-// Decodes the variadic grads/params/outputs of an update.
-inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets rets,
-                                     ffi::Span<const int32_t> flags, bool block_wise,
+// Decodes the variadic grads/params/outputs of an update; the arrays-state
+// variant has 4 state arrays per leaf after them, as operands and results.
+inline ffi::Error DecodeUpdateLeaves(const char* op, ffi::RemainingArgs args,
+                                     ffi::RemainingRets rets, ffi::Span<const int32_t> flags,
+                                     bool block_wise, size_t state_arrays,
                                      std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout) {
-  const char* op = kUpdateTarget;
   size_t num_leaves = flags.size();
-  if (args.size() != 2 * num_leaves || rets.size() != num_leaves) {
+  if (args.size() != (2 + state_arrays) * num_leaves ||
+      rets.size() != (1 + state_arrays) * num_leaves) {
     Message msg;
-    msg << "expected " << num_leaves << " grads, " << num_leaves << " params and " << num_leaves
-        << " outputs (one per leaf flag), got " << args.size() << " operands and " << rets.size()
-        << " results";
+    msg << "expected " << num_leaves << " grads, " << num_leaves << " params"
+        << (state_arrays ? ", 4 state arrays per leaf" : "") << " and matching outputs (one "
+        << "per leaf flag), got " << args.size() << " operands and " << rets.size() << " results";
     return InvalidArgument(op, msg.str());
   }
   leaves->resize(num_leaves);
@@ -133,15 +141,16 @@ inline ffi::Error DecodeUpdateLeaves(ffi::RemainingArgs args, ffi::RemainingRets
   return ffi::Error::Success();
 }
 
-// Decodes the 4 x L state arrays of an export (results) or import (operands).
-template <typename Remaining, typename Getter>
-ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter get,
+// Decodes 4 x L state arrays (export results, import operands, or the state
+// of an arrays-state update): `available` buffers, the i-th from get(i).
+template <typename Getter>
+ffi::Error DecodeStateArrays(const char* op, size_t available, Getter get,
                              ffi::Span<const int32_t> flags, bool block_wise,
                              std::vector<LeafArrays>* leaves, std::vector<LeafSpec>* layout) {
   size_t num_leaves = flags.size();
-  if (remaining.size() != 4 * num_leaves) {
+  if (available != 4 * num_leaves) {
     Message msg;
-    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got " << remaining.size();
+    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got " << available;
     return InvalidArgument(op, msg.str());
   }
   leaves->resize(num_leaves);
@@ -179,11 +188,10 @@ ffi::Error DecodeStateArrays(const char* op, const Remaining& remaining, Getter 
   return ffi::Error::Success();
 }
 
-inline ffi::Error CheckUpdateAttrs(const ffi::Buffer<ffi::F32>& hyper,
+inline ffi::Error CheckUpdateAttrs(const char* op, const ffi::Buffer<ffi::F32>& hyper,
                                    const ffi::Buffer<ffi::F32>& qmaps,
                                    const ffi::Buffer<ffi::F32>& rings, size_t num_leaves,
                                    int32_t percentile) {
-  const char* op = kUpdateTarget;
   if (hyper.element_count() != kNumHyperParams) {
     return InvalidArgument(op, "hyperparameters must be float32[5] (lr, beta1, beta2, eps, wd)");
   }

@@ -32,6 +32,7 @@ py::capsule EncapsulateHandler(T* fn) {
 py::dict CpuRegistrations() {
   py::dict d;
   d[kUpdateTarget] = EncapsulateHandler(kUpdateCpu);
+  d[kUpdateArraysTarget] = EncapsulateHandler(kUpdateArraysCpu);
   d[kExportTarget] = EncapsulateHandler(kExportCpu);
   d[kImportTarget] = EncapsulateHandler(kImportCpu);
   return d;
@@ -41,6 +42,7 @@ py::dict CudaRegistrations() {
   py::dict d;
 #if defined(OPTAX_PAGED8BIT_WITH_CUDA)
   d[kUpdateTarget] = EncapsulateHandler(kUpdateCuda);
+  d[kUpdateArraysTarget] = EncapsulateHandler(kUpdateArraysCuda);
   d[kExportTarget] = EncapsulateHandler(kExportCuda);
   d[kImportTarget] = EncapsulateHandler(kImportCuda);
 #endif

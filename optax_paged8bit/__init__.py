@@ -19,6 +19,7 @@ from optax_paged8bit.transform import (
   PagedAdamW8bitState,
   PagedGradientTransformation,
   QuantizedMoments,
+  adamw8bit,
   paged_adamw8bit,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
   "PagedGradientTransformation",
   "QuantizedMoments",
   "accumulate_gradients",
+  "adamw8bit",
   "dynamic_map",
   "export_state",
   "import_state",

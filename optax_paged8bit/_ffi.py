@@ -12,6 +12,7 @@ from optax_paged8bit import _ops
 UPDATE_TARGET = "optax_paged8bit_update"
 EXPORT_TARGET = "optax_paged8bit_export"
 IMPORT_TARGET = "optax_paged8bit_import"
+UPDATE_ARRAYS_TARGET = "optax_paged8bit_update_arrays"
 
 BUILT_WITH_CUDA: bool = bool(_ops.built_with_cuda)
 

@@ -3,8 +3,7 @@ and memory accounting."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +11,13 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from optax_paged8bit import _ffi
-from optax_paged8bit.quantization import BLOCK_SIZE, QMAP_SIGNED, QMAP_UNSIGNED, scale_shape
+from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED
 from optax_paged8bit.transform import (
   Adam8bitState,
   Layout,
   PagedAdamW8bitState,
   QuantizedMoments,
+  moment_arrays,
 )
 
 
@@ -43,51 +43,6 @@ def _concrete_handle(state: PagedAdamW8bitState) -> int:
     ) from None
 
 
-class _MomentArray(NamedTuple):
-  """One exported array: its per-device type, its global shape and spec."""
-
-  local: jax.ShapeDtypeStruct
-  shape: tuple[int, ...]
-  spec: PartitionSpec
-
-
-def _moment_arrays(layout: Layout) -> list[_MomentArray]:
-  """The four arrays of each leaf (state1, state2, absmax1, absmax2), leaf by leaf.
-
-  Codes shard like their param. Scales do too when each device's last axis
-  divides by 256 (they are shaped like the param with that axis divided by
-  256); otherwise each device's scales are flat and the global array is their
-  concatenation over the leaf's shards, in device order.
-  """
-  out = []
-  for i, (shape, local) in enumerate(zip(layout.shapes, layout.local_shapes, strict=True)):
-    spec = layout.specs[i] if layout.mesh is not None else PartitionSpec()
-    axes = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
-    shards = math.prod(layout.mesh.shape[a] for a in axes) if axes else 1
-    if layout.is_8bit(i):
-      state = jax.ShapeDtypeStruct(local, jnp.uint8)
-      local_scales = scale_shape(local, layout.block_wise)
-      if layout.block_wise and len(local) >= 1 and local[-1] % BLOCK_SIZE == 0 and local[-1]:
-        scales = _MomentArray(
-          jax.ShapeDtypeStruct(local_scales, jnp.float32),
-          (*shape[:-1], shape[-1] // BLOCK_SIZE),
-          spec,
-        )
-      else:
-        flat_spec = PartitionSpec(axes) if axes else PartitionSpec()
-        scales = _MomentArray(
-          jax.ShapeDtypeStruct(local_scales, jnp.float32),
-          (shards * local_scales[0],),
-          flat_spec,
-        )
-    else:
-      state = jax.ShapeDtypeStruct(local, jnp.float32)
-      scales = _MomentArray(jax.ShapeDtypeStruct((0,), jnp.float32), (0,), PartitionSpec())
-    codes = _MomentArray(state, shape, spec)
-    out += [codes, codes, scales, scales]
-  return out
-
-
 def _sharded(layout: Layout, fn, in_specs, out_specs):
   """fn as is on one device; inside jax.shard_map over the params' mesh."""
   if layout.mesh is None:
@@ -99,7 +54,7 @@ def _sharded(layout: Layout, fn, in_specs, out_specs):
 
 def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   layout = state.layout
-  arrays = _moment_arrays(layout)
+  arrays = moment_arrays(layout)
 
   def local(handle, count):
     return tuple(
@@ -164,7 +119,7 @@ def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array
     raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
   flat = layout.treedef.flatten_up_to(exported.moments)
   arrays = []
-  wanted = _moment_arrays(layout)
+  wanted = moment_arrays(layout)
   for i, (path, leaf) in enumerate(zip(layout.paths, flat, strict=True)):
     for name, array, want in zip(
       QuantizedMoments._fields, leaf, wanted[4 * i : 4 * i + 4], strict=True
@@ -201,7 +156,7 @@ def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAda
       block_wise=layout.block_wise,
     )
 
-  specs = tuple(a.spec for a in _moment_arrays(layout))
+  specs = tuple(a.spec for a in moment_arrays(layout))
   count = _sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
     state.handle, count, *arrays
   )

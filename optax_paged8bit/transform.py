@@ -1,4 +1,4 @@
-"""paged_adamw8bit: bitsandbytes' PagedAdamW8bit as an optax transformation.
+"""paged_adamw8bit and adamw8bit: bitsandbytes' 8-bit AdamW as optax transformations.
 
 The whole step (moments, bias correction, param update, weight decay,
 requantization) runs in one XLA FFI custom call over every leaf of the tree.
@@ -22,7 +22,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_paged8bit import _ffi
-from optax_paged8bit.quantization import DEFAULT_MIN_8BIT_SIZE, QMAPS, num_blocks
+from optax_paged8bit.quantization import (
+  BLOCK_SIZE,
+  DEFAULT_MIN_8BIT_SIZE,
+  QMAPS,
+  num_blocks,
+  scale_shape,
+)
 
 # Per-leaf flag bits; must match LeafFlag in csrc/adam8bit.h.
 LEAF_8BIT = 1
@@ -119,7 +125,7 @@ def local_shape(shape: tuple[int, ...], spec: Any, mesh: Any) -> tuple[int, ...]
   return tuple(out)
 
 
-def _mesh_and_specs(leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]:
+def _mesh_and_specs(who: str, leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]:
   """The mesh the params are sharded over (None when none is) and each leaf's
   PartitionSpec, padded to its rank (P() for leaves not sharded by a mesh)."""
   mesh = None
@@ -128,7 +134,7 @@ def _mesh_and_specs(leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]:
     if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
       if mesh is not None and sharding.mesh != mesh:
         raise ValueError(
-          f"paged_adamw8bit: param {name} is sharded over another mesh than the other params; "
+          f"{who}: param {name} is sharded over another mesh than the other params; "
           "all sharded params must share one mesh"
         )
       mesh = sharding.mesh
@@ -146,7 +152,7 @@ def _mesh_and_specs(leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]:
       n = math.prod(mesh.shape[a] for a in _spec_axes(entry))
       if np.shape(p)[dim] % n:
         raise ValueError(
-          f"paged_adamw8bit: param {name} has {np.shape(p)[dim]} elements on axis {dim}, not a "
+          f"{who}: param {name} has {np.shape(p)[dim]} elements on axis {dim}, not a "
           f"multiple of its {n} shards"
         )
     specs.append(PartitionSpec(*spec))
@@ -186,6 +192,51 @@ class Adam8bitState(NamedTuple):
   layout: Layout  # static per-leaf structure
 
 
+class MomentArray(NamedTuple):
+  """One exported array: its per-device type, its global shape and spec."""
+
+  local: jax.ShapeDtypeStruct
+  shape: tuple[int, ...]
+  spec: PartitionSpec
+
+
+def moment_arrays(layout: Layout) -> list[MomentArray]:
+  """The four arrays of each leaf (state1, state2, absmax1, absmax2), leaf by leaf.
+
+  Codes shard like their param. Scales do too when each device's last axis
+  divides by 256 (they are shaped like the param with that axis divided by
+  256); otherwise each device's scales are flat and the global array is their
+  concatenation over the leaf's shards, in device order.
+  """
+  out = []
+  for i, (shape, local) in enumerate(zip(layout.shapes, layout.local_shapes, strict=True)):
+    spec = layout.specs[i] if layout.mesh is not None else PartitionSpec()
+    axes = tuple(a for entry in spec for a in ((entry,) if isinstance(entry, str) else entry or ()))
+    shards = math.prod(layout.mesh.shape[a] for a in axes) if axes else 1
+    if layout.is_8bit(i):
+      state = jax.ShapeDtypeStruct(local, jnp.uint8)
+      local_scales = scale_shape(local, layout.block_wise)
+      if layout.block_wise and len(local) >= 1 and local[-1] % BLOCK_SIZE == 0 and local[-1]:
+        scales = MomentArray(
+          jax.ShapeDtypeStruct(local_scales, jnp.float32),
+          (*shape[:-1], shape[-1] // BLOCK_SIZE),
+          spec,
+        )
+      else:
+        flat_spec = PartitionSpec(axes) if axes else PartitionSpec()
+        scales = MomentArray(
+          jax.ShapeDtypeStruct(local_scales, jnp.float32),
+          (shards * local_scales[0],),
+          flat_spec,
+        )
+    else:
+      state = jax.ShapeDtypeStruct(local, jnp.float32)
+      scales = MomentArray(jax.ShapeDtypeStruct((0,), jnp.float32), (0,), PartitionSpec())
+    codes = MomentArray(state, shape, spec)
+    out += [codes, codes, scales, scales]
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Validated arguments; structural fields are None when traced."""
@@ -206,19 +257,19 @@ def _static_value(x: Any) -> Any:
     return None
 
 
-def _check_range(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
+def _check_range(who: str, name: str, value: Any, ok: Callable[[float], bool], rule: str) -> None:
   concrete = _static_value(value)
   if concrete is not None and not ok(concrete):
-    raise ValueError(f"paged_adamw8bit: {name} must be {rule}, got {concrete!r}")
+    raise ValueError(f"{who}: {name} must be {rule}, got {concrete!r}")
 
 
-def _check_int(name: str, value: Any, lo: int, hi: float) -> int | None:
+def _check_int(who: str, name: str, value: Any, lo: int, hi: float) -> int | None:
   concrete = _static_value(value)
   if concrete is None:
     return None
   if isinstance(concrete, bool) or not float(concrete).is_integer() or not lo <= concrete <= hi:
     rule = f"an integer in {lo}..{hi}" if hi != math.inf else f"an integer >= {lo}"
-    raise ValueError(f"paged_adamw8bit: {name} must be {rule}, got {concrete!r}")
+    raise ValueError(f"{who}: {name} must be {rule}, got {concrete!r}")
   return int(concrete)
 
 
@@ -228,19 +279,20 @@ _ARGS_UNSUPPORTED = {"max_unorm": 0.0, "skip_zeros": False}
 _ARGS_OVERRIDES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise")
 
 
-def _args_fields(args: Any) -> dict[str, Any]:
+def _args_fields(who: str, args: Any) -> dict[str, Any]:
   if isinstance(args, Mapping):
     return dict(args)
   try:
     return dict(vars(args))
   except TypeError:
     raise TypeError(
-      "paged_adamw8bit: args must be None, a mapping or an object with attributes "
+      f"{who}: args must be None, a mapping or an object with attributes "
       f"(like bitsandbytes' args), got {type(args).__name__}"
     ) from None
 
 
 def _resolve_config(
+  who: str,
   optim_bits: Any,
   args: Any,
   min_8bit_size: Any,
@@ -251,47 +303,47 @@ def _resolve_config(
   bits = _static_value(optim_bits)
   if bits is not None and bits != 32:
     raise ValueError(
-      f"paged_adamw8bit: optim_bits must be 32, got {bits!r}. The keyword exists for "
+      f"{who}: optim_bits must be 32, got {bits!r}. The keyword exists for "
       "signature compatibility with bitsandbytes; the state is 8-bit regardless. For float32 "
       "moments on every leaf pass args={'optim_bits': 32}."
     )
   effective_bits: Any = 8
   if args is not None:
-    fields = _args_fields(args)
+    fields = _args_fields(who, args)
     for name, value in fields.items():
       if name in _ARGS_OVERRIDES:
         continue
       if name in _ARGS_UNSUPPORTED:
         if value != _ARGS_UNSUPPORTED[name]:
           raise ValueError(
-            f"paged_adamw8bit: args.{name}={value!r} is not supported "
+            f"{who}: args.{name}={value!r} is not supported "
             f"(only its default {_ARGS_UNSUPPORTED[name]!r})"
           )
         continue
       raise ValueError(
-        f"paged_adamw8bit: args.{name} is not an option of bitsandbytes' 8-bit optimizers; "
+        f"{who}: args.{name} is not an option of bitsandbytes' 8-bit optimizers; "
         f"args may set {', '.join(_ARGS_OVERRIDES)}"
       )
     if "optim_bits" in fields:
       effective_bits = fields["optim_bits"]
       concrete = _static_value(effective_bits)
       if concrete is not None and concrete not in (8, 32):
-        raise ValueError(f"paged_adamw8bit: args.optim_bits must be 8 or 32, got {concrete!r}")
+        raise ValueError(f"{who}: args.optim_bits must be 8 or 32, got {concrete!r}")
     min_8bit_size = fields.get("min_8bit_size", min_8bit_size)
     percentile_clipping = fields.get("percentile_clipping", percentile_clipping)
     block_wise = fields.get("block_wise", block_wise)
   block_wise_value = _static_value(block_wise)
   if block_wise_value is None or not isinstance(block_wise_value, (bool, np.bool_)):
-    raise ValueError(f"paged_adamw8bit: block_wise must be a Python bool, got {block_wise!r}")
+    raise ValueError(f"{who}: block_wise must be a Python bool, got {block_wise!r}")
   return _Config(
-    optim_bits=_check_int("optim_bits", effective_bits, 8, 32),
-    min_8bit_size=_check_int("min_8bit_size", min_8bit_size, 0, math.inf),
-    percentile_clipping=_check_int("percentile_clipping", percentile_clipping, 1, 100),
+    optim_bits=_check_int(who, "optim_bits", effective_bits, 8, 32),
+    min_8bit_size=_check_int(who, "min_8bit_size", min_8bit_size, 0, math.inf),
+    percentile_clipping=_check_int(who, "percentile_clipping", percentile_clipping, 1, 100),
     block_wise=bool(block_wise_value),
   )
 
 
-def _mask_leaves(mask: Any, params: Any, treedef: Any) -> list[bool]:
+def _mask_leaves(who: str, mask: Any, params: Any, treedef: Any) -> list[bool]:
   """One weight-decay flag per param leaf (optax convention: False = no decay)."""
   if mask is None:
     return [True] * treedef.num_leaves
@@ -303,14 +355,14 @@ def _mask_leaves(mask: Any, params: Any, treedef: Any) -> list[bool]:
     leaves = treedef.flatten_up_to(full)
   except (ValueError, TypeError) as e:
     raise ValueError(
-      f"paged_adamw8bit: mask must be a pytree of bools shaped like the params (or a prefix of "
+      f"{who}: mask must be a pytree of bools shaped like the params (or a prefix of "
       f"them), or a callable returning one: {e}"
     ) from None
   flags = []
   for leaf in leaves:
     value = _static_value(leaf)
     if not isinstance(value, (bool, np.bool_)):
-      raise ValueError(f"paged_adamw8bit: mask leaves must be Python bools, got {leaf!r}")
+      raise ValueError(f"{who}: mask leaves must be Python bools, got {leaf!r}")
     flags.append(bool(value))
   return flags
 
@@ -333,7 +385,7 @@ def _inside_optax_multisteps() -> bool:
   return False
 
 
-def _flatten_like(layout: Layout, tree: Any, what: str) -> tuple[list[Any], Any]:
+def _flatten_like(who: str, layout: Layout, tree: Any, what: str) -> tuple[list[Any], Any]:
   """Leaves of `tree` in the params' order, and its treedef.
 
   The structure may differ from the one `init` saw by wrapper nodes that hold
@@ -344,29 +396,28 @@ def _flatten_like(layout: Layout, tree: Any, what: str) -> tuple[list[Any], Any]
   leaves, treedef = jax.tree.flatten(tree)
   if len(leaves) != layout.num_leaves:
     raise ValueError(
-      f"paged_adamw8bit: the {what} have {len(leaves)} leaves, but the params this state was "
+      f"{who}: the {what} have {len(leaves)} leaves, but the params this state was "
       f"initialised with have {layout.num_leaves}.\n  state: {layout.treedef}\n  {what}: {treedef}"
     )
   return leaves, treedef
 
 
-def _check_leaves(layout: Layout, grads: list[Any], params: list[Any]) -> None:
+def _check_leaves(who: str, layout: Layout, grads: list[Any], params: list[Any]) -> None:
   for path, shape, dtype, g, p in zip(
     layout.paths, layout.shapes, layout.dtypes, grads, params, strict=True
   ):
     if jnp.dtype(p.dtype) != jnp.dtype(dtype):
       raise TypeError(
-        f"paged_adamw8bit: param {path} has dtype {p.dtype}, but the state was initialised "
-        f"for {dtype}"
+        f"{who}: param {path} has dtype {p.dtype}, but the state was initialised for {dtype}"
       )
     if jnp.dtype(g.dtype) != jnp.dtype(p.dtype):
       raise TypeError(
-        f"paged_adamw8bit: grad {path} has dtype {g.dtype} but its param has {p.dtype}; "
+        f"{who}: grad {path} has dtype {g.dtype} but its param has {p.dtype}; "
         "grads must have their param's dtype"
       )
     if tuple(p.shape) != shape or tuple(g.shape) != shape:
       raise ValueError(
-        f"paged_adamw8bit: leaf {path}: param shape {tuple(p.shape)} and grad shape "
+        f"{who}: leaf {path}: param shape {tuple(p.shape)} and grad shape "
         f"{tuple(g.shape)} must both equal the shape {shape} the state was initialised for"
       )
 
@@ -435,6 +486,174 @@ def _update_call(
   return outs[0], outs[1], list(outs[2:])
 
 
+def _arrays_call(
+  layout: Layout,
+  count: jax.Array,
+  rings: jax.Array,
+  hyper: jax.Array,
+  grads: list[jax.Array],
+  params: list[jax.Array],
+  moments: list[jax.Array],
+  write_params: bool,
+) -> tuple[jax.Array, jax.Array, list[jax.Array], list[jax.Array]]:
+  """adamw8bit's custom call: the state goes in and out as arrays (aliased, so
+  updated in place), no registry. Returns (count, rings, outputs, moments)."""
+  n = layout.num_leaves
+  arrays = moment_arrays(layout)
+
+  def local(count, hyper, qmaps, rings, *leaves):
+    out_types = [
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct(rings.shape, jnp.float32),
+      *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n : 2 * n]),
+      *(a.local for a in arrays),
+    ]
+    aliases = {3: 1, **{4 + 2 * n + k: 2 + n + k for k in range(4 * n)}}
+    if write_params:
+      aliases.update({4 + n + i: 2 + i for i in range(n)})
+    call = jax.ffi.ffi_call(_ffi.UPDATE_ARRAYS_TARGET, out_types, input_output_aliases=aliases)
+    return tuple(
+      call(
+        count,
+        hyper,
+        qmaps,
+        rings,
+        *leaves,
+        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
+        block_wise=layout.block_wise,
+        percentile=np.int32(layout.percentile_clipping),
+        write_params=write_params,
+      )
+    )
+
+  operands = (count, hyper, jnp.asarray(QMAPS), rings)
+  if layout.mesh is None:
+    outs = local(*operands, *grads, *params, *moments)
+  else:
+    specs = tuple(a.spec for a in arrays)
+    outs = jax.shard_map(
+      local,
+      mesh=layout.mesh,
+      in_specs=((PartitionSpec(),) * 4 + layout.specs + layout.specs + specs),
+      out_specs=(PartitionSpec(), PartitionSpec(), *layout.specs, *specs),
+      check_vma=False,
+    )(*operands, *grads, *params, *moments)
+  return outs[0], outs[1], list(outs[2 : 2 + n]), list(outs[2 + n :])
+
+
+def _validate(
+  who,
+  lr,
+  betas,
+  eps,
+  weight_decay,
+  amsgrad,
+  optim_bits,
+  args,
+  min_8bit_size,
+  percentile_clipping,
+  block_wise,
+) -> _Config:
+  """Checks every constructor argument that is concrete (traced ones, under
+  optax.inject_hyperparams, are checked where they are used or not at all)."""
+  if _static_value(amsgrad) is not False:
+    raise ValueError(
+      f"{who}: amsgrad={amsgrad!r} is not supported (bitsandbytes' 8-bit Adam has no AMSGrad "
+      "variant)"
+    )
+  if not callable(lr):
+    _check_range(who, "lr", lr, lambda x: x >= 0, ">= 0")
+  try:
+    b1, b2 = betas
+  except (TypeError, ValueError):
+    raise ValueError(f"{who}: betas must be a pair (beta1, beta2), got {betas!r}") from None
+  _check_range(who, "betas[0]", b1, lambda x: 0 <= x < 1, "in [0, 1)")
+  _check_range(who, "betas[1]", b2, lambda x: 0 <= x < 1, "in [0, 1)")
+  _check_range(who, "eps", eps, lambda x: x >= 0, ">= 0")
+  _check_range(who, "weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
+  return _resolve_config(who, optim_bits, args, min_8bit_size, percentile_clipping, block_wise)
+
+
+def _build_layout(who: str, config: _Config, mask: Any, params: Any) -> Layout:
+  """The static per-leaf layout of the params `init` is given."""
+  for name in ("optim_bits", "min_8bit_size", "percentile_clipping"):
+    if getattr(config, name) is None:
+      raise ValueError(
+        f"{who}: {name} is traced at init, but it fixes the per-leaf layout of the state and "
+        "must be concrete there. Under optax.inject_hyperparams call init outside jax.jit, or "
+        f"pass static_args=('{name}',)."
+      )
+  _ffi.check_backend(_platform_of(params))
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  decay = _mask_leaves(who, mask, params, treedef)
+  mesh, specs = _mesh_and_specs(
+    who, [(jax.tree_util.keystr(path), p) for path, p in leaves_with_path]
+  )
+  paths, shapes, dtypes, flags = [], [], [], []
+  for (path, p), decays in zip(leaves_with_path, decay, strict=True):
+    name = jax.tree_util.keystr(path)
+    dtype = jnp.dtype(getattr(p, "dtype", None) or jnp.result_type(p))
+    if dtype not in _PARAM_DTYPES:
+      raise TypeError(
+        f"{who}: param {name} has dtype {dtype}; only float32, bfloat16 and float16 params can "
+        "be optimized"
+      )
+    shape = tuple(int(d) for d in np.shape(p))
+    is_8bit = config.optim_bits == 8 and math.prod(shape) >= config.min_8bit_size
+    paths.append(name)
+    shapes.append(shape)
+    dtypes.append(dtype.name)
+    flags.append((LEAF_8BIT if is_8bit else 0) | (LEAF_DECAY if decays else 0))
+  layout = Layout(
+    treedef=treedef,
+    paths=tuple(paths),
+    shapes=tuple(shapes),
+    dtypes=tuple(dtypes),
+    leaf_flags=tuple(flags),
+    optim_bits=config.optim_bits,
+    min_8bit_size=config.min_8bit_size,
+    percentile_clipping=config.percentile_clipping,
+    block_wise=config.block_wise,
+    mesh=mesh,
+    specs=specs,
+  )
+  if layout.mesh is not None and layout.clipping:
+    raise ValueError(
+      f"{who}: percentile_clipping < 100 with params sharded over several devices is not "
+      "supported yet (each device would clip by its own shard's norm); use "
+      "optax.clip_by_global_norm before the optimizer instead"
+    )
+  return layout
+
+
+def _check_state_layout(who: str, config: _Config, state: Any, state_type: type) -> Layout:
+  if not isinstance(state, state_type):
+    raise TypeError(
+      f"{who}: expected the opt_state returned by {who}'s init, got {type(state).__name__}"
+    )
+  layout = state.layout
+  for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
+    mine, theirs = getattr(config, name), getattr(layout, name)
+    if mine is not None and mine != theirs:
+      raise ValueError(
+        f"{who}: this opt_state was built by an optimizer with {name}={theirs!r}, this one has "
+        f"{name}={mine!r}; use the optimizer that created the state"
+      )
+  return layout
+
+
+def _step_inputs(who, layout, updates, params, count, lr, betas, eps, weight_decay):
+  """Flattened and checked grads and params, their treedefs, the hyperparameters."""
+  if params is None:
+    raise ValueError(f"{who}: update needs the params: call tx.update(grads, opt_state, params)")
+  _ffi.check_backend(_platform_of(params))
+  grads, grads_def = _flatten_like(who, layout, updates, "grads")
+  param_leaves, params_def = _flatten_like(who, layout, params, "params")
+  _check_leaves(who, layout, grads, param_leaves)
+  hyper = _hyperparams(lr, count, betas, eps, weight_decay)
+  return grads, grads_def, param_leaves, params_def, hyper
+
+
 def paged_adamw8bit(
   lr: float | optax.ScalarOrSchedule = 1e-3,
   betas: tuple[float, float] = (0.9, 0.999),
@@ -448,7 +667,7 @@ def paged_adamw8bit(
   block_wise: bool = True,
   *,
   mask: Any = None,
-) -> optax.GradientTransformation:
+) -> PagedGradientTransformation:
   r"""AdamW with 8-bit blockwise moments in paged memory (bitsandbytes' PagedAdamW8bit).
 
   Per leaf and step, with :math:`t` the 1-based step and :math:`q_1, q_2` the
@@ -504,73 +723,25 @@ def paged_adamw8bit(
     Dettmers et al., 8-bit Optimizers via Block-wise Quantization, ICLR 2022.
     Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
   """
-  if _static_value(amsgrad) is not False:
-    raise ValueError(
-      f"paged_adamw8bit: amsgrad={amsgrad!r} is not supported (bitsandbytes' 8-bit Adam has "
-      "no AMSGrad variant)"
-    )
-  if not callable(lr):
-    _check_range("lr", lr, lambda x: x >= 0, ">= 0")
-  try:
-    b1, b2 = betas
-  except (TypeError, ValueError):
-    raise ValueError(
-      f"paged_adamw8bit: betas must be a pair (beta1, beta2), got {betas!r}"
-    ) from None
-  _check_range("betas[0]", b1, lambda x: 0 <= x < 1, "in [0, 1)")
-  _check_range("betas[1]", b2, lambda x: 0 <= x < 1, "in [0, 1)")
-  _check_range("eps", eps, lambda x: x >= 0, ">= 0")
-  _check_range("weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
-  config = _resolve_config(optim_bits, args, min_8bit_size, percentile_clipping, block_wise)
+
+  who = "paged_adamw8bit"
+  config = _validate(
+    who,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    amsgrad,
+    optim_bits,
+    args,
+    min_8bit_size,
+    percentile_clipping,
+    block_wise,
+  )
 
   def init_fn(params: optax.Params) -> PagedAdamW8bitState:
-    for name in ("optim_bits", "min_8bit_size", "percentile_clipping"):
-      if getattr(config, name) is None:
-        raise ValueError(
-          f"paged_adamw8bit: {name} is traced at init, but it fixes the per-leaf layout of the "
-          "state and must be concrete there. Under optax.inject_hyperparams call init outside "
-          f"jax.jit, or pass static_args=('{name}',)."
-        )
-    _ffi.check_backend(_platform_of(params))
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    decay = _mask_leaves(mask, params, treedef)
-    mesh, specs = _mesh_and_specs([(jax.tree_util.keystr(path), p) for path, p in leaves_with_path])
-    paths, shapes, dtypes, flags = [], [], [], []
-    for (path, p), decays in zip(leaves_with_path, decay, strict=True):
-      name = jax.tree_util.keystr(path)
-      dtype = jnp.dtype(getattr(p, "dtype", None) or jnp.result_type(p))
-      if dtype not in _PARAM_DTYPES:
-        raise TypeError(
-          f"paged_adamw8bit: param {name} has dtype {dtype}; only float32, bfloat16 and "
-          "float16 params can be optimized"
-        )
-      shape = tuple(int(d) for d in np.shape(p))
-      size = math.prod(shape)
-      is_8bit = config.optim_bits == 8 and size >= config.min_8bit_size
-      paths.append(name)
-      shapes.append(shape)
-      dtypes.append(dtype.name)
-      flags.append((LEAF_8BIT if is_8bit else 0) | (LEAF_DECAY if decays else 0))
-    layout = Layout(
-      treedef=treedef,
-      paths=tuple(paths),
-      shapes=tuple(shapes),
-      dtypes=tuple(dtypes),
-      leaf_flags=tuple(flags),
-      optim_bits=config.optim_bits,
-      min_8bit_size=config.min_8bit_size,
-      percentile_clipping=config.percentile_clipping,
-      block_wise=config.block_wise,
-      mesh=mesh,
-      specs=specs,
-    )
-    rings = len(paths) if layout.clipping else 0
-    if layout.mesh is not None and layout.clipping:
-      raise ValueError(
-        "paged_adamw8bit: percentile_clipping < 100 with params sharded over several devices is "
-        "not supported yet (each device would clip by its own shard's norm); use "
-        "optax.clip_by_global_norm before the optimizer instead"
-      )
+    layout = _build_layout(who, config, mask, params)
+    rings = layout.num_leaves if layout.clipping else 0
     return PagedAdamW8bitState(
       count=jnp.zeros([], jnp.int32),
       handle=jnp.asarray(_ffi.new_handle(), jnp.int32),
@@ -578,61 +749,129 @@ def paged_adamw8bit(
       layout=layout,
     )
 
-  def check_state(state: Any) -> Layout:
-    if not isinstance(state, PagedAdamW8bitState):
-      raise TypeError(
-        "paged_adamw8bit: expected the opt_state returned by paged_adamw8bit's init, got "
-        f"{type(state).__name__}"
-      )
-    layout = state.layout
-    for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
-      mine, theirs = getattr(config, name), getattr(layout, name)
-      if mine is not None and mine != theirs:
-        raise ValueError(
-          f"paged_adamw8bit: this opt_state was built by an optimizer with {name}={theirs!r}, "
-          f"this one has {name}={mine!r}; use the optimizer that created the state"
-        )
-    return layout
-
-  def step(
-    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params, write_params: bool
-  ) -> tuple[Any, PagedAdamW8bitState]:
-    layout = check_state(state)
-    if params is None:
-      raise ValueError(
-        "paged_adamw8bit: update needs the params: call tx.update(grads, opt_state, params)"
-      )
+  def step(updates, state, params, write_params):
+    layout = _check_state_layout(who, config, state, PagedAdamW8bitState)
     if _inside_optax_multisteps():
       raise ValueError(
         "paged_adamw8bit cannot run inside optax.MultiSteps: MultiSteps runs the inner update on "
         "every micro-step and keeps or discards its new state afterwards, but a paged state is "
         "advanced in place, so it would be corrupted. Accumulate with "
-        "optax_paged8bit.accumulate_gradients(tx, every_k_steps) instead."
+        "optax_paged8bit.accumulate_gradients(tx, every_k_steps), or use adamw8bit."
       )
-    _ffi.check_backend(_platform_of(params))
-    grads, grads_def = _flatten_like(layout, updates, "grads")
-    param_leaves, params_def = _flatten_like(layout, params, "params")
-    _check_leaves(layout, grads, param_leaves)
-    if not isinstance(state.handle, jax.core.Tracer) and not isinstance(
+    grads, grads_def, param_leaves, params_def, hyper = _step_inputs(
+      who, layout, updates, params, state.count, lr, betas, eps, weight_decay
+    )
+    concrete = not isinstance(state.handle, jax.core.Tracer) and not isinstance(
       state.count, jax.core.Tracer
-    ):
+    )
+    if concrete and layout.mesh is None:
       _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call
-    hyper = _hyperparams(lr, state.count, betas, eps, weight_decay)
     count, rings, outs = _update_call(layout, state, hyper, grads, param_leaves, write_params)
     out_def = params_def if write_params else grads_def
     return out_def.unflatten(outs), state._replace(count=count, gnorm_vec=rings)
 
-  def update_fn(
-    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params | None = None
-  ) -> tuple[optax.Updates, PagedAdamW8bitState]:
-    return step(updates, state, params, write_params=False)
+  return PagedGradientTransformation(
+    init_fn,
+    lambda updates, state, params=None: step(updates, state, params, False),
+    lambda updates, state, params: step(updates, state, params, True),
+  )
 
-  def fused_update_fn(
-    updates: optax.Updates, state: PagedAdamW8bitState, params: optax.Params
-  ) -> tuple[optax.Params, PagedAdamW8bitState]:
-    return step(updates, state, params, write_params=True)
 
-  return PagedGradientTransformation(init_fn, update_fn, fused_update_fn)
+def adamw8bit(
+  lr: float | optax.ScalarOrSchedule = 1e-3,
+  betas: tuple[float, float] = (0.9, 0.999),
+  eps: float = 1e-8,
+  weight_decay: float = 1e-2,
+  amsgrad: bool = False,
+  optim_bits: int = 32,
+  args: Any = None,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  percentile_clipping: int = 100,
+  block_wise: bool = True,
+  *,
+  mask: Any = None,
+) -> PagedGradientTransformation:
+  """8-bit blockwise AdamW with its state as ordinary JAX arrays (bitsandbytes' AdamW8bit).
+
+  The same contract, algorithm and custom call as :func:`paged_adamw8bit`,
+  bit for bit; the codes and scales live in the optax state (an
+  :class:`Adam8bitState`, the format `export_state` returns) instead of the
+  registry. The update is a pure function, so it works where a paged state
+  cannot: ``optax.MultiSteps``, ``optax.apply_if_finite``, ``jnp.where``
+  selection between states, re-running a step. The state arrays shard like
+  the params (see `export_state`), and orbax saves them as they are.
+
+  Args and Returns: as :func:`paged_adamw8bit`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_paged8bit import adamw8bit
+    >>> tx = optax.MultiSteps(adamw8bit(2e-4), every_k_schedule=4)
+  """
+  who = "adamw8bit"
+  config = _validate(
+    who,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    amsgrad,
+    optim_bits,
+    args,
+    min_8bit_size,
+    percentile_clipping,
+    block_wise,
+  )
+
+  def init_fn(params: optax.Params) -> Adam8bitState:
+    layout = _build_layout(who, config, mask, params)
+
+    def zeros(a: MomentArray) -> jax.Array:
+      if layout.mesh is None:
+        return jnp.zeros(a.shape, a.local.dtype)
+      return jnp.zeros(a.shape, a.local.dtype, device=NamedSharding(layout.mesh, a.spec))
+
+    flat = [zeros(a) for a in moment_arrays(layout)]
+    rings = layout.num_leaves if layout.clipping else 0
+    return Adam8bitState(
+      count=jnp.zeros([], jnp.int32),
+      qmap1=jnp.asarray(QMAPS[0]),
+      qmap2=jnp.asarray(QMAPS[1]),
+      moments=layout.treedef.unflatten(
+        [QuantizedMoments(*flat[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
+      ),
+      gnorm_vec=jnp.zeros([rings, RING_SIZE], jnp.float32),
+      layout=layout,
+    )
+
+  def step(updates, state, params, write_params):
+    layout = _check_state_layout(who, config, state, Adam8bitState)
+    grads, grads_def, param_leaves, params_def, hyper = _step_inputs(
+      who, layout, updates, params, state.count, lr, betas, eps, weight_decay
+    )
+    moments = [
+      x
+      for m in layout.treedef.flatten_up_to(state.moments)
+      for x in (m.state1, m.state2, m.absmax1, m.absmax2)
+    ]
+    count, rings, outs, new_moments = _arrays_call(
+      layout, state.count, state.gnorm_vec, hyper, grads, param_leaves, moments, write_params
+    )
+    out_def = params_def if write_params else grads_def
+    new_state = state._replace(
+      count=count,
+      gnorm_vec=rings,
+      moments=layout.treedef.unflatten(
+        [QuantizedMoments(*new_moments[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
+      ),
+    )
+    return out_def.unflatten(outs), new_state
+
+  return PagedGradientTransformation(
+    init_fn,
+    lambda updates, state, params=None: step(updates, state, params, False),
+    lambda updates, state, params: step(updates, state, params, True),
+  )
 
 
 class PagedGradientTransformation(optax.GradientTransformation):
