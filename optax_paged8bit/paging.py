@@ -18,6 +18,8 @@ from optax_paged8bit.transform import (
   PagedAdamW8bitState,
   QuantizedMoments,
   moment_arrays,
+  moments_flat,
+  moments_tree,
 )
 
 
@@ -69,12 +71,11 @@ def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   flat = _sharded(layout, local, (PartitionSpec(), PartitionSpec()), tuple(a.spec for a in arrays))(
     state.handle, state.count
   )
-  moments = [QuantizedMoments(*flat[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
   return Adam8bitState(
     count=state.count,
     qmap1=jnp.asarray(QMAP_SIGNED),
     qmap2=jnp.asarray(QMAP_UNSIGNED),
-    moments=layout.treedef.unflatten(moments),
+    moments=moments_tree(layout, list(flat)),
     gnorm_vec=state.gnorm_vec,
     layout=layout,
   )
@@ -118,24 +119,26 @@ def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array
   ):
     raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
   flat = layout.treedef.flatten_up_to(exported.moments)
-  arrays = []
   wanted = moment_arrays(layout)
   for i, (path, leaf) in enumerate(zip(layout.paths, flat, strict=True)):
-    for name, array, want in zip(
-      QuantizedMoments._fields, leaf, wanted[4 * i : 4 * i + 4], strict=True
-    ):
-      if tuple(array.shape) != want.shape or array.dtype != want.local.dtype:
+    for k, (name, array) in enumerate(zip(QuantizedMoments._fields, leaf, strict=True)):
+      want = wanted[4 * i + k]
+      if array is None and not layout.is_8bit(i) and k >= 2:
+        continue  # a float32 leaf has no scales
+      if array is None or tuple(array.shape) != want.shape or array.dtype != want.local.dtype:
+        got = "None" if array is None else f"{array.dtype}{list(array.shape)}"
         raise ValueError(
           f"import_state: leaf {path}: {name} must be {want.local.dtype}{list(want.shape)}, got "
-          f"{array.dtype}{list(array.shape)}"
+          f"{got}"
         )
-      arrays.append(array)
-  want_rings = (layout.num_leaves if layout.clipping else 0, 100)
-  if tuple(exported.gnorm_vec.shape) != want_rings:
-    raise ValueError(
-      f"import_state: gnorm_vec must be float32{list(want_rings)}, got "
-      f"{list(exported.gnorm_vec.shape)}"
-    )
+  arrays = moments_flat(layout, exported.moments)
+  if layout.clipping:
+    want_rings = (layout.num_leaves, 100)
+    if exported.gnorm_vec is None or tuple(exported.gnorm_vec.shape) != want_rings:
+      raise ValueError(
+        f"import_state: gnorm_vec must be float32{list(want_rings)}, got "
+        f"{None if exported.gnorm_vec is None else list(exported.gnorm_vec.shape)}"
+      )
   return arrays
 
 
@@ -160,7 +163,8 @@ def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAda
   count = _sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
     state.handle, count, *arrays
   )
-  return state._replace(count=count, gnorm_vec=jnp.asarray(exported.gnorm_vec, jnp.float32))
+  rings = jnp.asarray(exported.gnorm_vec, jnp.float32) if layout.clipping else None
+  return state._replace(count=count, gnorm_vec=rings)
 
 
 def import_state(opt_state: Any, exported: Any) -> Any:

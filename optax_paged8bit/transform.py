@@ -164,8 +164,8 @@ class PagedAdamW8bitState(NamedTuple):
 
   count: jax.Array  # int32[], number of updates applied; also orders the calls
   handle: jax.Array  # int32[], key of this state's slots in the registry
-  gnorm_vec: jax.Array  # float32[num_leaves, 100]: squared grad norms of the
-  # last 100 steps per leaf (percentile clipping), float32[0, 100] when off
+  gnorm_vec: jax.Array | None  # float32[num_leaves, 100]: squared grad norms of
+  # the last 100 steps per leaf (percentile clipping); None when clipping is off
   layout: Layout  # static per-leaf structure
 
 
@@ -175,9 +175,9 @@ class QuantizedMoments(NamedTuple):
   state1: jax.Array  # uint8 codes of the first moment, shaped like the param
   # (float32 moment for a float32 leaf)
   state2: jax.Array  # uint8 codes of the second moment (float32 for a float32 leaf)
-  absmax1: jax.Array  # float32 block scales of state1 (quantization.scale_shape;
-  # empty for a float32 leaf)
-  absmax2: jax.Array  # float32 block scales of state2
+  absmax1: jax.Array | None  # float32 block scales of state1 (see moment_arrays;
+  # None for a float32 leaf)
+  absmax2: jax.Array | None  # float32 block scales of state2
 
 
 class Adam8bitState(NamedTuple):
@@ -188,7 +188,7 @@ class Adam8bitState(NamedTuple):
   qmap1: jax.Array  # float32[256], signed dynamic map of state1
   qmap2: jax.Array  # float32[256], unsigned dynamic map of state2
   moments: Any  # pytree shaped like the params, a QuantizedMoments per leaf
-  gnorm_vec: jax.Array  # float32[num_leaves or 0, 100], percentile-clipping ring
+  gnorm_vec: jax.Array | None  # float32[num_leaves, 100] clipping ring, or None
   layout: Layout  # static per-leaf structure
 
 
@@ -235,6 +235,37 @@ def moment_arrays(layout: Layout) -> list[MomentArray]:
     codes = MomentArray(state, shape, spec)
     out += [codes, codes, scales, scales]
   return out
+
+
+def moments_tree(layout: Layout, flat: list[Any]) -> Any:
+  """The params-shaped tree of QuantizedMoments from the 4 arrays per leaf of
+  the custom calls (a float32 leaf's empty scales become None)."""
+  leaves = []
+  for i in range(layout.num_leaves):
+    s1, s2, a1, a2 = flat[4 * i : 4 * i + 4]
+    if not layout.is_8bit(i):
+      a1 = a2 = None
+    leaves.append(QuantizedMoments(s1, s2, a1, a2))
+  return layout.treedef.unflatten(leaves)
+
+
+def moments_flat(layout: Layout, tree: Any) -> list[Any]:
+  """The inverse of moments_tree (None scales become empty arrays)."""
+  empty = jnp.zeros((0,), jnp.float32)
+  flat = []
+  for m in layout.treedef.flatten_up_to(tree):
+    flat += [m.state1, m.state2]
+    flat += [empty if m.absmax1 is None else m.absmax1, empty if m.absmax2 is None else m.absmax2]
+  return flat
+
+
+def rings_operand(layout: Layout, gnorm_vec: Any) -> jax.Array:
+  """The clipping-ring operand: the ring, or an empty array when clipping is off."""
+  return gnorm_vec if layout.clipping else jnp.zeros((0, RING_SIZE), jnp.float32)
+
+
+def initial_rings(layout: Layout) -> jax.Array | None:
+  return jnp.zeros([layout.num_leaves, RING_SIZE], jnp.float32) if layout.clipping else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,7 +502,8 @@ def _update_call(
       )
     )
 
-  operands = (state.handle, state.count, hyper, jnp.asarray(QMAPS), state.gnorm_vec)
+  rings = rings_operand(layout, state.gnorm_vec)
+  operands = (state.handle, state.count, hyper, jnp.asarray(QMAPS), rings)
   if layout.mesh is None:
     outs = local(*operands, *grads, *params)
   else:
@@ -741,11 +773,10 @@ def paged_adamw8bit(
 
   def init_fn(params: optax.Params) -> PagedAdamW8bitState:
     layout = _build_layout(who, config, mask, params)
-    rings = layout.num_leaves if layout.clipping else 0
     return PagedAdamW8bitState(
       count=jnp.zeros([], jnp.int32),
       handle=jnp.asarray(_ffi.new_handle(), jnp.int32),
-      gnorm_vec=jnp.zeros([rings, RING_SIZE], jnp.float32),
+      gnorm_vec=initial_rings(layout),
       layout=layout,
     )
 
@@ -768,6 +799,7 @@ def paged_adamw8bit(
       _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call
     count, rings, outs = _update_call(layout, state, hyper, grads, param_leaves, write_params)
     out_def = params_def if write_params else grads_def
+    rings = rings if layout.clipping else None
     return out_def.unflatten(outs), state._replace(count=count, gnorm_vec=rings)
 
   return PagedGradientTransformation(
@@ -831,16 +863,12 @@ def adamw8bit(
         return jnp.zeros(a.shape, a.local.dtype)
       return jnp.zeros(a.shape, a.local.dtype, device=NamedSharding(layout.mesh, a.spec))
 
-    flat = [zeros(a) for a in moment_arrays(layout)]
-    rings = layout.num_leaves if layout.clipping else 0
     return Adam8bitState(
       count=jnp.zeros([], jnp.int32),
       qmap1=jnp.asarray(QMAPS[0]),
       qmap2=jnp.asarray(QMAPS[1]),
-      moments=layout.treedef.unflatten(
-        [QuantizedMoments(*flat[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
-      ),
-      gnorm_vec=jnp.zeros([rings, RING_SIZE], jnp.float32),
+      moments=moments_tree(layout, [zeros(a) for a in moment_arrays(layout)]),
+      gnorm_vec=initial_rings(layout),
       layout=layout,
     )
 
@@ -849,21 +877,21 @@ def adamw8bit(
     grads, grads_def, param_leaves, params_def, hyper = _step_inputs(
       who, layout, updates, params, state.count, lr, betas, eps, weight_decay
     )
-    moments = [
-      x
-      for m in layout.treedef.flatten_up_to(state.moments)
-      for x in (m.state1, m.state2, m.absmax1, m.absmax2)
-    ]
     count, rings, outs, new_moments = _arrays_call(
-      layout, state.count, state.gnorm_vec, hyper, grads, param_leaves, moments, write_params
+      layout,
+      state.count,
+      rings_operand(layout, state.gnorm_vec),
+      hyper,
+      grads,
+      param_leaves,
+      moments_flat(layout, state.moments),
+      write_params,
     )
     out_def = params_def if write_params else grads_def
     new_state = state._replace(
       count=count,
-      gnorm_vec=rings,
-      moments=layout.treedef.unflatten(
-        [QuantizedMoments(*new_moments[4 * i : 4 * i + 4]) for i in range(layout.num_leaves)]
-      ),
+      gnorm_vec=rings if layout.clipping else None,
+      moments=moments_tree(layout, new_moments),
     )
     return out_def.unflatten(outs), new_state
 
