@@ -3,12 +3,13 @@ and memory accounting."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_paged8bit import _ffi
 from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED
@@ -278,3 +279,62 @@ def set_device_memory_budget(nbytes: int | None) -> None:
       f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
     )
   setter(-1 if nbytes is None else nbytes)
+
+
+def _abstract_export(state: PagedAdamW8bitState | Adam8bitState) -> Adam8bitState:
+  """ShapeDtypeStructs (with shardings) of what export_state returns for this
+  state: the target orbax restores into, without computing the export."""
+  layout = state.layout
+  if layout.mesh is None:
+    default = state.count.sharding
+    sharding_of = lambda spec: default
+  else:
+    sharding_of = lambda spec: NamedSharding(layout.mesh, spec)
+  flat = [
+    jax.ShapeDtypeStruct(a.shape, a.local.dtype, sharding=sharding_of(a.spec))
+    for a in moment_arrays(layout)
+  ]
+  replicated = sharding_of(PartitionSpec())
+  rings = None
+  if layout.clipping:
+    rings = jax.ShapeDtypeStruct((layout.num_leaves, 100), jnp.float32, sharding=replicated)
+  return Adam8bitState(
+    count=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+    qmap1=jax.ShapeDtypeStruct((256,), jnp.float32, sharding=replicated),
+    qmap2=jax.ShapeDtypeStruct((256,), jnp.float32, sharding=replicated),
+    moments=moments_tree(layout, flat),
+    gnorm_vec=rings,
+    layout=layout,
+  )
+
+
+def save_checkpoint(directory: str, opt_state: Any) -> None:
+  """Saves `export_state(opt_state)` with orbax (a StandardCheckpointer) and
+  waits until it is written. Sharded states are saved shard by shard."""
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), export_state(opt_state))
+  checkpointer.wait_until_finished()
+
+
+def restore_checkpoint(directory: str, opt_state: Any) -> Any:
+  """Restores a `save_checkpoint` into `opt_state` (a fresh one from the same
+  optimizer's init, on the mesh to continue on) and returns the state to
+  continue from: paged states are loaded into the registry (`import_state`),
+  adamw8bit states are returned as restored.
+
+  Restoring onto another mesh is exact when the saved and the new shards both
+  lie on 256-element block boundaries (see README); orbax reshards the arrays.
+  """
+  import orbax.checkpoint as ocp
+
+  def target(x):
+    if _is_paged(x) or _is_exported(x):
+      return _abstract_export(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+  is_state = lambda x: _is_paged(x) or _is_exported(x)
+  abstract = jax.tree.map(target, opt_state, is_leaf=is_state)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
+  return import_state(opt_state, restored)
