@@ -12,39 +12,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from resume_common import SPECS, make, optimizer, train
 from test_oracle import assert_bit_equal
 
 import optax_paged8bit as op
 
-# Shared by this process and the fresh ones: params, grads and a training run.
-COMMON = textwrap.dedent(
-  """
-  import jax, numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  import optax_paged8bit as op
-
-  SHAPES = {"w": (1024, 512), "u": (8192,), "b": (300,)}
-  SPECS = {"w": P("x"), "u": P("x"), "b": P()}
-
-  def make(seed, mesh=None):
-    rng = np.random.default_rng(seed)
-    tree = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in SHAPES.items()}
-    if mesh is None:
-      return {k: jax.numpy.asarray(v) for k, v in tree.items()}
-    return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
-
-  def train(tx, state, params, steps, first, mesh=None):
-    step = jax.jit(tx.fused_update)
-    for t in range(first, first + steps):
-      params, state = step(make(100 + t, mesh) if True else None, state, params)
-    return params, state
-
-  def optimizer(kind):
-    return {"paged": op.paged_adamw8bit, "arrays": op.adamw8bit}[kind](1e-3, min_8bit_size=1000)
-  """
-)
-exec(COMMON)  # noqa: S102 - the same definitions as the fresh processes
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def mesh_of(n):
@@ -74,7 +47,18 @@ def test_save_restore_continues_bit_identically(tmp_path, kind):
 
 def run_fresh_process(tmp_path, body: str, devices: int) -> None:
   script = tmp_path / "resume.py"
-  script.write_text(COMMON + textwrap.dedent(body))
+  header = "\n".join(
+    [
+      "import sys",
+      f"sys.path.insert(0, {TESTS!r})",
+      "import jax, numpy as np",
+      "from jax.sharding import NamedSharding",
+      "import optax_paged8bit as op",
+      "from resume_common import SHAPES, SPECS, optimizer, train",
+      "",
+    ]
+  )
+  script.write_text(header + textwrap.dedent(body))
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   done = subprocess.run(
     [sys.executable, str(script)],
