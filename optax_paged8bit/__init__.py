@@ -3,6 +3,7 @@
 from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
 from optax_paged8bit.paging import (
   export_state,
+  from_optax_adamw,
   import_state,
   page_in,
   page_out,
@@ -13,6 +14,7 @@ from optax_paged8bit.paging import (
   set_device_memory_budget,
   slot_info,
   state_nbytes,
+  to_optax_adamw,
 )
 from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
 from optax_paged8bit.transform import (
@@ -38,6 +40,7 @@ __all__ = [
   "adamw8bit",
   "dynamic_map",
   "export_state",
+  "from_optax_adamw",
   "import_state",
   "page_in",
   "page_out",
@@ -49,6 +52,7 @@ __all__ = [
   "set_device_memory_budget",
   "slot_info",
   "state_nbytes",
+  "to_optax_adamw",
 ]
 
 __version__ = "0.1.0"

@@ -9,10 +9,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_paged8bit import _ffi
-from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED
+from optax_paged8bit.quantization import (
+  QMAP_SIGNED,
+  QMAP_UNSIGNED,
+  dequantize_blockwise,
+  quantize_blockwise,
+)
 from optax_paged8bit.transform import (
   Adam8bitState,
   Layout,
@@ -338,3 +344,100 @@ def restore_checkpoint(directory: str, opt_state: Any) -> Any:
   abstract = jax.tree.map(target, opt_state, is_leaf=is_state)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
   return import_state(opt_state, restored)
+
+
+def _find_adam_state(adamw_state: Any) -> Any:
+  found = [
+    s
+    for s in jax.tree.leaves(adamw_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    if isinstance(s, optax.ScaleByAdamState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+      "from_optax_adamw: expected an optax.adamw state (one ScaleByAdamState inside), found "
+      f"{len(found)}"
+    )
+  return found[0]
+
+
+def from_optax_adamw(adamw_state: Any, opt_state: Any) -> Any:
+  """Continues an `optax.adamw` run with an 8-bit optimizer.
+
+  Args:
+    adamw_state: the state of `optax.adamw` (or its ScaleByAdamState), whose
+      `mu`, `nu` and `count` are taken.
+    opt_state: a fresh state from `paged_adamw8bit(...).init(params)` or
+      `adamw8bit(...).init(params)` for the same params.
+
+  Returns:
+    `opt_state` holding the quantized `mu` and `nu` (each device quantizes
+    its own shards, as the update does) and adamw's step count.
+  """
+  adam = _find_adam_state(adamw_state)
+  state = opt_state
+  if not (_is_paged(state) or _is_exported(state)):
+    raise TypeError("from_optax_adamw: opt_state must come from paged_adamw8bit or adamw8bit")
+  layout = state.layout
+  mus = layout.treedef.flatten_up_to(adam.mu)
+  nus = layout.treedef.flatten_up_to(adam.nu)
+  arrays = moment_arrays(layout)
+
+  def local(*moments):
+    out = []
+    for i in range(layout.num_leaves):
+      mu, nu = moments[i], moments[layout.num_leaves + i]
+      if layout.is_8bit(i):
+        c1, a1 = quantize_blockwise(mu, QMAP_SIGNED, layout.block_wise, signed=True)
+        c2, a2 = quantize_blockwise(nu, QMAP_UNSIGNED, layout.block_wise, signed=False)
+        scale_shape_ = arrays[4 * i + 2].local.shape
+        out += [c1, c2, a1.reshape(scale_shape_), a2.reshape(scale_shape_)]
+      else:
+        empty = jnp.zeros((0,), jnp.float32)
+        out += [mu.astype(jnp.float32), nu.astype(jnp.float32), empty, empty]
+    return tuple(out)
+
+  specs = layout.specs if layout.mesh is not None else ()
+  flat = _sharded(layout, local, (*specs, *specs), tuple(a.spec for a in arrays))(*mus, *nus)
+  converted = Adam8bitState(
+    count=jnp.asarray(adam.count, jnp.int32),
+    qmap1=jnp.asarray(QMAP_SIGNED),
+    qmap2=jnp.asarray(QMAP_UNSIGNED),
+    moments=moments_tree(layout, list(flat)),
+    gnorm_vec=jnp.zeros((layout.num_leaves, 100), jnp.float32) if layout.clipping else None,
+    layout=layout,
+  )
+  return import_state(state, converted) if _is_paged(state) else converted
+
+
+def to_optax_adamw(opt_state: Any) -> optax.ScaleByAdamState:
+  """The dequantized moments of a paged_adamw8bit or adamw8bit state as an
+  optax `ScaleByAdamState` (float32 `mu`, `nu`, the step count): put it in
+  place of the ScaleByAdamState of `optax.adamw(...).init(params)`."""
+  if not (_is_paged(opt_state) or _is_exported(opt_state)):
+    raise TypeError("to_optax_adamw: opt_state must come from paged_adamw8bit or adamw8bit")
+  exported = export_state(opt_state)
+  layout = exported.layout
+  arrays = moment_arrays(layout)
+
+  def local(*flat):
+    mus, nus = [], []
+    for i in range(layout.num_leaves):
+      s1, s2, a1, a2 = flat[4 * i : 4 * i + 4]
+      if layout.is_8bit(i):
+        mus.append(dequantize_blockwise(s1, a1, QMAP_SIGNED, layout.block_wise))
+        nus.append(dequantize_blockwise(s2, a2, QMAP_UNSIGNED, layout.block_wise))
+      else:
+        mus.append(s1)
+        nus.append(s2)
+    return (*mus, *nus)
+
+  specs = layout.specs if layout.mesh is not None else ()
+  out = _sharded(layout, local, tuple(a.spec for a in arrays), (*specs, *specs))(
+    *moments_flat(layout, exported.moments)
+  )
+  n = layout.num_leaves
+  return optax.ScaleByAdamState(
+    count=exported.count,
+    mu=layout.treedef.unflatten(list(out[:n])),
+    nu=layout.treedef.unflatten(list(out[n:])),
+  )

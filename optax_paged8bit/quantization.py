@@ -103,3 +103,48 @@ def dequantize(
   absmax = np.asarray(absmax, np.float32).reshape(-1)
   scales = np.repeat(absmax, BLOCK_SIZE)[: values.size] if block_wise else absmax[0]
   return (values * scales).reshape(codes.shape)
+
+
+def quantize_blockwise(x, qmap, block_wise: bool = True, signed: bool = True):
+  """8-bit codes and float32 scales of `x` with the optimizer's quantizer (SPEC
+  3.2 step 5: nearest map entry, ties to the even code, the sign fix for the
+  signed map), in JAX. One scale per 256 elements of the flattened array (the
+  last block may be partial), or one for the whole array.
+
+  Returns (codes uint8 shaped like x, scales float32[blocks] or [1]).
+  """
+  import jax.numpy as jnp
+
+  q = jnp.asarray(qmap, jnp.float32)
+  flat = jnp.asarray(x, jnp.float32).reshape(-1)
+  n = flat.shape[0]
+  if block_wise:
+    blocks = -(-n // BLOCK_SIZE)
+    padded = jnp.pad(flat, (0, blocks * BLOCK_SIZE - n)).reshape(blocks, BLOCK_SIZE)
+    absmax = jnp.max(jnp.abs(padded), axis=1)
+    scaled = (padded / absmax[:, None]).reshape(-1)[:n]
+  else:
+    absmax = jnp.max(jnp.abs(flat), keepdims=True) if n else jnp.zeros((1,), jnp.float32)
+    scaled = flat / absmax[0]
+  k = jnp.clip(jnp.searchsorted(q, scaled, side="left"), 1, q.shape[0] - 1)
+  mid = (q[k - 1] + q[k]) * 0.5
+  even = jnp.where(k % 2 == 0, k, k - 1)
+  code = jnp.where(scaled > mid, k, jnp.where(scaled < mid, k - 1, even))
+  code = jnp.where(jnp.isnan(scaled), 0, code)
+  if signed:
+    flip = jnp.signbit(q[code]) != jnp.signbit(flat)
+    code = jnp.where(flip, (code + jnp.where(flat > 0, 1, -1)) % 256, code)
+  return code.astype(jnp.uint8).reshape(jnp.shape(x)), absmax
+
+
+def dequantize_blockwise(codes, scales, qmap, block_wise: bool = True):
+  """float32 values of codes from `quantize_blockwise` (in JAX)."""
+  import jax.numpy as jnp
+
+  values = jnp.asarray(qmap, jnp.float32)[codes.reshape(-1)]
+  scales = jnp.asarray(scales, jnp.float32).reshape(-1)
+  if block_wise:
+    values = values * jnp.repeat(scales, BLOCK_SIZE)[: values.shape[0]]
+  else:
+    values = values * scales[0]
+  return values.reshape(codes.shape)
