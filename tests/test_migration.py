@@ -104,7 +104,7 @@ def test_sharded_migration_matches_one_device():
 
 def test_migration_errors():
   params, adamw_state = trained_adamw(params_tree(), steps=1)
-  with pytest.raises(ValueError, match="expected an optax.adamw state"):
+  with pytest.raises(ValueError, match=r"expected an optax\.adamw state"):
     op.from_optax_adamw(optax.sgd(1e-3).init(params), op.adamw8bit().init(params))
   with pytest.raises(TypeError, match="must come from paged_adamw8bit or adamw8bit"):
     op.from_optax_adamw(adamw_state, adamw_state)
