@@ -183,29 +183,24 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
                      bool write_params) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
-      e.failure()) {
-    return e;
-  }
-  std::vector<LeafCall> leaves;
-  std::vector<LeafSpec> layout;
-  if (auto e =
-          DecodeUpdateLeaves(op, leaf_args, leaf_rets, leaf_flags, block_wise, 0, &leaves, &layout);
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, leaf_args, leaf_rets, leaf_flags,
+                            block_wise, percentile, false, &call);
       e.failure()) {
     return e;
   }
   int64_t step = count.typed_data()[0];
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForUpdate(handle.typed_data()[0], Platform::kCpu,
-                                                          device, step, layout, allocator, &slot);
+  std::string error = Registry::Global().AcquireForUpdate(
+      handle.typed_data()[0], Platform::kCpu, device, step, call.layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle.typed_data()[0]));
   }
-  RunStep(leaves, layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
+  RunStep(call.leaves, call.layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
           rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
   slot->step = step + 1;
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
@@ -221,46 +216,20 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hy
                            ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                            bool write_params) {
   const char* op = kUpdateArraysTarget;
-  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
-  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, args, rets, leaf_flags, block_wise,
+                            percentile, true, &call);
       e.failure()) {
     return e;
   }
-  std::vector<LeafCall> leaves;
-  std::vector<LeafSpec> layout;
-  if (auto e = DecodeUpdateLeaves(op, args, rets, leaf_flags, block_wise, 4, &leaves, &layout);
-      e.failure()) {
-    return e;
-  }
-  size_t n = leaves.size();
-  std::vector<LeafArrays> in, out;
-  std::vector<LeafSpec> in_layout, out_layout;
-  auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
-  auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
-  if (auto e = DecodeStateArrays(op, 4 * n, get_in, leaf_flags, block_wise, &in, &in_layout);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = DecodeStateArrays(op, 4 * n, get_out, leaf_flags, block_wise, &out, &out_layout);
-      e.failure()) {
-    return e;
-  }
-  std::string mismatch = DescribeLayoutMismatch(in_layout, layout);
-  if (!mismatch.empty())
-    return InvalidArgument(op, "state arrays do not fit the params: " + mismatch);
-  std::vector<LeafState> states(n);
-  for (size_t i = 0; i < n; ++i) {
-    void* src[4] = {in[i].state1, in[i].state2, in[i].absmax1, in[i].absmax2};
-    void* dst[4] = {out[i].state1, out[i].state2, out[i].absmax1, out[i].absmax2};
-    size_t bytes[4] = {layout[i].state_bytes(), layout[i].state_bytes(), layout[i].scale_bytes(),
-                       layout[i].scale_bytes()};
-    for (int k = 0; k < 4; ++k) {
-      if (bytes[k] > 0 && src[k] != dst[k]) std::memcpy(dst[k], src[k], bytes[k]);
-    }
-    states[i] = LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
-  }
+  std::vector<LeafState> states;
+  auto copy = [](void* dst, const void* src, size_t bytes) {
+    std::memcpy(dst, src, bytes);
+    return std::string();
+  };
+  if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
   int64_t t = static_cast<int64_t>(count.typed_data()[0]) + 1;
-  RunStep(leaves, layout, states, hyper.typed_data(), qmaps.typed_data(), rings,
+  RunStep(call.leaves, call.layout, states, hyper.typed_data(), qmaps.typed_data(), rings,
           rings_out->typed_data(), t, percentile, block_wise, write_params);
   count_out->typed_data()[0] = static_cast<int32_t>(t);
   return ffi::Error::Success();

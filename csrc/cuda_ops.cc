@@ -337,14 +337,9 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       bool write_params) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
-      e.failure()) {
-    return e;
-  }
-  std::vector<LeafCall> calls;
-  std::vector<LeafSpec> layout;
-  if (auto e =
-          DecodeUpdateLeaves(op, leaf_args, leaf_rets, leaf_flags, block_wise, 0, &calls, &layout);
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, leaf_args, leaf_rets, leaf_flags,
+                            block_wise, percentile, false, &call);
       e.failure()) {
     return e;
   }
@@ -358,7 +353,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
   std::string error = Registry::Global().AcquireForUpdate(handle_value, Platform::kCuda, device,
-                                                          step, layout, allocator, &slot);
+                                                          step, call.layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {
@@ -367,9 +362,9 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   }
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(step) + 1;
-  if (auto e = LaunchStep(op, stream, device, scratch, calls, layout, slot->leaves, hyper, qmaps,
-                          rings, rings_out->typed_data(), count_out->typed_data(), t, percentile,
-                          block_wise, write_params);
+  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, slot->leaves,
+                          hyper, qmaps, rings, rings_out->typed_data(), count_out->typed_data(), t,
+                          percentile, block_wise, write_params);
       e.failure()) {
     return e;
   }
@@ -388,33 +383,11 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
                             ffi::Span<const int32_t> leaf_flags, bool block_wise,
                             int32_t percentile, bool write_params) {
   const char* op = kUpdateArraysTarget;
-  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
-  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, leaf_flags.size(), percentile);
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, args, rets, leaf_flags, block_wise,
+                            percentile, true, &call);
       e.failure()) {
     return e;
-  }
-  std::vector<LeafCall> calls;
-  std::vector<LeafSpec> layout;
-  if (auto e = DecodeUpdateLeaves(op, args, rets, leaf_flags, block_wise, 4, &calls, &layout);
-      e.failure()) {
-    return e;
-  }
-  size_t n = calls.size();
-  std::vector<LeafArrays> in, out;
-  std::vector<LeafSpec> in_layout, out_layout;
-  auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
-  auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
-  if (auto e = DecodeStateArrays(op, 4 * n, get_in, leaf_flags, block_wise, &in, &in_layout);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = DecodeStateArrays(op, 4 * n, get_out, leaf_flags, block_wise, &out, &out_layout);
-      e.failure()) {
-    return e;
-  }
-  std::string mismatch = DescribeLayoutMismatch(in_layout, layout);
-  if (!mismatch.empty()) {
-    return InvalidArgument(op, "state arrays do not fit the params: " + mismatch);
   }
   DeviceScope scope(device);
   int32_t step, unused;
@@ -423,23 +396,14 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
       e.failure()) {
     return e;
   }
-  std::vector<LeafState> states(n);
-  for (size_t i = 0; i < n; ++i) {
-    void* src[4] = {in[i].state1, in[i].state2, in[i].absmax1, in[i].absmax2};
-    void* dst[4] = {out[i].state1, out[i].state2, out[i].absmax1, out[i].absmax2};
-    size_t bytes[4] = {layout[i].state_bytes(), layout[i].state_bytes(), layout[i].scale_bytes(),
-                       layout[i].scale_bytes()};
-    for (int k = 0; k < 4; ++k) {
-      if (bytes[k] > 0 && src[k] != dst[k]) {
-        RETURN_IF_LAUNCH_FAILED(
-            op, "copying state",
-            cudaMemcpyAsync(dst[k], src[k], bytes[k], cudaMemcpyDeviceToDevice, stream));
-      }
-    }
-    states[i] = LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
-  }
-  return LaunchStep(op, stream, device, scratch, calls, layout, states, hyper, qmaps, rings,
-                    rings_out->typed_data(), count_out->typed_data(),
+  std::vector<LeafState> states;
+  auto copy = [stream](void* dst, const void* src, size_t bytes) {
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
+    return e == cudaSuccess ? std::string() : CudaMessage("copying state", e);
+  };
+  if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
+  return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, states, hyper, qmaps,
+                    rings, rings_out->typed_data(), count_out->typed_data(),
                     static_cast<int64_t>(step) + 1, percentile, block_wise, write_params);
 }
 

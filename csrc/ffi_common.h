@@ -211,6 +211,79 @@ inline ffi::Error CheckUpdateAttrs(const char* op, const ffi::Buffer<ffi::F32>& 
   return ffi::Error::Success();
 }
 
+// What an update call decodes: its leaves and their layout, and for the
+// arrays-state variant (adamw8bit) the state arrays it reads and writes.
+struct DecodedUpdate {
+  std::vector<LeafCall> leaves;
+  std::vector<LeafSpec> layout;
+  std::vector<LeafArrays> state_in, state_out;
+};
+
+// Checks the count, hyperparameters, maps and rings, and decodes the leaves
+// (and, with state_arrays, the 4 state arrays per leaf on both sides).
+inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& count,
+                               const ffi::Buffer<ffi::F32>& hyper,
+                               const ffi::Buffer<ffi::F32>& qmaps,
+                               const ffi::Buffer<ffi::F32>& rings, ffi::RemainingArgs args,
+                               ffi::RemainingRets rets, ffi::Span<const int32_t> flags,
+                               bool block_wise, int32_t percentile, bool state_arrays,
+                               DecodedUpdate* out) {
+  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
+  if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, flags.size(), percentile); e.failure()) {
+    return e;
+  }
+  if (auto e = DecodeUpdateLeaves(op, args, rets, flags, block_wise, state_arrays ? 4 : 0,
+                                  &out->leaves, &out->layout);
+      e.failure()) {
+    return e;
+  }
+  if (!state_arrays) return ffi::Error::Success();
+  size_t n = out->leaves.size();
+  std::vector<LeafSpec> in_layout, out_layout;
+  auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
+  auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
+  if (auto e = DecodeStateArrays(op, 4 * n, get_in, flags, block_wise, &out->state_in, &in_layout);
+      e.failure()) {
+    return e;
+  }
+  if (auto e =
+          DecodeStateArrays(op, 4 * n, get_out, flags, block_wise, &out->state_out, &out_layout);
+      e.failure()) {
+    return e;
+  }
+  std::string mismatch = DescribeLayoutMismatch(in_layout, out->layout);
+  if (!mismatch.empty()) {
+    return InvalidArgument(op, "state arrays do not fit the params: " + mismatch);
+  }
+  return ffi::Error::Success();
+}
+
+// The arrays-state variant's leaf states: its results, after copying the
+// operands into them where XLA did not alias the two. copy(dst, src, bytes)
+// returns an error message, "" on success.
+template <typename Copy>
+ffi::Error ArrayStates(const char* op, const DecodedUpdate& call, Copy copy,
+                       std::vector<LeafState>* states) {
+  states->resize(call.leaves.size());
+  for (size_t i = 0; i < call.leaves.size(); ++i) {
+    const LeafArrays& in = call.state_in[i];
+    const LeafArrays& out = call.state_out[i];
+    void* src[4] = {in.state1, in.state2, in.absmax1, in.absmax2};
+    void* dst[4] = {out.state1, out.state2, out.absmax1, out.absmax2};
+    const LeafSpec& spec = call.layout[i];
+    size_t bytes[4] = {spec.state_bytes(), spec.state_bytes(), spec.scale_bytes(),
+                       spec.scale_bytes()};
+    for (int k = 0; k < 4; ++k) {
+      if (bytes[k] == 0 || src[k] == dst[k]) continue;
+      std::string error = copy(dst[k], src[k], bytes[k]);
+      if (!error.empty()) return ffi::Error::Internal(std::string(op) + ": " + error);
+    }
+    (*states)[i] =
+        LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace optax_paged8bit
 
 #endif  // OPTAX_PAGED8BIT_FFI_COMMON_H_
