@@ -312,54 +312,15 @@ ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCpu, UpdateCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
-                                  .RemainingArgs()               // grads, params
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
-                                  .RemainingRets()               // updates or params
-                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
-                                  .Attr<bool>("block_wise")
-                                  .Attr<int32_t>("percentile")
-                                  .Attr<bool>("write_params"));
+                              BindUpdate(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCpu, UpdateArraysCpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
-                                  .RemainingArgs()               // grads, params, state
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // count + 1
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
-                                  .RemainingRets()               // outputs, state
-                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
-                                  .Attr<bool>("block_wise")
-                                  .Attr<int32_t>("percentile")
-                                  .Attr<bool>("write_params"));
+                              BindUpdateArrays(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCpu, ExportCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
-                                  .RemainingRets()               // 4 arrays per leaf
-                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
-                                  .Attr<bool>("block_wise"));
+                              BindExport(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kImportCpu, ImportCpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // handle
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // count
-                                  .RemainingArgs()               // 4 arrays per leaf
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // count
-                                  .Attr<ffi::Span<const int32_t>>("leaf_flags")
-                                  .Attr<bool>("block_wise"));
+                              BindImport(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
 
 }  // namespace optax_paged8bit

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "adam8bit.h"
@@ -209,6 +210,64 @@ inline ffi::Error CheckUpdateAttrs(const char* op, const ffi::Buffer<ffi::F32>& 
     return InvalidArgument(op, msg.str());
   }
   return ffi::Error::Success();
+}
+
+// The operands, results and attributes of each call, after the contexts a
+// backend binds first (one definition for both backends).
+template <typename Binding>
+auto BindUpdate(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+      .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+      .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+      .RemainingArgs()                        // grads, params
+      .template Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+      .template Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+      .RemainingRets()                        // updates or params
+      .template Attr<ffi::Span<const int32_t>>("leaf_flags")
+      .template Attr<bool>("block_wise")
+      .template Attr<int32_t>("percentile")
+      .template Attr<bool>("write_params");
+}
+
+template <typename Binding>
+auto BindUpdateArrays(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
+      .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
+      .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+      .RemainingArgs()                        // grads, params, state arrays
+      .template Ret<ffi::Buffer<ffi::S32>>()  // count + 1
+      .template Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
+      .RemainingRets()                        // outputs, state arrays
+      .template Attr<ffi::Span<const int32_t>>("leaf_flags")
+      .template Attr<bool>("block_wise")
+      .template Attr<int32_t>("percentile")
+      .template Attr<bool>("write_params");
+}
+
+template <typename Binding>
+auto BindExport(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .RemainingRets()                        // 4 arrays per leaf
+      .template Attr<ffi::Span<const int32_t>>("leaf_flags")
+      .template Attr<bool>("block_wise");
+}
+
+template <typename Binding>
+auto BindImport(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
+      .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .RemainingArgs()                        // 4 arrays per leaf
+      .template Ret<ffi::Buffer<ffi::S32>>()  // count
+      .template Attr<ffi::Span<const int32_t>>("leaf_flags")
+      .template Attr<bool>("block_wise");
 }
 
 // What an update call decodes: its leaves and their layout, and for the

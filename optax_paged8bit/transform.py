@@ -2,9 +2,11 @@
 
 The whole step (moments, bias correction, param update, weight decay,
 requantization) runs in one XLA FFI custom call over every leaf of the tree.
-The 8-bit moments live in the extension's registry, keyed by the state's
-`handle`; the optax state holds only the handle, the step count, the
-percentile-clipping ring and the static per-leaf layout.
+paged_adamw8bit keeps the 8-bit moments in the extension's registry, keyed by
+the state's `handle` (the optax state holds only the handle, the step count,
+the percentile-clipping ring and the static per-leaf layout); adamw8bit keeps
+them as arrays in the optax state. With sharded params the call runs inside
+jax.shard_map, one registry slot (or one shard of the arrays) per device.
 """
 
 from __future__ import annotations
