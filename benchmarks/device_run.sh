@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
-# Usage (from the repo root on the device): bash benchmarks/device_run.sh [gpu] [bench] [cpu]
+# Usage (from the repo root on the device):
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [ncu] [diag] [cpu]
+# gpu: tests/test_gpu.py; multi: the multi-device, adamw8bit and checkpoint tests on
+# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; cpu: the whole
+# suite on the machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -24,6 +28,10 @@ for step in $steps; do
     gpu) (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider test_gpu.py) \
            > "$OUT/gpu_tests.log" 2>&1 || status=1
          tail -15 "$OUT/gpu_tests.log" ;;
+    multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
+             test_adamw8bit.py test_sharding.py test_checkpoint.py test_migration.py) \
+             > "$OUT/multi_tests.log" 2>&1 || status=1
+           tail -8 "$OUT/multi_tests.log" ;;
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;

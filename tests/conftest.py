@@ -18,6 +18,18 @@ import pytest
 
 import optax_paged8bit as op
 
+# Platform of the multi-device tests: 8 fake CPU devices by default; on a
+# machine with several GPUs, OPTAX_PAGED8BIT_TEST_PLATFORM=gpu runs them there.
+TEST_PLATFORM = os.environ.get("OPTAX_PAGED8BIT_TEST_PLATFORM", "cpu")
+
+
+def mesh_devices(n: int) -> list:
+  """The first n devices of the test platform; skips the test when there are fewer."""
+  devices = jax.devices(TEST_PLATFORM)
+  if len(devices) < n:
+    pytest.skip(f"needs {n} {TEST_PLATFORM} devices, found {len(devices)}")
+  return devices[:n]
+
 
 @contextlib.contextmanager
 def raises_at_runtime(match: str):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import mesh_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from oracle import BFLOAT16
@@ -139,10 +140,7 @@ def test_where_selection_and_rerunning_a_step():
 
 
 def test_sharded_adamw8bit_matches_one_device():
-  devices = jax.devices("cpu")
-  if len(devices) < 4:
-    pytest.skip("needs 4 (fake) CPU devices")
-  mesh = jax.sharding.Mesh(np.asarray(devices[:4]), ("x",))
+  mesh = jax.sharding.Mesh(np.asarray(mesh_devices(4)), ("x",))
   shapes = {"w": (1024, 512), "u": (8192,), "b": (300,)}
   specs = {"w": P("x"), "u": P("x"), "b": P()}
   params = tree(5, shapes=shapes)

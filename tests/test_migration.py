@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import mesh_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,10 +89,7 @@ def test_to_optax_adamw_plugs_into_optax():
 
 
 def test_sharded_migration_matches_one_device():
-  devices = jax.devices("cpu")
-  if len(devices) < 4:
-    pytest.skip("needs 4 (fake) CPU devices")
-  mesh = jax.sharding.Mesh(np.asarray(devices[:4]), ("x",))
+  mesh = jax.sharding.Mesh(np.asarray(mesh_devices(4)), ("x",))
   params, adamw_state = trained_adamw(params_tree())
   specs = {"w": P("x"), "v": P(), "b": P()}
   sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}

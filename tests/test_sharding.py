@@ -7,19 +7,17 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import mesh_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_oracle import assert_bit_equal
 
 import optax_paged8bit as op
 
-CPUS = jax.devices("cpu")
-pytestmark = pytest.mark.skipif(len(CPUS) < 8, reason="needs 8 (fake) CPU devices")
-
 
 def mesh(shape, names):
-  n = int(np.prod(shape))
-  return jax.sharding.Mesh(np.asarray(CPUS[:n]).reshape(shape), names)
+  devices = mesh_devices(int(np.prod(shape)))
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), names)
 
 
 def make(shapes, seed, dtype=np.float32):
@@ -65,7 +63,7 @@ ALIGNED = {
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
-@pytest.mark.parametrize("devices", [4, 8])
+@pytest.mark.parametrize("devices", [2, 4, 8])
 def test_aligned_shards_bit_identical_to_one_device(devices, fused):
   m = mesh((devices,), ("x",))
   shapes = {k: s for k, (s, _) in ALIGNED.items()}
