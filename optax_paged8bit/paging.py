@@ -1,5 +1,5 @@
-"""Host-side control of paged states: export/import (checkpoints), release
-and memory accounting."""
+"""Host-side control of optimizer states: export/import, orbax checkpoints,
+migration from and to optax.adamw, release, paging and memory accounting."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from optax_paged8bit.transform import (
   moment_arrays,
   moments_flat,
   moments_tree,
+  sharded,
 )
 
 
@@ -52,15 +53,6 @@ def _concrete_handle(state: PagedAdamW8bitState) -> int:
     ) from None
 
 
-def _sharded(layout: Layout, fn, in_specs, out_specs):
-  """fn as is on one device; inside jax.shard_map over the params' mesh."""
-  if layout.mesh is None:
-    return fn
-  return jax.shard_map(
-    fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-  )
-
-
 def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   layout = state.layout
   arrays = moment_arrays(layout)
@@ -75,7 +67,7 @@ def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
       )
     )
 
-  flat = _sharded(layout, local, (PartitionSpec(), PartitionSpec()), tuple(a.spec for a in arrays))(
+  flat = sharded(layout, local, (PartitionSpec(), PartitionSpec()), tuple(a.spec for a in arrays))(
     state.handle, state.count
   )
   return Adam8bitState(
@@ -167,7 +159,7 @@ def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAda
     )
 
   specs = tuple(a.spec for a in moment_arrays(layout))
-  count = _sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
+  count = sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
     state.handle, count, *arrays
   )
   rings = jnp.asarray(exported.gnorm_vec, jnp.float32) if layout.clipping else None
@@ -397,7 +389,7 @@ def from_optax_adamw(adamw_state: Any, opt_state: Any) -> Any:
     return tuple(out)
 
   specs = layout.specs if layout.mesh is not None else ()
-  flat = _sharded(layout, local, (*specs, *specs), tuple(a.spec for a in arrays))(*mus, *nus)
+  flat = sharded(layout, local, (*specs, *specs), tuple(a.spec for a in arrays))(*mus, *nus)
   converted = Adam8bitState(
     count=jnp.asarray(adam.count, jnp.int32),
     qmap1=jnp.asarray(QMAP_SIGNED),
@@ -432,7 +424,7 @@ def to_optax_adamw(opt_state: Any) -> optax.ScaleByAdamState:
     return (*mus, *nus)
 
   specs = layout.specs if layout.mesh is not None else ()
-  out = _sharded(layout, local, tuple(a.spec for a in arrays), (*specs, *specs))(
+  out = sharded(layout, local, tuple(a.spec for a in arrays), (*specs, *specs))(
     *moments_flat(layout, exported.moments)
   )
   n = layout.num_leaves

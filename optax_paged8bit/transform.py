@@ -462,6 +462,16 @@ def _hyperparams(lr: Any, count: jax.Array, betas: Any, eps: Any, weight_decay: 
   return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in values])
 
 
+def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
+  """fn as is on one device; inside jax.shard_map over the params' mesh, so
+  that each device runs it on its own shards (and its own registry slot)."""
+  if layout.mesh is None:
+    return fn
+  return jax.shard_map(
+    fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
+
+
 def _update_call(
   layout: Layout,
   state: PagedAdamW8bitState,
@@ -506,17 +516,13 @@ def _update_call(
 
   rings = rings_operand(layout, state.gnorm_vec)
   operands = (state.handle, state.count, hyper, jnp.asarray(QMAPS), rings)
-  if layout.mesh is None:
-    outs = local(*operands, *grads, *params)
-  else:
-    replicated = (PartitionSpec(),) * len(operands)
-    outs = jax.shard_map(
-      local,
-      mesh=layout.mesh,
-      in_specs=(*replicated, *layout.specs, *layout.specs),
-      out_specs=(PartitionSpec(), PartitionSpec(), *layout.specs),
-      check_vma=False,
-    )(*operands, *grads, *params)
+  replicated = (PartitionSpec(),) * len(operands)
+  outs = sharded(
+    layout,
+    local,
+    (*replicated, *layout.specs, *layout.specs),
+    (PartitionSpec(), PartitionSpec(), *layout.specs),
+  )(*operands, *grads, *params)
   return outs[0], outs[1], list(outs[2:])
 
 
@@ -561,17 +567,13 @@ def _arrays_call(
     )
 
   operands = (count, hyper, jnp.asarray(QMAPS), rings)
-  if layout.mesh is None:
-    outs = local(*operands, *grads, *params, *moments)
-  else:
-    specs = tuple(a.spec for a in arrays)
-    outs = jax.shard_map(
-      local,
-      mesh=layout.mesh,
-      in_specs=((PartitionSpec(),) * 4 + layout.specs + layout.specs + specs),
-      out_specs=(PartitionSpec(), PartitionSpec(), *layout.specs, *specs),
-      check_vma=False,
-    )(*operands, *grads, *params, *moments)
+  specs = tuple(a.spec for a in arrays)
+  outs = sharded(
+    layout,
+    local,
+    ((PartitionSpec(),) * 4 + layout.specs + layout.specs + specs),
+    (PartitionSpec(), PartitionSpec(), *layout.specs, *specs),
+  )(*operands, *grads, *params, *moments)
   return outs[0], outs[1], list(outs[2 : 2 + n]), list(outs[2 + n :])
 
 
