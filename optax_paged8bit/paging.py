@@ -269,14 +269,13 @@ def set_device_memory_budget(nbytes: int | None) -> None:
   to host memory (read by the kernel over the bus). None removes the cap (free
   device memory, minus a reserve, is always a cap). Applies to allocations made
   after the call."""
-  setter = _cuda_op("set_device_budget")
-  if setter is None:
-    return
   if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
     raise ValueError(
       f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
     )
-  setter(-1 if nbytes is None else nbytes)
+  setter = _cuda_op("set_device_budget")
+  if setter is not None:  # a CPU-only build places nothing on a GPU
+    setter(-1 if nbytes is None else nbytes)
 
 
 def _abstract_export(state: PagedAdamW8bitState | Adam8bitState) -> Adam8bitState:

@@ -1,0 +1,31 @@
+"""Paging API on the CPU backend (host memory: nothing moves) and its checks;
+the GPU behaviour is in test_gpu.py."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+import optax_paged8bit as op
+
+
+def test_cpu_states_live_on_the_host():
+  params = {"w": jnp.zeros((64, 512)), "b": jnp.zeros(10)}
+  tx = op.paged_adamw8bit()
+  state = tx.init(params)
+  assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": 0}  # not yet allocated
+  _, state = tx.update(params, state, params)
+  nbytes = state.layout.state_nbytes()
+  assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": nbytes}
+  assert op.page_out(state) == 0 and op.page_in(state) == 0
+  [info] = op.slot_info(state)
+  assert info["platform"] == "cpu" and info["step"] == 1 and info["bytes"] == nbytes
+  assert op.state_nbytes(state) == nbytes + 4 + 4  # + count and handle
+  op.release(state)
+
+
+def test_device_memory_budget_is_checked():
+  with pytest.raises(ValueError, match="nbytes must be None or an int >= 0, got -5"):
+    op.set_device_memory_budget(-5)
+  op.set_device_memory_budget(1 << 30)
+  op.set_device_memory_budget(None)
