@@ -214,3 +214,26 @@ def test_release_frees_and_100_cycles_leave_memory_where_it_started():
   # 8.4 MB state per cycle would lose 840 MiB over the 100 measured cycles.
   assert free[-1] >= free[5] - (160 << 20), [f >> 20 for f in free]
   assert _rss_bytes() - rss0 < 64 << 20, (rss0, _rss_bytes())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+def test_more_leaves_than_one_launch_holds(fused):
+  """700 leaves need three launch tables (320 leaves each): still one result."""
+  rng = np.random.default_rng(7)
+  params = {
+    f"l{i:03d}": (rng.standard_normal(300 + 37 * i) * 0.1).astype(np.float32) for i in range(700)
+  }
+  grads = [
+    {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in params.items()}
+    for _ in range(3)
+  ]
+  kwargs = dict(min_8bit_size=4096, percentile_clipping=90)
+  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
+    for k in a:
+      assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
+  for i, (a, b) in enumerate(
+    zip(jax.tree.leaves(cpu_state), jax.tree.leaves(gpu_state), strict=True)
+  ):
+    assert_bit_equal(b, a, f"state leaf {i}")
