@@ -94,17 +94,6 @@ def scale_shape(shape: tuple[int, ...], block_wise: bool) -> tuple[int, ...]:
   return (num_blocks(size),)
 
 
-def dequantize(
-  codes: np.ndarray, absmax: np.ndarray, qmap: np.ndarray, block_wise: bool = True
-) -> np.ndarray:
-  """float32 values of 8-bit codes: qmap[code] * the scale of its block."""
-  codes = np.asarray(codes)
-  values = np.asarray(qmap, np.float32)[codes.reshape(-1)]
-  absmax = np.asarray(absmax, np.float32).reshape(-1)
-  scales = np.repeat(absmax, BLOCK_SIZE)[: values.size] if block_wise else absmax[0]
-  return (values * scales).reshape(codes.shape)
-
-
 def quantize_blockwise(x, qmap, block_wise: bool = True, signed: bool = True):
   """8-bit codes and float32 scales of `x` with the optimizer's quantizer (SPEC
   3.2 step 5: nearest map entry, ties to the even code, the sign fix for the

@@ -72,6 +72,19 @@ def run_on(device, tx, params, grads, fused):
   return outs, exported
 
 
+def assert_backends_agree(params, grads, kwargs, fused):
+  """The same run on the CPU and on the GPU: outputs and states bit-equal."""
+  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
+    for k in a:
+      assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
+  for i, (a, b) in enumerate(
+    zip(jax.tree.leaves(cpu_state), jax.tree.leaves(gpu_state), strict=True)
+  ):
+    assert_bit_equal(b, a, f"state leaf {i}")
+
+
 CASES = [
   dict(weight_decay=1e-2, percentile_clipping=90),
   dict(weight_decay=0.0, percentile_clipping=100),
@@ -87,15 +100,7 @@ CASES = [
 def test_cpu_and_cuda_bit_identical(dtype, case, fused):
   params, grads = inputs(DTYPES[dtype], seed=case)
   kwargs = CASES[case]
-  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
-  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
-  for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
-    for k in a:
-      assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
-  for i, (a, b) in enumerate(
-    zip(jax.tree.leaves(cpu_state), jax.tree.leaves(gpu_state), strict=True)
-  ):
-    assert_bit_equal(b, a, f"state leaf {i}")
+  assert_backends_agree(params, grads, kwargs, fused)
 
 
 def small_tree(seed=0):
@@ -228,12 +233,4 @@ def test_more_leaves_than_one_launch_holds(fused):
     for _ in range(3)
   ]
   kwargs = dict(min_8bit_size=4096, percentile_clipping=90)
-  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
-  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
-  for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
-    for k in a:
-      assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
-  for i, (a, b) in enumerate(
-    zip(jax.tree.leaves(cpu_state), jax.tree.leaves(gpu_state), strict=True)
-  ):
-    assert_bit_equal(b, a, f"state leaf {i}")
+  assert_backends_agree(params, grads, kwargs, fused)

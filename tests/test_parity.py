@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import optax_paged8bit as op
-from optax_paged8bit.quantization import dequantize
+from optax_paged8bit.quantization import dequantize_blockwise
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 SHAPES = [(1024, 32), (1024, 1024), (1024, 4097)]
@@ -24,8 +24,8 @@ def dequantized_moments(state):
   ):
     out.append(
       (
-        dequantize(np.asarray(m.state1), np.asarray(m.absmax1), op.QMAP_SIGNED),
-        dequantize(np.asarray(m.state2), np.asarray(m.absmax2), op.QMAP_UNSIGNED),
+        np.asarray(dequantize_blockwise(m.state1, m.absmax1, op.QMAP_SIGNED)),
+        np.asarray(dequantize_blockwise(m.state2, m.absmax2, op.QMAP_UNSIGNED)),
       )
     )
   return out
