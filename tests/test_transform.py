@@ -81,6 +81,24 @@ def test_jit_donation_and_second_step_compiles_nothing():
   assert int(state.count) == 3
 
 
+def test_steps_carry_no_jax_effect():
+  # A JAX effect (ffi_call's has_side_effect) turns off jit's C++ dispatch
+  # path: every call would go through Python, milliseconds per step on trees
+  # of a few hundred leaves.
+  tx = op.paged_adamw8bit(1e-3)
+  params = tree()
+  state = tx.init(params)
+  grads = grads_like(params, 0)
+
+  def optax_path(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for step in (optax_path, lambda p, s, g: tx.fused_update(g, s, p)):
+    assert jax.make_jaxpr(step)(params, state, grads).effects == set()
+  op.release(state)
+
+
 def test_two_optimizers_same_structure_share_one_compiled_step():
   params = tree()
   tx1, tx2 = op.paged_adamw8bit(1e-3), op.paged_adamw8bit(1e-3)

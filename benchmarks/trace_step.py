@@ -1,0 +1,90 @@
+"""Where a step's time goes: traces a few steps of one benchmark case with the
+JAX profiler and prints, per device stream and for the host, the events with
+the largest total time per step.
+
+    python benchmarks/trace_step.py 2 --out trace_dir   # case 2: GPT-2 medium
+
+Traces optax.adamw and the paged fused step of the same case. The perfetto
+trace (json.gz) stays in --out for a closer look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+
+import jax
+import optax
+from bench_adamw import CASES, LR, make_tree
+
+import optax_paged8bit as op
+
+
+def summarize(trace_dir: str, steps: int, top: int) -> list[str]:
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+  with gzip.open(path[-1]) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+  totals: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    key = (names.get(e["pid"], str(e["pid"])), e["name"][:90])
+    totals[key][0] += float(e.get("dur", 0.0))
+    totals[key][1] += 1
+  lines = []
+  for proc in sorted({k[0] for k in totals}):
+    rows = sorted(((v, k[1]) for k, v in totals.items() if k[0] == proc), reverse=True)
+    lines.append(f"  [{proc}]")
+    for (dur, n), name in rows[:top]:
+      lines.append(f"    {dur / steps / 1e3:9.3f} ms/step  x{n / steps:6.1f}/step  {name}")
+  return lines
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("case", type=int, nargs="?", default=2)
+  parser.add_argument("--out", default="trace_out")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--top", type=int, default=12)
+  args = parser.parse_args()
+  name, (shapes, dtype) = list(CASES.items())[args.case]
+  params = make_tree(shapes, dtype, jax.random.PRNGKey(0))
+  grads = make_tree(shapes, dtype, jax.random.PRNGKey(1))
+  print(f"{name} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for method in ("optax.adamw", "paged fused"):
+    if method == "optax.adamw":
+      tx = optax.adamw(LR, weight_decay=1e-2)
+
+      def plain(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      step = jax.jit(plain, donate_argnums=(0, 1))
+    else:
+      tx = op.paged_adamw8bit(LR)
+      step = jax.jit(lambda p, s, g, tx=tx: tx.fused_update(g, s, p), donate_argnums=(0, 1))
+    state = tx.init(params)
+    for _ in range(3):
+      params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+    trace_dir = os.path.join(args.out, method.replace(" ", "_").replace(".", "_"))
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(args.steps):
+        params, state = step(params, state, grads)
+        jax.block_until_ready(params)
+    print(method)
+    print("\n".join(summarize(trace_dir, args.steps, args.top)), flush=True)
+    if isinstance(tx, op.PagedGradientTransformation):
+      op.release(state)
+
+
+if __name__ == "__main__":
+  main()
