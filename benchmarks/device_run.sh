@@ -2,9 +2,10 @@
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [ncu] [diag] [cpu]
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [trace] [ncu] [diag] [cpu]
 # gpu: tests/test_gpu.py; multi: the multi-device, adamw8bit and checkpoint tests on
-# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; cpu: the whole
+# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; trace: where a
+# GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole
 # suite on the machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -35,6 +36,9 @@ for step in $steps; do
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;
+    trace) (cd benchmarks && python3 trace_step.py ${TRACE_CASE:-2} --out /tmp/trace) \
+             > "$OUT/trace.log" 2>&1 || status=1
+           cat "$OUT/trace.log" ;;
     diag) python3 benchmarks/diag_errors.py > "$OUT/diag.log" 2>&1; cat "$OUT/diag.log" ;;
     ncu) (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
