@@ -32,7 +32,9 @@ for step in $steps; do
     multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
              test_adamw8bit.py test_sharding.py test_checkpoint.py test_migration.py) \
              > "$OUT/multi_tests.log" 2>&1 || status=1
-           tail -8 "$OUT/multi_tests.log" ;;
+           python3 examples/pjit_sharded.py --steps 100 --model-axis 2 --plot /tmp/pjit_gpu.png \
+             >> "$OUT/multi_tests.log" 2>&1 || status=1
+           tail -14 "$OUT/multi_tests.log" ;;
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;
