@@ -462,14 +462,74 @@ def _hyperparams(lr: Any, count: jax.Array, betas: Any, eps: Any, weight_decay: 
   return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in values])
 
 
+def _spec_factors(mesh: Any, spec: PartitionSpec, ndim: int) -> list[int]:
+  """How many devices split each dimension under `spec`."""
+  factors = []
+  for i in range(ndim):
+    axes = spec[i] if i < len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    factors.append(math.prod(mesh.shape[a] for a in axes))
+  return factors
+
+
 def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
   """fn as is on one device; inside jax.shard_map over the params' mesh, so
-  that each device runs it on its own shards (and its own registry slot)."""
+  that each device runs it on its own shards (and its own registry slot).
+
+  Zero-size arrays (the clipping ring when clipping is off, the scales of a
+  leaf with float32 moments) do not cross the shard_map boundary: they are made
+  inside and outside it instead. Shardy (JAX 0.11) crashes on zero-size
+  operands of a manual computation.
+  """
   if layout.mesh is None:
     return fn
-  return jax.shard_map(
-    fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-  )
+  mesh = layout.mesh
+  single = isinstance(out_specs, PartitionSpec)
+  out_spec_list = (out_specs,) if single else tuple(out_specs)
+
+  def local_shape(shape, spec):
+    return tuple(d // f for d, f in zip(shape, _spec_factors(mesh, spec, len(shape)), strict=True))
+
+  def call(*args):
+    local_in = [
+      jax.ShapeDtypeStruct(local_shape(a.shape, spec), a.dtype)
+      for a, spec in zip(args, in_specs, strict=True)
+    ]
+    local_out = jax.eval_shape(fn, *local_in)
+    local_out = (local_out,) if single else tuple(local_out)
+    keep_in = [i for i, a in enumerate(args) if a.size > 0]
+    keep_out = [i for i, o in enumerate(local_out) if o.size > 0]
+
+    def body(*kept):
+      full = [jnp.zeros(x.shape, x.dtype) for x in local_in]
+      for i, x in zip(keep_in, kept, strict=True):
+        full[i] = x
+      outs = fn(*full)
+      outs = (outs,) if single else tuple(outs)
+      return tuple(outs[i] for i in keep_out)
+
+    # jit: called eagerly, shard_map would run the body op by op, each op in
+    # its own manual computation with every operand, zero-size ones included.
+    kept_outs = jax.jit(
+      jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=tuple(in_specs[i] for i in keep_in),
+        out_specs=tuple(out_spec_list[i] for i in keep_out),
+        check_vma=False,
+      )
+    )(*(args[i] for i in keep_in))
+    outs = []
+    kept_iter = iter(kept_outs)
+    for o, spec in zip(local_out, out_spec_list, strict=True):
+      if o.size > 0:
+        outs.append(next(kept_iter))
+      else:
+        factors = _spec_factors(mesh, spec, len(o.shape))
+        outs.append(jnp.zeros(tuple(d * f for d, f in zip(o.shape, factors, strict=True)), o.dtype))
+    return outs[0] if single else tuple(outs)
+
+  return call
 
 
 def _update_call(
