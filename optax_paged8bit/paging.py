@@ -194,7 +194,12 @@ def release(opt_state: Any) -> int:
   The handles are tombstoned: updating, exporting or importing a released
   state (or any state sharing its handle) is an error. Returns the bytes freed.
   """
-  return sum(_ffi.release(_concrete_handle(s)) for s in _paged_states(opt_state))
+  states = _paged_states(opt_state)
+  # Dispatch is asynchronous: let the update that made each state, and any
+  # export or import still in flight, finish before their memory goes.
+  jax.block_until_ready([s.count for s in states])
+  jax.effects_barrier()
+  return sum(_ffi.release(_concrete_handle(s)) for s in states)
 
 
 def state_nbytes(opt_state: Any) -> int:
