@@ -43,10 +43,10 @@ for step in $steps; do
            cat "$OUT/trace.log" ;;
     diag) python3 benchmarks/diag_errors.py > "$OUT/diag.log" 2>&1; cat "$OUT/diag.log" ;;
     ncu) (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --section SpeedOfLight \
-           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \
            --section LaunchStats --section Occupancy python3 profile_step.py ${NCU_CASE:-0}) \
            > "$OUT/ncu.log" 2>&1 || status=1
-         grep -E "Duration|Throughput|Memory \[%\]|Registers|Achieved Occupancy|Executed Ipc" \
+         grep -E "Duration|Throughput|Memory \[%\]|Registers|Achieved Occupancy|Executed Ipc|Executed Instructions " \
            "$OUT/ncu.log" | head -20 ;;
     cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
            > "$OUT/cpu_tests.log" 2>&1 || status=1

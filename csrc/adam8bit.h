@@ -301,6 +301,8 @@ OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
 
 // ---------------------------------------------------------------------------
 // The quantizer (SPEC 3.2 step 5). q is an ascending map of kMapSize values.
+// NearestCode(q, x, LowerBound(q, x)) is the definition; QuantTables below is
+// the fast route both backends take.
 // ---------------------------------------------------------------------------
 
 // k = #{i : q[i] < x}, by binary search.
@@ -317,17 +319,14 @@ OP8_HD int LowerBound(const float* q, float x) {
   return lo;
 }
 
-// The same count, scanning up from a start known not to exceed it.
-OP8_HD int LowerBoundFrom(const float* q, float x, int k) {
-  while (k < kMapSize && q[k] < x) ++k;
-  return k;
-}
+// Midpoint of entries i and i + 1, as NearestCode computes it.
+OP8_HD float Midpoint(const float* q, int i) { return Mul(Add(q[i], q[i + 1]), 0.5f); }
 
 // Nearest entry given the lower bound: ties go to the even code, NaN to 0.
 OP8_HD uint8_t NearestCode(const float* q, float x, int lower_bound) {
   if (IsNan(x)) return 0;
   int k = lower_bound < 1 ? 1 : (lower_bound > kMapSize - 1 ? kMapSize - 1 : lower_bound);
-  float midpoint = Mul(Add(q[k - 1], q[k]), 0.5f);
+  float midpoint = Midpoint(q, k - 1);
   if (x > midpoint) return static_cast<uint8_t>(k);
   if (x < midpoint) return static_cast<uint8_t>(k - 1);
   return static_cast<uint8_t>((k & 1) ? k - 1 : k);
@@ -340,17 +339,23 @@ OP8_HD uint8_t SignFix(const float* q1, float m, uint8_t code) {
   return code;
 }
 
-// Bucket tables: a fast route to the lower bound, used by both backends.
-// Floats are ordered by a monotonic 32-bit key; a bucket is 2^18 consecutive
-// keys (1/32 of a binade). table[i] is the lower bound of the bucket's
-// smallest float, so a scan from it ends at the exact #{q < x}; scaled moments
-// lie in [-1, 1] (signed) and [0, 1] (unsigned), other values clamp to the
-// first or last bucket and the scan still ends right.
-constexpr int kBucketShift = 18;
+// Fast route. With mid[i] = Midpoint(q, i), the definition's code is
+// c = #{i : mid[i] < x}, and x == mid[c] is a tie that goes to the even one of
+// c and c + 1, for every ascending map whose midpoints differ from its entries.
+// Floats are ordered by a monotonic 32-bit key; a bucket is 2^shift
+// consecutive keys, and start[b] = #{i : mid[i] < the bucket's first float}.
+// When no bucket holds two midpoints (the dynamic maps at these shifts: a
+// bucket is 1/64 of a binade for the signed map, 1/128 for the unsigned one),
+// c = start + [mid[start] < x]: two shared-memory reads and no loop. Scaled
+// moments lie in [-1, 1] (signed) and [0, 1] (unsigned); a key below the first
+// bucket (-0.0 for the unsigned map) clamps to it and the count stays right.
+// Maps without these properties take the definition (`fast` is 0).
 constexpr uint32_t kKeyMinusOne = 0x407fffffu;  // OrderKey(-1.0f)
 constexpr uint32_t kKeyZero = 0x80000000u;      // OrderKey(+0.0f)
-constexpr int kSignedBuckets = 8192;            // covers keys of [-1, 1]
-constexpr int kUnsignedBuckets = 4096;          // covers keys of [0, 1]
+constexpr int kSignedShift = 17;
+constexpr int kUnsignedShift = 16;
+constexpr int kSignedBuckets = 16384;    // keys of [-1, 1]: 16257 buckets used
+constexpr int kUnsignedBuckets = 16384;  // keys of [0, 1]: 16257 buckets used
 
 OP8_HD uint32_t OrderKey(float x) {
   uint32_t u = FloatBits(x);
@@ -361,30 +366,137 @@ OP8_HD float KeyFloat(uint32_t key) {
   return BitsFloat((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-OP8_HD int BucketOf(float x, uint32_t base, int num_buckets) {
-  int64_t i = (static_cast<int64_t>(OrderKey(x)) - static_cast<int64_t>(base)) >> kBucketShift;
-  return i < 0 ? 0 : (i >= num_buckets ? num_buckets - 1 : static_cast<int>(i));
+OP8_HD int BucketIndex(float x, uint32_t base, int shift, int num_buckets) {
+  uint32_t key = OrderKey(x);
+  uint32_t i = ((key < base ? base : key) - base) >> shift;
+  return i < static_cast<uint32_t>(num_buckets) ? static_cast<int>(i) : num_buckets - 1;
 }
 
-// Table entry i: min(lower bound of the bucket's first float, 255).
-OP8_HD uint8_t BucketEntry(const float* q, uint32_t base, int i) {
-  int k = LowerBound(q, KeyFloat(base + (static_cast<uint32_t>(i) << kBucketShift)));
-  return static_cast<uint8_t>(k > kMapSize - 1 ? kMapSize - 1 : k);
+struct alignas(16) QuantTables {
+  float q1[kMapSize];  // signed map (first moment)
+  float q2[kMapSize];  // unsigned map (second moment)
+  // pairs[2i] = mid[i], pairs[2i + 1] = mid[i + 1]; mid[255] = mid[256] = NaN,
+  // which no comparison takes.
+  float pairs1[2 * kMapSize];
+  float pairs2[2 * kMapSize];
+  uint8_t start1[kSignedBuckets];
+  uint8_t start2[kUnsignedBuckets];
+  int32_t fast;  // both maps have the properties above
+  int32_t padding[3];
+};
+
+// The table pieces, each computable on its own (the device builds them in
+// parallel, the host in a loop).
+OP8_HD float PairEntry(const float* q, int k) {
+  int i = k >> 1;
+  i += k & 1;
+  return i < kMapSize - 1 ? Midpoint(q, i) : BitsFloat(0x7fc00000u);
 }
 
-// code1 = Q(q1, m / absmax) with the sign fix; code2 = Q(q2, v / absmax).
-OP8_HD uint8_t QuantizeSignedTable(const float* q1, const uint8_t* table1, float m, float absmax) {
-  float x = Div(m, absmax);
-  int start = table1[BucketOf(x, kKeyMinusOne, kSignedBuckets)];
-  return SignFix(q1, m, NearestCode(q1, x, LowerBoundFrom(q1, x, start)));
+OP8_HD uint8_t StartEntry(const float* q, uint32_t base, int shift, int bucket) {
+  float first = KeyFloat(base + (static_cast<uint32_t>(bucket) << shift));
+  int lo = 0, hi = kMapSize - 1;  // #{i < 255 : mid[i] < first}, mids ascending
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (Midpoint(q, mid) < first) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return static_cast<uint8_t>(lo);
 }
 
-OP8_HD uint8_t QuantizeUnsignedTable(const float* q2, const uint8_t* table2, float v,
-                                     float absmax) {
-  float x = Div(v, absmax);
-  int start = table2[BucketOf(x, kKeyZero, kUnsignedBuckets)];
-  return NearestCode(q2, x, LowerBoundFrom(q2, x, start));
+// The fast route's conditions at midpoint i: strictly between its entries,
+// not below the first bucket, and not in the bucket of midpoint i - 1.
+OP8_HD bool FastRouteHoldsAt(const float* q, uint32_t base, int shift, int num_buckets, int i) {
+  float mid = Midpoint(q, i);
+  if (!(q[i] < mid && mid < q[i + 1]) || OrderKey(mid) < base) return false;
+  return i == 0 || BucketIndex(mid, base, shift, num_buckets) !=
+                       BucketIndex(Midpoint(q, i - 1), base, shift, num_buckets);
 }
+
+OP8_HD uint8_t FastCode(const float* q, const float* pairs, const uint8_t* start, uint32_t base,
+                        int shift, int num_buckets, bool fast, float x) {
+  if (!fast) return NearestCode(q, x, LowerBound(q, x));
+  int s = start[BucketIndex(x, base, shift, num_buckets)];
+  float lo = pairs[2 * s], hi = pairs[2 * s + 1];
+  bool above = lo < x;
+  int c = s + (above ? 1 : 0);
+  if ((above ? hi : lo) == x) c += c & 1;  // a tie goes to the even code
+  return IsNan(x) ? 0 : static_cast<uint8_t>(c);
+}
+
+// code1 = Q(q1, m / absmax1) with the sign fix, x1 = m / absmax1 given.
+OP8_HD uint8_t Code1(const QuantTables& t, float m, float x1) {
+  uint8_t c = FastCode(t.q1, t.pairs1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets,
+                       t.fast != 0, x1);
+  return SignFix(t.q1, m, c);
+}
+
+// code2 = Q(q2, v / absmax2), x2 = v / absmax2 given.
+OP8_HD uint8_t Code2(const QuantTables& t, float x2) {
+  return FastCode(t.q2, t.pairs2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, t.fast != 0,
+                  x2);
+}
+
+#if !defined(__CUDA_ARCH__)
+inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
+  std::memcpy(t->q1, qmaps, sizeof(t->q1));
+  std::memcpy(t->q2, qmaps + kMapSize, sizeof(t->q2));
+  for (int k = 0; k < 2 * kMapSize; ++k) {
+    t->pairs1[k] = PairEntry(t->q1, k);
+    t->pairs2[k] = PairEntry(t->q2, k);
+  }
+  for (int b = 0; b < kSignedBuckets; ++b) {
+    t->start1[b] = StartEntry(t->q1, kKeyMinusOne, kSignedShift, b);
+  }
+  for (int b = 0; b < kUnsignedBuckets; ++b) {
+    t->start2[b] = StartEntry(t->q2, kKeyZero, kUnsignedShift, b);
+  }
+  t->fast = 1;
+  for (int i = 0; i + 1 < kMapSize; ++i) {
+    if (!FastRouteHoldsAt(t->q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) ||
+        !FastRouteHoldsAt(t->q2, kKeyZero, kUnsignedShift, kUnsignedBuckets, i)) {
+      t->fast = 0;
+    }
+  }
+}
+#endif
+
+// x / scale for the quantizer, with the scale fixed for a block. On the host
+// a division; on the GPU the fast path of __fdiv_rn (hardware reciprocal
+// refined once, a product, one fma correction) with the reciprocal hoisted out
+// of the block, taken only well inside the normal range (scale within 2^+-60,
+// quotient within [2^-60, 1]), where it gives __fdiv_rn's result; anything else divides.
+// tests/cuda/scale_divisor_check.cu compares the two on the GPU.
+struct ScaleDivisor {
+  float scale;
+#if defined(__CUDA_ARCH__)
+  float inverse, min_x;
+  bool fast;
+#endif
+  OP8_HD explicit ScaleDivisor(float b) : scale(b) {
+#if defined(__CUDA_ARCH__)
+    fast = b >= 8.67361737988403547e-19f && b <= 1.15292150460684698e18f;  // 2^-60, 2^60
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+    inverse = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+    min_x = __fmul_rn(b, 8.67361737988403547e-19f);
+#endif
+  }
+  OP8_HD float Divide(float x) const {
+#if defined(__CUDA_ARCH__)
+    float a = Abs(x);
+    if (fast && ((a >= min_x && a <= scale) || x == 0.0f)) {
+      float q = __fmul_rn(x, inverse);
+      float r = __fmaf_rn(-scale, q, x);
+      return x == 0.0f ? x : __fmaf_rn(inverse, r, q);
+    }
+#endif
+    return Div(x, scale);
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Percentile clipping (SPEC 3.5).

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "adam8bit.h"
@@ -28,21 +29,32 @@ class HostAllocator : public Allocator {
   }
 };
 
-// The maps and their bucket tables (adam8bit.h), as the CUDA kernel has them.
-struct Maps {
-  const float* q1;  // signed map (first moment)
-  const float* q2;  // unsigned map (second moment)
-  uint8_t table1[kSignedBuckets];
-  uint8_t table2[kUnsignedBuckets];
-
-  explicit Maps(const float* qmaps) : q1(qmaps), q2(qmaps + kMapSize) {
-    for (int i = 0; i < kSignedBuckets; ++i) table1[i] = BucketEntry(q1, kKeyMinusOne, i);
-    for (int i = 0; i < kUnsignedBuckets; ++i) table2[i] = BucketEntry(q2, kKeyZero, i);
+// The maps and their quantizer tables (adam8bit.h), as the CUDA kernel has
+// them. Built once per distinct pair of maps (in practice once).
+class Maps {
+ public:
+  static std::shared_ptr<const Maps> For(const float* qmaps) {
+    static std::mutex mu;
+    static std::shared_ptr<const Maps> last;
+    std::lock_guard<std::mutex> lock(mu);
+    if (!last || std::memcmp(last->tables_.q1, qmaps, 2 * kMapSize * sizeof(float)) != 0) {
+      auto maps = std::make_shared<Maps>();
+      BuildQuantTables(qmaps, &maps->tables_);
+      last = std::move(maps);
+    }
+    return last;
   }
-  uint8_t Code1(float m, float absmax) const { return QuantizeSignedTable(q1, table1, m, absmax); }
+  const float* q1() const { return tables_.q1; }
+  const float* q2() const { return tables_.q2; }
+  uint8_t Code1(float m, float absmax) const {
+    return optax_paged8bit::Code1(tables_, m, ScaleDivisor(absmax).Divide(m));
+  }
   uint8_t Code2(float v, float absmax) const {
-    return QuantizeUnsignedTable(q2, table2, v, absmax);
+    return optax_paged8bit::Code2(tables_, ScaleDivisor(absmax).Divide(v));
   }
+
+ private:
+  QuantTables tables_;
 };
 
 // Percentile clipping: the leaf's gnorm_scale for this step (1 when off).
@@ -87,7 +99,7 @@ void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps, c
         c2 = codes2[begin + e];
       }
       finite[e] = IsFinite(gf);
-      BlockwiseMoments(gf, maps.q1[c1], old1, maps.q2[c2], old2, s, &m[e], &v[e]);
+      BlockwiseMoments(gf, maps.q1()[c1], old1, maps.q2()[c2], old2, s, &m[e], &v[e]);
       absmax1 = MaxAbs(absmax1, m[e]);
       absmax2 = MaxAbs(absmax2, v[e]);
     }
@@ -113,7 +125,7 @@ void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps, c
   float old1 = state.absmax1[0], old2 = state.absmax2[0];
   auto moments = [&](int64_t i, float* gf, float* m, float* v) {
     *gf = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
-    BlockwiseMoments(*gf, maps.q1[codes1[i]], old1, maps.q2[codes2[i]], old2, s, m, v);
+    BlockwiseMoments(*gf, maps.q1()[codes1[i]], old1, maps.q2()[codes2[i]], old2, s, m, v);
   };
   float absmax1 = 0.0f, absmax2 = 0.0f;
   for (int64_t i = 0; i < leaf.size; ++i) {
@@ -159,7 +171,7 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
     std::memcpy(rings_out, rings.typed_data(), rings.element_count() * sizeof(float));
   }
   StepScalars s = ComputeStepScalars(hyper, t);
-  auto maps = std::make_unique<Maps>(qmaps);
+  std::shared_ptr<const Maps> maps = Maps::For(qmaps);
   for (size_t i = 0; i < leaves.size(); ++i) {
     const LeafCall& leaf = leaves[i];
     float scale = ClipScale(leaf, rings_out + i * kRingSize, t, percentile);

@@ -34,11 +34,13 @@ __device__ __forceinline__ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Loads a lane's elements [start, start + valid) as float; the rest are 0.
-__device__ __forceinline__ void LoadLane(const void* data, int32_t type, int64_t start, int valid,
+// Loads a lane's elements [start, start + valid) of dtype T as float; the
+// rest are 0.
+template <int32_t T>
+__device__ __forceinline__ void LoadLane(const void* data, int64_t start, int valid,
                                          float out[kLaneElems]) {
   if (valid == kLaneElems) {
-    if (type == kF32) {
+    if constexpr (T == kF32) {
       const float* p = static_cast<const float*>(data) + start;
       if (Aligned16(p)) {
         float4 a = __ldcs(reinterpret_cast<const float4*>(p));
@@ -56,23 +58,23 @@ __device__ __forceinline__ void LoadLane(const void* data, int32_t type, int64_t
         for (int k = 0; k < 4; ++k) {
           uint16_t lo = static_cast<uint16_t>(words[k] & 0xffffu);
           uint16_t hi = static_cast<uint16_t>(words[k] >> 16);
-          out[2 * k] = type == kBF16 ? Bf16ToFloat(lo) : F16ToFloat(lo);
-          out[2 * k + 1] = type == kBF16 ? Bf16ToFloat(hi) : F16ToFloat(hi);
+          out[2 * k] = T == kBF16 ? Bf16ToFloat(lo) : F16ToFloat(lo);
+          out[2 * k + 1] = T == kBF16 ? Bf16ToFloat(hi) : F16ToFloat(hi);
         }
         return;
       }
     }
   }
 #pragma unroll
-  for (int k = 0; k < kLaneElems; ++k)
-    out[k] = k < valid ? LoadAsFloat(data, type, start + k) : 0.0f;
+  for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, T, start + k) : 0.0f;
 }
 
-// Stores a lane's elements [start, start + valid) in the param dtype.
-__device__ __forceinline__ void StoreLane(void* data, int32_t type, int64_t start, int valid,
+// Stores a lane's elements [start, start + valid) in dtype T.
+template <int32_t T>
+__device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
                                           const float in[kLaneElems]) {
   if (valid == kLaneElems) {
-    if (type == kF32) {
+    if constexpr (T == kF32) {
       float* p = static_cast<float*>(data) + start;
       if (Aligned16(p)) {
         reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
@@ -85,8 +87,8 @@ __device__ __forceinline__ void StoreLane(void* data, int32_t type, int64_t star
         uint32_t words[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          uint16_t lo = type == kBF16 ? FloatToBf16(in[2 * k]) : FloatToF16(in[2 * k]);
-          uint16_t hi = type == kBF16 ? FloatToBf16(in[2 * k + 1]) : FloatToF16(in[2 * k + 1]);
+          uint16_t lo = T == kBF16 ? FloatToBf16(in[2 * k]) : FloatToF16(in[2 * k]);
+          uint16_t hi = T == kBF16 ? FloatToBf16(in[2 * k + 1]) : FloatToF16(in[2 * k + 1]);
           words[k] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
         }
         *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
@@ -96,7 +98,7 @@ __device__ __forceinline__ void StoreLane(void* data, int32_t type, int64_t star
   }
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    if (k < valid) StoreFromFloat(data, type, start + k, in[k]);
+    if (k < valid) StoreFromFloat(data, T, start + k, in[k]);
   }
 }
 
@@ -148,46 +150,39 @@ __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {
   return rest <= 0 ? 0 : (rest >= kLaneElems ? kLaneElems : static_cast<int>(rest));
 }
 
-// Dequantized moments of a lane (SPEC 3.2 step 2); padded lanes take part.
-__device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const float* q1, const float* q2,
+// Dequantized moments of a lane (SPEC 3.2 step 2). Padded lanes take part
+// with block scales (`pad`); with whole-leaf scales they count as zeros.
+template <int32_t T>
+__device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTables& qt,
                                             const StepScalars& s, int64_t start, int valid,
                                             float a1, float a2, float scale, bool pad,
                                             float m[kLaneElems], float v[kLaneElems],
                                             unsigned* finite) {
   float g[kLaneElems];
   uint8_t c1[kLaneElems], c2[kLaneElems];
-  LoadLane(leaf.grad, leaf.type, start, valid, g);
+  LoadLane<T>(leaf.grad, start, valid, g);
   LoadCodes(static_cast<const uint8_t*>(leaf.state1), start, valid, kPadCode1, c1);
   LoadCodes(static_cast<const uint8_t*>(leaf.state2), start, valid, 0, c2);
   *finite = 0;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    float gf = k < valid ? Mul(g[k], scale) : 0.0f;
+    float gf = Mul(g[k], scale);  // 0 in padded lanes
     if (IsFinite(gf)) *finite |= 1u << k;
-    BlockwiseMoments(gf, q1[c1[k]], a1, q2[c2[k]], a2, s, &m[k], &v[k]);
-    if (k >= valid && !pad) m[k] = v[k] = 0.0f;  // whole-leaf scales: no padding
+    BlockwiseMoments(gf, qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
+    if (k >= valid && !pad) m[k] = v[k] = 0.0f;
   }
 }
 
-__device__ __forceinline__ void LoadMaps(const float* qmaps, float* shared) {
-  for (int i = threadIdx.x; i < 2 * kMapSize; i += blockDim.x) shared[i] = qmaps[i];
-  __syncthreads();
-}
-
-// Shared-memory copy of the maps and their bucket tables (see adam8bit.h).
-struct alignas(16) Quantizer {
-  float q[2 * kMapSize];
-  uint8_t table1[kSignedBuckets];
-  uint8_t table2[kUnsignedBuckets];
-};
-
-__device__ __forceinline__ void LoadQuantizer(const float* qmaps, const uint8_t* tables,
-                                              Quantizer* shared) {
-  for (int i = threadIdx.x; i < 2 * kMapSize; i += blockDim.x) shared->q[i] = qmaps[i];
-  const uint4* src = reinterpret_cast<const uint4*>(tables);
-  uint4* dst = reinterpret_cast<uint4*>(shared->table1);  // table2 follows table1
-  constexpr int kWords = (kSignedBuckets + kUnsignedBuckets) / 16;
-  for (int i = threadIdx.x; i < kWords; i += blockDim.x) dst[i] = src[i];
+// Copies the quantizer tables (or only the maps) into shared memory.
+__device__ __forceinline__ void LoadQuantTables(const QuantTables* global, QuantTables* shared,
+                                                bool maps_only) {
+  constexpr int kMapWords = 2 * kMapSize * sizeof(float) / sizeof(uint4);
+  constexpr int kWords = sizeof(QuantTables) / sizeof(uint4);
+  static_assert(sizeof(QuantTables) % sizeof(uint4) == 0, "copied in 16-byte words");
+  const uint4* src = reinterpret_cast<const uint4*>(global);
+  uint4* dst = reinterpret_cast<uint4*>(shared);
+  int words = maps_only ? kMapWords : kWords;
+  for (int i = threadIdx.x; i < words; i += blockDim.x) dst[i] = src[i];
   __syncthreads();
 }
 
@@ -234,12 +229,33 @@ __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
   return &slots[threadIdx.x / kLanes];
 }
 
-__global__ void BuildTablesKernel(const float* qmaps, uint8_t* tables) {
+// The quantizer tables of adam8bit.h, one entry per thread; block 0 also
+// decides whether the fast route holds.
+__global__ void __launch_bounds__(kThreads)
+    BuildQuantTablesKernel(const float* qmaps, QuantTables* t) {
+  __shared__ int fast;
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < kSignedBuckets) tables[i] = BucketEntry(qmaps, kKeyMinusOne, i);
-  if (i < kUnsignedBuckets) {
-    tables[kSignedBuckets + i] = BucketEntry(qmaps + kMapSize, kKeyZero, i);
+  const float* q1 = qmaps;
+  const float* q2 = qmaps + kMapSize;
+  if (i < kMapSize) {
+    t->q1[i] = q1[i];
+    t->q2[i] = q2[i];
   }
+  if (i < 2 * kMapSize) {
+    t->pairs1[i] = PairEntry(q1, i);
+    t->pairs2[i] = PairEntry(q2, i);
+  }
+  if (i < kSignedBuckets) t->start1[i] = StartEntry(q1, kKeyMinusOne, kSignedShift, i);
+  if (i < kUnsignedBuckets) t->start2[i] = StartEntry(q2, kKeyZero, kUnsignedShift, i);
+  if (blockIdx.x != 0) return;
+  if (threadIdx.x == 0) fast = 1;
+  __syncthreads();
+  if (i + 1 < kMapSize && !(FastRouteHoldsAt(q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) &&
+                            FastRouteHoldsAt(q2, kKeyZero, kUnsignedShift, kUnsignedBuckets, i))) {
+    fast = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) t->fast = fast;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -253,7 +269,16 @@ __global__ void __launch_bounds__(kThreads)
     int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float g[kLaneElems];
-    LoadLane(leaf.grad, leaf.type, start, valid, g);
+    switch (leaf.type) {
+      case kBF16:
+        LoadLane<kBF16>(leaf.grad, start, valid, g);
+        break;
+      case kF16:
+        LoadLane<kF16>(leaf.grad, start, valid, g);
+        break;
+      default:
+        LoadLane<kF32>(leaf.grad, start, valid, g);
+    }
     double sum = LaneNormSq(g, valid);
 #pragma unroll
     for (int d = kLanes / 2; d >= 1; d >>= 1) sum = AddD(sum, __shfl_xor_sync(kFullMask, sum, d));
@@ -283,10 +308,26 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+template <int32_t T>
+__device__ __forceinline__ void LaneWholeMax(const LeafDesc& leaf, const QuantTables& qt,
+                                             const StepScalars& s, int64_t start, int valid,
+                                             float scale, float* max1, float* max2) {
+  float m[kLaneElems], v[kLaneElems];
+  unsigned finite;
+  LaneMoments<T>(leaf, qt, s, start, valid, leaf.absmax1[0], leaf.absmax2[0], scale, false, m, v,
+                 &finite);
+  *max1 = 0.0f, *max2 = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    *max1 = MaxAbs(*max1, m[k]);
+    *max2 = MaxAbs(*max2, v[k]);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     WholeLeafMaxKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
-  __shared__ float maps[2 * kMapSize];
-  LoadMaps(args.qmaps, maps);
+  __shared__ QuantTables quant;  // only the maps are read
+  LoadQuantTables(args.quant, &quant, /*maps_only=*/true);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
@@ -298,15 +339,16 @@ __global__ void __launch_bounds__(kThreads)
     int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-    float m[kLaneElems], v[kLaneElems];
-    unsigned finite;
-    LaneMoments(leaf, maps, maps + kMapSize, s, start, valid, leaf.absmax1[0], leaf.absmax2[0],
-                scale, false, m, v, &finite);
-    float max1 = 0.0f, max2 = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) {
-      max1 = MaxAbs(max1, m[k]);
-      max2 = MaxAbs(max2, v[k]);
+    float max1, max2;
+    switch (leaf.type) {
+      case kBF16:
+        LaneWholeMax<kBF16>(leaf, quant, s, start, valid, scale, &max1, &max2);
+        break;
+      case kF16:
+        LaneWholeMax<kF16>(leaf, quant, s, start, valid, scale, &max1, &max2);
+        break;
+      default:
+        LaneWholeMax<kF32>(leaf, quant, s, start, valid, scale, &max1, &max2);
     }
     max1 = WarpMax(max1);
     max2 = WarpMax(max2);
@@ -319,12 +361,77 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// SPEC 3.3: a lane of a leaf with float32 moments.
+template <int32_t T>
+__device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScalars& s,
+                                            int64_t start, int valid, float scale,
+                                            bool write_params) {
+  bool decay = (leaf.flags & kLeafDecay) != 0;
+  float g[kLaneElems], m[kLaneElems], v[kLaneElems], p[kLaneElems], out[kLaneElems];
+  LoadLane<T>(leaf.grad, start, valid, g);
+  LoadLane<kF32>(leaf.state1, start, valid, m);
+  LoadLane<kF32>(leaf.state2, start, valid, v);
+  LoadLane<T>(leaf.param, start, valid, p);
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    Float32Moments(Mul(g[k], scale), s, &m[k], &v[k]);
+    float p_new = StepParam(p[k], m[k], v[k], s, decay, T);
+    out[k] = write_params ? p_new : UpdateFor(p[k], p_new, T);
+  }
+  StoreLane<kF32>(leaf.state1, start, valid, m);
+  StoreLane<kF32>(leaf.state2, start, valid, v);
+  StoreLane<T>(leaf.out, start, valid, out);
+}
+
+// SPEC 3.2 (3.4 with whole-leaf scales): a lane of an 8-bit leaf's block j.
+template <int32_t T>
+__device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables& qt,
+                                         const StepScalars& s, const StepArgs& args, int64_t j,
+                                         int64_t start, int valid, float scale, int lane) {
+  bool whole = (leaf.flags & kLeafWhole) != 0;
+  bool decay = (leaf.flags & kLeafDecay) != 0;
+  float old1 = leaf.absmax1[whole ? 0 : j], old2 = leaf.absmax2[whole ? 0 : j];
+  float m[kLaneElems], v[kLaneElems];
+  unsigned finite;
+  LaneMoments<T>(leaf, qt, s, start, valid, old1, old2, scale, !whole, m, v, &finite);
+  float absmax1, absmax2;
+  if (whole) {
+    absmax1 = args.whole_absmax[2 * leaf.index];
+    absmax2 = args.whole_absmax[2 * leaf.index + 1];
+  } else {
+    absmax1 = 0.0f, absmax2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      absmax1 = MaxAbs(absmax1, m[k]);
+      absmax2 = MaxAbs(absmax2, v[k]);
+    }
+    absmax1 = WarpMax(absmax1);
+    absmax2 = WarpMax(absmax2);
+  }
+  float p[kLaneElems], out[kLaneElems];
+  LoadLane<T>(leaf.param, start, valid, p);
+  ScaleDivisor d1(absmax1), d2(absmax2);
+  uint8_t c1[kLaneElems], c2[kLaneElems];
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    float p_new = (finite >> k) & 1u ? StepParam(p[k], m[k], v[k], s, decay, T) : p[k];
+    out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+    c1[k] = Code1(qt, m[k], d1.Divide(m[k]));
+    c2[k] = Code2(qt, d2.Divide(v[k]));
+  }
+  StoreLane<T>(leaf.out, start, valid, out);
+  StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);
+  StoreCodes(static_cast<uint8_t*>(leaf.state2), start, valid, c2);
+  if (!whole && lane == 0) {
+    leaf.absmax1[j] = absmax1;
+    leaf.absmax2[j] = absmax2;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 4)
     UpdateKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
-  __shared__ Quantizer quant;
-  LoadQuantizer(args.qmaps, args.tables, &quant);
-  const float* q1 = quant.q;
-  const float* q2 = quant.q + kMapSize;
+  __shared__ QuantTables quant;
+  LoadQuantTables(args.quant, &quant, /*maps_only=*/false);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   if (args.write_count && blockIdx.x == 0 && threadIdx.x == 0) {
     *args.count_out = static_cast<int32_t>(args.t);
@@ -339,61 +446,28 @@ __global__ void __launch_bounds__(kThreads, 4)
     int64_t start = j * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-    bool decay = (leaf.flags & kLeafDecay) != 0;
-    float p[kLaneElems], out[kLaneElems];
-
-    if (!(leaf.flags & kLeaf8bit)) {  // SPEC 3.3: float32 moments
-      float g[kLaneElems], m[kLaneElems], v[kLaneElems];
-      LoadLane(leaf.grad, leaf.type, start, valid, g);
-      LoadLane(leaf.state1, kF32, start, valid, m);
-      LoadLane(leaf.state2, kF32, start, valid, v);
-      LoadLane(leaf.param, leaf.type, start, valid, p);
-#pragma unroll
-      for (int k = 0; k < kLaneElems; ++k) {
-        Float32Moments(Mul(g[k], scale), s, &m[k], &v[k]);
-        float p_new = StepParam(p[k], m[k], v[k], s, decay, leaf.type);
-        out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, leaf.type);
+    if (leaf.flags & kLeaf8bit) {
+      switch (leaf.type) {
+        case kBF16:
+          Lane8bit<kBF16>(leaf, quant, s, args, j, start, valid, scale, lane);
+          break;
+        case kF16:
+          Lane8bit<kF16>(leaf, quant, s, args, j, start, valid, scale, lane);
+          break;
+        default:
+          Lane8bit<kF32>(leaf, quant, s, args, j, start, valid, scale, lane);
       }
-      StoreLane(leaf.state1, kF32, start, valid, m);
-      StoreLane(leaf.state2, kF32, start, valid, v);
-      StoreLane(leaf.out, leaf.type, start, valid, out);
-      continue;
-    }
-
-    bool whole = (leaf.flags & kLeafWhole) != 0;
-    float old1 = leaf.absmax1[whole ? 0 : j], old2 = leaf.absmax2[whole ? 0 : j];
-    float m[kLaneElems], v[kLaneElems];
-    unsigned finite;
-    LaneMoments(leaf, q1, q2, s, start, valid, old1, old2, scale, !whole, m, v, &finite);
-    float absmax1, absmax2;
-    if (whole) {
-      absmax1 = args.whole_absmax[2 * leaf.index];
-      absmax2 = args.whole_absmax[2 * leaf.index + 1];
     } else {
-      absmax1 = 0.0f, absmax2 = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kLaneElems; ++k) {
-        absmax1 = MaxAbs(absmax1, m[k]);
-        absmax2 = MaxAbs(absmax2, v[k]);
+      switch (leaf.type) {
+        case kBF16:
+          LaneFloat32<kBF16>(leaf, s, start, valid, scale, args.write_params);
+          break;
+        case kF16:
+          LaneFloat32<kF16>(leaf, s, start, valid, scale, args.write_params);
+          break;
+        default:
+          LaneFloat32<kF32>(leaf, s, start, valid, scale, args.write_params);
       }
-      absmax1 = WarpMax(absmax1);
-      absmax2 = WarpMax(absmax2);
-    }
-    LoadLane(leaf.param, leaf.type, start, valid, p);
-    uint8_t c1[kLaneElems], c2[kLaneElems];
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) {
-      float p_new = (finite >> k) & 1u ? StepParam(p[k], m[k], v[k], s, decay, leaf.type) : p[k];
-      out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, leaf.type);
-      c1[k] = QuantizeSignedTable(q1, quant.table1, m[k], absmax1);
-      c2[k] = QuantizeUnsignedTable(q2, quant.table2, v[k], absmax2);
-    }
-    StoreLane(leaf.out, leaf.type, start, valid, out);
-    StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);
-    StoreCodes(static_cast<uint8_t*>(leaf.state2), start, valid, c2);
-    if (!whole && lane == 0) {
-      leaf.absmax1[j] = absmax1;
-      leaf.absmax2[j] = absmax2;
     }
   }
 }
@@ -438,8 +512,10 @@ cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int
   return cudaGetLastError();
 }
 
-cudaError_t LaunchBuildTables(const float* qmaps, uint8_t* tables, cudaStream_t stream) {
-  BuildTablesKernel<<<kSignedBuckets / kThreads, kThreads, 0, stream>>>(qmaps, tables);
+cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cudaStream_t stream) {
+  constexpr int kEntries = std::max(kSignedBuckets, kUnsignedBuckets);
+  BuildQuantTablesKernel<<<(kEntries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(qmaps,
+                                                                                        tables);
   return cudaGetLastError();
 }
 

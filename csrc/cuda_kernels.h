@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "adam8bit.h"
+
 namespace optax_paged8bit {
 
 // Extra flag of a launch's leaf: an 8-bit leaf with one scale for the whole
@@ -41,13 +43,12 @@ struct LeafTable {
 
 // Per-call scalars and scratch (device pointers).
 struct StepArgs {
-  const float* hyper;       // float32[5]
-  const float* qmaps;       // float32[2, 256]
-  const uint8_t* tables;    // bucket tables of both maps (LaunchBuildTables)
-  const float* clip_scale;  // float32[num leaves in the call] or null (no clipping)
-  float* whole_absmax;      // float32[2 * leaves]: new scales of whole-leaf leaves
-  int32_t* count_out;       // written with t by the launch that has write_count
-  int64_t t;                // 1-based step
+  const float* hyper;        // float32[5]
+  const QuantTables* quant;  // the maps and their tables (LaunchBuildQuantTables)
+  const float* clip_scale;   // float32[num leaves in the call] or null (no clipping)
+  float* whole_absmax;       // float32[2 * leaves]: new scales of whole-leaf leaves
+  int32_t* count_out;        // written with t by the launch that has write_count
+  int64_t t;                 // 1-based step
   bool write_params;
   bool write_count;
 };
@@ -64,8 +65,8 @@ cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, floa
 cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
                                cudaStream_t stream);
 
-// Bucket tables of the two maps, uint8[kSignedBuckets + kUnsignedBuckets].
-cudaError_t LaunchBuildTables(const float* qmaps, uint8_t* tables, cudaStream_t stream);
+// The quantizer tables of the maps float32[2, 256] (adam8bit.h).
+cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cudaStream_t stream);
 
 // The update of every leaf of the table.
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,

@@ -274,7 +274,6 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
 
   StepArgs args = {};
   args.hyper = hyper.typed_data();
-  args.qmaps = qmaps.typed_data();
   args.count_out = count_out;
   args.t = t;
   args.write_params = write_params;
@@ -282,13 +281,13 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   auto allocate = [&](size_t bytes) -> void* {
     return scratch.Allocate(std::max<size_t>(bytes, 16), 16).value_or(nullptr);
   };
-  auto* bucket_tables = static_cast<uint8_t*>(allocate(kSignedBuckets + kUnsignedBuckets));
-  if (bucket_tables == nullptr) {
+  auto* quant = static_cast<QuantTables*>(allocate(sizeof(QuantTables)));
+  if (quant == nullptr) {
     return ffi::Error::Internal(std::string(op) + ": out of scratch memory");
   }
-  RETURN_IF_LAUNCH_FAILED(op, "BuildTablesKernel",
-                          LaunchBuildTables(args.qmaps, bucket_tables, stream));
-  args.tables = bucket_tables;
+  RETURN_IF_LAUNCH_FAILED(op, "BuildQuantTablesKernel",
+                          LaunchBuildQuantTables(qmaps.typed_data(), quant, stream));
+  args.quant = quant;
   if (clipping) {
     auto* partials = static_cast<double*>(allocate(total_blocks * sizeof(double)));
     auto* clip_scale = static_cast<float*>(allocate(num_leaves * sizeof(float)));

@@ -4,6 +4,9 @@ release. Marked `gpu`; skipped without a GPU and the CUDA build."""
 from __future__ import annotations
 
 import gc
+import pathlib
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -234,3 +237,31 @@ def test_more_leaves_than_one_launch_holds(fused):
   ]
   kwargs = dict(min_8bit_size=4096, percentile_clipping=90)
   assert_backends_agree(params, grads, kwargs, fused)
+
+
+def test_scale_divisor_matches_fdiv_rn(tmp_path):
+  # The CUDA quantizer divides by a block's scale with the fast path of
+  # __fdiv_rn and the reciprocal hoisted (adam8bit.h: ScaleDivisor). Every
+  # divisor significand at 7 exponents, 256 dividends each, against __fdiv_rn.
+  nvcc = shutil.which("nvcc")
+  assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
+  here = pathlib.Path(__file__).parent
+  exe = tmp_path / "scale_divisor_check"
+  subprocess.run(
+    [
+      nvcc,
+      "-std=c++17",
+      "-O3",
+      "--fmad=false",
+      "-arch=native",
+      f"-I{here.parent / 'csrc'}",
+      "-o",
+      str(exe),
+      str(here / "native" / "scale_divisor_check.cu"),
+    ],
+    check=True,
+  )
+  out = subprocess.run([str(exe), "256"], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout + out.stderr
+  words = out.stdout.split()
+  assert words[:4] == ["pairs", str(7 * (1 << 23) * 256), "mismatches", "0"], out.stdout

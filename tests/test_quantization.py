@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -50,3 +52,36 @@ def test_dequantize_blockwise_and_whole():
   assert out[0, 0] == 2.0 and out[1, 0] == 4.0 and out[0, 1] == 0.0
   whole = q.dequantize_blockwise(codes, np.array([3.0], np.float32), q.QMAP_SIGNED, False)
   assert whole[1, 3] == 3.0
+
+
+NATIVE = pathlib.Path(__file__).parent / "native"
+CSRC = pathlib.Path(__file__).parent.parent / "csrc"
+
+
+def test_fast_quantizer_route_equals_definition(tmp_path):
+  # Both backends quantize through adam8bit.h's tables (midpoint counts per
+  # bucket); the definition is the nearest map entry with ties to even. The
+  # check program compares them on every 257th float32 bit pattern (the whole
+  # range was checked once, stride 1: see benchmarks/RESULTS.md).
+  compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+  assert compiler, "a C++ compiler is needed (the extension's build needs one too)"
+  exe = tmp_path / "quantizer_check"
+  subprocess.run(
+    [
+      compiler,
+      "-O2",
+      "-std=c++17",
+      "-ffp-contract=off",
+      f"-I{CSRC}",
+      "-o",
+      str(exe),
+      str(NATIVE / "quantizer_check.cc"),
+    ],
+    check=True,
+  )
+  maps = tmp_path / "qmaps.bin"
+  q.QMAPS.astype(np.float32).tofile(maps)
+  out = subprocess.run([str(exe), str(maps), "257"], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert out.stdout.split()[-4:] == ["mismatches", "0", "fast", "1"], out.stdout
+  assert int(out.stdout.split()[1]) == (1 << 32) // 257 + 1
