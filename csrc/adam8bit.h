@@ -382,7 +382,8 @@ struct alignas(16) QuantTables {
   uint8_t start1[kSignedBuckets];
   uint8_t start2[kUnsignedBuckets];
   int32_t fast;  // both maps have the properties above
-  int32_t padding[3];
+  int32_t neg1;  // entries of q1 with the sign bit (a prefix of a strictly ascending map)
+  int32_t padding[2];
 };
 
 // The table pieces, each computable on its own (the device builds them in
@@ -416,14 +417,22 @@ OP8_HD bool FastRouteHoldsAt(const float* q, uint32_t base, int shift, int num_b
                        BucketIndex(Midpoint(q, i - 1), base, shift, num_buckets);
 }
 
-OP8_HD uint8_t FastCode(const float* q, const float* pairs, const uint8_t* start, uint32_t base,
-                        int shift, int num_buckets, bool fast, float x) {
-  if (!fast) return NearestCode(q, x, LowerBound(q, x));
+// #{i : mid[i] < x} with ties to the even code, for x not NaN, when the
+// fast route holds.
+OP8_HD int FastCount(const float* pairs, const uint8_t* start, uint32_t base, int shift,
+                     int num_buckets, float x) {
   int s = start[BucketIndex(x, base, shift, num_buckets)];
   float lo = pairs[2 * s], hi = pairs[2 * s + 1];
   bool above = lo < x;
   int c = s + (above ? 1 : 0);
   if ((above ? hi : lo) == x) c += c & 1;  // a tie goes to the even code
+  return c;
+}
+
+OP8_HD uint8_t FastCode(const float* q, const float* pairs, const uint8_t* start, uint32_t base,
+                        int shift, int num_buckets, bool fast, float x) {
+  if (!fast) return NearestCode(q, x, LowerBound(q, x));
+  int c = FastCount(pairs, start, base, shift, num_buckets, x);
   return IsNan(x) ? 0 : static_cast<uint8_t>(c);
 }
 
@@ -440,6 +449,20 @@ OP8_HD uint8_t Code2(const QuantTables& t, float x2) {
                   x2);
 }
 
+// The same two codes where the fast route holds and x1, x2 are not NaN
+// (a block whose scales are positive and finite).
+// The sign fix reads sign(q1[c]) as c < neg1 there.
+OP8_HD uint8_t FastCode1(const QuantTables& t, float m, float x1) {
+  int c = FastCount(t.pairs1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets, x1);
+  if ((c < t.neg1) != SignBit(m)) c += m > 0.0f ? 1 : -1;
+  return static_cast<uint8_t>(c);
+}
+
+OP8_HD uint8_t FastCode2(const QuantTables& t, float x2) {
+  return static_cast<uint8_t>(
+      FastCount(t.pairs2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, x2));
+}
+
 #if !defined(__CUDA_ARCH__)
 inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
   std::memcpy(t->q1, qmaps, sizeof(t->q1));
@@ -454,6 +477,8 @@ inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
   for (int b = 0; b < kUnsignedBuckets; ++b) {
     t->start2[b] = StartEntry(t->q2, kKeyZero, kUnsignedShift, b);
   }
+  t->neg1 = 0;
+  for (int i = 0; i < kMapSize; ++i) t->neg1 += SignBit(t->q1[i]) ? 1 : 0;
   t->fast = 1;
   for (int i = 0; i + 1 < kMapSize; ++i) {
     if (!FastRouteHoldsAt(t->q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) ||
@@ -467,14 +492,16 @@ inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
 // x / scale for the quantizer, with the scale fixed for a block. On the host
 // a division; on the GPU the fast path of __fdiv_rn (hardware reciprocal
 // refined once, a product, one fma correction) with the reciprocal hoisted out
-// of the block, taken only well inside the normal range (scale within 2^+-60,
-// quotient within [2^-60, 1]), where it gives __fdiv_rn's result; anything else divides.
-// tests/cuda/scale_divisor_check.cu compares the two on the GPU.
+// of the block, taken only well inside the normal range: scale within
+// 2^+-60, |x| at least 2^-90 and scale * 2^-60 (so that the fma's remainder
+// stays normal), |x| at most scale. There it gives __fdiv_rn's result;
+// anything else divides. tests/native/scale_divisor_check.cu compares the two
+// on the GPU over every significand of the scale.
 struct ScaleDivisor {
   float scale;
+  bool fast = false;  // the scale is in range (always false on the host)
 #if defined(__CUDA_ARCH__)
   float inverse, min_x;
-  bool fast;
 #endif
   OP8_HD explicit ScaleDivisor(float b) : scale(b) {
 #if defined(__CUDA_ARCH__)
@@ -482,7 +509,7 @@ struct ScaleDivisor {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
     inverse = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
-    min_x = __fmul_rn(b, 8.67361737988403547e-19f);
+    min_x = fmaxf(__fmul_rn(b, 8.67361737988403547e-19f), 8.07793566946316088e-28f);  // 2^-90
 #endif
   }
   OP8_HD float Divide(float x) const {

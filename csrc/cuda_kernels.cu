@@ -233,7 +233,7 @@ __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
 // decides whether the fast route holds.
 __global__ void __launch_bounds__(kThreads)
     BuildQuantTablesKernel(const float* qmaps, QuantTables* t) {
-  __shared__ int fast;
+  __shared__ int fast, neg1;
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   const float* q1 = qmaps;
   const float* q2 = qmaps + kMapSize;
@@ -248,14 +248,15 @@ __global__ void __launch_bounds__(kThreads)
   if (i < kSignedBuckets) t->start1[i] = StartEntry(q1, kKeyMinusOne, kSignedShift, i);
   if (i < kUnsignedBuckets) t->start2[i] = StartEntry(q2, kKeyZero, kUnsignedShift, i);
   if (blockIdx.x != 0) return;
-  if (threadIdx.x == 0) fast = 1;
+  if (threadIdx.x == 0) fast = 1, neg1 = 0;
   __syncthreads();
+  if (i < kMapSize && SignBit(q1[i])) atomicAdd(&neg1, 1);
   if (i + 1 < kMapSize && !(FastRouteHoldsAt(q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) &&
                             FastRouteHoldsAt(q2, kKeyZero, kUnsignedShift, kUnsignedBuckets, i))) {
     fast = 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) t->fast = fast;
+  if (threadIdx.x == 0) t->fast = fast, t->neg1 = neg1;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -410,14 +411,26 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
   float p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.param, start, valid, p);
-  ScaleDivisor d1(absmax1), d2(absmax2);
-  uint8_t c1[kLaneElems], c2[kLaneElems];
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    float p_new = (finite >> k) & 1u ? StepParam(p[k], m[k], v[k], s, decay, T) : p[k];
+    float stepped = StepParam(p[k], m[k], v[k], s, decay, T);  // selected, not branched
+    float p_new = (finite >> k) & 1u ? stepped : p[k];
     out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
-    c1[k] = Code1(qt, m[k], d1.Divide(m[k]));
-    c2[k] = Code2(qt, d2.Divide(v[k]));
+  }
+  ScaleDivisor d1(absmax1), d2(absmax2);
+  uint8_t c1[kLaneElems], c2[kLaneElems];
+  if (qt.fast && d1.fast && d2.fast) {  // the warp's usual case: no NaN quotient here
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      c1[k] = FastCode1(qt, m[k], d1.Divide(m[k]));
+      c2[k] = FastCode2(qt, d2.Divide(v[k]));
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      c1[k] = Code1(qt, m[k], d1.Divide(m[k]));
+      c2[k] = Code2(qt, d2.Divide(v[k]));
+    }
   }
   StoreLane<T>(leaf.out, start, valid, out);
   StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);

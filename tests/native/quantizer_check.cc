@@ -1,5 +1,6 @@
 // Checks the quantizer's fast route (adam8bit.h: QuantTables, FastCode)
-// against its definition, NearestCode(q, x, LowerBound(q, x)), on every
+// (and the kernel's FastCode1/FastCode2) against its definition,
+// NearestCode(q, x, LowerBound(q, x)) with SignFix for the first map, on every
 // `stride`-th float32 bit pattern, for both maps read from a file of 512
 // float32 values (signed map, then unsigned map).
 //   quantizer_check MAPS_FILE STRIDE  ->  prints "checked N mismatches M fast F"
@@ -43,6 +44,14 @@ int main(int argc, char** argv) {
     }
     if (in_range2 && got2 != want2) {
       if (++mismatches <= 10) std::printf("unsigned x=%a want %d got %d\n", x, want2, got2);
+    }
+    // The kernel's route for blocks with positive finite scales (x not NaN),
+    // sign fix included (m has x's sign there).
+    if (!IsNan(x) && in_range1 && FastCode1(*tables, x, x) != SignFix(tables->q1, x, want1)) {
+      if (++mismatches <= 10) std::printf("FastCode1 x=%a\n", x);
+    }
+    if (!IsNan(x) && in_range2 && FastCode2(*tables, x) != want2) {
+      if (++mismatches <= 10) std::printf("FastCode2 x=%a\n", x);
     }
     ++checked;
   }

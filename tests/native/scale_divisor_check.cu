@@ -1,7 +1,7 @@
 // Checks ScaleDivisor::Divide (adam8bit.h), the quantizer's division on the
 // GPU, against __fdiv_rn: every divisor significand at several exponents
 // across the fast range and beyond it, each against `per_divisor` dividends
-// (pseudo-random significands, exponents from the divisor's down to 2^-64
+// (pseudo-random significands, exponents from the divisor's down to 2^-100
 // below it, both signs, and the edge cases of the range).
 //   scale_divisor_check [per_divisor]  ->  prints "pairs N mismatches M"
 #include <cuda_runtime.h>
@@ -44,7 +44,7 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, unsigned long lo
     } else if (k < 8) {  // around the fast path's lower bound, b * 2^-60
       a = BitsFloat(FloatBits(b * 8.67361737988403547e-19f) + (k - 6));
     } else {
-      int drop = static_cast<int>(Hash(h) % 65);  // exponents b's down to 2^-64 below
+      int drop = static_cast<int>(Hash(h) % 101);  // exponents b's down to 2^-100 below
       int e = static_cast<int>(exponent) - drop;
       if (e < 1) e = 1;
       a = BitsFloat((static_cast<uint32_t>(e) << 23) | (h & 0x7fffffu));
