@@ -346,7 +346,11 @@ OP8_HD uint8_t SignFix(const float* q1, float m, uint8_t code) {
 // consecutive keys, and start[b] = #{i : mid[i] < the bucket's first float}.
 // When no bucket holds two midpoints (the dynamic maps at these shifts: a
 // bucket is 1/64 of a binade for the signed map, 1/128 for the unsigned one),
-// c = start + [mid[start] < x]: two shared-memory reads and no loop. Scaled
+// mid[s + 1] lies in a later bucket than x, so with s = start[bucket of x]
+// only mid[s] can be below or equal to x: c = s + [mid[s] < x], or
+// s + [mid[s] <= x] when s is odd (the tie goes to s + 1). The table keeps
+// edge[s] = mid[s] for even s and the float just below mid[s] for odd s, so
+// that c = s + [edge[s] < x]: two shared-memory reads, one comparison. Scaled
 // moments lie in [-1, 1] (signed) and [0, 1] (unsigned); a key below the first
 // bucket (-0.0 for the unsigned map) clamps to it and the count stays right.
 // Maps without these properties take the definition (`fast` is 0).
@@ -372,13 +376,17 @@ OP8_HD int BucketIndex(float x, uint32_t base, int shift, int num_buckets) {
   return i < static_cast<uint32_t>(num_buckets) ? static_cast<int>(i) : num_buckets - 1;
 }
 
+// The same buckets for x known to lie in [-1, 1] (signed map) or in [+0, 1]
+// (unsigned map), where no clamping is needed.
+OP8_HD int SignedBucketInRange(float x) { return (OrderKey(x) - kKeyMinusOne) >> kSignedShift; }
+OP8_HD int UnsignedBucketInRange(float x) { return FloatBits(x) >> kUnsignedShift; }
+
 struct alignas(16) QuantTables {
   float q1[kMapSize];  // signed map (first moment)
   float q2[kMapSize];  // unsigned map (second moment)
-  // pairs[2i] = mid[i], pairs[2i + 1] = mid[i + 1]; mid[255] = mid[256] = NaN,
-  // which no comparison takes.
-  float pairs1[2 * kMapSize];
-  float pairs2[2 * kMapSize];
+  // edge[s] as above; edge[255] = NaN, which no comparison takes.
+  float edge1[kMapSize];
+  float edge2[kMapSize];
   uint8_t start1[kSignedBuckets];
   uint8_t start2[kUnsignedBuckets];
   int32_t fast;  // both maps have the properties above
@@ -388,10 +396,13 @@ struct alignas(16) QuantTables {
 
 // The table pieces, each computable on its own (the device builds them in
 // parallel, the host in a loop).
-OP8_HD float PairEntry(const float* q, int k) {
-  int i = k >> 1;
-  i += k & 1;
-  return i < kMapSize - 1 ? Midpoint(q, i) : BitsFloat(0x7fc00000u);
+OP8_HD float EdgeEntry(const float* q, int s) {
+  if (s >= kMapSize - 1) return BitsFloat(0x7fc00000u);
+  float mid = Midpoint(q, s);
+  if (!(s & 1)) return mid;
+  uint32_t u = FloatBits(mid);  // the next float toward -infinity
+  if ((u & 0x7fffffffu) == 0) return BitsFloat(0x80000001u);
+  return BitsFloat((u & 0x80000000u) ? u + 1 : u - 1);
 }
 
 OP8_HD uint8_t StartEntry(const float* q, uint32_t base, int shift, int bucket) {
@@ -417,59 +428,49 @@ OP8_HD bool FastRouteHoldsAt(const float* q, uint32_t base, int shift, int num_b
                        BucketIndex(Midpoint(q, i - 1), base, shift, num_buckets);
 }
 
-// #{i : mid[i] < x} with ties to the even code, for x not NaN, when the
-// fast route holds.
-OP8_HD int FastCount(const float* pairs, const uint8_t* start, uint32_t base, int shift,
-                     int num_buckets, float x) {
-  int s = start[BucketIndex(x, base, shift, num_buckets)];
-  float lo = pairs[2 * s], hi = pairs[2 * s + 1];
-  bool above = lo < x;
-  int c = s + (above ? 1 : 0);
-  if ((above ? hi : lo) == x) c += c & 1;  // a tie goes to the even code
-  return c;
-}
-
-OP8_HD uint8_t FastCode(const float* q, const float* pairs, const uint8_t* start, uint32_t base,
+OP8_HD uint8_t FastCode(const float* q, const float* edge, const uint8_t* start, uint32_t base,
                         int shift, int num_buckets, bool fast, float x) {
   if (!fast) return NearestCode(q, x, LowerBound(q, x));
-  int c = FastCount(pairs, start, base, shift, num_buckets, x);
+  int s = start[BucketIndex(x, base, shift, num_buckets)];
+  int c = s + (edge[s] < x ? 1 : 0);
   return IsNan(x) ? 0 : static_cast<uint8_t>(c);
 }
 
 // code1 = Q(q1, m / absmax1) with the sign fix, x1 = m / absmax1 given.
 OP8_HD uint8_t Code1(const QuantTables& t, float m, float x1) {
-  uint8_t c = FastCode(t.q1, t.pairs1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets,
+  uint8_t c = FastCode(t.q1, t.edge1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets,
                        t.fast != 0, x1);
   return SignFix(t.q1, m, c);
 }
 
 // code2 = Q(q2, v / absmax2), x2 = v / absmax2 given.
 OP8_HD uint8_t Code2(const QuantTables& t, float x2) {
-  return FastCode(t.q2, t.pairs2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, t.fast != 0,
+  return FastCode(t.q2, t.edge2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, t.fast != 0,
                   x2);
 }
 
-// The same two codes where the fast route holds and x1, x2 are not NaN
-// (a block whose scales are positive and finite).
-// The sign fix reads sign(q1[c]) as c < neg1 there.
+// The same two codes where the fast route holds, x1 lies in [-1, 1] and x2
+// in [+0, 1] (a block whose scales are positive and finite). The sign fix
+// reads sign(q1[c]) as c < neg1 there.
 OP8_HD uint8_t FastCode1(const QuantTables& t, float m, float x1) {
-  int c = FastCount(t.pairs1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets, x1);
+  int s = t.start1[SignedBucketInRange(x1)];
+  int c = s + (t.edge1[s] < x1 ? 1 : 0);
   if ((c < t.neg1) != SignBit(m)) c += m > 0.0f ? 1 : -1;
   return static_cast<uint8_t>(c);
 }
 
 OP8_HD uint8_t FastCode2(const QuantTables& t, float x2) {
-  return static_cast<uint8_t>(
-      FastCount(t.pairs2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, x2));
+  int s = t.start2[UnsignedBucketInRange(x2)];
+  return static_cast<uint8_t>(s + (t.edge2[s] < x2 ? 1 : 0));
 }
 
 #if !defined(__CUDA_ARCH__)
 inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
   std::memcpy(t->q1, qmaps, sizeof(t->q1));
   std::memcpy(t->q2, qmaps + kMapSize, sizeof(t->q2));
-  for (int k = 0; k < 2 * kMapSize; ++k) {
-    t->pairs1[k] = PairEntry(t->q1, k);
-    t->pairs2[k] = PairEntry(t->q2, k);
+  for (int k = 0; k < kMapSize; ++k) {
+    t->edge1[k] = EdgeEntry(t->q1, k);
+    t->edge2[k] = EdgeEntry(t->q2, k);
   }
   for (int b = 0; b < kSignedBuckets; ++b) {
     t->start1[b] = StartEntry(t->q1, kKeyMinusOne, kSignedShift, b);
@@ -522,6 +523,21 @@ struct ScaleDivisor {
     }
 #endif
     return Div(x, scale);
+  }
+  // The same for |x| <= scale (x in the scale's block) when fast is true,
+  // except that a zero quotient may lose its sign (-0 gives +0): the
+  // quantizer's codes do not depend on it (both zeros share a bucket and
+  // compare equal; the sign fix reads the moment, not the quotient).
+  OP8_HD float DivideInRange(float x) const {
+#if defined(__CUDA_ARCH__)
+    // 0 < |x| < min_x divides; 0 and [min_x, scale] take the fast path.
+    if (FloatBits(Abs(x)) - 1u < FloatBits(min_x) - 1u) return Div(x, scale);
+    float q = __fmul_rn(x, inverse);
+    float r = __fmaf_rn(-scale, q, x);
+    return __fmaf_rn(inverse, r, q);
+#else
+    return Div(x, scale);
+#endif
   }
 };
 

@@ -241,9 +241,9 @@ __global__ void __launch_bounds__(kThreads)
     t->q1[i] = q1[i];
     t->q2[i] = q2[i];
   }
-  if (i < 2 * kMapSize) {
-    t->pairs1[i] = PairEntry(q1, i);
-    t->pairs2[i] = PairEntry(q2, i);
+  if (i < kMapSize) {
+    t->edge1[i] = EdgeEntry(q1, i);
+    t->edge2[i] = EdgeEntry(q2, i);
   }
   if (i < kSignedBuckets) t->start1[i] = StartEntry(q1, kKeyMinusOne, kSignedShift, i);
   if (i < kUnsignedBuckets) t->start2[i] = StartEntry(q2, kKeyZero, kUnsignedShift, i);
@@ -422,8 +422,8 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   if (qt.fast && d1.fast && d2.fast) {  // the warp's usual case: no NaN quotient here
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      c1[k] = FastCode1(qt, m[k], d1.Divide(m[k]));
-      c2[k] = FastCode2(qt, d2.Divide(v[k]));
+      c1[k] = FastCode1(qt, m[k], d1.DivideInRange(m[k]));
+      c2[k] = FastCode2(qt, d2.DivideInRange(v[k]));
     }
   } else {
 #pragma unroll

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
     uint8_t want1 = NearestCode(tables->q1, x, LowerBound(tables->q1, x));
     uint8_t want2 = NearestCode(tables->q2, x, LowerBound(tables->q2, x));
     // Code1 with m = x applies the sign fix to both; compare before it.
-    uint8_t got1 = FastCode(tables->q1, tables->pairs1, tables->start1, kKeyMinusOne, kSignedShift,
+    uint8_t got1 = FastCode(tables->q1, tables->edge1, tables->start1, kKeyMinusOne, kSignedShift,
                             kSignedBuckets, tables->fast != 0, x);
     uint8_t got2 = Code2(*tables, x);
     bool in_range1 = !(x < -1.0f || x > 1.0f);  // scaled first moments

@@ -1,5 +1,5 @@
-// Checks ScaleDivisor::Divide (adam8bit.h), the quantizer's division on the
-// GPU, against __fdiv_rn: every divisor significand at several exponents
+// Checks ScaleDivisor::Divide and DivideInRange (adam8bit.h), the quantizer's
+// division on the GPU, against __fdiv_rn: every divisor significand at several exponents
 // across the fast range and beyond it, each against `per_divisor` dividends
 // (pseudo-random significands, exponents from the divisor's down to 2^-100
 // below it, both signs, and the edge cases of the range).
@@ -53,8 +53,12 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, unsigned long lo
     if (h & 0x80000000u) a = -a;
     float fast = divisor.Divide(a);
     float exact = __fdiv_rn(a, b);
+    // DivideInRange is what blocks with in-range scales use (|a| <= b here).
+    float in_range = divisor.fast ? divisor.DivideInRange(a) : exact;
     ++local_pairs;
-    if (FloatBits(fast) != FloatBits(exact)) {
+    // DivideInRange may drop a zero quotient's sign (documented there).
+    bool in_range_same = FloatBits(in_range) == FloatBits(exact) || (in_range == 0 && exact == 0);
+    if (FloatBits(fast) != FloatBits(exact) || !in_range_same) {
       ++local_bad;
       example[0] = FloatBits(a);
       example[1] = FloatBits(b);
