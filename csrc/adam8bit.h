@@ -296,7 +296,7 @@ OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool dec
   return StepParamWithRoot(p, m, Sqrt(v), s, decay, type);
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 // The fast path of __fsqrt_rn as nvcc emits it for these GPUs (hardware
 // reciprocal square root r; s = x r; the correction fma(fma(-s, s, x), r/2,
 // s)), and its own test of when that path is exact: x in [2^-101, FLT_MAX].
