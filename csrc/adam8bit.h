@@ -284,33 +284,11 @@ OP8_HD void Float32Moments(float g, const StepScalars& s, float* m, float* v) {
 
 // SPEC 3.2 step 4 / 3.3: the step, rounded to the param dtype, then the
 // decoupled weight decay AFTER the step, rounded again.
-// root = Sqrt(v), given.
-OP8_HD float StepParamWithRoot(float p, float m, float root, const StepScalars& s, bool decay,
-                               int32_t type) {
-  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(root, s.eps_hat)), p), type);
+OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
+  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(Sqrt(v), s.eps_hat)), p), type);
   if (decay && s.weight_decay_on) return RoundToType(Mul(s.decay, p1), type);
   return p1;
 }
-
-OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
-  return StepParamWithRoot(p, m, Sqrt(v), s, decay, type);
-}
-
-#if defined(__CUDA_ARCH__)
-// The fast path of __fsqrt_rn as nvcc emits it for these GPUs (hardware
-// reciprocal square root r; s = x r; the correction fma(fma(-s, s, x), r/2,
-// s)), and its own test of when that path is exact: x in [2^-101, FLT_MAX].
-// Outside it, *outside is set and the caller takes Sqrt instead; the kernel
-// does that for a whole warp at once, so that no lane branches per element.
-__device__ __forceinline__ float SqrtFastPath(float x, bool* outside) {
-  float r;
-  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  float root = __fmul_rn(x, r);
-  float half_r = __fmul_rn(r, 0.5f);
-  *outside |= FloatBits(x) - 0x0d000000u > 0x727fffffu;
-  return __fmaf_rn(__fmaf_rn(-root, root, x), half_r, root);
-}
-#endif
 
 // The optax path returns u = T(p_new - p), so that optax.apply_updates lands
 // on T(p + u) == p_new whenever that is representable: always, except where

@@ -409,41 +409,30 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
     absmax1 = WarpMax(absmax1);
     absmax2 = WarpMax(absmax2);
   }
-  // Roots and second-moment codes first, so that v dies before p is loaded.
-  float root[kLaneElems];
-  bool outside = false;
-#pragma unroll
-  for (int k = 0; k < kLaneElems; ++k) root[k] = SqrtFastPath(v[k], &outside);
-  if (__any_sync(kFullMask, outside)) {  // rare (v = 0, tiny or huge): the whole warp
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) root[k] = Sqrt(v[k]);
-  }
-  ScaleDivisor d1(absmax1), d2(absmax2);
-  bool fast = qt.fast && d1.fast && d2.fast;  // the usual case: no NaN quotient here
-  uint8_t c1[kLaneElems], c2[kLaneElems];
-  if (fast) {
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) c2[k] = FastCode2(qt, d2.DivideInRange(v[k]));
-  } else {
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) c2[k] = Code2(qt, d2.Divide(v[k]));
-  }
   float p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.param, start, valid, p);
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    float stepped = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);  // selected, not branched
+    float stepped = StepParam(p[k], m[k], v[k], s, decay, T);  // selected, not branched
     float p_new = (finite >> k) & 1u ? stepped : p[k];
     out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
   }
-  StoreLane<T>(leaf.out, start, valid, out);
-  if (fast) {
+  ScaleDivisor d1(absmax1), d2(absmax2);
+  uint8_t c1[kLaneElems], c2[kLaneElems];
+  if (qt.fast && d1.fast && d2.fast) {  // the warp's usual case: no NaN quotient here
 #pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) c1[k] = FastCode1(qt, m[k], d1.DivideInRange(m[k]));
+    for (int k = 0; k < kLaneElems; ++k) {
+      c1[k] = FastCode1(qt, m[k], d1.DivideInRange(m[k]));
+      c2[k] = FastCode2(qt, d2.DivideInRange(v[k]));
+    }
   } else {
 #pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) c1[k] = Code1(qt, m[k], d1.Divide(m[k]));
+    for (int k = 0; k < kLaneElems; ++k) {
+      c1[k] = Code1(qt, m[k], d1.Divide(m[k]));
+      c2[k] = Code2(qt, d2.Divide(v[k]));
+    }
   }
+  StoreLane<T>(leaf.out, start, valid, out);
   StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);
   StoreCodes(static_cast<uint8_t*>(leaf.state2), start, valid, c2);
   if (!whole && lane == 0) {
