@@ -129,8 +129,9 @@ OP8_HD bool IsFinite(float f) { return (FloatBits(f) & 0x7f800000u) != 0x7f80000
 OP8_HD bool IsNan(float f) { return (FloatBits(f) & 0x7fffffffu) > 0x7f800000u; }
 OP8_HD bool SignBit(float f) { return (FloatBits(f) >> 31) != 0; }
 OP8_HD float Abs(float f) { return BitsFloat(FloatBits(f) & 0x7fffffffu); }
-// max(acc, |x|) that never lets a NaN in (the state cannot produce one, but a
-// defined answer keeps the backends equal whatever happens).
+// max(acc, |x|) that skips a NaN, as bitsandbytes' fmaxf reduction does. A
+// NaN moment arises where a zero code meets an infinite scale (a second moment
+// that overflowed in the previous step).
 OP8_HD float MaxAbs(float acc, float x) {
   float a = Abs(x);
   return a > acc ? a : acc;

@@ -9,6 +9,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "adam8bit.h"
 #include "ffi_common.h"
 #include "registry.h"
@@ -161,6 +165,41 @@ void UpdateFloat32(const LeafCall& leaf, LeafState& state, const StepScalars& s,
   }
 }
 
+// XLA runs CPU computations with subnormals flushed to zero (MXCSR FTZ and
+// DAZ on x86, FPCR.FZ on Arm). The algorithm, like the CUDA kernels, keeps
+// IEEE subnormals, so the update turns flushing off for its duration.
+class IeeeSubnormals {
+ public:
+  IeeeSubnormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ & ~(kFlushToZero | kDenormalsAreZero));
+#elif defined(__aarch64__)
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    asm volatile("msr fpcr, %0" : : "r"(saved_ & ~kFpcrFlushToZero));
+#endif
+  }
+  ~IeeeSubnormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    asm volatile("msr fpcr, %0" : : "r"(saved_));
+#endif
+  }
+  IeeeSubnormals(const IeeeSubnormals&) = delete;
+  IeeeSubnormals& operator=(const IeeeSubnormals&) = delete;
+
+ private:
+#if defined(__x86_64__) || defined(_M_X64)
+  static constexpr unsigned kFlushToZero = 1u << 15;
+  static constexpr unsigned kDenormalsAreZero = 1u << 6;
+  unsigned saved_;
+#elif defined(__aarch64__)
+  static constexpr uint64_t kFpcrFlushToZero = uint64_t{1} << 24;
+  uint64_t saved_;
+#endif
+};
+
 // One step over every leaf, on the states given (a registry slot's, or the
 // arrays of an arrays-state call).
 void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& layout,
@@ -170,6 +209,7 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   if (rings_out != rings.typed_data()) {
     std::memcpy(rings_out, rings.typed_data(), rings.element_count() * sizeof(float));
   }
+  IeeeSubnormals ieee;
   StepScalars s = ComputeStepScalars(hyper, t);
   std::shared_ptr<const Maps> maps = Maps::For(qmaps);
   for (size_t i = 0; i < leaves.size(); ++i) {

@@ -77,6 +77,12 @@ def quantize_unsigned(q2: np.ndarray, v: np.ndarray, absmax: np.ndarray) -> np.n
     return quantize(q2, v / absmax)
 
 
+def block_max(x: np.ndarray) -> np.ndarray:
+  """max |x| along the last axis, from 0, skipping NaN (bitsandbytes' fmaxf
+  reduction; a NaN moment comes from a zero code under an infinite scale)."""
+  return np.fmax.reduce(np.abs(x), axis=-1, initial=F32(0)).astype(F32)
+
+
 class Oracle:
   """paged_adamw8bit of SPEC 3 over a flat list of NumPy leaves."""
 
@@ -196,8 +202,8 @@ class Oracle:
     c1 = np.concatenate([leaf["state1"], np.full(pad, 128, np.uint8)]).reshape(nb, BLOCK)
     c2 = np.concatenate([leaf["state2"], np.zeros(pad, np.uint8)]).reshape(nb, BLOCK)
     m, v, finite = self._moments(g, c1, c2, leaf["absmax1"][:, None], leaf["absmax2"][:, None])
-    a1 = np.max(np.abs(m), axis=1)
-    a2 = np.max(np.abs(v), axis=1)
+    a1 = block_max(m)
+    a2 = block_max(v)
     m, v, finite = m.reshape(-1)[:n], v.reshape(-1)[:n], finite.reshape(-1)[:n]
     a1_el = np.repeat(a1, BLOCK)[:n]
     a2_el = np.repeat(a2, BLOCK)[:n]
@@ -211,8 +217,8 @@ class Oracle:
     m, v, finite = self._moments(
       gf, leaf["state1"], leaf["state2"], leaf["absmax1"][0], leaf["absmax2"][0]
     )
-    a1 = F32(np.max(np.abs(m))) if m.size else F32(0)
-    a2 = F32(np.max(np.abs(v))) if v.size else F32(0)
+    a1 = block_max(m.reshape(1, -1))[0]
+    a2 = block_max(v.reshape(1, -1))[0]
     new = np.where(finite, self.step_param(p32, m, v, decays, dtype), p32)
     leaf["state1"] = quantize_signed(self.q1, m, a1)
     leaf["state2"] = quantize_unsigned(self.q2, v, a2)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 from oracle import BFLOAT16
-from test_oracle import assert_bit_equal
+from test_oracle import assert_bit_equal, extreme
 
 import optax_paged8bit as op
 
@@ -104,6 +104,25 @@ def test_cpu_and_cuda_bit_identical(dtype, case, fused):
   params, grads = inputs(DTYPES[dtype], seed=case)
   kwargs = CASES[case]
   assert_backends_agree(params, grads, kwargs, fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+@pytest.mark.parametrize("block_wise", [True, False], ids=["blocks", "whole"])
+def test_cpu_and_cuda_bit_identical_at_extreme_magnitudes(block_wise, fused):
+  # Zero, subnormal and tiny blocks, second moments that overflow, outliers:
+  # every fallback of the kernel's fast paths (see test_oracle.extreme).
+  rng = np.random.default_rng(21)
+  shapes = {"a": (64, 256), "b": (40, 300), "c": (3, 100)}
+  params = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in shapes.items()}
+  grads = []
+  for _ in range(STEPS):
+    with np.errstate(over="ignore"):
+      g = {
+        k: extreme((rng.standard_normal(s) * 0.01).astype(np.float32), rng)
+        for k, s in shapes.items()
+      }
+    grads.append(g)
+  assert_backends_agree(params, grads, dict(weight_decay=1e-2, block_wise=block_wise), fused)
 
 
 def small_tree(seed=0):

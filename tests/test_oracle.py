@@ -30,10 +30,31 @@ def make_tree(shapes, dtype, seed):
   return {k: (rng.standard_normal(s) * 0.1).astype(dtype) for k, s in shapes.items()}
 
 
-def grads_for(shapes, dtype, rng, step):
+# Per-block grad magnitudes that reach every branch of the quantizer: zero
+# blocks (zero scales), subnormal and tiny scales, ordinary ones, and second
+# moments that overflow to infinity.
+EXTREME_MAGNITUDES = np.array([0.0, 1e-40, 1e-30, 1e-20, 1e-3, 1.0, 1e15, 1e25], np.float32)
+
+
+def extreme(g: np.ndarray, rng) -> np.ndarray:
+  """Scales each 256-element block of g by EXTREME_MAGNITUDES in turn, and puts
+  an outlier 1e30 times its block's size into every fourth block."""
+  flat = g.reshape(-1)
+  for b in range(-(-flat.size // 256)):
+    block = flat[256 * b : 256 * (b + 1)]
+    block *= EXTREME_MAGNITUDES[b % len(EXTREME_MAGNITUDES)]
+    if b % 4 == 3:
+      block[rng.integers(block.size)] *= np.float32(1e30)
+  return g
+
+
+def grads_for(shapes, dtype, rng, step, magnitudes=False):
   grads = {}
   for k, s in shapes.items():
     g = rng.standard_normal(s).astype(np.float32) * np.float32(0.01)
+    if magnitudes:
+      with np.errstate(over="ignore"):
+        g = extreme(g, rng)
     if step in NONFINITE_STEPS:
       flat = g.reshape(-1)
       idx = rng.choice(flat.size, size=min(7, flat.size), replace=False)
@@ -76,7 +97,7 @@ def compare_state(exported, oracle, step):
     assert_bit_equal(np.asarray(exported.gnorm_vec), rings, f"step {step} gnorm_vec")
 
 
-def run_against_oracle(shapes, dtype, *, fused=True, seed=0, **kwargs):
+def run_against_oracle(shapes, dtype, *, fused=True, seed=0, magnitudes=False, **kwargs):
   lr, wd = kwargs.pop("lr", 1e-3), kwargs.pop("weight_decay", 1e-2)
   tx = op.paged_adamw8bit(lr, weight_decay=wd, **kwargs)  # mask, args go to tx only
   bits_ = 32 if (kwargs.get("args") or {}).get("optim_bits") == 32 else 8
@@ -107,7 +128,7 @@ def run_against_oracle(shapes, dtype, *, fused=True, seed=0, **kwargs):
 
   rng = np.random.default_rng(seed + 1)
   for t in range(1, STEPS + 1):
-    grads = grads_for(shapes, dtype, rng, t)
+    grads = grads_for(shapes, dtype, rng, t, magnitudes)
     if fused:
       # The fused step is the algorithm itself: params bit-equal, no re-sync.
       params, state = fused_step(grads, state, params)
@@ -164,3 +185,14 @@ def test_min_8bit_size_zero_and_decay_mask():
   shapes = {"a": (5,), "b": (300,), "c": (4097,)}
   mask = {"a": True, "b": False, "c": False}
   run_against_oracle(shapes, np.float32, min_8bit_size=0, mask=mask, seed=9)
+
+
+@pytest.mark.parametrize("block_wise", [True, False], ids=["blocks", "whole"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+def test_extreme_magnitudes(fused, block_wise):
+  # Subnormals are kept (XLA flushes them on its CPU threads; the update turns
+  # that off), and a NaN moment does not enter a block's max.
+  shapes = {"a": (64, 256), "b": (40, 300), "c": (3, 100)}
+  run_against_oracle(
+    shapes, np.float32, fused=fused, magnitudes=True, seed=11, block_wise=block_wise
+  )
