@@ -3,6 +3,7 @@ migration from and to optax.adamw, release, paging and memory accounting."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -53,8 +54,11 @@ def _concrete_handle(state: PagedAdamW8bitState) -> int:
     ) from None
 
 
-def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
-  layout = state.layout
+# The custom-call wrappers below are jitted with the layout static, so that
+# eager calls (export, import, migration between checkpoints) compile once per
+# layout rather than on every call.
+@functools.partial(jax.jit, static_argnums=0)
+def _export_arrays(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
   arrays = moment_arrays(layout)
 
   def local(handle, count):
@@ -67,9 +71,13 @@ def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
       )
     )
 
-  flat = sharded(layout, local, (PartitionSpec(), PartitionSpec()), tuple(a.spec for a in arrays))(
-    state.handle, state.count
-  )
+  specs = tuple(a.spec for a in arrays)
+  return sharded(layout, local, (PartitionSpec(), PartitionSpec()), specs)(handle, count)
+
+
+def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
+  layout = state.layout
+  flat = _export_arrays(layout, state.handle, state.count)
   return Adam8bitState(
     count=state.count,
     qmap1=jnp.asarray(QMAP_SIGNED),
@@ -141,12 +149,8 @@ def _check_importable(layout: Layout, exported: Adam8bitState) -> list[jax.Array
   return arrays
 
 
-def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAdamW8bitState:
-  layout = state.layout
-  _concrete_handle(state)
-  arrays = _check_importable(layout, exported)
-  count = jnp.asarray(exported.count, jnp.int32)
-
+@functools.partial(jax.jit, static_argnums=0)
+def _import_arrays(layout: Layout, handle: jax.Array, count: jax.Array, *arrays) -> jax.Array:
   def local(handle, count, *arrays):
     return jax.ffi.ffi_call(
       _ffi.IMPORT_TARGET, jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True
@@ -159,9 +163,16 @@ def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAda
     )
 
   specs = tuple(a.spec for a in moment_arrays(layout))
-  count = sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
-    state.handle, count, *arrays
+  return sharded(layout, local, (PartitionSpec(), PartitionSpec(), *specs), PartitionSpec())(
+    handle, count, *arrays
   )
+
+
+def _import_one(state: PagedAdamW8bitState, exported: Adam8bitState) -> PagedAdamW8bitState:
+  layout = state.layout
+  _concrete_handle(state)
+  arrays = _check_importable(layout, exported)
+  count = _import_arrays(layout, state.handle, jnp.asarray(exported.count, jnp.int32), *arrays)
   rings = jnp.asarray(exported.gnorm_vec, jnp.float32) if layout.clipping else None
   return state._replace(count=count, gnorm_vec=rings)
 
@@ -356,6 +367,50 @@ def _find_adam_state(adamw_state: Any) -> Any:
   return found[0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize_moments(layout: Layout, *moments) -> tuple:
+  """Float32 mu, nu (leaves, then leaves) -> the four state arrays per leaf."""
+  arrays = moment_arrays(layout)
+
+  def local(*moments):
+    out = []
+    for i in range(layout.num_leaves):
+      mu, nu = moments[i], moments[layout.num_leaves + i]
+      if layout.is_8bit(i):
+        c1, a1 = quantize_blockwise(mu, QMAP_SIGNED, layout.block_wise, signed=True)
+        c2, a2 = quantize_blockwise(nu, QMAP_UNSIGNED, layout.block_wise, signed=False)
+        scale_shape_ = arrays[4 * i + 2].local.shape
+        out += [c1, c2, a1.reshape(scale_shape_), a2.reshape(scale_shape_)]
+      else:
+        empty = jnp.zeros((0,), jnp.float32)
+        out += [mu.astype(jnp.float32), nu.astype(jnp.float32), empty, empty]
+    return tuple(out)
+
+  specs = layout.specs if layout.mesh is not None else ()
+  return sharded(layout, local, (*specs, *specs), tuple(a.spec for a in arrays))(*moments)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dequantize_moments(layout: Layout, *flat) -> tuple:
+  """The four state arrays per leaf -> float32 mu, nu (leaves, then leaves)."""
+  arrays = moment_arrays(layout)
+
+  def local(*flat):
+    mus, nus = [], []
+    for i in range(layout.num_leaves):
+      s1, s2, a1, a2 = flat[4 * i : 4 * i + 4]
+      if layout.is_8bit(i):
+        mus.append(dequantize_blockwise(s1, a1, QMAP_SIGNED, layout.block_wise))
+        nus.append(dequantize_blockwise(s2, a2, QMAP_UNSIGNED, layout.block_wise))
+      else:
+        mus.append(s1)
+        nus.append(s2)
+    return (*mus, *nus)
+
+  specs = layout.specs if layout.mesh is not None else ()
+  return sharded(layout, local, tuple(a.spec for a in arrays), (*specs, *specs))(*flat)
+
+
 def from_optax_adamw(adamw_state: Any, opt_state: Any) -> Any:
   """Continues an `optax.adamw` run with an 8-bit optimizer.
 
@@ -376,24 +431,7 @@ def from_optax_adamw(adamw_state: Any, opt_state: Any) -> Any:
   layout = state.layout
   mus = layout.treedef.flatten_up_to(adam.mu)
   nus = layout.treedef.flatten_up_to(adam.nu)
-  arrays = moment_arrays(layout)
-
-  def local(*moments):
-    out = []
-    for i in range(layout.num_leaves):
-      mu, nu = moments[i], moments[layout.num_leaves + i]
-      if layout.is_8bit(i):
-        c1, a1 = quantize_blockwise(mu, QMAP_SIGNED, layout.block_wise, signed=True)
-        c2, a2 = quantize_blockwise(nu, QMAP_UNSIGNED, layout.block_wise, signed=False)
-        scale_shape_ = arrays[4 * i + 2].local.shape
-        out += [c1, c2, a1.reshape(scale_shape_), a2.reshape(scale_shape_)]
-      else:
-        empty = jnp.zeros((0,), jnp.float32)
-        out += [mu.astype(jnp.float32), nu.astype(jnp.float32), empty, empty]
-    return tuple(out)
-
-  specs = layout.specs if layout.mesh is not None else ()
-  flat = sharded(layout, local, (*specs, *specs), tuple(a.spec for a in arrays))(*mus, *nus)
+  flat = _quantize_moments(layout, *mus, *nus)
   converted = Adam8bitState(
     count=jnp.asarray(adam.count, jnp.int32),
     qmap1=jnp.asarray(QMAP_SIGNED),
@@ -413,24 +451,7 @@ def to_optax_adamw(opt_state: Any) -> optax.ScaleByAdamState:
     raise TypeError("to_optax_adamw: opt_state must come from paged_adamw8bit or adamw8bit")
   exported = export_state(opt_state)
   layout = exported.layout
-  arrays = moment_arrays(layout)
-
-  def local(*flat):
-    mus, nus = [], []
-    for i in range(layout.num_leaves):
-      s1, s2, a1, a2 = flat[4 * i : 4 * i + 4]
-      if layout.is_8bit(i):
-        mus.append(dequantize_blockwise(s1, a1, QMAP_SIGNED, layout.block_wise))
-        nus.append(dequantize_blockwise(s2, a2, QMAP_UNSIGNED, layout.block_wise))
-      else:
-        mus.append(s1)
-        nus.append(s2)
-    return (*mus, *nus)
-
-  specs = layout.specs if layout.mesh is not None else ()
-  out = sharded(layout, local, tuple(a.spec for a in arrays), (*specs, *specs))(
-    *moments_flat(layout, exported.moments)
-  )
+  out = _dequantize_moments(layout, *moments_flat(layout, exported.moments))
   n = layout.num_leaves
   return optax.ScaleByAdamState(
     count=exported.count,
