@@ -3,6 +3,8 @@ CPU devices (conftest.py asks XLA for 8)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -13,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from test_oracle import assert_bit_equal
 
 import optax_paged8bit as op
+from optax_paged8bit import paging
 
 
 def mesh(shape, names):
@@ -172,3 +175,27 @@ def test_percentile_clipping_with_sharded_params_is_refused():
   params = place(make({"w": (1024, 512)}, 0), m, {"w": P("x")})
   with pytest.raises(ValueError, match="percentile_clipping < 100 with params sharded"):
     op.paged_adamw8bit(1e-3, percentile_clipping=90).init(params)
+
+
+def test_no_zero_size_array_crosses_the_shard_map():
+  # Shardy (JAX 0.11) segfaults compiling a manual computation with a
+  # zero-size operand or result: the empty clipping ring, the scales of a
+  # float32-moment leaf. They are made inside and outside it instead.
+  m = mesh((2,), ("x",))
+  params = place(make({"w": (1024, 512), "b": (300,)}, 0), m, {"w": P("x"), "b": P()})
+  tx = op.paged_adamw8bit(1e-3)  # clipping off; "b" keeps float32 moments
+  state = tx.init(params)
+
+  def optax_path(grads, state, params):
+    return tx.update(grads, state, params)
+
+  texts = [
+    jax.jit(fn).lower(params, state, params).as_text() for fn in (tx.fused_update, optax_path)
+  ]
+  texts.append(paging._export_arrays.lower(state.layout, state.handle, state.count).as_text())
+  for text in texts:
+    signatures = re.findall(r"^\s*\} : \(([^)]*)\) -> \(([^)]*)\)", text, re.M)
+    assert signatures, "no manual computation in the lowered step"
+    for operands, results in signatures:
+      assert not re.search(r"tensor<(\d+x)*0x", operands + results), (operands, results)
+  op.release(state)
