@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "adam8bit.h"
 #include "cuda_kernels.h"
@@ -28,6 +29,23 @@ __device__ __forceinline__ int FindLeaf(const LeafTable& table, int64_t block) {
     }
   }
   return lo;
+}
+
+// Calls f with the dtype as a compile-time constant
+// (std::integral_constant<int32_t, T>), so that each body is specialised per
+// dtype and no element converts through a runtime switch.
+template <typename F>
+__device__ __forceinline__ void WithElemType(int32_t type, F&& f) {
+  switch (type) {
+    case kBF16:
+      f(std::integral_constant<int32_t, kBF16>{});
+      break;
+    case kF16:
+      f(std::integral_constant<int32_t, kF16>{});
+      break;
+    default:
+      f(std::integral_constant<int32_t, kF32>{});
+  }
 }
 
 __device__ __forceinline__ bool Aligned16(const void* p) {
@@ -270,16 +288,8 @@ __global__ void __launch_bounds__(kThreads)
     int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float g[kLaneElems];
-    switch (leaf.type) {
-      case kBF16:
-        LoadLane<kBF16>(leaf.grad, start, valid, g);
-        break;
-      case kF16:
-        LoadLane<kF16>(leaf.grad, start, valid, g);
-        break;
-      default:
-        LoadLane<kF32>(leaf.grad, start, valid, g);
-    }
+    WithElemType(leaf.type,
+                 [&](auto t) { LoadLane<decltype(t)::value>(leaf.grad, start, valid, g); });
     double sum = LaneNormSq(g, valid);
 #pragma unroll
     for (int d = kLanes / 2; d >= 1; d >>= 1) sum = AddD(sum, __shfl_xor_sync(kFullMask, sum, d));
@@ -341,16 +351,9 @@ __global__ void __launch_bounds__(kThreads)
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     float max1, max2;
-    switch (leaf.type) {
-      case kBF16:
-        LaneWholeMax<kBF16>(leaf, quant, s, start, valid, scale, &max1, &max2);
-        break;
-      case kF16:
-        LaneWholeMax<kF16>(leaf, quant, s, start, valid, scale, &max1, &max2);
-        break;
-      default:
-        LaneWholeMax<kF32>(leaf, quant, s, start, valid, scale, &max1, &max2);
-    }
+    WithElemType(leaf.type, [&](auto t) {
+      LaneWholeMax<decltype(t)::value>(leaf, quant, s, start, valid, scale, &max1, &max2);
+    });
     max1 = WarpMax(max1);
     max2 = WarpMax(max2);
     if (lane == 0) {
@@ -460,27 +463,13 @@ __global__ void __launch_bounds__(kThreads, 4)
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     if (leaf.flags & kLeaf8bit) {
-      switch (leaf.type) {
-        case kBF16:
-          Lane8bit<kBF16>(leaf, quant, s, args, j, start, valid, scale, lane);
-          break;
-        case kF16:
-          Lane8bit<kF16>(leaf, quant, s, args, j, start, valid, scale, lane);
-          break;
-        default:
-          Lane8bit<kF32>(leaf, quant, s, args, j, start, valid, scale, lane);
-      }
+      WithElemType(leaf.type, [&](auto t) {
+        Lane8bit<decltype(t)::value>(leaf, quant, s, args, j, start, valid, scale, lane);
+      });
     } else {
-      switch (leaf.type) {
-        case kBF16:
-          LaneFloat32<kBF16>(leaf, s, start, valid, scale, args.write_params);
-          break;
-        case kF16:
-          LaneFloat32<kF16>(leaf, s, start, valid, scale, args.write_params);
-          break;
-        default:
-          LaneFloat32<kF32>(leaf, s, start, valid, scale, args.write_params);
-      }
+      WithElemType(leaf.type, [&](auto t) {
+        LaneFloat32<decltype(t)::value>(leaf, s, start, valid, scale, args.write_params);
+      });
     }
   }
 }

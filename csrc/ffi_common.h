@@ -214,24 +214,8 @@ inline ffi::Error CheckUpdateAttrs(const char* op, const ffi::Buffer<ffi::F32>& 
 
 // The operands, results and attributes of each call, after the contexts a
 // backend binds first (one definition for both backends).
-template <typename Binding>
-auto BindUpdate(Binding binding) {
-  return std::move(binding)
-      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
-      .template Arg<ffi::Buffer<ffi::S32>>()  // count
-      .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
-      .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
-      .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
-      .RemainingArgs()                        // grads, params
-      .template Ret<ffi::Buffer<ffi::S32>>()  // count + 1
-      .template Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
-      .RemainingRets()                        // updates or params
-      .template Attr<ffi::Span<const int32_t>>("leaf_flags")
-      .template Attr<bool>("block_wise")
-      .template Attr<int32_t>("percentile")
-      .template Attr<bool>("write_params");
-}
-
+// adamw8bit's update: no handle; the state arrays travel among the remaining
+// operands and results.
 template <typename Binding>
 auto BindUpdateArrays(Binding binding) {
   return std::move(binding)
@@ -239,14 +223,20 @@ auto BindUpdateArrays(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
       .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
       .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
-      .RemainingArgs()                        // grads, params, state arrays
+      .RemainingArgs()                        // grads, params (, state arrays)
       .template Ret<ffi::Buffer<ffi::S32>>()  // count + 1
       .template Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
-      .RemainingRets()                        // outputs, state arrays
+      .RemainingRets()                        // updates or params (, state arrays)
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
       .template Attr<bool>("block_wise")
       .template Attr<int32_t>("percentile")
       .template Attr<bool>("write_params");
+}
+
+// The paged update: the registry handle, then the same as above.
+template <typename Binding>
+auto BindUpdate(Binding binding) {
+  return BindUpdateArrays(std::move(binding).template Arg<ffi::Buffer<ffi::S32>>());  // handle
 }
 
 template <typename Binding>

@@ -66,8 +66,7 @@ def _export_arrays(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple
       jax.ffi.ffi_call(_ffi.EXPORT_TARGET, [a.local for a in arrays], has_side_effect=True)(
         handle,
         count,
-        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-        block_wise=layout.block_wise,
+        **layout.call_attributes(),
       )
     )
 
@@ -158,8 +157,7 @@ def _import_arrays(layout: Layout, handle: jax.Array, count: jax.Array, *arrays)
       handle,
       count,
       *arrays,
-      leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-      block_wise=layout.block_wise,
+      **layout.call_attributes(),
     )
 
   specs = tuple(a.spec for a in moment_arrays(layout))

@@ -79,6 +79,11 @@ class Layout:
   def is_8bit(self, i: int) -> bool:
     return bool(self.leaf_flags[i] & LEAF_8BIT)
 
+  def call_attributes(self) -> dict[str, Any]:
+    """The attributes every custom call of this layout takes (the update calls
+    add percentile and write_params)."""
+    return dict(leaf_flags=np.asarray(self.leaf_flags, np.int32), block_wise=self.block_wise)
+
   @property
   def local_shapes(self) -> tuple[tuple[int, ...], ...]:
     """Per-device shapes of the leaves (the global shapes on one device)."""
@@ -572,8 +577,7 @@ def _update_call(
         qmaps,
         rings,
         *leaves,
-        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-        block_wise=layout.block_wise,
+        **layout.call_attributes(),
         percentile=np.int32(layout.percentile_clipping),
         write_params=write_params,
       )
@@ -624,8 +628,7 @@ def _arrays_call(
         qmaps,
         rings,
         *leaves,
-        leaf_flags=np.asarray(layout.leaf_flags, np.int32),
-        block_wise=layout.block_wise,
+        **layout.call_attributes(),
         percentile=np.int32(layout.percentile_clipping),
         write_params=write_params,
       )
