@@ -132,9 +132,14 @@ OP8_HD float Abs(float f) { return BitsFloat(FloatBits(f) & 0x7fffffffu); }
 // max(acc, |x|) that skips a NaN, as bitsandbytes' fmaxf reduction does. A
 // NaN moment arises where a zero code meets an infinite scale (a second moment
 // that overflowed in the previous step).
+// (fmaxf is that on the device: one instruction, acc is never NaN.)
 OP8_HD float MaxAbs(float acc, float x) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(acc, Abs(x));
+#else
   float a = Abs(x);
   return a > acc ? a : acc;
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -265,16 +270,15 @@ OP8_HD StepScalars ComputeStepScalars(const float* hyper, int64_t t) {
 // Moments and the param step.
 // ---------------------------------------------------------------------------
 
-// 8-bit path, SPEC 3.2 step 2. A non-finite gf zeroes both moments.
+// 8-bit path, SPEC 3.2 step 2. A non-finite gf zeroes both moments (computed,
+// then selected: no branch per element on the GPU).
 OP8_HD void BlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
                              const StepScalars& s, float* m, float* v) {
-  if (!IsFinite(gf)) {
-    *m = 0.0f;
-    *v = 0.0f;
-    return;
-  }
-  *m = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
-  *v = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
+  float m_new = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
+  float v_new = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
+  bool finite = IsFinite(gf);
+  *m = finite ? m_new : 0.0f;
+  *v = finite ? v_new : 0.0f;
 }
 
 // float32 path, SPEC 3.3.
@@ -343,44 +347,49 @@ OP8_HD uint8_t SignFix(const float* q1, float m, uint8_t code) {
 // Fast route. With mid[i] = Midpoint(q, i), the definition's code is
 // c = #{i : mid[i] < x}, and x == mid[c] is a tie that goes to the even one of
 // c and c + 1, for every ascending map whose midpoints differ from its entries.
-// Floats are ordered by a monotonic 32-bit key; a bucket is 2^shift
-// consecutive keys, and start[b] = #{i : mid[i] < the bucket's first float}.
-// When no bucket holds two midpoints (the dynamic maps at these shifts: a
-// bucket is 1/64 of a binade for the signed map, 1/128 for the unsigned one),
-// mid[s + 1] lies in a later bucket than x, so with s = start[bucket of x]
-// only mid[s] can be below or equal to x: c = s + [mid[s] < x], or
-// s + [mid[s] <= x] when s is odd (the tie goes to s + 1). The table keeps
-// edge[s] = mid[s] for even s and the float just below mid[s] for odd s, so
-// that c = s + [edge[s] < x]: two shared-memory reads, one comparison. Scaled
-// moments lie in [-1, 1] (signed) and [0, 1] (unsigned); a key below the first
-// bucket (-0.0 for the unsigned map) clamps to it and the count stays right.
-// Maps without these properties take the definition (`fast` is 0).
-constexpr uint32_t kKeyMinusOne = 0x407fffffu;  // OrderKey(-1.0f)
-constexpr uint32_t kKeyZero = 0x80000000u;      // OrderKey(+0.0f)
+// A bucket is 2^shift consecutive float32 bit patterns (an interval of floats:
+// 1/64 of a binade for the signed map, 1/128 for the unsigned one), indexed by
+// the pattern shifted right, and start[b] = #{i : mid[i] < the bucket's lowest
+// float}. When no bucket holds two midpoints, only mid[s] (s = start[bucket
+// of x]) can be below or equal to x: c = s + [mid[s] < x], or s + [mid[s] <= x]
+// when s is odd (the tie goes to s + 1). The table keeps edge[s] = mid[s] for
+// even s and the float just below mid[s] for odd s, so that c = s + [edge[s] <
+// x]: two shared-memory reads, one comparison.
+//
+// The first moment's sign fix is folded into its tables: with n = neg1 (the
+// entries with the sign bit, a prefix) and q1[n] = +0.0, a negative moment's
+// nearest code is at most n and the fix moves n to n - 1, while a positive
+// one's is at least n and never moves. So the negative buckets whose start
+// is n or more start at n - 1, and edge[n - 1] = -0.0, which no negative x
+// exceeds: every negative x there gets n - 1. The bucket is taken from |x|
+// with m's sign, which also covers a quotient whose zero lost its sign.
+//
+// Scaled moments lie in [-1, 1] (signed) and [+0, 1] (unsigned); Code1/Code2
+// clamp other values (which leaves the count unchanged) and handle NaN. Maps
+// without these properties take the definition (`fast` is 0).
+constexpr uint32_t kBitsOne = 0x3f800000u;  // FloatBits(1.0f)
 constexpr int kSignedShift = 17;
 constexpr int kUnsignedShift = 16;
-constexpr int kSignedBuckets = 16384;    // keys of [-1, 1]: 16257 buckets used
-constexpr int kUnsignedBuckets = 16384;  // keys of [0, 1]: 16257 buckets used
+// Buckets of [-1, 1] by bit pattern: [+0, 1] then [-0, -1] (those between,
+// floats above 1, are never read).
+constexpr int kSignedBuckets = static_cast<int>((kBitsOne | 0x80000000u) >> kSignedShift) + 1;
+constexpr int kUnsignedBuckets = static_cast<int>(kBitsOne >> kUnsignedShift) + 1;
 
-OP8_HD uint32_t OrderKey(float x) {
-  uint32_t u = FloatBits(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// The lowest float of a bucket (for negative floats the largest pattern).
+OP8_HD float BucketLowest(uint32_t bucket, int shift) {
+  uint32_t first = bucket << shift;
+  return BitsFloat((first & 0x80000000u) ? (first | ((1u << shift) - 1u)) : first);
 }
 
-OP8_HD float KeyFloat(uint32_t key) {
-  return BitsFloat((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
+OP8_HD int SignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kSignedShift); }
+OP8_HD int UnsignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kUnsignedShift); }
 
-OP8_HD int BucketIndex(float x, uint32_t base, int shift, int num_buckets) {
-  uint32_t key = OrderKey(x);
-  uint32_t i = ((key < base ? base : key) - base) >> shift;
-  return i < static_cast<uint32_t>(num_buckets) ? static_cast<int>(i) : num_buckets - 1;
+// Entries with the sign bit (a prefix of an ascending map).
+OP8_HD int NegativePrefix(const float* q) {
+  int n = 0;
+  for (int i = 0; i < kMapSize; ++i) n += SignBit(q[i]) ? 1 : 0;
+  return n;
 }
-
-// The same buckets for x known to lie in [-1, 1] (signed map) or in [+0, 1]
-// (unsigned map), where no clamping is needed.
-OP8_HD int SignedBucketInRange(float x) { return (OrderKey(x) - kKeyMinusOne) >> kSignedShift; }
-OP8_HD int UnsignedBucketInRange(float x) { return FloatBits(x) >> kUnsignedShift; }
 
 struct alignas(16) QuantTables {
   float q1[kMapSize];  // signed map (first moment)
@@ -388,17 +397,18 @@ struct alignas(16) QuantTables {
   // edge[s] as above; edge[255] = NaN, which no comparison takes.
   float edge1[kMapSize];
   float edge2[kMapSize];
-  uint8_t start1[kSignedBuckets];
-  uint8_t start2[kUnsignedBuckets];
+  uint8_t start1[(kSignedBuckets + 15) & ~15];
+  uint8_t start2[(kUnsignedBuckets + 15) & ~15];
   int32_t fast;  // both maps have the properties above
-  int32_t neg1;  // entries of q1 with the sign bit (a prefix of a strictly ascending map)
-  int32_t padding[2];
+  int32_t padding[3];
 };
 
 // The table pieces, each computable on its own (the device builds them in
-// parallel, the host in a loop).
-OP8_HD float EdgeEntry(const float* q, int s) {
+// parallel, the host in a loop). `fold` is neg1 - 1 for the signed map and -1
+// for the unsigned one.
+OP8_HD float EdgeEntry(const float* q, int s, int fold) {
   if (s >= kMapSize - 1) return BitsFloat(0x7fc00000u);
+  if (s == fold) return -0.0f;
   float mid = Midpoint(q, s);
   if (!(s & 1)) return mid;
   uint32_t u = FloatBits(mid);  // the next float toward -infinity
@@ -406,135 +416,131 @@ OP8_HD float EdgeEntry(const float* q, int s) {
   return BitsFloat((u & 0x80000000u) ? u + 1 : u - 1);
 }
 
-OP8_HD uint8_t StartEntry(const float* q, uint32_t base, int shift, int bucket) {
-  float first = KeyFloat(base + (static_cast<uint32_t>(bucket) << shift));
-  int lo = 0, hi = kMapSize - 1;  // #{i < 255 : mid[i] < first}, mids ascending
+OP8_HD uint8_t StartEntry(const float* q, int shift, int bucket, int fold) {
+  float lowest = BucketLowest(static_cast<uint32_t>(bucket), shift);
+  int lo = 0, hi = kMapSize - 1;  // #{i < 255 : mid[i] < lowest}, mids ascending
   while (lo < hi) {
     int mid = (lo + hi) >> 1;
-    if (Midpoint(q, mid) < first) {
+    if (Midpoint(q, mid) < lowest) {
       lo = mid + 1;
     } else {
       hi = mid;
     }
   }
+  if (fold >= 0 && SignBit(lowest) && lo > fold) lo = fold;
   return static_cast<uint8_t>(lo);
 }
 
 // The fast route's conditions at midpoint i: strictly between its entries,
-// not below the first bucket, and not in the bucket of midpoint i - 1.
-OP8_HD bool FastRouteHoldsAt(const float* q, uint32_t base, int shift, int num_buckets, int i) {
+// within [lowest, 1], and not in the bucket of midpoint i - 1.
+OP8_HD bool FastRouteHoldsAt(const float* q, int shift, float lowest, int i) {
   float mid = Midpoint(q, i);
-  if (!(q[i] < mid && mid < q[i + 1]) || OrderKey(mid) < base) return false;
-  return i == 0 || BucketIndex(mid, base, shift, num_buckets) !=
-                       BucketIndex(Midpoint(q, i - 1), base, shift, num_buckets);
+  if (!(q[i] < mid && mid < q[i + 1]) || !(lowest <= mid && mid <= 1.0f)) return false;
+  return i == 0 || (FloatBits(mid) >> shift) != (FloatBits(Midpoint(q, i - 1)) >> shift);
 }
 
-OP8_HD uint8_t FastCode(const float* q, const float* edge, const uint8_t* start, uint32_t base,
-                        int shift, int num_buckets, bool fast, float x) {
-  if (!fast) return NearestCode(q, x, LowerBound(q, x));
-  int s = start[BucketIndex(x, base, shift, num_buckets)];
-  int c = s + (edge[s] < x ? 1 : 0);
-  return IsNan(x) ? 0 : static_cast<uint8_t>(c);
+// The sign fix's fold needs q1[neg1] == +0.0 after at least one negative entry.
+OP8_HD bool SignFoldHolds(const float* q1, int neg1) {
+  return neg1 >= 1 && neg1 < kMapSize && FloatBits(q1[neg1]) == 0;
 }
 
-// code1 = Q(q1, m / absmax1) with the sign fix, x1 = m / absmax1 given.
+// code1 = Q(q1, m / absmax1) with the sign fix, for x1 = m / absmax1 in
+// [-1, 1], or any x1 whose code is that quotient's (see ScaleDivisor): the
+// sign is taken from m. The code (0..255) comes as a word.
+OP8_HD uint32_t FastCode1(const QuantTables& t, float m, float x1) {
+  uint32_t u = (FloatBits(x1) & 0x7fffffffu) | (FloatBits(m) & 0x80000000u);
+  uint32_t s = t.start1[u >> kSignedShift];
+  return s + (t.edge1[s] < BitsFloat(u) ? 1u : 0u);
+}
+
+// code2 = Q(q2, v / absmax2), for x2 = v / absmax2 in [+0, 1] (or -0).
+OP8_HD uint32_t FastCode2(const QuantTables& t, float x2) {
+  uint32_t u = FloatBits(x2) & 0x7fffffffu;
+  uint32_t s = t.start2[u >> kUnsignedShift];
+  return s + (t.edge2[s] < BitsFloat(u) ? 1u : 0u);
+}
+
+OP8_HD float Clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// The same for any x1 = m / absmax1 (absmax1 >= 0: NaN and infinities
+// included).
 OP8_HD uint8_t Code1(const QuantTables& t, float m, float x1) {
-  uint8_t c = FastCode(t.q1, t.edge1, t.start1, kKeyMinusOne, kSignedShift, kSignedBuckets,
-                       t.fast != 0, x1);
-  return SignFix(t.q1, m, c);
+  if (!t.fast) return SignFix(t.q1, m, NearestCode(t.q1, x1, LowerBound(t.q1, x1)));
+  if (IsNan(x1)) return SignFix(t.q1, m, 0);
+  return static_cast<uint8_t>(FastCode1(t, m, Clamp(x1, -1.0f, 1.0f)));
 }
 
-// code2 = Q(q2, v / absmax2), x2 = v / absmax2 given.
 OP8_HD uint8_t Code2(const QuantTables& t, float x2) {
-  return FastCode(t.q2, t.edge2, t.start2, kKeyZero, kUnsignedShift, kUnsignedBuckets, t.fast != 0,
-                  x2);
-}
-
-// The same two codes where the fast route holds, x1 lies in [-1, 1] and x2
-// in [+0, 1] (a block whose scales are positive and finite). The sign fix
-// reads sign(q1[c]) as c < neg1 there.
-OP8_HD uint8_t FastCode1(const QuantTables& t, float m, float x1) {
-  int s = t.start1[SignedBucketInRange(x1)];
-  int c = s + (t.edge1[s] < x1 ? 1 : 0);
-  if ((c < t.neg1) != SignBit(m)) c += m > 0.0f ? 1 : -1;
-  return static_cast<uint8_t>(c);
-}
-
-OP8_HD uint8_t FastCode2(const QuantTables& t, float x2) {
-  int s = t.start2[UnsignedBucketInRange(x2)];
-  return static_cast<uint8_t>(s + (t.edge2[s] < x2 ? 1 : 0));
+  if (!t.fast) return NearestCode(t.q2, x2, LowerBound(t.q2, x2));
+  if (IsNan(x2)) return 0;
+  return static_cast<uint8_t>(FastCode2(t, Clamp(x2, 0.0f, 1.0f)));
 }
 
 #if !defined(__CUDA_ARCH__)
 inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
   std::memcpy(t->q1, qmaps, sizeof(t->q1));
   std::memcpy(t->q2, qmaps + kMapSize, sizeof(t->q2));
+  int fold = NegativePrefix(t->q1) - 1;
   for (int k = 0; k < kMapSize; ++k) {
-    t->edge1[k] = EdgeEntry(t->q1, k);
-    t->edge2[k] = EdgeEntry(t->q2, k);
+    t->edge1[k] = EdgeEntry(t->q1, k, fold);
+    t->edge2[k] = EdgeEntry(t->q2, k, -1);
   }
-  for (int b = 0; b < kSignedBuckets; ++b) {
-    t->start1[b] = StartEntry(t->q1, kKeyMinusOne, kSignedShift, b);
-  }
+  std::memset(t->start1, 0, sizeof(t->start1));
+  std::memset(t->start2, 0, sizeof(t->start2));
+  for (int b = 0; b < kSignedBuckets; ++b) t->start1[b] = StartEntry(t->q1, kSignedShift, b, fold);
   for (int b = 0; b < kUnsignedBuckets; ++b) {
-    t->start2[b] = StartEntry(t->q2, kKeyZero, kUnsignedShift, b);
+    t->start2[b] = StartEntry(t->q2, kUnsignedShift, b, -1);
   }
-  t->neg1 = 0;
-  for (int i = 0; i < kMapSize; ++i) t->neg1 += SignBit(t->q1[i]) ? 1 : 0;
-  t->fast = 1;
+  t->fast = SignFoldHolds(t->q1, fold + 1) ? 1 : 0;
   for (int i = 0; i + 1 < kMapSize; ++i) {
-    if (!FastRouteHoldsAt(t->q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) ||
-        !FastRouteHoldsAt(t->q2, kKeyZero, kUnsignedShift, kUnsignedBuckets, i)) {
+    if (!FastRouteHoldsAt(t->q1, kSignedShift, -1.0f, i) ||
+        !FastRouteHoldsAt(t->q2, kUnsignedShift, 0.0f, i)) {
       t->fast = 0;
     }
   }
+  t->padding[0] = t->padding[1] = t->padding[2] = 0;
 }
 #endif
 
-// x / scale for the quantizer, with the scale fixed for a block. On the host
-// a division; on the GPU the fast path of __fdiv_rn (hardware reciprocal
-// refined once, a product, one fma correction) with the reciprocal hoisted out
-// of the block, taken only well inside the normal range: scale within
-// 2^+-60, |x| at least 2^-90 and scale * 2^-60 (so that the fma's remainder
-// stays normal), |x| at most scale. There it gives __fdiv_rn's result;
-// anything else divides. tests/native/scale_divisor_check.cu compares the two
-// on the GPU over every significand of the scale.
+// x / scale for the quantizer, with the scale fixed for a block. Divide is the
+// correctly rounded division. DivideForCode gives a quotient with the same
+// code: on the host the division; on the GPU, where the scale is a normal
+// float below 2^127 (`fast`), __fdiv_rn's own fast path (hardware reciprocal
+// refined once, a product, one fma correction) on x and the scale both
+// multiplied by the power of two that brings the scale into [1, 2), with the
+// reciprocal hoisted out of the block. The scaling is exact unless x * factor
+// is subnormal (then the quotient is below 2^-126). For |x| <= scale the fast
+// path gives __fdiv_rn's quotient unless that is below 2^-60 (the fma's
+// remainder may be subnormal there), and then it gives one below 2^-47 in
+// magnitude: every such quotient has the code of a zero of m's sign in both
+// maps (their smallest midpoints are above 2^-23), and FastCode1 takes the
+// sign from m. tests/native/scale_divisor_check.cu checks these properties on
+// the GPU over every significand of the scale; quantizer_check.cc checks the
+// codes of tiny quotients.
 struct ScaleDivisor {
   float scale;
-  bool fast = false;  // the scale is in range (always false on the host)
+  bool fast = false;  // the GPU's route applies (always false on the host)
 #if defined(__CUDA_ARCH__)
-  float inverse, min_x;
+  float factor, scaled, inverse;
 #endif
   OP8_HD explicit ScaleDivisor(float b) : scale(b) {
 #if defined(__CUDA_ARCH__)
-    fast = b >= 8.67361737988403547e-19f && b <= 1.15292150460684698e18f;  // 2^-60, 2^60
+    uint32_t exponent = FloatBits(b) >> 23;  // biased; the sign bit makes it large
+    fast = exponent - 1u < 253u;
+    factor = BitsFloat((254u - exponent) << 23);
+    scaled = __fmul_rn(b, factor);
     float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
-    inverse = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
-    min_x = fmaxf(__fmul_rn(b, 8.67361737988403547e-19f), 8.07793566946316088e-28f);  // 2^-90
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(scaled));
+    inverse = __fmaf_rn(r, __fmaf_rn(-scaled, r, 1.0f), r);
 #endif
   }
-  OP8_HD float Divide(float x) const {
+  OP8_HD float Divide(float x) const { return Div(x, scale); }
+  // For |x| <= scale when fast is true.
+  OP8_HD float DivideForCode(float x) const {
 #if defined(__CUDA_ARCH__)
-    float a = Abs(x);
-    if (fast && ((a >= min_x && a <= scale) || x == 0.0f)) {
-      float q = __fmul_rn(x, inverse);
-      float r = __fmaf_rn(-scale, q, x);
-      return x == 0.0f ? x : __fmaf_rn(inverse, r, q);
-    }
-#endif
-    return Div(x, scale);
-  }
-  // The same for |x| <= scale (x in the scale's block) when fast is true,
-  // except that a zero quotient may lose its sign (-0 gives +0): the
-  // quantizer's codes do not depend on it (both zeros share a bucket and
-  // compare equal; the sign fix reads the moment, not the quotient).
-  OP8_HD float DivideInRange(float x) const {
-#if defined(__CUDA_ARCH__)
-    // 0 < |x| < min_x divides; 0 and [min_x, scale] take the fast path.
-    if (FloatBits(Abs(x)) - 1u < FloatBits(min_x) - 1u) return Div(x, scale);
-    float q = __fmul_rn(x, inverse);
-    float r = __fmaf_rn(-scale, q, x);
+    float xs = __fmul_rn(x, factor);
+    float q = __fmul_rn(xs, inverse);
+    float r = __fmaf_rn(-scaled, q, xs);
     return __fmaf_rn(inverse, r, q);
 #else
     return Div(x, scale);

@@ -94,9 +94,9 @@ __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
   if (valid == kLaneElems) {
     if constexpr (T == kF32) {
       float* p = static_cast<float*>(data) + start;
-      if (Aligned16(p)) {
-        reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
-        reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+      if (Aligned16(p)) {  // (a plain assignment compiles to 8 scalar stores)
+        __stcs(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
+        __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(in[4], in[5], in[6], in[7]));
         return;
       }
     } else {
@@ -109,7 +109,7 @@ __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
           uint16_t hi = T == kBF16 ? FloatToBf16(in[2 * k + 1]) : FloatToF16(in[2 * k + 1]);
           words[k] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
         }
-        *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+        __stcs(reinterpret_cast<uint4*>(p), make_uint4(words[0], words[1], words[2], words[3]));
         return;
       }
     }
@@ -120,15 +120,16 @@ __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
   }
 }
 
-// 8 codes of a lane; padded lanes get `pad`.
+// 8 codes of a lane, each in the low byte of a word (byte extraction by
+// __byte_perm, one instruction each); padded lanes get `pad`.
 __device__ __forceinline__ void LoadCodes(const uint8_t* codes, int64_t start, int valid,
-                                          uint8_t pad, uint8_t out[kLaneElems]) {
+                                          uint8_t pad, uint32_t out[kLaneElems]) {
   if (valid == kLaneElems) {
     uint2 raw = *reinterpret_cast<const uint2*>(codes + start);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      out[k] = static_cast<uint8_t>(raw.x >> (8 * k));
-      out[4 + k] = static_cast<uint8_t>(raw.y >> (8 * k));
+      out[k] = __byte_perm(raw.x, 0, 0x4440 + k);
+      out[4 + k] = __byte_perm(raw.y, 0, 0x4440 + k);
     }
     return;
   }
@@ -136,29 +137,27 @@ __device__ __forceinline__ void LoadCodes(const uint8_t* codes, int64_t start, i
   for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? codes[start + k] : pad;
 }
 
+// Stores the low bytes of a lane's 8 code words.
 __device__ __forceinline__ void StoreCodes(uint8_t* codes, int64_t start, int valid,
-                                           const uint8_t in[kLaneElems]) {
+                                           const uint32_t in[kLaneElems]) {
   if (valid == kLaneElems) {
-    uint2 raw = make_uint2(0, 0);
+    uint32_t w[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      raw.x |= static_cast<uint32_t>(in[k]) << (8 * k);
-      raw.y |= static_cast<uint32_t>(in[4 + k]) << (8 * k);
-    }
-    *reinterpret_cast<uint2*>(codes + start) = raw;
+    for (int k = 0; k < 4; ++k) w[k] = __byte_perm(in[2 * k], in[2 * k + 1], 0x0040);
+    *reinterpret_cast<uint2*>(codes + start) =
+        make_uint2(__byte_perm(w[0], w[1], 0x5410), __byte_perm(w[2], w[3], 0x5410));
     return;
   }
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    if (k < valid) codes[start + k] = in[k];
+    if (k < valid) codes[start + k] = static_cast<uint8_t>(in[k]);
   }
 }
 
 __device__ __forceinline__ float WarpMax(float x) {
 #pragma unroll
   for (int d = kLanes / 2; d >= 1; d >>= 1) {
-    float other = __shfl_xor_sync(kFullMask, x, d);
-    x = other > x ? other : x;
+    x = fmaxf(x, __shfl_xor_sync(kFullMask, x, d));  // no NaN here
   }
   return x;
 }
@@ -177,7 +176,7 @@ __device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTab
                                             float m[kLaneElems], float v[kLaneElems],
                                             unsigned* finite) {
   float g[kLaneElems];
-  uint8_t c1[kLaneElems], c2[kLaneElems];
+  uint32_t c1[kLaneElems], c2[kLaneElems];
   LoadLane<T>(leaf.grad, start, valid, g);
   LoadCodes(static_cast<const uint8_t*>(leaf.state1), start, valid, kPadCode1, c1);
   LoadCodes(static_cast<const uint8_t*>(leaf.state2), start, valid, 0, c2);
@@ -251,30 +250,35 @@ __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
 // decides whether the fast route holds.
 __global__ void __launch_bounds__(kThreads)
     BuildQuantTablesKernel(const float* qmaps, QuantTables* t) {
-  __shared__ int fast, neg1;
+  __shared__ int fast;
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   const float* q1 = qmaps;
   const float* q2 = qmaps + kMapSize;
+  int fold = NegativePrefix(q1) - 1;
   if (i < kMapSize) {
     t->q1[i] = q1[i];
     t->q2[i] = q2[i];
+    t->edge1[i] = EdgeEntry(q1, i, fold);
+    t->edge2[i] = EdgeEntry(q2, i, -1);
   }
-  if (i < kMapSize) {
-    t->edge1[i] = EdgeEntry(q1, i);
-    t->edge2[i] = EdgeEntry(q2, i);
+  if (i < static_cast<int>(sizeof(t->start1))) {
+    t->start1[i] = i < kSignedBuckets ? StartEntry(q1, kSignedShift, i, fold) : 0;
   }
-  if (i < kSignedBuckets) t->start1[i] = StartEntry(q1, kKeyMinusOne, kSignedShift, i);
-  if (i < kUnsignedBuckets) t->start2[i] = StartEntry(q2, kKeyZero, kUnsignedShift, i);
+  if (i < static_cast<int>(sizeof(t->start2))) {
+    t->start2[i] = i < kUnsignedBuckets ? StartEntry(q2, kUnsignedShift, i, -1) : 0;
+  }
   if (blockIdx.x != 0) return;
-  if (threadIdx.x == 0) fast = 1, neg1 = 0;
+  if (threadIdx.x == 0) fast = SignFoldHolds(q1, fold + 1) ? 1 : 0;
   __syncthreads();
-  if (i < kMapSize && SignBit(q1[i])) atomicAdd(&neg1, 1);
-  if (i + 1 < kMapSize && !(FastRouteHoldsAt(q1, kKeyMinusOne, kSignedShift, kSignedBuckets, i) &&
-                            FastRouteHoldsAt(q2, kKeyZero, kUnsignedShift, kUnsignedBuckets, i))) {
+  if (i + 1 < kMapSize && !(FastRouteHoldsAt(q1, kSignedShift, -1.0f, i) &&
+                            FastRouteHoldsAt(q2, kUnsignedShift, 0.0f, i))) {
     fast = 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) t->fast = fast, t->neg1 = neg1;
+  if (threadIdx.x == 0) {
+    t->fast = fast;
+    t->padding[0] = t->padding[1] = t->padding[2] = 0;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -421,12 +425,14 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
     out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
-  uint8_t c1[kLaneElems], c2[kLaneElems];
-  if (qt.fast && d1.fast && d2.fast) {  // the warp's usual case: no NaN quotient here
+  uint32_t c1[kLaneElems], c2[kLaneElems];
+  // The warp's usual case: both scales positive normal floats, so that no
+  // moment of the block is NaN or infinite and |m| <= absmax1, v <= absmax2.
+  if (qt.fast && d1.fast && d2.fast) {
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      c1[k] = FastCode1(qt, m[k], d1.DivideInRange(m[k]));
-      c2[k] = FastCode2(qt, d2.DivideInRange(v[k]));
+      c1[k] = FastCode1(qt, m[k], d1.DivideForCode(m[k]));
+      c2[k] = FastCode2(qt, d2.DivideForCode(v[k]));
     }
   } else {
 #pragma unroll
@@ -515,7 +521,8 @@ cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int
 }
 
 cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cudaStream_t stream) {
-  constexpr int kEntries = std::max(kSignedBuckets, kUnsignedBuckets);
+  constexpr int kEntries =
+      static_cast<int>(std::max(sizeof(QuantTables::start1), sizeof(QuantTables::start2)));
   BuildQuantTablesKernel<<<(kEntries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(qmaps,
                                                                                         tables);
   return cudaGetLastError();

@@ -260,8 +260,10 @@ def test_more_leaves_than_one_launch_holds(fused):
 
 def test_scale_divisor_matches_fdiv_rn(tmp_path):
   # The CUDA quantizer divides by a block's scale with the fast path of
-  # __fdiv_rn and the reciprocal hoisted (adam8bit.h: ScaleDivisor). Every
-  # divisor significand at 7 exponents, 256 dividends each, against __fdiv_rn.
+  # __fdiv_rn on operands scaled by a power of two, the reciprocal hoisted
+  # (adam8bit.h: ScaleDivisor). Every divisor significand at 11 exponents of
+  # the route's range, 256 dividends each, against __fdiv_rn: the same
+  # quotient, or both below the magnitude where every code is a zero's.
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
   here = pathlib.Path(__file__).parent
@@ -283,4 +285,5 @@ def test_scale_divisor_matches_fdiv_rn(tmp_path):
   out = subprocess.run([str(exe), "256"], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
   words = out.stdout.split()
-  assert words[:4] == ["pairs", str(7 * (1 << 23) * 256), "mismatches", "0"], out.stdout
+  assert words[:4] == ["pairs", str(11 * (1 << 23) * 256), "mismatches", "0"], out.stdout
+  assert words[6:8] == ["route", "0"], out.stdout

@@ -1,8 +1,10 @@
-// Checks the quantizer's fast route (adam8bit.h: QuantTables, FastCode)
-// (and the kernel's FastCode1/FastCode2) against its definition,
+// Checks the quantizer's fast route (adam8bit.h: QuantTables, Code1/Code2 and
+// the kernel's FastCode1/FastCode2) against its definition,
 // NearestCode(q, x, LowerBound(q, x)) with SignFix for the first map, on every
 // `stride`-th float32 bit pattern, for both maps read from a file of 512
-// float32 values (signed map, then unsigned map).
+// float32 values (signed map, then unsigned map). Also checks that every
+// quotient below 2^-47 in magnitude has the code of a zero of m's sign, which
+// the GPU's scale division relies on (ScaleDivisor).
 //   quantizer_check MAPS_FILE STRIDE  ->  prints "checked N mismatches M fast F"
 #include <cstdint>
 #include <cstdio>
@@ -28,30 +30,39 @@ int main(int argc, char** argv) {
   uint64_t stride = std::strtoull(argv[2], nullptr, 10);
   auto tables = std::make_unique<QuantTables>();
   BuildQuantTables(qmaps, tables.get());
+  const float* q1 = tables->q1;
+  const float* q2 = tables->q2;
+  auto want1 = [&](float m, float x) {
+    return SignFix(q1, m, NearestCode(q1, x, LowerBound(q1, x)));
+  };
+  auto want2 = [&](float x) { return NearestCode(q2, x, LowerBound(q2, x)); };
+  const uint8_t zero1[2] = {want1(0.0f, 0.0f), want1(-0.0f, -0.0f)};
+  const uint8_t zero2 = want2(0.0f);
   uint64_t checked = 0, mismatches = 0;
+  auto report = [&](const char* what, float x, int want, int got) {
+    if (++mismatches <= 10) std::printf("%s x=%a want %d got %d\n", what, x, want, got);
+  };
   for (uint64_t bits = 0; bits <= 0xffffffffull; bits += stride) {
     float x = BitsFloat(static_cast<uint32_t>(bits));
-    uint8_t want1 = NearestCode(tables->q1, x, LowerBound(tables->q1, x));
-    uint8_t want2 = NearestCode(tables->q2, x, LowerBound(tables->q2, x));
-    // Code1 with m = x applies the sign fix to both; compare before it.
-    uint8_t got1 = FastCode(tables->q1, tables->edge1, tables->start1, kKeyMinusOne, kSignedShift,
-                            kSignedBuckets, tables->fast != 0, x);
-    uint8_t got2 = Code2(*tables, x);
-    bool in_range1 = !(x < -1.0f || x > 1.0f);  // scaled first moments
-    bool in_range2 = !(x < 0.0f || x > 1.0f);   // scaled second moments (and -0)
-    if (in_range1 && got1 != want1) {
-      if (++mismatches <= 10) std::printf("signed x=%a want %d got %d\n", x, want1, got1);
-    }
-    if (in_range2 && got2 != want2) {
-      if (++mismatches <= 10) std::printf("unsigned x=%a want %d got %d\n", x, want2, got2);
-    }
-    // The kernel's route for blocks with positive finite scales (x not NaN),
-    // sign fix included (m has x's sign there).
-    if (!IsNan(x) && in_range1 && FastCode1(*tables, x, x) != SignFix(tables->q1, x, want1)) {
-      if (++mismatches <= 10) std::printf("FastCode1 x=%a\n", x);
-    }
-    if (!IsNan(x) && in_range2 && FastCode2(*tables, x) != want2) {
-      if (++mismatches <= 10) std::printf("FastCode2 x=%a\n", x);
+    // m = x: x is m's quotient by a positive scale (or NaN).
+    uint8_t w1 = want1(x, x), w2 = want2(x);
+    if (Code1(*tables, x, x) != w1) report("Code1", x, w1, Code1(*tables, x, x));
+    if (Code2(*tables, x) != w2) report("Code2", x, w2, Code2(*tables, x));
+    bool in_range1 = !(x < -1.0f || x > 1.0f) && !IsNan(x);
+    bool in_range2 = !(x < 0.0f || x > 1.0f) && !IsNan(x);  // -0 included
+    if (in_range1 && FastCode1(*tables, x, x) != w1)
+      report("FastCode1", x, w1, FastCode1(*tables, x, x));
+    if (in_range2 && FastCode2(*tables, x) != w2) report("FastCode2", x, w2, FastCode2(*tables, x));
+    // A quotient below 2^-47 in magnitude, of either sign, for m of either
+    // sign: the code of a zero of m's sign.
+    if (Abs(x) < 7.105427357601002e-15f) {
+      for (int negative = 0; negative < 2; ++negative) {
+        float m = negative ? -0.0f : 0.0f;
+        if (FastCode1(*tables, m, x) != zero1[negative]) {
+          report("tiny FastCode1", x, zero1[negative], FastCode1(*tables, m, x));
+        }
+      }
+      if (FastCode2(*tables, x) != zero2) report("tiny FastCode2", x, zero2, FastCode2(*tables, x));
     }
     ++checked;
   }

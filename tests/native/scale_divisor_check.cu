@@ -1,9 +1,15 @@
-// Checks ScaleDivisor::Divide and DivideInRange (adam8bit.h), the quantizer's
-// division on the GPU, against __fdiv_rn: every divisor significand at several exponents
-// across the fast range and beyond it, each against `per_divisor` dividends
-// (pseudo-random significands, exponents from the divisor's down to 2^-100
-// below it, both signs, and the edge cases of the range).
-//   scale_divisor_check [per_divisor]  ->  prints "pairs N mismatches M"
+// Checks ScaleDivisor::DivideForCode (adam8bit.h), the quantizer's division on
+// the GPU, against __fdiv_rn: every divisor significand at exponents across
+// the normal range, each against `per_divisor` dividends in [-b, b]
+// (pseudo-random significands, exponents from the divisor's down to 160
+// below it, subnormals included, both signs, and edge cases). The quotient
+// must be __fdiv_rn's bit for bit (a zero's sign aside), except where
+// __fdiv_rn's is below 2^-60 in magnitude: there it must be below 2^-47
+// (such quotients share one code, FastCode1 taking the sign from m; see
+// quantizer_check.cc). Divisors that are not normal floats below 2^127 must
+// not take the route.
+//   scale_divisor_check [per_divisor]
+//     ->  prints "pairs N mismatches M tiny T route R"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,13 +29,20 @@ __device__ uint32_t Hash(uint32_t x) {
   return x;
 }
 
-__global__ void CheckKernel(uint32_t exponent, int per_divisor, unsigned long long* pairs,
-                            unsigned long long* mismatches, uint32_t* example) {
+struct Counts {
+  unsigned long long pairs, mismatches, tiny, route_errors;
+  uint32_t example[2];
+};
+
+__global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) {
   uint32_t mantissa = blockIdx.x * blockDim.x + threadIdx.x;
   if (mantissa >= (1u << 23)) return;
   float b = BitsFloat((exponent << 23) | mantissa);
   ScaleDivisor divisor(b);
-  unsigned long long local_pairs = 0, local_bad = 0;
+  bool want_route = exponent >= 1 && exponent <= 253;
+  if (divisor.fast != want_route) atomicAdd(&counts->route_errors, 1ull);
+  if (!divisor.fast) return;
+  unsigned long long pairs = 0, bad = 0, tiny = 0;
   for (int k = 0; k < per_divisor; ++k) {
     float a;
     uint32_t h = Hash(mantissa * 2654435761u + k * 40503u + exponent);
@@ -40,54 +53,53 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, unsigned long lo
     } else if (k == 2) {
       a = 0.0f;
     } else if (k == 3) {
-      a = -0.0f;
-    } else if (k < 8) {  // around the fast path's lower bound, b * 2^-60
-      a = BitsFloat(FloatBits(b * 8.67361737988403547e-19f) + (k - 6));
+      a = BitsFloat(1u);  // the smallest subnormal
+    } else if (k < 8) {   // around a quotient of 2^-60
+      a = BitsFloat(FloatBits(__fmul_rn(b, 8.67361737988403547e-19f)) + (k - 6));
     } else {
-      int drop = static_cast<int>(Hash(h) % 101);  // exponents b's down to 2^-100 below
+      int drop = static_cast<int>(Hash(h) % 161);  // exponents b's down to 160 below
       int e = static_cast<int>(exponent) - drop;
-      if (e < 1) e = 1;
-      a = BitsFloat((static_cast<uint32_t>(e) << 23) | (h & 0x7fffffu));
+      a = BitsFloat((e < 1 ? 0u : static_cast<uint32_t>(e) << 23) | (h & 0x7fffffu));
       if (Abs(a) > b) a = b;
     }
     if (h & 0x80000000u) a = -a;
-    float fast = divisor.Divide(a);
+    float fast = divisor.DivideForCode(a);
     float exact = __fdiv_rn(a, b);
-    // DivideInRange is what blocks with in-range scales use (|a| <= b here).
-    float in_range = divisor.fast ? divisor.DivideInRange(a) : exact;
-    ++local_pairs;
-    // DivideInRange may drop a zero quotient's sign (documented there).
-    bool in_range_same = FloatBits(in_range) == FloatBits(exact) || (in_range == 0 && exact == 0);
-    if (FloatBits(fast) != FloatBits(exact) || !in_range_same) {
-      ++local_bad;
-      example[0] = FloatBits(a);
-      example[1] = FloatBits(b);
+    ++pairs;
+    if (FloatBits(fast) == FloatBits(exact) || (fast == 0.0f && exact == 0.0f)) continue;
+    if (Abs(exact) < 8.67361737988403547e-19f && Abs(fast) < 7.105427357601002e-15f) {
+      ++tiny;  // 2^-60, 2^-47
+      continue;
     }
+    ++bad;
+    counts->example[0] = FloatBits(a);
+    counts->example[1] = FloatBits(b);
   }
-  atomicAdd(pairs, local_pairs);
-  if (local_bad) atomicAdd(mismatches, local_bad);
+  atomicAdd(&counts->pairs, pairs);
+  if (bad) atomicAdd(&counts->mismatches, bad);
+  if (tiny) atomicAdd(&counts->tiny, tiny);
 }
 
 int main(int argc, char** argv) {
   int per_divisor = argc > 1 ? std::atoi(argv[1]) : 256;
-  unsigned long long *pairs, *mismatches;
-  uint32_t* example;
-  cudaMallocManaged(&pairs, sizeof(*pairs));
-  cudaMallocManaged(&mismatches, sizeof(*mismatches));
-  cudaMallocManaged(&example, 2 * sizeof(*example));
-  *pairs = 0, *mismatches = 0;
-  // Biased exponents: 2^-61 (below the fast range), 2^-60, 2^-20, 1, 2^20,
-  // 2^60 and 2^61 (above it).
-  const uint32_t exponents[] = {66, 67, 107, 127, 147, 187, 188};
+  Counts* counts;
+  cudaMallocManaged(&counts, sizeof(*counts));
+  *counts = Counts{};
+  // Biased exponents: the route's range 1..253 at its ends and across it, and
+  // 0 (subnormal), 254 and 255 (infinity, NaN) outside it.
+  const uint32_t exponents[] = {0, 1, 2, 30, 67, 107, 127, 147, 187, 220, 252, 253, 254, 255};
   for (uint32_t e : exponents) {
-    CheckKernel<<<(1u << 23) / 256, 256>>>(e, per_divisor, pairs, mismatches, example);
+    CheckKernel<<<(1u << 23) / 256, 256>>>(e, per_divisor, counts);
   }
   cudaError_t error = cudaDeviceSynchronize();
   if (error != cudaSuccess) {
     std::printf("CUDA error: %s\n", cudaGetErrorString(error));
     return 2;
   }
-  std::printf("pairs %llu mismatches %llu\n", *pairs, *mismatches);
-  if (*mismatches) std::printf("example a=0x%08x b=0x%08x\n", example[0], example[1]);
-  return *mismatches == 0 ? 0 : 1;
+  std::printf("pairs %llu mismatches %llu tiny %llu route %llu\n", counts->pairs,
+              counts->mismatches, counts->tiny, counts->route_errors);
+  if (counts->mismatches) {
+    std::printf("example a=0x%08x b=0x%08x\n", counts->example[0], counts->example[1]);
+  }
+  return counts->mismatches == 0 && counts->route_errors == 0 ? 0 : 1;
 }
