@@ -270,15 +270,18 @@ OP8_HD StepScalars ComputeStepScalars(const float* hyper, int64_t t) {
 // Moments and the param step.
 // ---------------------------------------------------------------------------
 
-// 8-bit path, SPEC 3.2 step 2. A non-finite gf zeroes both moments (computed,
-// then selected: no branch per element on the GPU).
+// 8-bit path, SPEC 3.2 step 2, for a finite gf.
+OP8_HD void FiniteBlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
+                                   const StepScalars& s, float* m, float* v) {
+  *m = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
+  *v = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
+}
+
+// The same for any gf: a non-finite gf zeroes both moments.
 OP8_HD void BlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
                              const StepScalars& s, float* m, float* v) {
-  float m_new = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
-  float v_new = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
-  bool finite = IsFinite(gf);
-  *m = finite ? m_new : 0.0f;
-  *v = finite ? v_new : 0.0f;
+  FiniteBlockwiseMoments(gf, q1, absmax1, q2, absmax2, s, m, v);
+  if (!IsFinite(gf)) *m = *v = 0.0f;
 }
 
 // float32 path, SPEC 3.3.

@@ -87,7 +87,8 @@ __device__ __forceinline__ void LoadLane(const void* data, int64_t start, int va
   for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, T, start + k) : 0.0f;
 }
 
-// Stores a lane's elements [start, start + valid) in dtype T.
+// Stores a lane's elements [start, start + valid) in dtype T. They are values
+// of T already (RoundToType), so a bfloat16 is the high half of its float.
 template <int32_t T>
 __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
                                           const float in[kLaneElems]) {
@@ -105,9 +106,12 @@ __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
         uint32_t words[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          uint16_t lo = T == kBF16 ? FloatToBf16(in[2 * k]) : FloatToF16(in[2 * k]);
-          uint16_t hi = T == kBF16 ? FloatToBf16(in[2 * k + 1]) : FloatToF16(in[2 * k + 1]);
-          words[k] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+          if constexpr (T == kBF16) {
+            words[k] = __byte_perm(FloatBits(in[2 * k]), FloatBits(in[2 * k + 1]), 0x7632);
+          } else {
+            words[k] = static_cast<uint32_t>(FloatToF16(in[2 * k])) |
+                       (static_cast<uint32_t>(FloatToF16(in[2 * k + 1])) << 16);
+          }
         }
         __stcs(reinterpret_cast<uint4*>(p), make_uint4(words[0], words[1], words[2], words[3]));
         return;
@@ -168,7 +172,10 @@ __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {
 }
 
 // Dequantized moments of a lane (SPEC 3.2 step 2). Padded lanes take part
-// with block scales (`pad`); with whole-leaf scales they count as zeros.
+// with block scales (`pad`); with whole-leaf scales they count as zeros. Bit k
+// of `finite` is set where gf is finite: the moments are computed for every
+// element and fixed afterwards only in a lane that has a non-finite gf (a NaN
+// probe finds one: 0 * gf is NaN exactly for infinite and NaN gf).
 template <int32_t T>
 __device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTables& qt,
                                             const StepScalars& s, int64_t start, int valid,
@@ -180,13 +187,28 @@ __device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTab
   LoadLane<T>(leaf.grad, start, valid, g);
   LoadCodes(static_cast<const uint8_t*>(leaf.state1), start, valid, kPadCode1, c1);
   LoadCodes(static_cast<const uint8_t*>(leaf.state2), start, valid, 0, c2);
-  *finite = 0;
+  float probe = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
     float gf = Mul(g[k], scale);  // 0 in padded lanes
-    if (IsFinite(gf)) *finite |= 1u << k;
-    BlockwiseMoments(gf, qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
-    if (k >= valid && !pad) m[k] = v[k] = 0.0f;
+    probe = Fma(gf, 0.0f, probe);
+    FiniteBlockwiseMoments(gf, qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
+  }
+  *finite = (1u << kLaneElems) - 1;
+  if (IsNan(probe)) {
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      if (!IsFinite(Mul(g[k], scale))) {
+        m[k] = v[k] = 0.0f;
+        *finite &= ~(1u << k);
+      }
+    }
+  }
+  if (!pad) {
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      if (k >= valid) m[k] = v[k] = 0.0f;
+    }
   }
 }
 
@@ -418,11 +440,19 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
   float p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.param, start, valid, p);
+  if (finite == (1u << kLaneElems) - 1) {  // the usual lane
 #pragma unroll
-  for (int k = 0; k < kLaneElems; ++k) {
-    float stepped = StepParam(p[k], m[k], v[k], s, decay, T);  // selected, not branched
-    float p_new = (finite >> k) & 1u ? stepped : p[k];
-    out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+    for (int k = 0; k < kLaneElems; ++k) {
+      float p_new = StepParam(p[k], m[k], v[k], s, decay, T);
+      out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+    }
+  } else {  // a non-finite grad leaves its param unchanged (a NaN made quiet, as on the host)
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      float stepped = StepParam(p[k], m[k], v[k], s, decay, T);
+      float p_new = (finite >> k) & 1u ? stepped : RoundToType(p[k], T);
+      out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+    }
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
   uint32_t c1[kLaneElems], c2[kLaneElems];
