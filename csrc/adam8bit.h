@@ -135,7 +135,7 @@ OP8_HD float Abs(float f) { return BitsFloat(FloatBits(f) & 0x7fffffffu); }
 // (fmaxf is that on the device: one instruction, acc is never NaN.)
 OP8_HD float MaxAbs(float acc, float x) {
 #if defined(__CUDA_ARCH__)
-  return fmaxf(acc, Abs(x));
+  return fmaxf(acc, fabsf(x));
 #else
   float a = Abs(x);
   return a > acc ? a : acc;
@@ -291,11 +291,52 @@ OP8_HD void Float32Moments(float g, const StepScalars& s, float* m, float* v) {
 }
 
 // SPEC 3.2 step 4 / 3.3: the step, rounded to the param dtype, then the
-// decoupled weight decay AFTER the step, rounded again.
-OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
-  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(Sqrt(v), s.eps_hat)), p), type);
+// decoupled weight decay AFTER the step, rounded again. root = Sqrt(v).
+OP8_HD float StepParamWithRoot(float p, float m, float root, const StepScalars& s, bool decay,
+                               int32_t type) {
+  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(root, s.eps_hat)), p), type);
   if (decay && s.weight_decay_on) return RoundToType(Mul(s.decay, p1), type);
   return p1;
+}
+
+OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
+  return StepParamWithRoot(p, m, Sqrt(v), s, decay, type);
+}
+
+// Sqrt of n values. On the GPU, where every value lies in [2^-101, 2^128),
+// the fast path of __fsqrt_rn (the hardware reciprocal square root, a
+// product and one fma correction, the sequence nvcc emits for __fsqrt_rn
+// there) without its per-value branch; otherwise __fsqrt_rn for each.
+// tests/native/fast_path_check.cu compares the two on every float32 of that
+// range on the GPU.
+OP8_HD bool SqrtFastDomain(float v) { return FloatBits(v) - 0x0d000000u <= 0x727fffffu; }
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ float SqrtFastPath(float v) {
+  float r, root, half_r;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(root) : "f"(v), "f"(r));
+  asm("mul.rn.ftz.f32 %0, %1, 0f3F000000;" : "=f"(half_r) : "f"(r));
+  return __fmaf_rn(__fmaf_rn(-root, root, v), half_r, root);
+}
+#endif
+
+template <int n>
+OP8_HD void SqrtEach(const float v[n], float root[n]) {
+#if defined(__CUDA_ARCH__)
+  bool fast = true;
+#pragma unroll
+  for (int k = 0; k < n; ++k) fast = fast && SqrtFastDomain(v[k]);
+  if (fast) {
+#pragma unroll
+    for (int k = 0; k < n; ++k) root[k] = SqrtFastPath(v[k]);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
+#else
+  for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
+#endif
 }
 
 // The optax path returns u = T(p_new - p), so that optax.apply_updates lands
@@ -517,7 +558,7 @@ inline void BuildQuantTables(const float* qmaps, QuantTables* t) {
 // remainder may be subnormal there), and then it gives one below 2^-47 in
 // magnitude: every such quotient has the code of a zero of m's sign in both
 // maps (their smallest midpoints are above 2^-23), and FastCode1 takes the
-// sign from m. tests/native/scale_divisor_check.cu checks these properties on
+// sign from m. tests/native/fast_path_check.cu checks these properties on
 // the GPU over every significand of the scale; quantizer_check.cc checks the
 // codes of tiny quotients.
 struct ScaleDivisor {

@@ -392,10 +392,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // SPEC 3.3: a lane of a leaf with float32 moments.
-template <int32_t T>
+template <int32_t T, bool kWriteParams>
 __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScalars& s,
-                                            int64_t start, int valid, float scale,
-                                            bool write_params) {
+                                            int64_t start, int valid, float scale) {
   bool decay = (leaf.flags & kLeafDecay) != 0;
   float g[kLaneElems], m[kLaneElems], v[kLaneElems], p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.grad, start, valid, g);
@@ -406,7 +405,7 @@ __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScal
   for (int k = 0; k < kLaneElems; ++k) {
     Float32Moments(Mul(g[k], scale), s, &m[k], &v[k]);
     float p_new = StepParam(p[k], m[k], v[k], s, decay, T);
-    out[k] = write_params ? p_new : UpdateFor(p[k], p_new, T);
+    out[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
   }
   StoreLane<kF32>(leaf.state1, start, valid, m);
   StoreLane<kF32>(leaf.state2, start, valid, v);
@@ -414,7 +413,7 @@ __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScal
 }
 
 // SPEC 3.2 (3.4 with whole-leaf scales): a lane of an 8-bit leaf's block j.
-template <int32_t T>
+template <int32_t T, bool kWriteParams>
 __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables& qt,
                                          const StepScalars& s, const StepArgs& args, int64_t j,
                                          int64_t start, int valid, float scale, int lane) {
@@ -440,18 +439,20 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
   float p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.param, start, valid, p);
+  float root[kLaneElems];
+  SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      float p_new = StepParam(p[k], m[k], v[k], s, decay, T);
-      out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+      float p_new = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
+      out[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
     }
   } else {  // a non-finite grad leaves its param unchanged (a NaN made quiet, as on the host)
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      float stepped = StepParam(p[k], m[k], v[k], s, decay, T);
+      float stepped = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
       float p_new = (finite >> k) & 1u ? stepped : RoundToType(p[k], T);
-      out[k] = args.write_params ? p_new : UpdateFor(p[k], p_new, T);
+      out[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
     }
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
@@ -480,6 +481,23 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
 }
 
+// Asks L2 for a lane's share of the block that its warp takes next (grads,
+// params, both codes), so that that block's loads wait on L2, not on DRAM.
+__device__ __forceinline__ void PrefetchLane8bit(const LeafDesc& leaf, int64_t start) {
+  int64_t bytes = leaf.type == kF32 ? 4 : 2;
+  const char* addresses[4] = {
+      static_cast<const char*>(leaf.grad) + start * bytes,
+      static_cast<const char*>(leaf.param) + start * bytes,
+      static_cast<const char*>(leaf.state1) + start,
+      static_cast<const char*>(leaf.state2) + start,
+  };
+#pragma unroll
+  for (const char* a : addresses) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+}
+
+// The update; kWriteParams: the fused step (new params) rather than the optax
+// path (updates).
+template <bool kWriteParams>
 __global__ void __launch_bounds__(kThreads, 4)
     UpdateKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
   __shared__ QuantTables quant;
@@ -499,12 +517,16 @@ __global__ void __launch_bounds__(kThreads, 4)
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     if (leaf.flags & kLeaf8bit) {
+      if (b + 1 < last && b + 1 < cursor.end && start + kBlockSize < leaf.size) {
+        PrefetchLane8bit(leaf, start + kBlockSize);
+      }
       WithElemType(leaf.type, [&](auto t) {
-        Lane8bit<decltype(t)::value>(leaf, quant, s, args, j, start, valid, scale, lane);
+        Lane8bit<decltype(t)::value, kWriteParams>(leaf, quant, s, args, j, start, valid, scale,
+                                                   lane);
       });
     } else {
       WithElemType(leaf.type, [&](auto t) {
-        LaneFloat32<decltype(t)::value>(leaf, s, start, valid, scale, args.write_params);
+        LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start, valid, scale);
       });
     }
   }
@@ -560,7 +582,12 @@ cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cuda
 
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
                          cudaStream_t stream) {
-  UpdateKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, args);
+  int grid = GridFor(table.num_blocks, num_sms);
+  if (args.write_params) {
+    UpdateKernel<true><<<grid, kThreads, 0, stream>>>(table, args);
+  } else {
+    UpdateKernel<false><<<grid, kThreads, 0, stream>>>(table, args);
+  }
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   if (args.whole_absmax != nullptr) {

@@ -258,16 +258,18 @@ def test_more_leaves_than_one_launch_holds(fused):
   assert_backends_agree(params, grads, kwargs, fused)
 
 
-def test_scale_divisor_matches_fdiv_rn(tmp_path):
+def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   # The CUDA quantizer divides by a block's scale with the fast path of
   # __fdiv_rn on operands scaled by a power of two, the reciprocal hoisted
   # (adam8bit.h: ScaleDivisor). Every divisor significand at 11 exponents of
   # the route's range, 256 dividends each, against __fdiv_rn: the same
-  # quotient, or both below the magnitude where every code is a zero's.
+  # quotient, or both below the magnitude where every code is a zero's. The
+  # step's square roots take __fsqrt_rn's fast path for a whole lane
+  # (SqrtEach): every float32 of its domain against __fsqrt_rn.
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
   here = pathlib.Path(__file__).parent
-  exe = tmp_path / "scale_divisor_check"
+  exe = tmp_path / "fast_path_check"
   subprocess.run(
     [
       nvcc,
@@ -278,7 +280,7 @@ def test_scale_divisor_matches_fdiv_rn(tmp_path):
       f"-I{here.parent / 'csrc'}",
       "-o",
       str(exe),
-      str(here / "native" / "scale_divisor_check.cu"),
+      str(here / "native" / "fast_path_check.cu"),
     ],
     check=True,
   )
@@ -287,3 +289,5 @@ def test_scale_divisor_matches_fdiv_rn(tmp_path):
   words = out.stdout.split()
   assert words[:4] == ["pairs", str(11 * (1 << 23) * 256), "mismatches", "0"], out.stdout
   assert words[6:8] == ["route", "0"], out.stdout
+  domain = 0x7F800000 - 0x0D000000  # [2^-101, 2^128)
+  assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], out.stdout

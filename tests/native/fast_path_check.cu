@@ -1,15 +1,19 @@
-// Checks ScaleDivisor::DivideForCode (adam8bit.h), the quantizer's division on
-// the GPU, against __fdiv_rn: every divisor significand at exponents across
-// the normal range, each against `per_divisor` dividends in [-b, b]
-// (pseudo-random significands, exponents from the divisor's down to 160
-// below it, subnormals included, both signs, and edge cases). The quotient
-// must be __fdiv_rn's bit for bit (a zero's sign aside), except where
-// __fdiv_rn's is below 2^-60 in magnitude: there it must be below 2^-47
-// (such quotients share one code, FastCode1 taking the sign from m; see
-// quantizer_check.cc). Divisors that are not normal floats below 2^127 must
-// not take the route.
-//   scale_divisor_check [per_divisor]
-//     ->  prints "pairs N mismatches M tiny T route R"
+// Checks the GPU's fast paths of adam8bit.h against the correctly rounded
+// intrinsics they stand for:
+// 1. ScaleDivisor::DivideForCode, the quantizer's division, against
+//    __fdiv_rn: every divisor significand at exponents across the normal
+//    range, each against `per_divisor` dividends in [-b, b] (pseudo-random
+//    significands, exponents from the divisor's down to 160 below it,
+//    subnormals included, both signs, and edge cases). The quotient must be
+//    __fdiv_rn's bit for bit (a zero's sign aside), except where __fdiv_rn's
+//    is below 2^-60 in magnitude: there it must be below 2^-47 (such
+//    quotients share one code, FastCode1 taking the sign from m; see
+//    quantizer_check.cc). Divisors that are not normal floats below 2^127
+//    must not take the route.
+// 2. SqrtFastPath against __fsqrt_rn on every float32 bit pattern in
+//    SqrtFastDomain, which must hold no value outside [2^-101, 2^128).
+//   fast_path_check [per_divisor]
+//     ->  prints "pairs N mismatches M tiny T route R sqrt S sqrt_mismatches Q"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,7 +34,7 @@ __device__ uint32_t Hash(uint32_t x) {
 }
 
 struct Counts {
-  unsigned long long pairs, mismatches, tiny, route_errors;
+  unsigned long long pairs, mismatches, tiny, route_errors, sqrt_checked, sqrt_mismatches;
   uint32_t example[2];
 };
 
@@ -80,6 +84,27 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) 
   if (tiny) atomicAdd(&counts->tiny, tiny);
 }
 
+// Every float32 bit pattern, each thread taking a strided share.
+__global__ void SqrtKernel(Counts* counts) {
+  uint64_t threads = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  unsigned long long checked = 0, bad = 0;
+  for (uint64_t bits = blockIdx.x * blockDim.x + threadIdx.x; bits <= 0xffffffffull;
+       bits += threads) {
+    float v = BitsFloat(static_cast<uint32_t>(bits));
+    bool in_domain = SqrtFastDomain(v);
+    bool in_range = IsFinite(v) && v >= 3.9443045261050590e-31f;  // 2^-101
+    if (in_domain != in_range) {
+      atomicAdd(&counts->route_errors, 1ull);
+      continue;
+    }
+    if (!in_domain) continue;
+    ++checked;
+    if (FloatBits(SqrtFastPath(v)) != FloatBits(__fsqrt_rn(v))) ++bad;
+  }
+  atomicAdd(&counts->sqrt_checked, checked);
+  if (bad) atomicAdd(&counts->sqrt_mismatches, bad);
+}
+
 int main(int argc, char** argv) {
   int per_divisor = argc > 1 ? std::atoi(argv[1]) : 256;
   Counts* counts;
@@ -91,15 +116,18 @@ int main(int argc, char** argv) {
   for (uint32_t e : exponents) {
     CheckKernel<<<(1u << 23) / 256, 256>>>(e, per_divisor, counts);
   }
+  SqrtKernel<<<4096, 256>>>(counts);
   cudaError_t error = cudaDeviceSynchronize();
   if (error != cudaSuccess) {
     std::printf("CUDA error: %s\n", cudaGetErrorString(error));
     return 2;
   }
-  std::printf("pairs %llu mismatches %llu tiny %llu route %llu\n", counts->pairs,
-              counts->mismatches, counts->tiny, counts->route_errors);
+  std::printf("pairs %llu mismatches %llu tiny %llu route %llu sqrt %llu sqrt_mismatches %llu\n",
+              counts->pairs, counts->mismatches, counts->tiny, counts->route_errors,
+              counts->sqrt_checked, counts->sqrt_mismatches);
   if (counts->mismatches) {
     std::printf("example a=0x%08x b=0x%08x\n", counts->example[0], counts->example[1]);
   }
-  return counts->mismatches == 0 && counts->route_errors == 0 ? 0 : 1;
+  bool ok = counts->mismatches == 0 && counts->route_errors == 0 && counts->sqrt_mismatches == 0;
+  return ok ? 0 : 1;
 }
