@@ -428,7 +428,8 @@ OP8_HD float BucketLowest(uint32_t bucket, int shift) {
 OP8_HD int SignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kSignedShift); }
 OP8_HD int UnsignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kUnsignedShift); }
 
-// Entries with the sign bit (a prefix of an ascending map).
+// Entries with the sign bit (a prefix of an ascending map). The device's
+// table builder counts them with __syncthreads_count instead.
 OP8_HD int NegativePrefix(const float* q) {
   int n = 0;
   for (int i = 0; i < kMapSize; ++i) n += SignBit(q[i]) ? 1 : 0;

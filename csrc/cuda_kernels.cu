@@ -268,15 +268,20 @@ __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
   return &slots[threadIdx.x / kLanes];
 }
 
-// The quantizer tables of adam8bit.h, one entry per thread; block 0 also
-// decides whether the fast route holds.
+// The quantizer tables of adam8bit.h, one entry per thread, from the maps
+// staged in shared memory; block 0 also decides whether the fast route holds.
 __global__ void __launch_bounds__(kThreads)
     BuildQuantTablesKernel(const float* qmaps, QuantTables* t) {
+  static_assert(kThreads >= kMapSize, "one thread per map entry counts the negative prefix");
+  __shared__ float maps[2 * kMapSize];
   __shared__ int fast;
+  for (int k = threadIdx.x; k < 2 * kMapSize; k += blockDim.x) maps[k] = qmaps[k];
+  __syncthreads();
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  const float* q1 = qmaps;
-  const float* q2 = qmaps + kMapSize;
-  int fold = NegativePrefix(q1) - 1;
+  const float* q1 = maps;
+  const float* q2 = maps + kMapSize;
+  // NegativePrefix(q1), counted by the block at once.
+  int fold = __syncthreads_count(threadIdx.x < kMapSize && SignBit(q1[threadIdx.x])) - 1;
   if (i < kMapSize) {
     t->q1[i] = q1[i];
     t->q2[i] = q2[i];
