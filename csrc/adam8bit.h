@@ -425,9 +425,6 @@ OP8_HD float BucketLowest(uint32_t bucket, int shift) {
   return BitsFloat((first & 0x80000000u) ? (first | ((1u << shift) - 1u)) : first);
 }
 
-OP8_HD int SignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kSignedShift); }
-OP8_HD int UnsignedBucket(float x) { return static_cast<int>(FloatBits(x) >> kUnsignedShift); }
-
 // Entries with the sign bit (a prefix of an ascending map). The device's
 // table builder counts them with __syncthreads_count instead.
 OP8_HD int NegativePrefix(const float* q) {
