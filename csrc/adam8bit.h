@@ -14,6 +14,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
 #define OP8_HD __host__ __device__ __forceinline__
 #else
 #include <cmath>
@@ -213,6 +214,24 @@ OP8_HD float RoundToType(float x, int32_t type) {
   }
 }
 
+// The rounding functors of the step (FinishStep): RoundToType, and on the GPU
+// the hardware conversion to bfloat16 (round to nearest even), which gives
+// RoundToType's result for every float but NaN (it returns the canonical NaN,
+// not x's payload): tests/native/fast_path_check.cu compares the two on every
+// float32.
+struct TypeRounding {
+  int32_t type;
+  OP8_HD float operator()(float x) const { return RoundToType(x, type); }
+};
+
+#if defined(__CUDACC__)
+struct Bf16HardwareRounding {
+  __device__ __forceinline__ float operator()(float x) const {
+    return __bfloat162float(__float2bfloat16_rn(x));
+  }
+};
+#endif
+
 OP8_HD void StoreFromFloat(void* data, int32_t type, int64_t i, float x) {
   switch (type) {
     case kBF16:
@@ -290,13 +309,23 @@ OP8_HD void Float32Moments(float g, const StepScalars& s, float* m, float* v) {
   *v = Fma(*v, s.beta2, Mul(s.one_minus_beta2, Mul(g, g)));
 }
 
-// SPEC 3.2 step 4 / 3.3: the step, rounded to the param dtype, then the
-// decoupled weight decay AFTER the step, rounded again. root = Sqrt(v).
+// SPEC 3.2 step 4 / 3.3: the step before rounding (root = Sqrt(v)), then
+// FinishStep: rounded to the param dtype, and the decoupled weight decay AFTER
+// the step, rounded again.
+OP8_HD float StepUnrounded(float p, float m, float root, const StepScalars& s) {
+  return Fma(s.step_size, Div(m, Add(root, s.eps_hat)), p);
+}
+
+template <typename Round>
+OP8_HD float FinishStep(float x, const StepScalars& s, bool decay, Round round) {
+  float p1 = round(x);
+  if (decay && s.weight_decay_on) return round(Mul(s.decay, p1));
+  return p1;
+}
+
 OP8_HD float StepParamWithRoot(float p, float m, float root, const StepScalars& s, bool decay,
                                int32_t type) {
-  float p1 = RoundToType(Fma(s.step_size, Div(m, Add(root, s.eps_hat)), p), type);
-  if (decay && s.weight_decay_on) return RoundToType(Mul(s.decay, p1), type);
-  return p1;
+  return FinishStep(StepUnrounded(p, m, root, s), s, decay, TypeRounding{type});
 }
 
 OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
@@ -336,6 +365,39 @@ OP8_HD void SqrtEach(const float v[n], float root[n]) {
   for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
 #else
   for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
+#endif
+}
+
+// StepParamWithRoot for n elements. On the GPU, bfloat16 params round by the
+// hardware conversion when no element's unrounded step is NaN or infinite (a
+// NaN probe: 0 * x is NaN exactly then). Then neither rounding sees a NaN:
+// the first gets a finite x, the second the decay (finite) times a bfloat16
+// value (finite).
+template <int32_t T, int n>
+OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[n],
+                           const StepScalars& s, bool decay, float out[n]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (T == kBF16) {
+    float x[n];
+    float probe = 0.0f;
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      x[k] = StepUnrounded(p[k], m[k], root[k], s);
+      probe = Fma(x[k], 0.0f, probe);
+    }
+    if (!IsNan(probe)) {
+#pragma unroll
+      for (int k = 0; k < n; ++k) out[k] = FinishStep(x[k], s, decay, Bf16HardwareRounding{});
+    } else {
+#pragma unroll
+      for (int k = 0; k < n; ++k) out[k] = FinishStep(x[k], s, decay, TypeRounding{T});
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < n; ++k) out[k] = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
+  }
+#else
+  for (int k = 0; k < n; ++k) out[k] = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
 #endif
 }
 

@@ -265,7 +265,9 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   # the route's range, 256 dividends each, against __fdiv_rn: the same
   # quotient, or both below the magnitude where every code is a zero's. The
   # step's square roots take __fsqrt_rn's fast path for a whole lane
-  # (SqrtEach): every float32 of its domain against __fsqrt_rn.
+  # (SqrtEach): every float32 of its domain against __fsqrt_rn. bfloat16
+  # params round by the hardware conversion (StepParamsEach): every float32 but
+  # NaN against RoundToType.
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
   here = pathlib.Path(__file__).parent
@@ -291,3 +293,5 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   assert words[6:8] == ["route", "0"], out.stdout
   domain = 0x7F800000 - 0x0D000000  # [2^-101, 2^128)
   assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], out.stdout
+  not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
+  assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], out.stdout

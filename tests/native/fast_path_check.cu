@@ -12,8 +12,11 @@
 //    must not take the route.
 // 2. SqrtFastPath against __fsqrt_rn on every float32 bit pattern in
 //    SqrtFastDomain, which must hold no value outside [2^-101, 2^128).
+// 3. Bf16HardwareRounding against RoundToType(x, kBF16) on every float32 bit
+//    pattern but NaN.
 //   fast_path_check [per_divisor]
-//     ->  prints "pairs N mismatches M tiny T route R sqrt S sqrt_mismatches Q"
+//     ->  prints "pairs N mismatches M tiny T route R sqrt S sqrt_mismatches Q
+//                 bf16 B bf16_mismatches C"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -35,6 +38,7 @@ __device__ uint32_t Hash(uint32_t x) {
 
 struct Counts {
   unsigned long long pairs, mismatches, tiny, route_errors, sqrt_checked, sqrt_mismatches;
+  unsigned long long bf16_checked, bf16_mismatches;
   uint32_t example[2];
 };
 
@@ -105,6 +109,20 @@ __global__ void SqrtKernel(Counts* counts) {
   if (bad) atomicAdd(&counts->sqrt_mismatches, bad);
 }
 
+__global__ void Bf16Kernel(Counts* counts) {
+  uint64_t threads = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  unsigned long long checked = 0, bad = 0;
+  for (uint64_t bits = blockIdx.x * blockDim.x + threadIdx.x; bits <= 0xffffffffull;
+       bits += threads) {
+    float x = BitsFloat(static_cast<uint32_t>(bits));
+    if (IsNan(x)) continue;
+    ++checked;
+    if (FloatBits(Bf16HardwareRounding{}(x)) != FloatBits(RoundToType(x, kBF16))) ++bad;
+  }
+  atomicAdd(&counts->bf16_checked, checked);
+  if (bad) atomicAdd(&counts->bf16_mismatches, bad);
+}
+
 int main(int argc, char** argv) {
   int per_divisor = argc > 1 ? std::atoi(argv[1]) : 256;
   Counts* counts;
@@ -117,17 +135,21 @@ int main(int argc, char** argv) {
     CheckKernel<<<(1u << 23) / 256, 256>>>(e, per_divisor, counts);
   }
   SqrtKernel<<<4096, 256>>>(counts);
+  Bf16Kernel<<<4096, 256>>>(counts);
   cudaError_t error = cudaDeviceSynchronize();
   if (error != cudaSuccess) {
     std::printf("CUDA error: %s\n", cudaGetErrorString(error));
     return 2;
   }
-  std::printf("pairs %llu mismatches %llu tiny %llu route %llu sqrt %llu sqrt_mismatches %llu\n",
-              counts->pairs, counts->mismatches, counts->tiny, counts->route_errors,
-              counts->sqrt_checked, counts->sqrt_mismatches);
+  std::printf(
+      "pairs %llu mismatches %llu tiny %llu route %llu sqrt %llu sqrt_mismatches %llu bf16 %llu "
+      "bf16_mismatches %llu\n",
+      counts->pairs, counts->mismatches, counts->tiny, counts->route_errors, counts->sqrt_checked,
+      counts->sqrt_mismatches, counts->bf16_checked, counts->bf16_mismatches);
   if (counts->mismatches) {
     std::printf("example a=0x%08x b=0x%08x\n", counts->example[0], counts->example[1]);
   }
-  bool ok = counts->mismatches == 0 && counts->route_errors == 0 && counts->sqrt_mismatches == 0;
+  bool ok = counts->mismatches == 0 && counts->route_errors == 0 && counts->sqrt_mismatches == 0 &&
+            counts->bf16_mismatches == 0;
   return ok ? 0 : 1;
 }
