@@ -368,46 +368,77 @@ OP8_HD void SqrtEach(const float v[n], float root[n]) {
 #endif
 }
 
-// StepParamWithRoot for n elements. On the GPU, bfloat16 params round by the
-// hardware conversion when no element's unrounded step is NaN or infinite (a
-// NaN probe: 0 * x is NaN exactly then). Then neither rounding sees a NaN:
-// the first gets a finite x, the second the decay (finite) times a bfloat16
-// value (finite).
-template <int32_t T, int n>
-OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[n],
-                           const StepScalars& s, bool decay, float out[n]) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (T == kBF16) {
-    float x[n];
-    float probe = 0.0f;
-#pragma unroll
-    for (int k = 0; k < n; ++k) {
-      x[k] = StepUnrounded(p[k], m[k], root[k], s);
-      probe = Fma(x[k], 0.0f, probe);
-    }
-    if (!IsNan(probe)) {
-#pragma unroll
-      for (int k = 0; k < n; ++k) out[k] = FinishStep(x[k], s, decay, Bf16HardwareRounding{});
-    } else {
-#pragma unroll
-      for (int k = 0; k < n; ++k) out[k] = FinishStep(x[k], s, decay, TypeRounding{T});
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < n; ++k) out[k] = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
-  }
-#else
-  for (int k = 0; k < n; ++k) out[k] = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
-#endif
-}
-
 // The optax path returns u = T(p_new - p), so that optax.apply_updates lands
 // on T(p + u) == p_new whenever that is representable: always, except where
 // the step crosses into a lower binade and p_new has bits below the spacing
 // of p and u (then it lands on the nearest value of that spacing). The fused
 // step writes p_new itself.
+OP8_HD float UpdateUnrounded(float p, float p_new) { return Add(p_new, -p); }
+
 OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
-  return RoundToType(Add(p_new, -p), type);
+  return RoundToType(UpdateUnrounded(p, p_new), type);
+}
+
+// What RoundedEach does with each value and a rounding functor: the step's
+// two roundings (FinishStep), or one.
+struct StepFinish {
+  const StepScalars& s;
+  bool decay;
+  template <typename Round>
+  OP8_HD float operator()(float x, Round round) const {
+    return FinishStep(x, s, decay, round);
+  }
+};
+
+struct OneRounding {
+  template <typename Round>
+  OP8_HD float operator()(float x, Round round) const {
+    return round(x);
+  }
+};
+
+// out[k] = finish(x[k], rounding to T). On the GPU, bfloat16 rounds by the
+// hardware conversion when no x is NaN or infinite (a NaN probe: 0 * x is NaN
+// exactly then); then no rounding sees a NaN: the step's second rounding gets
+// the decay (finite) times a bfloat16 value (finite).
+template <int32_t T, int n, typename Finish>
+OP8_HD void RoundedEach(const float x[n], Finish finish, float out[n]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (T == kBF16) {
+    float probe = 0.0f;
+#pragma unroll
+    for (int k = 0; k < n; ++k) probe = Fma(x[k], 0.0f, probe);
+    if (!IsNan(probe)) {
+#pragma unroll
+      for (int k = 0; k < n; ++k) out[k] = finish(x[k], Bf16HardwareRounding{});
+      return;
+    }
+  }
+#pragma unroll
+#endif
+  for (int k = 0; k < n; ++k) out[k] = finish(x[k], TypeRounding{T});
+}
+
+// StepParamWithRoot and UpdateFor for n elements.
+template <int32_t T, int n>
+OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[n],
+                           const StepScalars& s, bool decay, float out[n]) {
+  float x[n];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < n; ++k) x[k] = StepUnrounded(p[k], m[k], root[k], s);
+  RoundedEach<T, n>(x, StepFinish{s, decay}, out);
+}
+
+template <int32_t T, int n>
+OP8_HD void UpdatesEach(const float p[n], const float p_new[n], float out[n]) {
+  float x[n];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < n; ++k) x[k] = UpdateUnrounded(p[k], p_new[k]);
+  RoundedEach<T, n>(x, OneRounding{}, out);
 }
 
 // ---------------------------------------------------------------------------

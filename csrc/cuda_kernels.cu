@@ -447,11 +447,12 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   float root[kLaneElems];
   SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
-    float p_new[kLaneElems];
-    StepParamsEach<T, kLaneElems>(p, m, root, s, decay, p_new);
-#pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) {
-      out[k] = kWriteParams ? p_new[k] : UpdateFor(p[k], p_new[k], T);
+    if constexpr (kWriteParams) {
+      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, out);
+    } else {
+      float p_new[kLaneElems];
+      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, p_new);
+      UpdatesEach<T, kLaneElems>(p, p_new, out);
     }
   } else {  // a non-finite grad leaves its param unchanged (a NaN made quiet, as on the host)
 #pragma unroll
