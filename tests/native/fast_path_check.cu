@@ -88,39 +88,44 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) 
   if (tiny) atomicAdd(&counts->tiny, tiny);
 }
 
-// Every float32 bit pattern, each thread taking a strided share.
-__global__ void SqrtKernel(Counts* counts) {
+// What a check of one float found.
+enum Verdict { kSkipped, kEqual, kDifferent };
+
+// Runs `check` on every float32 bit pattern, each thread taking a strided
+// share, and adds up what it found.
+template <typename Check>
+__device__ void CheckEveryFloat(Check check, unsigned long long* checked,
+                                unsigned long long* mismatches) {
   uint64_t threads = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  unsigned long long checked = 0, bad = 0;
+  unsigned long long n = 0, bad = 0;
   for (uint64_t bits = blockIdx.x * blockDim.x + threadIdx.x; bits <= 0xffffffffull;
        bits += threads) {
-    float v = BitsFloat(static_cast<uint32_t>(bits));
+    Verdict verdict = check(BitsFloat(static_cast<uint32_t>(bits)));
+    n += verdict != kSkipped;
+    bad += verdict == kDifferent;
+  }
+  atomicAdd(checked, n);
+  if (bad) atomicAdd(mismatches, bad);
+}
+
+__global__ void SqrtKernel(Counts* counts) {
+  auto check = [counts](float v) {
     bool in_domain = SqrtFastDomain(v);
     bool in_range = IsFinite(v) && v >= 3.9443045261050590e-31f;  // 2^-101
-    if (in_domain != in_range) {
-      atomicAdd(&counts->route_errors, 1ull);
-      continue;
-    }
-    if (!in_domain) continue;
-    ++checked;
-    if (FloatBits(SqrtFastPath(v)) != FloatBits(__fsqrt_rn(v))) ++bad;
-  }
-  atomicAdd(&counts->sqrt_checked, checked);
-  if (bad) atomicAdd(&counts->sqrt_mismatches, bad);
+    if (in_domain != in_range) atomicAdd(&counts->route_errors, 1ull);
+    if (!in_domain) return kSkipped;
+    return FloatBits(SqrtFastPath(v)) == FloatBits(__fsqrt_rn(v)) ? kEqual : kDifferent;
+  };
+  CheckEveryFloat(check, &counts->sqrt_checked, &counts->sqrt_mismatches);
 }
 
 __global__ void Bf16Kernel(Counts* counts) {
-  uint64_t threads = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  unsigned long long checked = 0, bad = 0;
-  for (uint64_t bits = blockIdx.x * blockDim.x + threadIdx.x; bits <= 0xffffffffull;
-       bits += threads) {
-    float x = BitsFloat(static_cast<uint32_t>(bits));
-    if (IsNan(x)) continue;
-    ++checked;
-    if (FloatBits(Bf16HardwareRounding{}(x)) != FloatBits(RoundToType(x, kBF16))) ++bad;
-  }
-  atomicAdd(&counts->bf16_checked, checked);
-  if (bad) atomicAdd(&counts->bf16_mismatches, bad);
+  auto check = [](float x) {
+    if (IsNan(x)) return kSkipped;
+    bool same = FloatBits(Bf16HardwareRounding{}(x)) == FloatBits(RoundToType(x, kBF16));
+    return same ? kEqual : kDifferent;
+  };
+  CheckEveryFloat(check, &counts->bf16_checked, &counts->bf16_mismatches);
 }
 
 int main(int argc, char** argv) {
