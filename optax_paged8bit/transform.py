@@ -469,12 +469,8 @@ def _hyperparams(lr: Any, count: jax.Array, betas: Any, eps: Any, weight_decay: 
 
 def _spec_factors(mesh: Any, spec: PartitionSpec, ndim: int) -> list[int]:
   """How many devices split each dimension under `spec`."""
-  factors = []
-  for i in range(ndim):
-    axes = spec[i] if i < len(spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    factors.append(math.prod(mesh.shape[a] for a in axes))
-  return factors
+  entries = [spec[i] if i < len(spec) else None for i in range(ndim)]
+  return [math.prod(mesh.shape[a] for a in _spec_axes(entry)) for entry in entries]
 
 
 def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
@@ -492,12 +488,9 @@ def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Ca
   single = isinstance(out_specs, PartitionSpec)
   out_spec_list = (out_specs,) if single else tuple(out_specs)
 
-  def local_shape(shape, spec):
-    return tuple(d // f for d, f in zip(shape, _spec_factors(mesh, spec, len(shape)), strict=True))
-
   def call(*args):
     local_in = [
-      jax.ShapeDtypeStruct(local_shape(a.shape, spec), a.dtype)
+      jax.ShapeDtypeStruct(local_shape(a.shape, spec, mesh), a.dtype)
       for a, spec in zip(args, in_specs, strict=True)
     ]
     local_out = jax.eval_shape(fn, *local_in)
