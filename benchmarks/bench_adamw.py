@@ -67,6 +67,20 @@ def make_tree(shapes, dtype, key):
   }
 
 
+def jitted_step(tx, fused: bool, donate: bool = True):
+  """(params, state, grads) -> (params, state), jitted: the paged fused step,
+  or optax's `update` then `apply_updates`; params and state donated."""
+  if fused:
+    step = lambda p, s, g: tx.fused_update(g, s, p)
+  else:
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
 def time_steps(step, carry, iters, warmup=3, before=None):
   """Median seconds of `carry = step(*carry)`, each step awaited."""
   times = []
@@ -129,17 +143,8 @@ def bench_case(name, shapes, dtype, iters, bandwidth, key):
   def run(method, tx, fused=False, paged_out=False):
     nonlocal params
     state = tx.init(params)
-    if fused:
-      fused_step = jax.jit(lambda p, s, g: tx.fused_update(g, s, p), donate_argnums=(0, 1))
-      step = lambda p, s: fused_step(p, s, grads)
-    else:
-
-      def plain(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      plain_step = jax.jit(plain, donate_argnums=(0, 1))
-      step = lambda p, s: plain_step(p, s, grads)
+    jstep = jitted_step(tx, fused)
+    step = lambda p, s: jstep(p, s, grads)
     before = (lambda carry: op.page_out(carry[1])) if paged_out else None
     sec, (params, state) = time_steps(step, (params, state), iters, before=before)
     pipelined = None
@@ -199,15 +204,7 @@ def sync_cost(iters):
   out = {}
   for method, tx in (("optax.adamw", optax.adamw(LR)), ("paged fused", op.paged_adamw8bit(LR))):
     s = tx.init(p)
-    if method == "paged fused":
-      jstep = jax.jit(lambda p, s, g, tx=tx: tx.fused_update(g, s, p))
-    else:
-
-      def plain(p, s, g, tx=tx):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      jstep = jax.jit(plain)
+    jstep = jitted_step(tx, fused=method == "paged fused", donate=False)
     sec, (_, s) = time_steps(lambda p, s, jstep=jstep: jstep(p, s, g), (p, s), iters * 10)
     out[method] = sec * 1e6
     if method == "paged fused":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import jax
-from bench_adamw import CASES, make_tree
+from bench_adamw import CASES, jitted_step, make_tree
 
 import optax_paged8bit as op
 
@@ -15,7 +15,7 @@ params = make_tree(shapes, dtype, jax.random.PRNGKey(0))
 grads = make_tree(shapes, dtype, jax.random.PRNGKey(1))
 tx = op.paged_adamw8bit(2e-4)
 state = tx.init(params)
-step = jax.jit(lambda p, s, g: tx.fused_update(g, s, p), donate_argnums=(0, 1))
+step = jitted_step(tx, fused=True)
 for _ in range(4):
   params, state = step(params, state, grads)
 jax.block_until_ready(params)

@@ -20,7 +20,7 @@ import shutil
 
 import jax
 import optax
-from bench_adamw import CASES, LR, make_tree
+from bench_adamw import CASES, LR, jitted_step, make_tree
 
 import optax_paged8bit as op
 
@@ -59,17 +59,9 @@ def main():
   grads = make_tree(shapes, dtype, jax.random.PRNGKey(1))
   print(f"{name} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
   for method in ("optax.adamw", "paged fused"):
-    if method == "optax.adamw":
-      tx = optax.adamw(LR, weight_decay=1e-2)
-
-      def plain(p, s, g, tx=tx):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      step = jax.jit(plain, donate_argnums=(0, 1))
-    else:
-      tx = op.paged_adamw8bit(LR)
-      step = jax.jit(lambda p, s, g, tx=tx: tx.fused_update(g, s, p), donate_argnums=(0, 1))
+    fused = method == "paged fused"
+    tx = op.paged_adamw8bit(LR) if fused else optax.adamw(LR, weight_decay=1e-2)
+    step = jitted_step(tx, fused)
     state = tx.init(params)
     for _ in range(3):
       params, state = step(params, state, grads)
