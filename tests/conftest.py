@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import subprocess
 
 # 8 fake CPU devices for the sharding tests (single-device tests use device 0);
 # set before JAX initialises its backends.
@@ -44,3 +46,17 @@ def raises_at_runtime(match: str):
   fresh = op.paged_adamw8bit().init({"x": jnp.zeros(1)})
   jax.block_until_ready(op.export_state(fresh))
   op.release(fresh)
+
+
+NATIVE = pathlib.Path(__file__).parent / "native"
+CSRC = pathlib.Path(__file__).parent.parent / "csrc"
+
+
+def run_native_check(compiler: list[str], source: str, args: list[str], tmp_path) -> list[str]:
+  """Builds tests/native/`source` with `compiler` (and its flags) against
+  csrc/, runs it with `args`, asserts it succeeded; returns its output's words."""
+  exe = tmp_path / pathlib.Path(source).stem
+  subprocess.run([*compiler, f"-I{CSRC}", "-o", str(exe), str(NATIVE / source)], check=True)
+  out = subprocess.run([str(exe), *args], capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return out.stdout.split()

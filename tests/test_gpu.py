@@ -4,15 +4,14 @@ release. Marked `gpu`; skipped without a GPU and the CUDA build."""
 from __future__ import annotations
 
 import gc
-import pathlib
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import run_native_check
 from oracle import BFLOAT16
 from test_oracle import assert_bit_equal, extreme
 
@@ -270,28 +269,15 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   # NaN against RoundToType.
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
-  here = pathlib.Path(__file__).parent
-  exe = tmp_path / "fast_path_check"
-  subprocess.run(
-    [
-      nvcc,
-      "-std=c++17",
-      "-O3",
-      "--fmad=false",
-      "-arch=native",
-      f"-I{here.parent / 'csrc'}",
-      "-o",
-      str(exe),
-      str(here / "native" / "fast_path_check.cu"),
-    ],
-    check=True,
+  words = run_native_check(
+    [nvcc, "-std=c++17", "-O3", "--fmad=false", "-arch=native"],
+    "fast_path_check.cu",
+    ["256"],
+    tmp_path,
   )
-  out = subprocess.run([str(exe), "256"], capture_output=True, text=True)
-  assert out.returncode == 0, out.stdout + out.stderr
-  words = out.stdout.split()
-  assert words[:4] == ["pairs", str(11 * (1 << 23) * 256), "mismatches", "0"], out.stdout
-  assert words[6:8] == ["route", "0"], out.stdout
+  assert words[:4] == ["pairs", str(11 * (1 << 23) * 256), "mismatches", "0"], words
+  assert words[6:8] == ["route", "0"], words
   domain = 0x7F800000 - 0x0D000000  # [2^-101, 2^128)
-  assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], out.stdout
+  assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], words
   not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
-  assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], out.stdout
+  assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], words

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from conftest import run_native_check
 
 from optax_paged8bit import quantization as q
 
@@ -54,10 +54,6 @@ def test_dequantize_blockwise_and_whole():
   assert whole[1, 3] == 3.0
 
 
-NATIVE = pathlib.Path(__file__).parent / "native"
-CSRC = pathlib.Path(__file__).parent.parent / "csrc"
-
-
 def test_fast_quantizer_route_equals_definition(tmp_path):
   # Both backends quantize through adam8bit.h's tables (midpoint counts per
   # bucket); the definition is the nearest map entry with ties to even. The
@@ -65,23 +61,13 @@ def test_fast_quantizer_route_equals_definition(tmp_path):
   # range was checked once, stride 1: see benchmarks/RESULTS.md).
   compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
   assert compiler, "a C++ compiler is needed (the extension's build needs one too)"
-  exe = tmp_path / "quantizer_check"
-  subprocess.run(
-    [
-      compiler,
-      "-O2",
-      "-std=c++17",
-      "-ffp-contract=off",
-      f"-I{CSRC}",
-      "-o",
-      str(exe),
-      str(NATIVE / "quantizer_check.cc"),
-    ],
-    check=True,
-  )
   maps = tmp_path / "qmaps.bin"
   q.QMAPS.astype(np.float32).tofile(maps)
-  out = subprocess.run([str(exe), str(maps), "257"], capture_output=True, text=True)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert out.stdout.split()[-4:] == ["mismatches", "0", "fast", "1"], out.stdout
-  assert int(out.stdout.split()[1]) == (1 << 32) // 257 + 1
+  words = run_native_check(
+    [compiler, "-O2", "-std=c++17", "-ffp-contract=off"],
+    "quantizer_check.cc",
+    [str(maps), "257"],
+    tmp_path,
+  )
+  assert words[-4:] == ["mismatches", "0", "fast", "1"], words
+  assert int(words[1]) == (1 << 32) // 257 + 1
