@@ -226,7 +226,7 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   }
 }
 
-ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
@@ -244,13 +244,14 @@ ffi::Error UpdateCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   int64_t step = count.typed_data()[0];
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForUpdate(
-      handle.typed_data()[0], Platform::kCpu, device, step, call.layout, allocator, &slot);
+  std::string error =
+      Registry::Global().AcquireForUpdate(RegistryHandle(handle.typed_data()[0]), Platform::kCpu,
+                                          device, step, call.layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
-                                       std::to_string(handle.typed_data()[0]));
+                                       std::to_string(RegistryHandle(handle.typed_data()[0])));
   }
   RunStep(call.leaves, call.layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
           rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
@@ -287,7 +288,7 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hy
   return ffi::Error::Success();
 }
 
-ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
                      ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags,
                      bool block_wise) {
   if (auto e = CheckScalarOperands(kExportTarget, handle, count); e.failure()) return e;
@@ -300,8 +301,9 @@ ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
     return e;
   }
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForRead(
-      handle.typed_data()[0], Platform::kCpu, device, count.typed_data()[0], layout, &slot);
+  std::string error =
+      Registry::Global().AcquireForRead(RegistryHandle(handle.typed_data()[0]), Platform::kCpu,
+                                        device, count.typed_data()[0], layout, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::unique_lock<std::mutex> lock;
   if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
@@ -325,7 +327,7 @@ ffi::Error ExportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
+ffi::Error ImportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
                      ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise) {
   if (auto e = CheckScalarOperands(kImportTarget, handle, count); e.failure()) return e;
@@ -339,8 +341,8 @@ ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> handle, ffi::Buffer<f
   }
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForImport(handle.typed_data()[0], Platform::kCpu,
-                                                          device, layout, allocator, &slot);
+  std::string error = Registry::Global().AcquireForImport(
+      RegistryHandle(handle.typed_data()[0]), Platform::kCpu, device, layout, allocator, &slot);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   for (size_t i = 0; i < leaves.size(); ++i) {

@@ -177,7 +177,7 @@ ffi::Error ReadHandleAndCount(const char* op, cudaStream_t stream, const void* h
   }
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return CudaError(op, "reading handle and count", e);
-  *out_handle = pinned[0];
+  *out_handle = RegistryHandle(static_cast<uint32_t>(pinned[0]));
   *out_count = pinned[1];
   return ffi::Error::Success();
 }
@@ -327,10 +327,9 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
 }
 
 ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-                      ffi::Buffer<ffi::S32> handle, ffi::Buffer<ffi::S32> count,
-                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
-                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
-                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                      HandleBuffer handle, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
+                      ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
+                      ffi::RemainingArgs leaf_args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                       bool write_params) {
@@ -435,7 +434,7 @@ ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves
   return ffi::Error::Success();
 }
 
-ffi::Error ExportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> handle,
+ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
                       ffi::Buffer<ffi::S32> count, ffi::RemainingRets rets,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise) {
   const char* op = kExportTarget;
@@ -463,7 +462,7 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
   return CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/false, stream);
 }
 
-ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> handle,
+ffi::Error ImportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
                       ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args,
                       ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise) {

@@ -18,6 +18,7 @@
 #ifndef OPTAX_PAGED8BIT_FFI_COMMON_H_
 #define OPTAX_PAGED8BIT_FFI_COMMON_H_
 
+#include <climits>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -82,10 +83,21 @@ inline ffi::Error InvalidArgument(const std::string& op, const std::string& what
   return ffi::Error::InvalidArgument(std::string(op) + ": " + what);
 }
 
-inline ffi::Error CheckScalarOperands(const char* op, const ffi::Buffer<ffi::S32>& handle,
+// The state's handle travels as a uint32 scalar, so that the collector can tell
+// it from int32 step counts among the live arrays (SPEC 5.1 asks only for a
+// small integer); the registry keys slots by int32.
+using HandleBuffer = ffi::Buffer<ffi::U32>;
+
+// Handles the registry never hands out (above INT32_MAX) map to 0, which it
+// rejects as unknown.
+inline int32_t RegistryHandle(uint32_t bits) {
+  return bits > static_cast<uint32_t>(INT32_MAX) ? 0 : static_cast<int32_t>(bits);
+}
+
+inline ffi::Error CheckScalarOperands(const char* op, const HandleBuffer& handle,
                                       const ffi::Buffer<ffi::S32>& count) {
   if (handle.element_count() != 1 || count.element_count() != 1) {
-    return InvalidArgument(op, "handle and count must be int32 scalars");
+    return InvalidArgument(op, "handle must be a uint32 scalar and count an int32 scalar");
   }
   return ffi::Error::Success();
 }
@@ -236,13 +248,13 @@ auto BindUpdateArrays(Binding binding) {
 // The paged update: the registry handle, then the same as above.
 template <typename Binding>
 auto BindUpdate(Binding binding) {
-  return BindUpdateArrays(std::move(binding).template Arg<ffi::Buffer<ffi::S32>>());  // handle
+  return BindUpdateArrays(std::move(binding).template Arg<HandleBuffer>());  // handle
 }
 
 template <typename Binding>
 auto BindExport(Binding binding) {
   return std::move(binding)
-      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
+      .template Arg<HandleBuffer>()           // handle
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
       .RemainingRets()                        // 4 arrays per leaf
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
@@ -252,7 +264,7 @@ auto BindExport(Binding binding) {
 template <typename Binding>
 auto BindImport(Binding binding) {
   return std::move(binding)
-      .template Arg<ffi::Buffer<ffi::S32>>()  // handle
+      .template Arg<HandleBuffer>()           // handle
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
       .RemainingArgs()                        // 4 arrays per leaf
       .template Ret<ffi::Buffer<ffi::S32>>()  // count

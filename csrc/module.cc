@@ -91,6 +91,18 @@ PYBIND11_MODULE(_ops, m) {
       "release", [](int32_t handle) { return Registry::Global().Release(handle); },
       "Frees every slot of a handle and tombstones it; returns the bytes freed.");
   m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
+  m.def(
+      "epoch", [] { return Registry::Global().Epoch(); },
+      "Marks the start of the collector's scan for held handles.");
+  m.def(
+      "collect",
+      [](const std::vector<int32_t>& held, uint64_t mark) {
+        return Registry::Global().Collect(held, mark);
+      },
+      "Frees slots whose handle two scans found unheld; returns the bytes freed.");
+  m.def(
+      "handles_with_slots", [] { return Registry::Global().HandlesWithSlots(); },
+      "Handles that hold memory now.");
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
   m.def(
       "check_update",

@@ -1,5 +1,8 @@
 #include "registry.h"
 
+#include <algorithm>
+#include <set>
+
 namespace optax_paged8bit {
 
 const char* PlatformName(Platform platform) { return platform == Platform::kCuda ? "cuda" : "cpu"; }
@@ -24,13 +27,14 @@ Registry& Registry::Global() {
 int32_t Registry::NewHandle() {
   std::lock_guard<std::mutex> lock(mu_);
   int32_t handle = next_handle_++;
-  if (released_.size() <= static_cast<size_t>(handle)) released_.resize(handle + 1, false);
+  fate_.resize(handle + 1, Fate::kLive);
+  unheld_since_.resize(handle + 1, 0);
   return handle;
 }
 
 bool Registry::IsReleased(int32_t handle) {
   std::lock_guard<std::mutex> lock(mu_);
-  return handle > 0 && handle < next_handle_ && released_[handle];
+  return handle > 0 && handle < next_handle_ && fate_[handle] == Fate::kReleased;
 }
 
 size_t Registry::Release(int32_t handle) {
@@ -38,7 +42,7 @@ size_t Registry::Release(int32_t handle) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (handle <= 0 || handle >= next_handle_) return 0;
-    released_[handle] = true;
+    fate_[handle] = Fate::kReleased;
     for (auto it = slots_.begin(); it != slots_.end();) {
       if (std::get<0>(it->first) == handle) {
         doomed.push_back(std::move(it->second));
@@ -56,6 +60,63 @@ size_t Registry::Release(int32_t handle) {
   return freed;  // the slots are freed here, when `doomed` goes out of scope
 }
 
+uint64_t Registry::Epoch() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ++epoch_;
+}
+
+std::vector<int32_t> Registry::HandlesWithSlots() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int32_t> handles;
+  for (auto& [key, slot] : slots_) {
+    int32_t handle = std::get<0>(key);
+    if (handles.empty() || handles.back() != handle) handles.push_back(handle);  // keys are sorted
+  }
+  return handles;
+}
+
+size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark) {
+  std::set<int32_t> held_set(held.begin(), held.end());
+  std::vector<std::shared_ptr<Slot>> doomed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The latest use of each handle's slots (the map is sorted by handle).
+    std::map<int32_t, uint64_t> last_use;
+    for (auto& [key, slot] : slots_) {
+      uint64_t& latest = last_use[std::get<0>(key)];
+      latest = std::max(latest, slot->last_use);
+    }
+    std::set<int32_t> freeing;
+    for (auto [handle, latest] : last_use) {
+      uint64_t& since = unheld_since_[handle];
+      if (held_set.count(handle) != 0) {
+        since = 0;
+      } else if (since != 0 && since < mark && latest < since) {
+        freeing.insert(handle);  // unheld at two scans and not used in between
+      } else if (latest < mark) {
+        since = mark;  // unheld for the first time (or used since the last scan)
+      }
+    }
+    for (auto it = slots_.begin(); it != slots_.end();) {
+      int32_t handle = std::get<0>(it->first);
+      if (freeing.count(handle) != 0) {
+        fate_[handle] = Fate::kCollected;
+        unheld_since_[handle] = 0;
+        doomed.push_back(std::move(it->second));
+        it = slots_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  size_t freed = 0;
+  for (auto& slot : doomed) {
+    std::lock_guard<std::mutex> wait_for_users(slot->mu);
+    freed += slot->bytes();
+  }
+  return freed;
+}
+
 std::string Registry::CheckHandleLocked(int32_t handle) const {
   Message msg;
   if (handle <= 0 || handle >= next_handle_) {
@@ -65,13 +126,29 @@ std::string Registry::CheckHandleLocked(int32_t handle) const {
            "optax_paged8bit.import_state.";
     return msg.str();
   }
-  if (released_[handle]) {
+  if (fate_[handle] == Fate::kReleased) {
     msg << "optimizer state handle " << handle
         << " was released (optax_paged8bit.release was called on it, or on a state that shares "
            "its handle); create a new state with tx.init(params).";
     return msg.str();
   }
   return "";
+}
+
+std::string Registry::MissingSlotLocked(int32_t handle, Platform platform, int device,
+                                        int64_t count, const char* hint) const {
+  Message msg;
+  msg << "optimizer state handle " << handle << " has no stored state on " << PlatformName(platform)
+      << ":" << device << " but its count is " << count;
+  if (fate_[handle] == Fate::kCollected) {
+    msg << ". Its memory was freed by optax_paged8bit's collector because no live jax.Array "
+           "held the handle: the state was dropped, or kept only as a host copy "
+           "(jax.device_get, pickle). Keep the opt_state as jax arrays while it is in use, and "
+           "save it with optax_paged8bit.export_state.";
+  } else {
+    msg << "; " << hint;
+  }
+  return msg.str();
 }
 
 std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int device,
@@ -115,6 +192,9 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
     leaf.absmax1 = static_cast<float*>(carve(layout[i].scale_bytes()));
     leaf.absmax2 = static_cast<float*>(carve(layout[i].scale_bytes()));
   }
+  fate_[std::get<0>(key)] = Fate::kLive;  // a collected handle used at count 0 starts afresh
+  unheld_since_[std::get<0>(key)] = 0;
+  TouchLocked(*slot);
   slots_[key] = slot;
   *out = std::move(slot);
   return "";
@@ -129,11 +209,9 @@ std::string Registry::FindForUpdateLocked(int32_t handle, Platform platform, int
   Message msg;
   if (it == slots_.end()) {
     if (count != 0) {
-      msg << "optimizer state handle " << handle << " has no stored state on "
-          << PlatformName(platform) << ":" << device << " but its count is " << count
-          << "; a restored opt_state must be loaded with optax_paged8bit.import_state before "
-             "the first update.";
-      return msg.str();
+      return MissingSlotLocked(handle, platform, device, count,
+                               "a restored opt_state must be loaded with "
+                               "optax_paged8bit.import_state before the first update.");
     }
     slot->reset();  // a fresh state: the caller may create its slot
     return "";
@@ -173,7 +251,11 @@ std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int de
                                        std::shared_ptr<Slot>* slot) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string error = FindForUpdateLocked(handle, platform, device, count, layout, slot);
-  if (!error.empty() || *slot) return error;
+  if (!error.empty()) return error;
+  if (*slot) {
+    TouchLocked(**slot);
+    return "";
+  }
   return CreateSlotLocked(Key{handle, static_cast<int>(platform), device}, platform, device, layout,
                           allocator, slot);
 }
@@ -191,9 +273,9 @@ std::string Registry::AcquireForRead(int32_t handle, Platform platform, int devi
       slot->reset();
       return "";
     }
-    msg << "optimizer state handle " << handle << " has no stored state on "
-        << PlatformName(platform) << ":" << device << " (count " << count << ").";
-    return msg.str();
+    return MissingSlotLocked(handle, platform, device, count,
+                             "a restored opt_state must be loaded with "
+                             "optax_paged8bit.import_state before it is exported.");
   }
   std::string mismatch = DescribeLayoutMismatch(it->second->layout, layout);
   if (!mismatch.empty()) {
@@ -207,6 +289,7 @@ std::string Registry::AcquireForRead(int32_t handle, Platform platform, int devi
         << "; export the opt_state returned by the latest update.";
     return msg.str();
   }
+  TouchLocked(*it->second);
   *slot = it->second;
   return "";
 }
@@ -220,6 +303,7 @@ std::string Registry::AcquireForImport(int32_t handle, Platform platform, int de
   Key key{handle, static_cast<int>(platform), device};
   auto it = slots_.find(key);
   if (it != slots_.end() && it->second->layout == layout) {
+    TouchLocked(*it->second);
     *slot = it->second;
     return "";
   }
@@ -232,7 +316,9 @@ std::string Registry::SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
   for (auto& [key, slot] : slots_) {
-    if (std::get<0>(key) == handle) slots->push_back(slot);
+    if (std::get<0>(key) != handle) continue;
+    TouchLocked(*slot);
+    slots->push_back(slot);
   }
   return "";
 }

@@ -4,6 +4,8 @@
 // leaf of one optimizer state on one device. Slots are keyed by
 // (handle, platform, device ordinal); the handle is a small integer leaf of
 // the optax state, handed out by NewHandle. Released handles are tombstoned.
+// Slots whose handle no live jax.Array holds any more are freed by Collect,
+// which the Python side's collector drives (optax_paged8bit/_ffi.py).
 //
 // The registry knows nothing about CUDA: each backend passes the allocator
 // that places its memory (host memory on the CPU, managed memory on a GPU).
@@ -88,7 +90,8 @@ struct LeafState {
 };
 
 struct Slot {
-  int64_t step = 0;  // the count of the state that may update it next
+  int64_t step = 0;       // the count of the state that may update it next
+  uint64_t last_use = 0;  // the registry's epoch when a call last acquired it
   Platform platform = Platform::kCpu;
   int device = 0;
   std::vector<LeafSpec> layout;
@@ -109,6 +112,22 @@ class Registry {
   // no-op; returns the number of bytes freed.
   size_t Release(int32_t handle);
   bool IsReleased(int32_t handle);
+
+  // The collector's two calls. Epoch() marks the start of a scan for the
+  // handles that live arrays hold; every acquisition after it is newer.
+  // Collect(held, mark) then frees the slots of a handle that is not in
+  // `held` when an earlier scan had already found it unheld (at mark m) and no
+  // call has acquired it since m; a handle found unheld for the first time is
+  // only marked. Two scans are needed because a step being dispatched on
+  // another thread has deleted its donated input before it creates its output:
+  // for that moment no array holds the handle, but the step acquires the slot
+  // before a second scan can begin. Returns the bytes freed. Using a collected
+  // handle at count 0 starts a fresh state; at a later count it is an error
+  // that names the collector.
+  uint64_t Epoch();
+  size_t Collect(const std::vector<int32_t>& held, uint64_t mark);
+  // Handles that have at least one slot.
+  std::vector<int32_t> HandlesWithSlots();
 
   // The slot an update at `count` may advance. Creates a zeroed one when
   // count == 0 and none exists. Fails (returns a message, *slot untouched)
@@ -148,9 +167,19 @@ class Registry {
                                const std::vector<LeafSpec>& layout, Allocator& allocator,
                                std::shared_ptr<Slot>* slot);
 
+  enum class Fate : uint8_t { kLive, kReleased, kCollected };
+  // The reason a handle with a nonzero count has no slot: never imported, or
+  // collected (the error says which).
+  std::string MissingSlotLocked(int32_t handle, Platform platform, int device, int64_t count,
+                                const char* hint) const;
+  void TouchLocked(Slot& slot) { slot.last_use = ++epoch_; }
+
   std::mutex mu_;
   int32_t next_handle_ = 1;
-  std::vector<bool> released_;  // indexed by handle
+  uint64_t epoch_ = 0;
+  std::vector<Fate> fate_;              // indexed by handle
+  std::vector<uint64_t> unheld_since_;  // indexed by handle: mark of the scan that
+                                        // first found it unheld, 0 while held
   std::map<Key, std::shared_ptr<Slot>> slots_;
 };
 

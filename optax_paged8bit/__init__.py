@@ -2,6 +2,7 @@
 
 from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
 from optax_paged8bit.paging import (
+  collect,
   export_state,
   from_optax_adamw,
   import_state,
@@ -38,6 +39,7 @@ __all__ = [
   "QuantizedMoments",
   "accumulate_gradients",
   "adamw8bit",
+  "collect",
   "dynamic_map",
   "export_state",
   "from_optax_adamw",

@@ -3,9 +3,14 @@ targets with JAX and wraps the registry's host-side controls."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import sys
+import threading
 
 import jax
+import numpy as np
 
 from optax_paged8bit import _ops
 
@@ -39,16 +44,28 @@ def check_backend(platform: str) -> None:
     )
 
 
+# The dtype of a state's handle leaf: uint32, so that the collector can tell
+# handles from the int32 step counts among the live arrays.
+HANDLE_DTYPE = np.dtype(np.uint32)
+
+
 def new_handle() -> int:
   return int(_ops.new_handle())
 
 
+def registry_handle(handle) -> int:
+  """The registry's int32 key for a handle value; values it never hands out
+  map to 0, which it rejects as unknown (RegistryHandle in ffi_common.h)."""
+  value = int(handle)
+  return value if 0 < value < 2**31 else 0
+
+
 def release(handle: int) -> int:
-  return int(_ops.release(int(handle)))
+  return int(_ops.release(registry_handle(handle)))
 
 
 def is_released(handle: int) -> bool:
-  return bool(_ops.is_released(int(handle)))
+  return bool(_ops.is_released(registry_handle(handle)))
 
 
 def check_update(handle, count, layout) -> None:
@@ -60,7 +77,7 @@ def check_update(handle, count, layout) -> None:
   ordinal = device.id if ordinal is None else ordinal
   sizes = [math.prod(shape) for shape in layout.shapes]
   error = _ops.check_update(
-    int(handle),
+    registry_handle(handle),
     platform,
     int(ordinal),
     int(count),
@@ -73,8 +90,94 @@ def check_update(handle, count, layout) -> None:
 
 
 def slot_info(handle: int) -> list[dict]:
-  return list(_ops.slot_info(int(handle)))
+  return list(_ops.slot_info(registry_handle(handle)))
 
 
 def total_bytes() -> int:
   return int(_ops.total_bytes())
+
+
+# The collector. A paged state's memory lives in the registry, outside JAX, so
+# nothing frees it when the state's arrays go away. No Python object lives
+# exactly as long as a state either: after each jitted step the handle is a
+# new array (and the donated old one is deleted), so a weakref.finalize on one
+# would fire after the first step. The collector asks instead which handles
+# are still held: a handle is held while a live jax.Array of its dtype and
+# shape (uint32[]) holds its value. Registry::Collect frees the slots of a
+# handle that two scans found unheld with no call using it in between
+# (csrc/registry.h says why two). Scans run when a state is created (tx.init),
+# after each full garbage collection, and from optax_paged8bit.collect().
+
+_scanning = threading.Lock()
+_platforms: list[str] = []  # set by the first scan outside the garbage collector
+
+
+def _live_arrays() -> list[jax.Array]:
+  return [x for platform in _platforms for x in jax.live_arrays(platform)]
+
+
+def _held_handles(arrays: list[jax.Array]) -> set[int] | None:
+  """Values of the handle-typed arrays among `arrays`; None when one cannot be
+  read (a failed computation's output), since it might hold any handle."""
+  held = set()
+  for x in arrays:
+    if x.dtype != HANDLE_DTYPE or x.shape != ():
+      continue
+    try:
+      held.add(int(np.asarray(x.addressable_data(0))))
+    except RuntimeError:
+      return None
+  return held
+
+
+def _is_ready(x: jax.Array) -> bool:
+  try:
+    return x.is_ready()
+  except RuntimeError:  # deleted by another thread since the listing
+    return False
+
+
+def scan_for_unheld_states(*, wait: bool) -> int:
+  """One collector scan; returns the bytes it freed.
+
+  With `wait`, computations in flight are waited for (they may be about to use
+  a state whose arrays are gone); without it, the scan gives up when anything
+  is in flight (the garbage collector's scans: they must not block).
+  """
+  if not wait and (not _platforms or sys.is_finalizing()):
+    return 0
+  if not _scanning.acquire(blocking=False):
+    return 0  # a scan is running (on another thread, or below us in this one)
+  try:
+    if wait and not _platforms:
+      _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
+    with_slots = set(_ops.handles_with_slots())
+    if not with_slots:
+      return 0
+    mark = _ops.epoch()
+    arrays = _live_arrays()
+    pending = [x for x in arrays if not _is_ready(x)]
+    if pending:
+      held = _held_handles([x for x in arrays if _is_ready(x)])
+      if held is not None and with_slots <= held:
+        return int(_ops.collect(sorted(held), mark))  # all held: nothing to wait for
+      if not wait:
+        return 0
+      for x in pending:
+        # A failed or deleted array holds nothing readable; _held_handles decides.
+        with contextlib.suppress(RuntimeError):
+          x.block_until_ready()
+    held = _held_handles(arrays)
+    if held is None:
+      return 0
+    return int(_ops.collect(sorted(held), mark))
+  finally:
+    _scanning.release()
+
+
+def _scan_after_full_collection(phase: str, info: dict) -> None:
+  if phase == "stop" and info.get("generation") == 2:
+    scan_for_unheld_states(wait=False)
+
+
+gc.callbacks.append(_scan_after_full_collection)

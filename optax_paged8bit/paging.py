@@ -46,7 +46,7 @@ def _paged_states(opt_state: Any) -> list[PagedAdamW8bitState]:
 
 def _concrete_handle(state: PagedAdamW8bitState) -> int:
   try:
-    return int(state.handle)
+    return _ffi.registry_handle(state.handle)
   except jax.errors.ConcretizationTypeError:
     raise ValueError(
       "optax_paged8bit: this function manages registry memory from the host and needs a "
@@ -209,6 +209,24 @@ def release(opt_state: Any) -> int:
   jax.block_until_ready([s.count for s in states])
   jax.effects_barrier()
   return sum(_ffi.release(_concrete_handle(s)) for s in states)
+
+
+def collect() -> int:
+  """Frees the registry memory of every paged state that is gone.
+
+  A state is gone when no live `jax.Array` holds its handle any more: it was
+  dropped, or kept only as a host copy (`jax.device_get`, pickle; save states
+  with `export_state` instead). The same collection also runs by itself when
+  a state is created (`tx.init`) and after each full garbage collection
+  (`gc.collect()`); those free a state on their second look, to stay safe
+  against steps being dispatched on other threads, while `collect()` looks
+  twice and frees at once. Waits for computations in flight first. Returns
+  the bytes freed; `release(opt_state)` frees one state right away.
+  """
+  freed = 0
+  for _ in range(2):
+    freed += _ffi.scan_for_unheld_states(wait=True)
+  return freed
 
 
 def state_nbytes(opt_state: Any) -> int:

@@ -170,7 +170,7 @@ class PagedAdamW8bitState(NamedTuple):
   """State of `paged_adamw8bit`; the moments themselves are in the registry."""
 
   count: jax.Array  # int32[], number of updates applied; also orders the calls
-  handle: jax.Array  # int32[], key of this state's slots in the registry
+  handle: jax.Array  # uint32[], key of this state's slots in the registry
   gnorm_vec: jax.Array | None  # float32[num_leaves, 100]: squared grad norms of
   # the last 100 steps per leaf (percentile clipping); None when clipping is off
   layout: Layout  # static per-leaf structure
@@ -729,6 +729,17 @@ def _check_state_layout(who: str, config: _Config, state: Any, state_type: type)
       f"{who}: expected the opt_state returned by {who}'s init, got {type(state).__name__}"
     )
   layout = state.layout
+  scalars = {"count": jnp.int32}
+  if state_type is PagedAdamW8bitState:
+    scalars["handle"] = _ffi.HANDLE_DTYPE
+  for name, dtype in scalars.items():
+    value = getattr(state, name)
+    if jnp.shape(value) != () or jnp.result_type(value) != jnp.dtype(dtype):
+      raise TypeError(
+        f"{who}: opt_state.{name} must be a scalar of dtype {jnp.dtype(dtype).name}, got "
+        f"{jnp.result_type(value).name}{list(jnp.shape(value))}; use the opt_state that "
+        f"{who}'s init returned"
+      )
   for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
     mine, theirs = getattr(config, name), getattr(layout, name)
     if mine is not None and mine != theirs:
@@ -838,9 +849,10 @@ def paged_adamw8bit(
 
   def init_fn(params: optax.Params) -> PagedAdamW8bitState:
     layout = _build_layout(who, config, mask, params)
+    _ffi.scan_for_unheld_states(wait=True)  # reclaim states that are gone first
     return PagedAdamW8bitState(
       count=jnp.zeros([], jnp.int32),
-      handle=jnp.asarray(_ffi.new_handle(), jnp.int32),
+      handle=jnp.asarray(_ffi.new_handle(), _ffi.HANDLE_DTYPE),
       gnorm_vec=initial_rings(layout),
       layout=layout,
     )
@@ -857,8 +869,9 @@ def paged_adamw8bit(
     grads, grads_def, param_leaves, params_def, hyper = _step_inputs(
       who, layout, updates, params, state.count, lr, betas, eps, weight_decay
     )
-    concrete = not isinstance(state.handle, jax.core.Tracer) and not isinstance(
-      state.count, jax.core.Tracer
+    concrete = all(
+      isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+      for x in (state.handle, state.count)
     )
     if concrete and layout.mesh is None:
       _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call

@@ -122,8 +122,9 @@ def test_bad_mask():
 def test_unknown_and_foreign_handles():
   tx = op.paged_adamw8bit()
   state = tx.init(PARAMS)
-  with raises_at_runtime("was not created in this process"):
-    jax.block_until_ready(tx.update(GRADS, state._replace(handle=jnp.int32(10**6)), PARAMS))
+  for unknown in (10**6, 2**31 + 5):  # the registry keys are int32: both are unknown
+    with raises_at_runtime("was not created in this process"):
+      jax.block_until_ready(tx.update(GRADS, state._replace(handle=jnp.uint32(unknown)), PARAMS))
   other = op.paged_adamw8bit().init({"w": jnp.zeros((64, 80)), "b": jnp.zeros((20,))})
   other_params = {"w": jnp.zeros((64, 80)), "b": jnp.zeros((20,))}
   _, other = op.paged_adamw8bit().update(
@@ -133,6 +134,18 @@ def test_unknown_and_foreign_handles():
   forged = state._replace(handle=other.handle, count=other.count)
   with raises_at_runtime("belongs to an optimizer over different parameters"):
     jax.block_until_ready(tx.update(GRADS, forged, PARAMS))
+
+
+def test_state_scalars_of_the_wrong_type():
+  tx = op.paged_adamw8bit()
+  state = tx.init(PARAMS)
+  with pytest.raises(TypeError, match=r"handle must be a scalar of dtype uint32, got int32\[\]"):
+    tx.update(GRADS, state._replace(handle=jnp.int32(1)), PARAMS)
+  with pytest.raises(TypeError, match=r"count must be a scalar of dtype int32, got int32\[2\]"):
+    tx.update(GRADS, state._replace(count=jnp.zeros(2, jnp.int32)), PARAMS)
+  arrays = op.adamw8bit()
+  with pytest.raises(TypeError, match=r"count must be a scalar of dtype int32, got float32\[\]"):
+    arrays.update(GRADS, arrays.init(PARAMS)._replace(count=jnp.float32(0)), PARAMS)
 
 
 def test_restored_state_without_import():

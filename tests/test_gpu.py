@@ -132,8 +132,8 @@ def small_tree(seed=0):
   }
 
 
-def steps(tx, state, params, n, seed=10, before_step=None):
-  step = jax.jit(tx.fused_update, donate_argnums=(2,))
+def steps(tx, state, params, n, seed=10, before_step=None, donate_state=False):
+  step = jax.jit(tx.fused_update, donate_argnums=(1, 2) if donate_state else (2,))
   rng = np.random.default_rng(seed)
   for _ in range(n):
     grads = jax.tree.map(
@@ -143,6 +143,15 @@ def steps(tx, state, params, n, seed=10, before_step=None):
       before_step(state)
     params, state = step(grads, state, params)
   return params, state
+
+
+def assert_same_results(params, state, p_ref, s_ref):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_ref), strict=True):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
+  for a, b in zip(
+    jax.tree.leaves(op.export_state(state)), jax.tree.leaves(op.export_state(s_ref)), strict=True
+  ):
+    assert_bit_equal(np.asarray(a), np.asarray(b), "state")
 
 
 def test_page_out_then_step_equals_never_paged():
@@ -156,12 +165,7 @@ def test_page_out_then_step_equals_never_paged():
   assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": total}
   params, state = steps(tx, state, params, 2, seed=12)  # no page_in: the step brings it back
   assert op.residency(state) == {"bytes_on_device": total, "bytes_on_host": 0}
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p_ref), strict=True):
-    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
-  for a, b in zip(
-    jax.tree.leaves(op.export_state(state)), jax.tree.leaves(op.export_state(s_ref)), strict=True
-  ):
-    assert_bit_equal(np.asarray(a), np.asarray(b), "state")
+  assert_same_results(params, state, p_ref, s_ref)
   op.release(state)
   op.release(s_ref)
 
@@ -189,16 +193,38 @@ def test_forced_host_placement_gives_the_same_results():
     op.set_device_memory_budget(None)
   res = op.residency(s)
   assert res == {"bytes_on_device": 0, "bytes_on_host": s.layout.state_nbytes()}
-  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
-    assert_bit_equal(np.asarray(a), np.asarray(b), "params")
-  for a, b in zip(
-    jax.tree.leaves(op.export_state(s)), jax.tree.leaves(op.export_state(s_ref)), strict=True
-  ):
-    assert_bit_equal(np.asarray(a), np.asarray(b), "state")
+  assert_same_results(p, s, p_ref, s_ref)
   op.page_out(s)  # host-placed state does not move
   assert op.residency(s)["bytes_on_device"] == 0
   op.release(s)
   op.release(s_ref)
+
+
+def test_collector_frees_dropped_gpu_states_and_keeps_held_ones():
+  ops = op._ffi._ops
+  tx = op.paged_adamw8bit(1e-3)
+  op.collect()
+  placed0, registry0 = ops.managed_device_bytes(GPU.id), op._ffi.total_bytes()
+  _, kept = steps(tx, tx.init(small_tree()), small_tree(), 1)
+  _, dropped = steps(tx, tx.init(small_tree()), small_tree(), 1)
+  nbytes = kept.layout.state_nbytes()
+  del dropped
+  assert op.collect() == nbytes
+  assert ops.managed_device_bytes(GPU.id) == placed0 + nbytes
+
+  # Collections between the steps of a jitted loop (the step maybe in flight,
+  # the old state donated) free nothing it uses and change no bit.
+  def look(state):
+    gc.collect()
+    assert op.collect() == 0
+
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 3, donate_state=True)
+  p, s = steps(tx, tx.init(small_tree()), small_tree(), 3, donate_state=True, before_step=look)
+  assert_same_results(p, s, p_ref, s_ref)
+  del kept, s, s_ref
+  assert op.collect() == 3 * nbytes
+  assert ops.managed_device_bytes(GPU.id) == placed0
+  assert op._ffi.total_bytes() == registry0
 
 
 def _rss_bytes() -> int:

@@ -3,7 +3,11 @@ the GPU behaviour is in test_gpu.py."""
 
 from __future__ import annotations
 
+import gc
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optax_paged8bit as op
@@ -29,3 +33,133 @@ def test_device_memory_budget_is_checked():
     op.set_device_memory_budget(-5)
   op.set_device_memory_budget(1 << 30)
   op.set_device_memory_budget(None)
+
+
+# The collector: a paged state's registry memory is freed once no live
+# jax.Array holds its handle.
+ops = op._ffi._ops
+PARAMS = {"w": jnp.full((64, 512), 0.5), "b": jnp.zeros(10)}
+
+
+def grads(i):
+  return jax.tree.map(lambda p: jnp.full(p.shape, 0.01 * (i + 1), p.dtype), PARAMS)
+
+
+def stepped(tx, n=1):
+  state = tx.init(PARAMS)
+  params = PARAMS
+  for i in range(n):
+    params, state = tx.fused_update(grads(i), state, params)
+  return params, state
+
+
+def test_collect_frees_dropped_states_and_keeps_held_ones():
+  tx = op.paged_adamw8bit()
+  op.collect()  # what earlier tests in this process left behind
+  before = op._ffi.total_bytes()
+  kept_params, kept = stepped(tx)
+  _, dropped = stepped(tx)
+  nbytes = kept.layout.state_nbytes()
+  assert op._ffi.total_bytes() == before + 2 * nbytes
+  del dropped
+  assert op.collect() == nbytes
+  assert op._ffi.total_bytes() == before + nbytes
+  assert op.collect() == 0
+  # The kept state goes on as if nothing happened.
+  kept_params, kept = tx.fused_update(grads(1), kept, kept_params)
+  assert_same(kept_params, kept, *stepped(tx, 2))
+  del kept
+  assert op.collect() == 2 * nbytes  # the kept state and the reference
+  assert op._ffi.total_bytes() == before
+
+
+def assert_same(a_params, a_state, b_params, b_state):
+  a = (a_params, op.export_state(a_state))
+  b = (b_params, op.export_state(b_state))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_collect_keeps_states_of_a_jitted_loop_and_changes_no_result():
+  tx = op.paged_adamw8bit()
+  step = jax.jit(tx.fused_update, donate_argnums=(1, 2))
+
+  def run(collect_every_step):
+    params, state = jax.tree.map(jnp.copy, PARAMS), tx.init(PARAMS)
+    for i in range(4):
+      params, state = step(grads(i), state, params)  # the old state is donated
+      if collect_every_step:
+        gc.collect()  # one look of the collector, with the step maybe in flight
+        op.collect()
+    return params, state
+
+  a_params, a_state = run(True)
+  b_params, b_state = run(False)
+  assert_same(a_params, a_state, b_params, b_state)
+  op.release((a_state, b_state))
+
+
+def test_a_full_garbage_collection_frees_a_dropped_state():
+  tx = op.paged_adamw8bit()
+  op.collect()
+  before = op._ffi.total_bytes()
+  _, state = stepped(tx)
+  jax.block_until_ready(state)
+  del state
+  gc.collect()  # the first look marks it as unheld
+  gc.collect()  # the second frees it
+  assert op._ffi.total_bytes() == before
+
+
+def own_scan(handle, held):
+  """One collector scan in which every other handle with slots counts as held,
+  so that states of other tests in this process are left alone."""
+  others = [h for h in ops.handles_with_slots() if h != handle]
+  return ops.collect(others + ([handle] if held else []), ops.epoch())
+
+
+def test_two_scans_free_a_handle_only_when_unheld_and_unused_in_between():
+  tx = op.paged_adamw8bit()
+  params, state = stepped(tx)
+  handle, nbytes = int(state.handle), state.layout.state_nbytes()
+  assert own_scan(handle, held=False) == 0  # first look: only marked
+  assert own_scan(handle, held=True) == 0  # held again: the mark is cleared
+  assert own_scan(handle, held=False) == 0
+  params, state = tx.fused_update(grads(1), state, params)  # used since the mark
+  assert own_scan(handle, held=False) == 0
+  assert own_scan(handle, held=False) == nbytes
+  assert handle not in ops.handles_with_slots()
+  with pytest.raises(Exception, match="freed by optax_paged8bit's collector"):
+    jax.block_until_ready(tx.fused_update(grads(2), state, params))
+
+
+def test_a_state_kept_only_as_a_host_copy_is_collected_and_says_so():
+  tx = op.paged_adamw8bit()
+  params, state = stepped(tx)
+  host = jax.device_get(state)
+  del state
+  op.collect()
+  with pytest.raises(Exception, match="kept only as a host copy"):
+    jax.block_until_ready(tx.fused_update(grads(1), host, params))
+  # At count 0 there is nothing to lose: a host copy of a fresh state starts afresh.
+  fresh = jax.device_get(tx.init(PARAMS))
+  op.collect()
+  params, from_copy = tx.fused_update(grads(0), fresh, PARAMS)
+  ref_params, reference = stepped(tx)
+  assert_same(params, from_copy, ref_params, reference)
+  op.release((from_copy, reference))
+
+
+def test_100_init_step_drop_cycles_stay_bounded_without_release():
+  tx = op.paged_adamw8bit()
+  op.collect()
+  before = op._ffi.total_bytes()
+  peak = 0
+  for _ in range(100):
+    _, state = stepped(tx)
+    nbytes = state.layout.state_nbytes()
+    del state
+    peak = max(peak, op._ffi.total_bytes() - before)
+  assert peak <= 2 * nbytes  # each init frees what two scans found unheld
+  op.collect()
+  assert op._ffi.total_bytes() == before

@@ -199,3 +199,22 @@ def test_no_zero_size_array_crosses_the_shard_map():
     for operands, results in signatures:
       assert not re.search(r"tensor<(\d+x)*0x", operands + results), (operands, results)
   op.release(state)
+
+
+def test_collect_frees_every_device_slot_of_a_dropped_sharded_state():
+  m = mesh((4,), ("x",))
+  shapes = {k: s for k, (s, _) in ALIGNED.items()}
+  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
+  params = place(make(shapes, 5), m, specs)
+  grads = [place(make(shapes, 50 + t), m, specs) for t in range(2)]
+  op.collect()
+  before = op._ffi.total_bytes()
+  _, kept = run(op.paged_adamw8bit(1e-3), params, grads, True)
+  _, dropped = run(op.paged_adamw8bit(1e-3), params, grads, True)
+  nbytes = op._ffi.total_bytes() - before
+  assert len(op.slot_info(dropped)) == 4 and nbytes % 2 == 0
+  del dropped
+  assert op.collect() == nbytes // 2  # the four slots of the dropped state, none of the kept one
+  assert len(op.slot_info(kept)) == 4
+  op.release(kept)
+  assert op._ffi.total_bytes() == before

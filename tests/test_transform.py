@@ -233,7 +233,7 @@ def test_eval_shape_init():
   tx = op.paged_adamw8bit(1e-3)
   shapes = jax.eval_shape(tx.init, tree())
   assert isinstance(shapes, op.PagedAdamW8bitState)
-  assert shapes.count.shape == () and shapes.handle.dtype == jnp.int32
+  assert shapes.count.shape == () and shapes.handle.dtype == jnp.uint32
   assert shapes.layout.shapes == ((10,), (64, 80), (5000,))
 
 
