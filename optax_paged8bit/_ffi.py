@@ -124,9 +124,10 @@ def _held_handles(arrays: list[jax.Array]) -> set[int] | None:
     if x.dtype != HANDLE_DTYPE or x.shape != ():
       continue
     try:
-      held.add(int(np.asarray(x.addressable_data(0))))
+      held.add(registry_handle(np.asarray(x.addressable_data(0))))
     except RuntimeError:
       return None
+  held.discard(0)  # uint32 values that are no registry key
   return held
 
 

@@ -54,6 +54,16 @@ def stepped(tx, n=1):
 
 
 def test_collect_frees_dropped_states_and_keeps_held_ones():
+  check_collect_frees_dropped_and_keeps_held()
+
+
+def test_uint32_arrays_that_are_no_handle_do_not_disturb_the_collector():
+  strays = [jnp.uint32(0), jnp.uint32(2**31 + 5), jnp.uint32(2**32 - 1)]  # live during the check
+  check_collect_frees_dropped_and_keeps_held()
+  del strays
+
+
+def check_collect_frees_dropped_and_keeps_held():
   tx = op.paged_adamw8bit()
   op.collect()  # what earlier tests in this process left behind
   before = op._ffi.total_bytes()
