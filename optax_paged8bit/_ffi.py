@@ -116,17 +116,17 @@ def _live_arrays() -> list[jax.Array]:
   return [x for platform in _platforms for x in jax.live_arrays(platform)]
 
 
-def _held_handles(arrays: list[jax.Array]) -> set[int] | None:
-  """Values of the handle-typed arrays among `arrays`; None when one cannot be
-  read (a failed computation's output), since it might hold any handle."""
+def _held_handles(arrays: list[jax.Array]) -> set[int]:
+  """Values of the handle-typed arrays among `arrays`. One that cannot be read
+  holds nothing: a failed computation's output (its state is unusable anyway),
+  or one deleted by another thread since the listing (that thread's step is
+  what the second look is for)."""
   held = set()
   for x in arrays:
     if x.dtype != HANDLE_DTYPE or x.shape != ():
       continue
-    try:
+    with contextlib.suppress(RuntimeError):
       held.add(registry_handle(np.asarray(x.addressable_data(0))))
-    except RuntimeError:
-      return None
   held.discard(0)  # uint32 values that are no registry key
   return held
 
@@ -160,18 +160,14 @@ def scan_for_unheld_states(*, wait: bool) -> int:
     pending = [x for x in arrays if not _is_ready(x)]
     if pending:
       held = _held_handles([x for x in arrays if _is_ready(x)])
-      if held is not None and with_slots <= held:
+      if with_slots <= held:
         return int(_ops.collect(sorted(held), mark))  # all held: nothing to wait for
       if not wait:
         return 0
       for x in pending:
-        # A failed or deleted array holds nothing readable; _held_handles decides.
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # failed or deleted: _held_handles decides
           x.block_until_ready()
-    held = _held_handles(arrays)
-    if held is None:
-      return 0
-    return int(_ops.collect(sorted(held), mark))
+    return int(_ops.collect(sorted(_held_handles(arrays)), mark))
   finally:
     _scanning.release()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pathlib
 import subprocess
@@ -46,6 +47,16 @@ def raises_at_runtime(match: str):
   fresh = op.paged_adamw8bit().init({"x": jnp.zeros(1)})
   jax.block_until_ready(op.export_state(fresh))
   op.release(fresh)
+
+
+def settled_registry_bytes() -> int:
+  """Frees the registry memory of every state that earlier tests dropped (some
+  reachable only from garbage cycles, such as a caught exception's frames) and
+  returns the bytes still held, so that a test can count bytes without a
+  collection freeing other tests' states in between."""
+  gc.collect()
+  op.collect()
+  return op._ffi.total_bytes()
 
 
 NATIVE = pathlib.Path(__file__).parent / "native"

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import raises_at_runtime
+from conftest import raises_at_runtime, settled_registry_bytes
 
 import optax_paged8bit as op
 
@@ -190,7 +190,7 @@ def test_gpu_without_cuda_build_says_how_to_build(monkeypatch):
 
 
 def test_errors_leave_no_state_behind():
-  before = op._ffi.total_bytes()
+  before = settled_registry_bytes()
   tx = op.paged_adamw8bit()
   state = tx.init(PARAMS)
   with pytest.raises(ValueError):

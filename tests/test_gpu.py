@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import run_native_check
+from conftest import run_native_check, settled_registry_bytes
 from oracle import BFLOAT16
 from test_oracle import assert_bit_equal, extreme
 
@@ -203,8 +203,8 @@ def test_forced_host_placement_gives_the_same_results():
 def test_collector_frees_dropped_gpu_states_and_keeps_held_ones():
   ops = op._ffi._ops
   tx = op.paged_adamw8bit(1e-3)
-  op.collect()
-  placed0, registry0 = ops.managed_device_bytes(GPU.id), op._ffi.total_bytes()
+  registry0 = settled_registry_bytes()
+  placed0 = ops.managed_device_bytes(GPU.id)
   _, kept = steps(tx, tx.init(small_tree()), small_tree(), 1)
   _, dropped = steps(tx, tx.init(small_tree()), small_tree(), 1)
   nbytes = kept.layout.state_nbytes()
@@ -247,12 +247,8 @@ def test_release_frees_and_100_cycles_leave_memory_where_it_started():
   free = []
   for i in range(200):
     if i == 100:
-      gc.collect()
-      placed0, registry0, rss0 = (
-        ops.managed_device_bytes(GPU.id),
-        op._ffi.total_bytes(),
-        _rss_bytes(),
-      )
+      registry0 = settled_registry_bytes()
+      placed0, rss0 = ops.managed_device_bytes(GPU.id), _rss_bytes()
     if i % 20 == 0:
       free.append(ops.device_memory_info(GPU.id)[0])
     cycle()

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import settled_registry_bytes
 
 import optax_paged8bit as op
 
@@ -65,8 +66,7 @@ def test_uint32_arrays_that_are_no_handle_do_not_disturb_the_collector():
 
 def check_collect_frees_dropped_and_keeps_held():
   tx = op.paged_adamw8bit()
-  op.collect()  # what earlier tests in this process left behind
-  before = op._ffi.total_bytes()
+  before = settled_registry_bytes()
   kept_params, kept = stepped(tx)
   _, dropped = stepped(tx)
   nbytes = kept.layout.state_nbytes()
@@ -111,8 +111,7 @@ def test_collect_keeps_states_of_a_jitted_loop_and_changes_no_result():
 
 def test_a_full_garbage_collection_frees_a_dropped_state():
   tx = op.paged_adamw8bit()
-  op.collect()
-  before = op._ffi.total_bytes()
+  before = settled_registry_bytes()
   _, state = stepped(tx)
   jax.block_until_ready(state)
   del state
@@ -162,8 +161,7 @@ def test_a_state_kept_only_as_a_host_copy_is_collected_and_says_so():
 
 def test_100_init_step_drop_cycles_stay_bounded_without_release():
   tx = op.paged_adamw8bit()
-  op.collect()
-  before = op._ffi.total_bytes()
+  before = settled_registry_bytes()
   peak = 0
   for _ in range(100):
     _, state = stepped(tx)
