@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import sys
 import threading
 
@@ -172,8 +173,13 @@ def scan_for_unheld_states(*, wait: bool) -> int:
     _scanning.release()
 
 
+_PID = os.getpid()
+
+
 def _scan_after_full_collection(phase: str, info: dict) -> None:
-  if phase == "stop" and info.get("generation") == 2:
+  # Not in a forked child: it shares no device with the parent, and touching
+  # the parent's JAX runtime there can hang.
+  if phase == "stop" and info.get("generation") == 2 and os.getpid() == _PID:
     scan_for_unheld_states(wait=False)
 
 

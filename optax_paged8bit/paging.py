@@ -1,5 +1,6 @@
 """Host-side control of optimizer states: export/import, orbax checkpoints,
-migration from and to optax.adamw, release, paging and memory accounting."""
+migration from and to optax.adamw, release and collection, paging and memory
+accounting."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ the GPU behaviour is in test_gpu.py."""
 from __future__ import annotations
 
 import gc
+import os
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +172,22 @@ def test_100_init_step_drop_cycles_stay_bounded_without_release():
   assert peak <= 2 * nbytes  # each init frees what two scans found unheld
   op.collect()
   assert op._ffi.total_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_a_forked_child_does_not_scan():
+  tx = op.paged_adamw8bit()
+  _, state = stepped(tx)  # a state with registry memory: scans have work
+  jax.block_until_ready(state)
+  read, write = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # the child: a full collection must not touch JAX
+    calls = []
+    op._ffi.scan_for_unheld_states = lambda **kw: calls.append(kw) or 0
+    gc.collect()
+    os.write(write, str(len(calls)).encode())
+    os._exit(0)
+  os.close(write)
+  os.waitpid(pid, 0)
+  assert os.read(read, 16) == b"0"
+  op.release(state)
