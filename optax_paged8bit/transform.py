@@ -817,6 +817,8 @@ def paged_adamw8bit(
     returns updates that ``optax.apply_updates`` turns into exactly the new
     params. Each opt_state can be updated once (the moments advance in
     place); use :func:`accumulate_gradients` instead of ``optax.MultiSteps``.
+    The moments' memory is freed by :func:`release`, or by the collector
+    once no live ``jax.Array`` holds the state's handle (:func:`collect`).
 
   Example:
     >>> import jax.numpy as jnp, optax
