@@ -37,27 +37,38 @@ bool Registry::IsReleased(int32_t handle) {
   return handle > 0 && handle < next_handle_ && fate_[handle] == Fate::kReleased;
 }
 
+template <typename Pred>
+std::vector<std::shared_ptr<Slot>> Registry::TakeSlotsLocked(Pred doomed_handle) {
+  std::vector<std::shared_ptr<Slot>> doomed;
+  for (auto it = slots_.begin(); it != slots_.end();) {
+    if (doomed_handle(std::get<0>(it->first))) {
+      doomed.push_back(std::move(it->second));
+      it = slots_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return doomed;
+}
+
+size_t Registry::BytesOnceUnused(const std::vector<std::shared_ptr<Slot>>& doomed) {
+  size_t bytes = 0;
+  for (const auto& slot : doomed) {
+    std::lock_guard<std::mutex> wait_for_users(slot->mu);
+    bytes += slot->bytes();
+  }
+  return bytes;
+}
+
 size_t Registry::Release(int32_t handle) {
   std::vector<std::shared_ptr<Slot>> doomed;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (handle <= 0 || handle >= next_handle_) return 0;
     fate_[handle] = Fate::kReleased;
-    for (auto it = slots_.begin(); it != slots_.end();) {
-      if (std::get<0>(it->first) == handle) {
-        doomed.push_back(std::move(it->second));
-        it = slots_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    doomed = TakeSlotsLocked([handle](int32_t h) { return h == handle; });
   }
-  size_t freed = 0;
-  for (auto& slot : doomed) {
-    std::lock_guard<std::mutex> wait_for_users(slot->mu);
-    freed += slot->bytes();
-  }
-  return freed;  // the slots are freed here, when `doomed` goes out of scope
+  return BytesOnceUnused(doomed);  // the slots are freed when `doomed` goes out of scope
 }
 
 uint64_t Registry::Epoch() {
@@ -80,7 +91,7 @@ size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark) {
   std::vector<std::shared_ptr<Slot>> doomed;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    // The latest use of each handle's slots (the map is sorted by handle).
+    // The latest use of each handle's slots.
     std::map<int32_t, uint64_t> last_use;
     for (auto& [key, slot] : slots_) {
       uint64_t& latest = last_use[std::get<0>(key)];
@@ -97,24 +108,13 @@ size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark) {
         since = mark;  // unheld for the first time (or used since the last scan)
       }
     }
-    for (auto it = slots_.begin(); it != slots_.end();) {
-      int32_t handle = std::get<0>(it->first);
-      if (freeing.count(handle) != 0) {
-        fate_[handle] = Fate::kCollected;
-        unheld_since_[handle] = 0;
-        doomed.push_back(std::move(it->second));
-        it = slots_.erase(it);
-      } else {
-        ++it;
-      }
+    for (int32_t handle : freeing) {
+      fate_[handle] = Fate::kCollected;
+      unheld_since_[handle] = 0;
     }
+    doomed = TakeSlotsLocked([&freeing](int32_t h) { return freeing.count(h) != 0; });
   }
-  size_t freed = 0;
-  for (auto& slot : doomed) {
-    std::lock_guard<std::mutex> wait_for_users(slot->mu);
-    freed += slot->bytes();
-  }
-  return freed;
+  return BytesOnceUnused(doomed);
 }
 
 std::string Registry::CheckHandleLocked(int32_t handle) const {

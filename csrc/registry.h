@@ -173,6 +173,12 @@ class Registry {
   std::string MissingSlotLocked(int32_t handle, Platform platform, int device, int64_t count,
                                 const char* hint) const;
   void TouchLocked(Slot& slot) { slot.last_use = ++epoch_; }
+  // Moves the slots of the handles `doomed_handle` accepts out of the map.
+  template <typename Pred>
+  std::vector<std::shared_ptr<Slot>> TakeSlotsLocked(Pred doomed_handle);
+  // Waits until no call uses the slots and returns their bytes; the memory
+  // goes when the caller drops them.
+  static size_t BytesOnceUnused(const std::vector<std::shared_ptr<Slot>>& doomed);
 
   std::mutex mu_;
   int32_t next_handle_ = 1;
