@@ -174,7 +174,10 @@ def test_100_init_step_drop_cycles_stay_bounded_without_release():
   assert op._ffi.total_bytes() == before
 
 
+# The child only collects garbage and writes to a pipe, so the warnings of JAX
+# and of Python 3.12 about forking a multi-threaded process do not apply.
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_does_not_scan():
   tx = op.paged_adamw8bit()
   _, state = stepped(tx)  # a state with registry memory: scans have work
