@@ -314,6 +314,12 @@ def test_jitted_init_shares_a_handle_and_the_second_state_fails_as_stale():
   _, s_a = tx.update(grads_like(params, 0), s_a, params)
   with raises_at_runtime("stale optimizer state"):
     jax.block_until_ready(tx.update(grads_like(params, 0), s_b, params))
+  # Once the stepped state is gone, the handle's next state starts afresh.
+  del s_a, s_b
+  op.collect()
+  updates, _ = tx.update(grads_like(params, 0), init(params), params)
+  expected, _ = tx.update(grads_like(params, 0), tx.init(params), params)
+  assert_trees_bit_equal(updates, expected, "updates of the jitted init's next state")
 
 
 def test_optax_multisteps_is_refused_before_any_update():
