@@ -227,6 +227,23 @@ def test_collector_frees_dropped_gpu_states_and_keeps_held_ones():
   assert op._ffi.total_bytes() == registry0
 
 
+def test_100_cycles_without_release_hold_at_most_two_states_on_the_device():
+  ops = op._ffi._ops
+  tx = op.paged_adamw8bit(1e-3)
+  registry0 = settled_registry_bytes()
+  placed0 = ops.managed_device_bytes(GPU.id)
+  peak = 0
+  for _ in range(100):
+    _, state = steps(tx, tx.init(small_tree()), small_tree(), 1)
+    nbytes = state.layout.state_nbytes()
+    del state  # dropped, not released: tx.init's collection frees it
+    peak = max(peak, ops.managed_device_bytes(GPU.id) - placed0)
+  assert nbytes <= peak <= 2 * nbytes
+  op.collect()
+  assert ops.managed_device_bytes(GPU.id) == placed0
+  assert op._ffi.total_bytes() == registry0
+
+
 def _rss_bytes() -> int:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * 4096
