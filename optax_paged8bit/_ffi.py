@@ -148,8 +148,10 @@ def scan_for_unheld_states(*, wait: bool) -> int:
   """
   if not wait and (not _platforms or sys.is_finalizing()):
     return 0
-  if not _scanning.acquire(blocking=False):
-    return 0  # a scan is running (on another thread, or below us in this one)
+  # A waiting scan waits for one running on another thread; the garbage
+  # collector's gives up (one may be running below it in this thread).
+  if not _scanning.acquire(blocking=wait):
+    return 0
   try:
     if wait and not _platforms:
       _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
