@@ -4,6 +4,8 @@ stale states, accumulation, export/import."""
 
 from __future__ import annotations
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -316,6 +318,7 @@ def test_jitted_init_shares_a_handle_and_the_second_state_fails_as_stale():
     jax.block_until_ready(tx.update(grads_like(params, 0), s_b, params))
   # Once the stepped state is gone, the handle's next state starts afresh.
   del s_a, s_b
+  gc.collect()  # the failed call's traceback holds s_b in a reference cycle
   op.collect()
   updates, _ = tx.update(grads_like(params, 0), init(params), params)
   expected, _ = tx.update(grads_like(params, 0), tx.init(params), params)
