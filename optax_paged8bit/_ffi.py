@@ -61,12 +61,13 @@ def registry_handle(handle) -> int:
   return value if 0 < value < 2**31 else 0
 
 
+# release, is_released and slot_info take registry keys (registry_handle).
 def release(handle: int) -> int:
-  return int(_ops.release(registry_handle(handle)))
+  return int(_ops.release(int(handle)))
 
 
 def is_released(handle: int) -> bool:
-  return bool(_ops.is_released(registry_handle(handle)))
+  return bool(_ops.is_released(int(handle)))
 
 
 def check_update(handle, count, layout) -> None:
@@ -91,7 +92,7 @@ def check_update(handle, count, layout) -> None:
 
 
 def slot_info(handle: int) -> list[dict]:
-  return list(_ops.slot_info(registry_handle(handle)))
+  return list(_ops.slot_info(int(handle)))
 
 
 def total_bytes() -> int:
@@ -160,9 +161,10 @@ def scan_for_unheld_states(*, wait: bool) -> int:
       return 0
     mark = _ops.epoch()
     arrays = _live_arrays()
-    pending = [x for x in arrays if not _is_ready(x)]
+    ready = [_is_ready(x) for x in arrays]
+    pending = [x for x, r in zip(arrays, ready, strict=True) if not r]
     if pending:
-      held = _held_handles([x for x in arrays if _is_ready(x)])
+      held = _held_handles([x for x, r in zip(arrays, ready, strict=True) if r])
       if with_slots <= held:
         return int(_ops.collect(sorted(held), mark))  # all held: nothing to wait for
       if not wait:

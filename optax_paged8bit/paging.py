@@ -46,6 +46,7 @@ def _paged_states(opt_state: Any) -> list[PagedAdamW8bitState]:
 
 
 def _concrete_handle(state: PagedAdamW8bitState) -> int:
+  """The registry key of a concrete state's handle."""
   try:
     return _ffi.registry_handle(state.handle)
   except jax.errors.ConcretizationTypeError:
