@@ -63,14 +63,21 @@ ALIGNED = {
   "bias": ((300,), P()),  # replicated, float32 moments
   "emb": ((64, 80), P()),  # replicated, 8-bit
 }
+ALIGNED_SHAPES = {k: s for k, (s, _) in ALIGNED.items()}
+ALIGNED_SPECS = {k: spec for k, (_, spec) in ALIGNED.items()}
+
+
+def aligned_on(m, seed, grad_seeds):
+  """ALIGNED params made from `seed` and one grads tree per grad seed, placed on mesh m."""
+  params = place(make(ALIGNED_SHAPES, seed), m, ALIGNED_SPECS)
+  return params, [place(make(ALIGNED_SHAPES, g), m, ALIGNED_SPECS) for g in grad_seeds]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
 @pytest.mark.parametrize("devices", [2, 4, 8])
 def test_aligned_shards_bit_identical_to_one_device(devices, fused):
   m = mesh((devices,), ("x",))
-  shapes = {k: s for k, (s, _) in ALIGNED.items()}
-  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
+  shapes, specs = ALIGNED_SHAPES, ALIGNED_SPECS
   params = make(shapes, 0)
   grads = [make(shapes, 10 + t) for t in range(3)]
   kw = dict(min_8bit_size=1000, weight_decay=1e-2)
@@ -111,9 +118,7 @@ def test_two_dimensional_mesh_and_mixed_tree():
 
 def test_compiled_step_gathers_nothing():
   m = mesh((4,), ("x",))
-  shapes = {k: s for k, (s, _) in ALIGNED.items()}
-  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
-  params = place(make(shapes, 0), m, specs)
+  params, _ = aligned_on(m, 0, ())
   tx = op.paged_adamw8bit(1e-3, min_8bit_size=1000)
   state = tx.init(params)
 
@@ -150,10 +155,7 @@ def test_misaligned_shards_update_each_shard_on_its_own():
 
 def test_sharded_export_import_resume():
   m = mesh((4,), ("x",))
-  shapes = {k: s for k, (s, _) in ALIGNED.items()}
-  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
-  params = place(make(shapes, 4), m, specs)
-  grads = [place(make(shapes, 30 + t), m, specs) for t in range(4)]
+  params, grads = aligned_on(m, 4, [30 + t for t in range(4)])
   full_p, full_s = run(op.paged_adamw8bit(1e-3), params, grads, True)
   half_p, half_s = run(op.paged_adamw8bit(1e-3), params, grads[:2], True)
   saved = op.export_state(half_s)
@@ -203,10 +205,7 @@ def test_no_zero_size_array_crosses_the_shard_map():
 
 def test_collect_frees_every_device_slot_of_a_dropped_sharded_state():
   m = mesh((4,), ("x",))
-  shapes = {k: s for k, (s, _) in ALIGNED.items()}
-  specs = {k: spec for k, (_, spec) in ALIGNED.items()}
-  params = place(make(shapes, 5), m, specs)
-  grads = [place(make(shapes, 50 + t), m, specs) for t in range(2)]
+  params, grads = aligned_on(m, 5, [50 + t for t in range(2)])
   before = settled_registry_bytes()
   _, kept = run(op.paged_adamw8bit(1e-3), params, grads, True)
   _, dropped = run(op.paged_adamw8bit(1e-3), params, grads, True)
