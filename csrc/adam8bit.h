@@ -256,6 +256,11 @@ struct StepScalars {
   float eps_hat;    // eps * c2
   float decay;      // 1 - lr * wd, one rounding
   bool weight_decay_on;
+  // The hyperparameters are ones a step can run with: lr, eps and wd finite
+  // and >= 0, betas in [0, 1), decay >= 0. A traced value (a schedule's lr)
+  // that is not skips the step: params and moments stay as they are, the
+  // count advances (SkipStep).
+  bool valid;
 };
 
 OP8_HD double PowBySquaring(double base, int64_t exponent) {
@@ -282,6 +287,10 @@ OP8_HD StepScalars ComputeStepScalars(const float* hyper, int64_t t) {
   s.eps_hat = Mul(hyper[kEps], c2);
   s.decay = Fma(-lr, hyper[kWeightDecay], 1.0f);
   s.weight_decay_on = hyper[kWeightDecay] > 0.0f;
+  float eps = hyper[kEps], wd = hyper[kWeightDecay];
+  s.valid = IsFinite(lr) && lr >= 0.0f && s.beta1 >= 0.0f && s.beta1 < 1.0f && s.beta2 >= 0.0f &&
+            s.beta2 < 1.0f && IsFinite(eps) && eps >= 0.0f && IsFinite(wd) && wd >= 0.0f &&
+            s.decay >= 0.0f;
   return s;
 }
 
@@ -330,6 +339,19 @@ OP8_HD float StepParamWithRoot(float p, float m, float root, const StepScalars& 
 
 OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool decay, int32_t type) {
   return StepParamWithRoot(p, m, Sqrt(v), s, decay, type);
+}
+
+// SPEC 3.3 for one element of a leaf with float32 moments: the new param. A
+// non-finite g resets both moments and leaves the param unchanged, as on the
+// 8-bit path (bitsandbytes' 32-bit kernel lets the NaN through instead).
+OP8_HD float Float32Step(float g, float p, float* m, float* v, const StepScalars& s, bool decay,
+                         int32_t type) {
+  if (!IsFinite(g)) {
+    *m = *v = 0.0f;
+    return RoundToType(p, type);
+  }
+  Float32Moments(g, s, m, v);
+  return StepParam(p, *m, *v, s, decay, type);
 }
 
 // Sqrt of n values. On the GPU, where every value lies in [2^-101, 2^128),

@@ -159,9 +159,18 @@ void UpdateFloat32(const LeafCall& leaf, LeafState& state, const StepScalars& s,
   bool decay = (leaf.flags & kLeafDecay) != 0;
   for (int64_t i = 0; i < leaf.size; ++i) {
     float g = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
-    Float32Moments(g, s, &m1[i], &m2[i]);
     float p = LoadAsFloat(leaf.param, leaf.type, i);
-    WriteOut(leaf, i, p, StepParam(p, m1[i], m2[i], s, decay, leaf.type), write_params);
+    WriteOut(leaf, i, p, Float32Step(g, p, &m1[i], &m2[i], s, decay, leaf.type), write_params);
+  }
+}
+
+// A step with hyperparameters it cannot run with (StepScalars::valid): the
+// params stay (rounded to their dtype, as a skipped element of the step is),
+// the moments are not touched.
+void SkipLeaf(const LeafCall& leaf, bool write_params) {
+  for (int64_t i = 0; i < leaf.size; ++i) {
+    float p = LoadAsFloat(leaf.param, leaf.type, i);
+    WriteOut(leaf, i, p, RoundToType(p, leaf.type), write_params);
   }
 }
 
@@ -216,7 +225,9 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
     const LeafCall& leaf = leaves[i];
     float scale = ClipScale(leaf, rings_out + i * kRingSize, t, percentile);
     LeafState& state = states[i];
-    if (!layout[i].is_8bit) {
+    if (!s.valid) {
+      SkipLeaf(leaf, write_params);
+    } else if (!layout[i].is_8bit) {
       UpdateFloat32(leaf, state, s, scale, write_params);
     } else if (block_wise) {
       UpdateBlockwise(leaf, state, *maps, s, scale, write_params);
@@ -226,71 +237,88 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   }
 }
 
-ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
+ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_out,
+                     ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
                      ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
-                     bool write_params) {
+                     bool write_params, int32_t optim_bits, int64_t min_8bit_size,
+                     int64_t layout_key) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, leaf_args, leaf_rets, leaf_flags,
-                            block_wise, percentile, false, &call);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, leaf_args, leaf_rets,
+                            leaf_flags, block_wise, percentile, false, &call);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = CheckStructure(op, structure.typed_data(), structure.element_count(),
+                              {optim_bits, min_8bit_size, percentile, block_wise});
       e.failure()) {
     return e;
   }
   int64_t step = count.typed_data()[0];
+  if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
-  std::string error =
-      Registry::Global().AcquireForUpdate(RegistryHandle(handle.typed_data()[0]), Platform::kCpu,
-                                          device, step, call.layout, allocator, &slot);
+  int32_t handle_value = 0;
+  std::string error = Registry::Global().AcquireForUpdate(
+      MakeRequest(handle.typed_data()[0], layout_key, Platform::kCpu, device, call.layout), step,
+      allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
-                                       std::to_string(RegistryHandle(handle.typed_data()[0])));
+                                       std::to_string(handle_value));
   }
   RunStep(call.leaves, call.layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
           rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
   slot->step = step + 1;
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
+  handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
   return ffi::Error::Success();
 }
 
 // adamw8bit: the same step with the state as operands, updated in place in
 // the aliased results (copied first when XLA did not alias them).
-ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
-                           ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
-                           ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
+                           ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
+                           ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs args,
+                           ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                            ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
                            ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
-                           bool write_params) {
+                           bool write_params, int32_t optim_bits, int64_t min_8bit_size) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, args, rets, leaf_flags, block_wise,
-                            percentile, true, &call);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
+                            block_wise, percentile, true, &call);
       e.failure()) {
     return e;
   }
+  if (auto e = CheckStructure(op, structure.typed_data(), structure.element_count(),
+                              {optim_bits, min_8bit_size, percentile, block_wise});
+      e.failure()) {
+    return e;
+  }
+  int64_t step = count.typed_data()[0];
+  if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
   std::vector<LeafState> states;
   auto copy = [](void* dst, const void* src, size_t bytes) {
     std::memcpy(dst, src, bytes);
     return std::string();
   };
   if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
-  int64_t t = static_cast<int64_t>(count.typed_data()[0]) + 1;
   RunStep(call.leaves, call.layout, states, hyper.typed_data(), qmaps.typed_data(), rings,
-          rings_out->typed_data(), t, percentile, block_wise, write_params);
-  count_out->typed_data()[0] = static_cast<int32_t>(t);
+          rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+  count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   return ffi::Error::Success();
 }
 
 ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
-                     ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags,
-                     bool block_wise) {
+                     ffi::Result<ffi::Buffer<ffi::S32>> step_out, ffi::RemainingRets rets,
+                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key) {
   if (auto e = CheckScalarOperands(kExportTarget, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
@@ -301,9 +329,10 @@ ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> 
     return e;
   }
   std::shared_ptr<Slot> slot;
-  std::string error =
-      Registry::Global().AcquireForRead(RegistryHandle(handle.typed_data()[0]), Platform::kCpu,
-                                        device, count.typed_data()[0], layout, &slot);
+  int64_t step = 0;
+  std::string error = Registry::Global().AcquireForRead(
+      MakeRequest(handle.typed_data()[0], layout_key, Platform::kCpu, device, layout),
+      count.typed_data()[0], &slot, &step);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::unique_lock<std::mutex> lock;
   if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
@@ -324,25 +353,29 @@ ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> 
     copy(leaf.absmax1, state ? state->absmax1 : nullptr, spec.scale_bytes());
     copy(leaf.absmax2, state ? state->absmax2 : nullptr, spec.scale_bytes());
   }
+  step_out->typed_data()[0] = static_cast<int32_t>(slot ? slot->step : step);
   return ffi::Error::Success();
 }
 
-ffi::Error ImportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
-                     ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
-                     ffi::Span<const int32_t> leaf_flags, bool block_wise) {
-  if (auto e = CheckScalarOperands(kImportTarget, handle, count); e.failure()) return e;
+ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args,
+                     HandleResult handle_out, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key) {
+  const char* op = kImportTarget;
+  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
+  int64_t step = count.typed_data()[0];
+  if (auto e = CheckImportCount(op, step); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(kImportTarget, args.size(), get, leaf_flags, block_wise, &leaves,
-                                 &layout);
+  if (auto e = DecodeStateArrays(op, args.size(), get, leaf_flags, block_wise, &leaves, &layout);
       e.failure()) {
     return e;
   }
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
+  int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForImport(
-      RegistryHandle(handle.typed_data()[0]), Platform::kCpu, device, layout, allocator, &slot);
+      MakeRequest(0, layout_key, Platform::kCpu, device, layout), allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   for (size_t i = 0; i < leaves.size(); ++i) {
@@ -358,8 +391,9 @@ ffi::Error ImportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> 
       std::memcpy(state.absmax2, leaf.absmax2, scale_bytes);
     }
   }
-  slot->step = count.typed_data()[0];
-  count_out->typed_data()[0] = count.typed_data()[0];
+  slot->step = step;
+  count_out->typed_data()[0] = static_cast<int32_t>(step);
+  handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
   return ffi::Error::Success();
 }
 

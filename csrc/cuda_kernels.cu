@@ -408,8 +408,7 @@ __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScal
   LoadLane<T>(leaf.param, start, valid, p);
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    Float32Moments(Mul(g[k], scale), s, &m[k], &v[k]);
-    float p_new = StepParam(p[k], m[k], v[k], s, decay, T);
+    float p_new = Float32Step(Mul(g[k], scale), p[k], &m[k], &v[k], s, decay, T);
     out[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
   }
   StoreLane<kF32>(leaf.state1, start, valid, m);
@@ -488,6 +487,21 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
 }
 
+// A step whose hyperparameters it cannot run with (StepScalars::valid): the
+// lane's params stay (rounded to their dtype, as on the host), the moments
+// are not touched.
+template <int32_t T, bool kWriteParams>
+__device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t start, int valid) {
+  float p[kLaneElems], out[kLaneElems];
+  LoadLane<T>(leaf.param, start, valid, p);
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) {
+    float kept = RoundToType(p[k], T);
+    out[k] = kWriteParams ? kept : UpdateFor(p[k], kept, T);
+  }
+  StoreLane<T>(leaf.out, start, valid, out);
+}
+
 // Asks L2 for a lane's share of the block that its warp takes next (grads,
 // params, both codes), so that that block's loads wait on L2, not on DRAM.
 // Done for 16-bit params only: measured on an H100 (benchmarks/RESULTS.md),
@@ -515,6 +529,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   if (args.write_count && blockIdx.x == 0 && threadIdx.x == 0) {
     *args.count_out = static_cast<int32_t>(args.t);
+    if (args.handle_out != nullptr) *args.handle_out = args.handle_value;
   }
   int lane = threadIdx.x & (kLanes - 1);
   int64_t first, last;
@@ -526,7 +541,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     int64_t start = j * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-    if (leaf.flags & kLeaf8bit) {
+    if (!s.valid) {
+      WithElemType(leaf.type,
+                   [&](auto t) { SkipLane<decltype(t)::value, kWriteParams>(leaf, start, valid); });
+    } else if (leaf.flags & kLeaf8bit) {
       if (leaf.type != kF32 && b + 1 < last && b + 1 < cursor.end &&
           start + kBlockSize < leaf.size) {
         PrefetchLane8bit(leaf, start + kBlockSize);
@@ -543,9 +561,12 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-// After the update: the whole-leaf scales replace the old ones.
+// After the update: the whole-leaf scales replace the old ones (unless the
+// step was skipped).
 __global__ void StoreWholeScalesKernel(const __grid_constant__ LeafTable table,
-                                       const float* whole_absmax) {
+                                       const StepArgs args) {
+  const float* whole_absmax = args.whole_absmax;
+  if (!ComputeStepScalars(args.hyper, args.t).valid) return;
   for (int i = threadIdx.x; i < table.num_leaves; i += blockDim.x) {
     const LeafDesc& leaf = table.leaves[i];
     if (leaf.flags & kLeafWhole) {
@@ -553,6 +574,10 @@ __global__ void StoreWholeScalesKernel(const __grid_constant__ LeafTable table,
       leaf.absmax2[0] = whole_absmax[2 * leaf.index + 1];
     }
   }
+}
+
+__global__ void StoreWordsKernel(const WordStores stores) {
+  for (int i = 0; i < stores.count; ++i) *stores.dst[i] = stores.value[i];
 }
 
 int GridFor(int64_t num_blocks, int num_sms) {
@@ -602,10 +627,15 @@ cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   if (args.whole_absmax != nullptr) {
-    StoreWholeScalesKernel<<<1, kThreads, 0, stream>>>(table, args.whole_absmax);
+    StoreWholeScalesKernel<<<1, kThreads, 0, stream>>>(table, args);
     error = cudaGetLastError();
   }
   return error;
+}
+
+cudaError_t LaunchStoreWords(const WordStores& stores, cudaStream_t stream) {
+  StoreWordsKernel<<<1, 1, 0, stream>>>(stores);
+  return cudaGetLastError();
 }
 
 }  // namespace optax_paged8bit

@@ -48,6 +48,8 @@ struct StepArgs {
   const float* clip_scale;   // float32[num leaves in the call] or null (no clipping)
   float* whole_absmax;       // float32[2 * leaves]: new scales of whole-leaf leaves
   int32_t* count_out;        // written with t by the launch that has write_count
+  uint32_t* handle_out;      // written with handle_value by that launch (null: no handle)
+  uint32_t handle_value;
   int64_t t;                 // 1-based step
   bool write_params;
   bool write_count;
@@ -71,6 +73,15 @@ cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cuda
 // The update of every leaf of the table.
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
                          cudaStream_t stream);
+
+// Up to 4 words written on the stream (a call's scalar results that the host
+// decided: a new handle, a count), carried in the kernel's parameters.
+struct WordStores {
+  uint32_t* dst[4];
+  uint32_t value[4];
+  int count;
+};
+cudaError_t LaunchStoreWords(const WordStores& stores, cudaStream_t stream);
 
 }  // namespace optax_paged8bit
 

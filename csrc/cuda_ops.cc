@@ -163,22 +163,43 @@ int NumSms(int device) {
   return n;
 }
 
-// The step's one synchronisation: handle and count to the host.
-ffi::Error ReadHandleAndCount(const char* op, cudaStream_t stream, const void* handle,
-                              const void* count, int32_t* out_handle, int32_t* out_count) {
+// What a call reads on the host: the state's handle and count, and the
+// traced layout-fixing arguments when there are any.
+struct HostScalars {
+  uint32_t handle = 0;
+  int32_t count = 0;
+  int32_t structure[kStructureValues] = {};
+  size_t structure_size = 0;
+};
+
+// The call's one synchronisation: `handle` (may be null), `count` and
+// `structure` (may be empty) to the host, in one wait.
+ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* handle,
+                           const void* count, const ffi::Buffer<ffi::S32>* structure,
+                           HostScalars* out) {
   static thread_local int32_t* pinned = nullptr;
+  constexpr size_t kWords = 2 + kStructureValues;
   if (pinned == nullptr) {
-    cudaError_t e = cudaMallocHost(&pinned, 2 * sizeof(int32_t));
+    cudaError_t e = cudaMallocHost(&pinned, kWords * sizeof(int32_t));
     if (e != cudaSuccess) return CudaError(op, "cudaMallocHost", e);
   }
-  cudaError_t e = cudaMemcpyAsync(pinned, handle, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  out->structure_size = structure == nullptr ? 0 : structure->element_count();
+  cudaError_t e = cudaSuccess;
+  if (handle != nullptr) {
+    e = cudaMemcpyAsync(pinned, handle, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  }
   if (e == cudaSuccess) {
     e = cudaMemcpyAsync(pinned + 1, count, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
   }
+  if (e == cudaSuccess && out->structure_size > 0) {
+    e = cudaMemcpyAsync(pinned + 2, structure->typed_data(), out->structure_size * sizeof(int32_t),
+                        cudaMemcpyDeviceToHost, stream);
+  }
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return CudaError(op, "reading handle and count", e);
-  *out_handle = RegistryHandle(static_cast<uint32_t>(pinned[0]));
-  *out_count = pinned[1];
+  if (e != cudaSuccess) return CudaError(op, "reading the state's handle and count", e);
+  out->handle = handle != nullptr ? static_cast<uint32_t>(pinned[0]) : 0;
+  out->count = pinned[1];
+  for (size_t i = 0; i < out->structure_size; ++i) out->structure[i] = pinned[2 + i];
   return ffi::Error::Success();
 }
 
@@ -249,6 +270,12 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
     }                                           \
   } while (0)
 
+// Where an update writes the state's handle (nowhere for adamw8bit).
+struct HandleWrite {
+  uint32_t* out = nullptr;
+  uint32_t value = 0;
+};
+
 // One step over every leaf on the states given (a registry slot's, or the
 // arrays of an arrays-state call): all launches on `stream`.
 ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
@@ -256,7 +283,8 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
                       const std::vector<LeafSpec>& layout, std::vector<LeafState>& states,
                       const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
                       const ffi::Buffer<ffi::F32>& rings, float* ring, int32_t* count_out,
-                      int64_t t, int32_t percentile, bool block_wise, bool write_params) {
+                      HandleWrite handle, int64_t t, int32_t percentile, bool block_wise,
+                      bool write_params) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
     RETURN_IF_LAUNCH_FAILED(
         op, "copying the clipping rings",
@@ -275,6 +303,8 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   StepArgs args = {};
   args.hyper = hyper.typed_data();
   args.count_out = count_out;
+  args.handle_out = handle.out;
+  args.handle_value = handle.value;
   args.t = t;
   args.write_params = write_params;
   int num_sms = NumSms(device);
@@ -327,42 +357,53 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
 }
 
 ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-                      HandleBuffer handle, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
+                      HandleBuffer handle, HandleResult handle_out, ffi::Buffer<ffi::S32> count,
+                      ffi::Buffer<ffi::S32> structure, ffi::Buffer<ffi::F32> hyper,
                       ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
                       ffi::RemainingArgs leaf_args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
-                      bool write_params) {
+                      bool write_params, int32_t optim_bits, int64_t min_8bit_size,
+                      int64_t layout_key) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, leaf_args, leaf_rets, leaf_flags,
-                            block_wise, percentile, false, &call);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, leaf_args, leaf_rets,
+                            leaf_flags, block_wise, percentile, false, &call);
       e.failure()) {
     return e;
   }
   DeviceScope scope(device);
-  int32_t handle_value, step;
-  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
-                                  &handle_value, &step);
+  HostScalars host;
+  if (auto e = ReadHostScalars(op, stream, handle.untyped_data(), count.untyped_data(), &structure,
+                               &host);
       e.failure()) {
     return e;
   }
+  if (auto e = CheckStructure(op, host.structure, host.structure_size,
+                              {optim_bits, min_8bit_size, percentile, block_wise});
+      e.failure()) {
+    return e;
+  }
+  if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForUpdate(handle_value, Platform::kCuda, device,
-                                                          step, call.layout, allocator, &slot);
+  int32_t handle_value = 0;
+  std::string error = Registry::Global().AcquireForUpdate(
+      MakeRequest(host.handle, layout_key, Platform::kCuda, device, call.layout), host.count,
+      allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
-  if (slot->step != step) {
+  if (slot->step != host.count) {
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle_value));
   }
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
-  int64_t t = static_cast<int64_t>(step) + 1;
+  int64_t t = static_cast<int64_t>(host.count) + 1;
+  HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
   if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, slot->leaves,
-                          hyper, qmaps, rings, rings_out->typed_data(), count_out->typed_data(), t,
-                          percentile, block_wise, write_params);
+                          hyper, qmaps, rings, rings_out->typed_data(), count_out->typed_data(),
+                          handle_write, t, percentile, block_wise, write_params);
       e.failure()) {
     return e;
   }
@@ -374,26 +415,33 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
 // the aliased results (copied first when XLA did not alias them). The count
 // is read like the paged update's (the kernels take the step from the host).
 ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-                            ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::F32> hyper,
-                            ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
-                            ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                            ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
+                            ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
+                            ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs args,
+                            ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                             ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
                             ffi::Span<const int32_t> leaf_flags, bool block_wise,
-                            int32_t percentile, bool write_params) {
+                            int32_t percentile, bool write_params, int32_t optim_bits,
+                            int64_t min_8bit_size) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, hyper, qmaps, rings, args, rets, leaf_flags, block_wise,
-                            percentile, true, &call);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
+                            block_wise, percentile, true, &call);
       e.failure()) {
     return e;
   }
   DeviceScope scope(device);
-  int32_t step, unused;
-  if (auto e = ReadHandleAndCount(op, stream, count.untyped_data(), count.untyped_data(), &unused,
-                                  &step);
+  HostScalars host;
+  if (auto e = ReadHostScalars(op, stream, nullptr, count.untyped_data(), &structure, &host);
       e.failure()) {
     return e;
   }
+  if (auto e = CheckStructure(op, host.structure, host.structure_size,
+                              {optim_bits, min_8bit_size, percentile, block_wise});
+      e.failure()) {
+    return e;
+  }
+  if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
   std::vector<LeafState> states;
   auto copy = [stream](void* dst, const void* src, size_t bytes) {
     cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
@@ -401,8 +449,8 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
   };
   if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
   return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, states, hyper, qmaps,
-                    rings, rings_out->typed_data(), count_out->typed_data(),
-                    static_cast<int64_t>(step) + 1, percentile, block_wise, write_params);
+                    rings, rings_out->typed_data(), count_out->typed_data(), HandleWrite{},
+                    static_cast<int64_t>(host.count) + 1, percentile, block_wise, write_params);
 }
 
 // Copies between a slot and the call's buffers (export: slot -> buffers).
@@ -435,8 +483,9 @@ ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves
 }
 
 ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
-                      ffi::Buffer<ffi::S32> count, ffi::RemainingRets rets,
-                      ffi::Span<const int32_t> leaf_flags, bool block_wise) {
+                      ffi::Buffer<ffi::S32> count, ffi::Result<ffi::Buffer<ffi::S32>> step_out,
+                      ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags,
+                      bool block_wise, int64_t layout_key) {
   const char* op = kExportTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
@@ -447,27 +496,38 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
     return e;
   }
   DeviceScope scope(device);
-  int32_t handle_value, step;
-  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
-                                  &handle_value, &step);
+  HostScalars host;
+  if (auto e = ReadHostScalars(op, stream, handle.untyped_data(), count.untyped_data(), nullptr,
+                               &host);
       e.failure()) {
     return e;
   }
   std::shared_ptr<Slot> slot;
-  std::string error =
-      Registry::Global().AcquireForRead(handle_value, Platform::kCuda, device, step, layout, &slot);
+  int64_t step = 0;
+  std::string error = Registry::Global().AcquireForRead(
+      MakeRequest(host.handle, layout_key, Platform::kCuda, device, layout), host.count, &slot,
+      &step);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::unique_lock<std::mutex> lock;
   if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
-  return CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/false, stream);
+  if (auto e = CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/false, stream);
+      e.failure()) {
+    return e;
+  }
+  WordStores stores = {};
+  stores.dst[0] = reinterpret_cast<uint32_t*>(step_out->typed_data());
+  stores.value[0] = static_cast<uint32_t>(slot ? slot->step : step);
+  stores.count = 1;
+  RETURN_IF_LAUNCH_FAILED(op, "StoreWordsKernel", LaunchStoreWords(stores, stream));
+  return ffi::Error::Success();
 }
 
-ffi::Error ImportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
-                      ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args,
+ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> count,
+                      ffi::RemainingArgs args, HandleResult handle_out,
                       ffi::Result<ffi::Buffer<ffi::S32>> count_out,
-                      ffi::Span<const int32_t> leaf_flags, bool block_wise) {
+                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key) {
   const char* op = kImportTarget;
-  if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
+  if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
   auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
@@ -476,16 +536,18 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
     return e;
   }
   DeviceScope scope(device);
-  int32_t handle_value, step;
-  if (auto e = ReadHandleAndCount(op, stream, handle.untyped_data(), count.untyped_data(),
-                                  &handle_value, &step);
+  HostScalars host;
+  if (auto e = ReadHostScalars(op, stream, nullptr, count.untyped_data(), nullptr, &host);
       e.failure()) {
     return e;
   }
+  if (auto e = CheckImportCount(op, host.count); e.failure()) return e;
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
-  std::string error = Registry::Global().AcquireForImport(handle_value, Platform::kCuda, device,
-                                                          layout, allocator, &slot);
+  int32_t handle_value = 0;
+  std::string error = Registry::Global().AcquireForImport(
+      MakeRequest(0, layout_key, Platform::kCuda, device, layout), allocator, &slot,
+      &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
@@ -493,10 +555,14 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
       e.failure()) {
     return e;
   }
-  cudaError_t e = cudaMemcpyAsync(count_out->typed_data(), count.typed_data(), sizeof(int32_t),
-                                  cudaMemcpyDeviceToDevice, stream);
-  if (e != cudaSuccess) return CudaError(op, "writing count", e);
-  slot->step = step;
+  WordStores stores = {};
+  stores.dst[0] = handle_out->typed_data();
+  stores.value[0] = static_cast<uint32_t>(handle_value);
+  stores.dst[1] = reinterpret_cast<uint32_t*>(count_out->typed_data());
+  stores.value[1] = static_cast<uint32_t>(host.count);
+  stores.count = 2;
+  RETURN_IF_LAUNCH_FAILED(op, "StoreWordsKernel", LaunchStoreWords(stores, stream));
+  slot->step = host.count;
   return ffi::Error::Success();
 }
 

@@ -1,20 +1,31 @@
 // Decoding and checking of the custom calls' operands, shared by the CPU and
 // CUDA handlers (host code only).
 //
-// update:  args   handle s32[], count s32[], hyper f32[5], qmaps f32[2,256],
-//                 rings f32[L or 0, 100], grads x L, params x L
-//          rets   count s32[], rings, out x L (updates, or new params when
-//                 write_params)
-//          attrs  leaf_flags i32[L], block_wise, percentile, write_params
-// export:  args   handle, count; rets state1, state2, absmax1, absmax2 x L
-// import:  args   handle, count, state1, state2, absmax1, absmax2 x L;
-//          rets   count
-//          attrs (both) leaf_flags, block_wise
+// update:  args   handle u32[], count s32[], structure s32[5 or 0],
+//                 hyper f32[5], qmaps f32[2,256], rings f32[L or 0, 100],
+//                 grads x L, params x L
+//          rets   handle u32[], count s32[], rings, out x L (updates, or new
+//                 params when write_params)
+//          attrs  leaf_flags i32[L], block_wise, percentile, write_params,
+//                 optim_bits, min_8bit_size, layout_key
 // update_arrays (adamw8bit: the state as arrays, no registry):
-//          args   count, hyper, qmaps, rings, grads x L, params x L,
-//                 state1, state2, absmax1, absmax2 x L
+//          args   count, structure, hyper, qmaps, rings, grads x L,
+//                 params x L, state1, state2, absmax1, absmax2 x L
 //          rets   count, rings, out x L, the 4 state arrays x L (aliased)
-//          attrs  as update
+//          attrs  as update, but layout_key
+// export:  args   handle, count
+//          rets   count (the step the moments are at), state1, state2,
+//                 absmax1, absmax2 x L
+// import:  args   count, state1, state2, absmax1, absmax2 x L
+//          rets   handle (a new one), count
+//          attrs (both) leaf_flags, block_wise, layout_key
+//
+// `structure` carries the layout-fixing arguments of a call whose Python
+// values were traced (optax.inject_hyperparams without static_args): the
+// optim_bits keyword, the effective optim_bits, min_8bit_size,
+// percentile_clipping and block_wise. They must equal what the layout was
+// built with at init (the attributes); empty when they were concrete (the
+// Python side checked them).
 #ifndef OPTAX_PAGED8BIT_FFI_COMMON_H_
 #define OPTAX_PAGED8BIT_FFI_COMMON_H_
 
@@ -83,21 +94,62 @@ inline ffi::Error InvalidArgument(const std::string& op, const std::string& what
   return ffi::Error::InvalidArgument(std::string(op) + ": " + what);
 }
 
-// The state's handle travels as a uint32 scalar, so that the collector can tell
-// it from int32 step counts among the live arrays (SPEC 5.1 asks only for a
-// small integer); the registry keys slots by int32.
+// The state's handle travels as a uint32 scalar (a fresh token or a live
+// handle, registry.h), so that the collector can tell it from int32 step
+// counts among the live arrays.
 using HandleBuffer = ffi::Buffer<ffi::U32>;
-
-// Handles the registry never hands out (above INT32_MAX) map to 0, which it
-// rejects as unknown.
-inline int32_t RegistryHandle(uint32_t bits) {
-  return bits > static_cast<uint32_t>(INT32_MAX) ? 0 : static_cast<int32_t>(bits);
-}
+using HandleResult = ffi::Result<ffi::Buffer<ffi::U32>>;
 
 inline ffi::Error CheckScalarOperands(const char* op, const HandleBuffer& handle,
                                       const ffi::Buffer<ffi::S32>& count) {
   if (handle.element_count() != 1 || count.element_count() != 1) {
     return InvalidArgument(op, "handle must be a uint32 scalar and count an int32 scalar");
+  }
+  return ffi::Error::Success();
+}
+
+// The attributes that fix a state's layout at init.
+struct StructureAttrs {
+  int32_t optim_bits = 8;  // effective: 8 (codes) or 32 (float32 moments everywhere)
+  int64_t min_8bit_size = 0;
+  int32_t percentile = 100;
+  bool block_wise = true;
+};
+
+constexpr size_t kStructureValues = 5;
+
+// Checks the traced layout-fixing arguments (`values`, the structure operand
+// read on the host) against the layout's.
+inline ffi::Error CheckStructure(const char* op, const int32_t* values, size_t n,
+                                 const StructureAttrs& attrs) {
+  if (n == 0) return ffi::Error::Success();
+  if (n != kStructureValues) {
+    return InvalidArgument(op, "structure must be int32[5] or empty");
+  }
+  struct Field {
+    const char* name;
+    int64_t got, want;
+  };
+  const Field fields[] = {{"optim_bits", values[0], 32},
+                          {"optim_bits (through args)", values[1], attrs.optim_bits},
+                          {"min_8bit_size", values[2], attrs.min_8bit_size},
+                          {"percentile_clipping", values[3], attrs.percentile},
+                          {"block_wise", values[4], attrs.block_wise ? 1 : 0}};
+  for (const Field& f : fields) {
+    if (f.got == f.want) continue;
+    Message msg;
+    if (&f == &fields[0]) {
+      msg << "optim_bits must be 32, got " << f.got
+          << " (the keyword exists for bitsandbytes' signature; float32 moments on every leaf "
+             "are args={'optim_bits': 32})";
+      return InvalidArgument(op, msg.str());
+    }
+    msg << f.name << " is " << f.got << " in this update but the opt_state was built with "
+        << f.want
+        << " at init. It fixes which leaves keep 8-bit codes and how, so it cannot change "
+           "after init: build a new state with tx.init (or import the old one into it), and "
+           "under optax.inject_hyperparams pass it in static_args.";
+    return InvalidArgument(op, msg.str());
   }
   return ffi::Error::Success();
 }
@@ -232,6 +284,7 @@ template <typename Binding>
 auto BindUpdateArrays(Binding binding) {
   return std::move(binding)
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .template Arg<ffi::Buffer<ffi::S32>>()  // structure
       .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
       .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
       .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
@@ -242,13 +295,19 @@ auto BindUpdateArrays(Binding binding) {
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
       .template Attr<bool>("block_wise")
       .template Attr<int32_t>("percentile")
-      .template Attr<bool>("write_params");
+      .template Attr<bool>("write_params")
+      .template Attr<int32_t>("optim_bits")
+      .template Attr<int64_t>("min_8bit_size");
 }
 
-// The paged update: the registry handle, then the same as above.
+// The paged update: the registry handle in and out, then the same as above,
+// and the layout's key.
 template <typename Binding>
 auto BindUpdate(Binding binding) {
-  return BindUpdateArrays(std::move(binding).template Arg<HandleBuffer>());  // handle
+  return BindUpdateArrays(std::move(binding)
+                              .template Arg<HandleBuffer>()   // handle
+                              .template Ret<HandleBuffer>())  // handle (new when fresh)
+      .template Attr<int64_t>("layout_key");
 }
 
 template <typename Binding>
@@ -256,20 +315,54 @@ auto BindExport(Binding binding) {
   return std::move(binding)
       .template Arg<HandleBuffer>()           // handle
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
+      .template Ret<ffi::Buffer<ffi::S32>>()  // the step the moments are at
       .RemainingRets()                        // 4 arrays per leaf
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
-      .template Attr<bool>("block_wise");
+      .template Attr<bool>("block_wise")
+      .template Attr<int64_t>("layout_key");
 }
 
 template <typename Binding>
 auto BindImport(Binding binding) {
   return std::move(binding)
-      .template Arg<HandleBuffer>()           // handle
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
       .RemainingArgs()                        // 4 arrays per leaf
+      .template Ret<HandleBuffer>()           // a new handle
       .template Ret<ffi::Buffer<ffi::S32>>()  // count
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
-      .template Attr<bool>("block_wise");
+      .template Attr<bool>("block_wise")
+      .template Attr<int64_t>("layout_key");
+}
+
+// The largest count a state may have: the next update writes count + 1.
+constexpr int64_t kMaxCount = INT32_MAX - 1;
+
+inline ffi::Error CheckImportCount(const char* op, int64_t count) {
+  if (count < 0 || count > kMaxCount) {
+    return InvalidArgument(op, "count must be in 0.." + std::to_string(kMaxCount) + ", got " +
+                                   std::to_string(count));
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckUpdateCount(const char* op, int64_t count) {
+  if (count < 0 || count > kMaxCount) {
+    return InvalidArgument(op, "the opt_state's count is " + std::to_string(count) +
+                                   "; an update needs a count in 0.." +
+                                   std::to_string(kMaxCount));
+  }
+  return ffi::Error::Success();
+}
+
+inline Registry::Request MakeRequest(uint32_t handle_bits, int64_t layout_key, Platform platform,
+                                     int device, const std::vector<LeafSpec>& layout) {
+  Registry::Request r;
+  r.handle_bits = handle_bits;
+  r.layout_key = static_cast<uint32_t>(layout_key);
+  r.platform = platform;
+  r.device = device;
+  r.layout = &layout;
+  return r;
 }
 
 // What an update call decodes: its leaves and their layout, and for the
@@ -283,6 +376,7 @@ struct DecodedUpdate {
 // Checks the count, hyperparameters, maps and rings, and decodes the leaves
 // (and, with state_arrays, the 4 state arrays per leaf on both sides).
 inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& count,
+                               const ffi::Buffer<ffi::S32>& structure,
                                const ffi::Buffer<ffi::F32>& hyper,
                                const ffi::Buffer<ffi::F32>& qmaps,
                                const ffi::Buffer<ffi::F32>& rings, ffi::RemainingArgs args,
@@ -290,6 +384,9 @@ inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& coun
                                bool block_wise, int32_t percentile, bool state_arrays,
                                DecodedUpdate* out) {
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
+  if (structure.element_count() != 0 && structure.element_count() != kStructureValues) {
+    return InvalidArgument(op, "structure must be int32[5] or empty");
+  }
   if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, flags.size(), percentile); e.failure()) {
     return e;
   }

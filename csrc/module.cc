@@ -60,6 +60,7 @@ py::list SlotInfo(int32_t handle) {
     d["platform"] = PlatformName(slot->platform);
     d["device"] = slot->device;
     d["step"] = slot->step;
+    d["layout_key"] = slot->layout_key;
     size_t on_host = 0, on_device = 0;
     for (const Memory& m : slot->memory) (m.on_host ? on_host : on_device) += m.bytes;
     d["bytes"] = slot->bytes();
@@ -85,9 +86,6 @@ PYBIND11_MODULE(_ops, m) {
   m.attr("built_with_cuda") = false;
 #endif
   m.def(
-      "new_handle", [] { return Registry::Global().NewHandle(); },
-      "Reserves a fresh state handle.");
-  m.def(
       "release", [](int32_t handle) { return Registry::Global().Release(handle); },
       "Frees every slot of a handle and tombstones it; returns the bytes freed.");
   m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
@@ -97,24 +95,29 @@ PYBIND11_MODULE(_ops, m) {
   m.def(
       "collect",
       [](const std::vector<int32_t>& held, uint64_t mark) {
-        return Registry::Global().Collect(held, mark);
+        size_t busy = 0;
+        size_t freed = Registry::Global().Collect(held, mark, &busy);
+        return py::make_tuple(freed, busy);
       },
-      "Frees slots whose handle two scans found unheld; returns the bytes freed.");
+      "Frees slots whose handle two scans found unheld; returns (bytes freed, unheld handles "
+      "used since the previous scan).");
   m.def(
       "handles_with_slots", [] { return Registry::Global().HandlesWithSlots(); },
       "Handles that hold memory now.");
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
   m.def(
       "check_update",
-      [](int32_t handle, const std::string& platform, int device, int64_t count,
-         const std::vector<int64_t>& sizes, const std::vector<int32_t>& flags, bool block_wise) {
+      [](uint32_t handle_bits, int64_t layout_key, const std::string& platform, int device,
+         int64_t count, const std::vector<int64_t>& sizes, const std::vector<int32_t>& flags,
+         bool block_wise) {
         std::vector<LeafSpec> layout;
         for (size_t i = 0; i < sizes.size(); ++i) {
           bool is_8bit = (flags[i] & kLeaf8bit) != 0;
           layout.push_back(LeafSpec{sizes[i], is_8bit, NumScales(sizes[i], is_8bit, block_wise)});
         }
         Platform p = platform == "cpu" ? Platform::kCpu : Platform::kCuda;
-        return Registry::Global().CheckUpdate(handle, p, device, count, layout);
+        return Registry::Global().CheckUpdate(
+            MakeRequest(handle_bits, layout_key, p, device, layout), count);
       },
       "The error an update of this state would fail with, or '' (host-side pre-check).");
   m.def(

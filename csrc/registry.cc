@@ -1,6 +1,8 @@
 #include "registry.h"
 
 #include <algorithm>
+#include <climits>
+#include <random>
 #include <set>
 
 namespace optax_paged8bit {
@@ -24,17 +26,30 @@ Registry& Registry::Global() {
   return *registry;
 }
 
-int32_t Registry::NewHandle() {
-  std::lock_guard<std::mutex> lock(mu_);
-  int32_t handle = next_handle_++;
-  fate_.resize(handle + 1, Fate::kLive);
-  unheld_since_.resize(handle + 1, 0);
-  return handle;
+// Live handles of this process are first_handle_, first_handle_ + 1, ... from
+// a random base in [2^28, 2^29): below the fresh-token bit, above the small
+// integers that other uint32 scalars (step counters) hold, and different from
+// another process's handles but by a rare chance.
+Registry::Registry() {
+  std::random_device entropy;
+  first_handle_ = static_cast<int32_t>((1u << 28) + (entropy() & ((1u << 28) - 1)));
+  next_handle_ = first_handle_;
+}
+
+Registry::HandleInfo* Registry::InfoLocked(int32_t handle) {
+  if (handle < first_handle_ || handle >= next_handle_) return nullptr;
+  return &handles_[handle - first_handle_];
+}
+
+const Registry::HandleInfo* Registry::InfoLocked(int32_t handle) const {
+  if (handle < first_handle_ || handle >= next_handle_) return nullptr;
+  return &handles_[handle - first_handle_];
 }
 
 bool Registry::IsReleased(int32_t handle) {
   std::lock_guard<std::mutex> lock(mu_);
-  return handle > 0 && handle < next_handle_ && fate_[handle] == Fate::kReleased;
+  const HandleInfo* info = InfoLocked(handle);
+  return info != nullptr && info->fate == Fate::kReleased;
 }
 
 template <typename Pred>
@@ -64,8 +79,9 @@ size_t Registry::Release(int32_t handle) {
   std::vector<std::shared_ptr<Slot>> doomed;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (handle <= 0 || handle >= next_handle_) return 0;
-    fate_[handle] = Fate::kReleased;
+    HandleInfo* info = InfoLocked(handle);
+    if (info == nullptr) return 0;
+    info->fate = Fate::kReleased;
     doomed = TakeSlotsLocked([handle](int32_t h) { return h == handle; });
   }
   return BytesOnceUnused(doomed);  // the slots are freed when `doomed` goes out of scope
@@ -86,9 +102,10 @@ std::vector<int32_t> Registry::HandlesWithSlots() {
   return handles;
 }
 
-size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark) {
+size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark, size_t* busy) {
   std::set<int32_t> held_set(held.begin(), held.end());
   std::vector<std::shared_ptr<Slot>> doomed;
+  size_t used_while_unheld = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     // The latest use of each handle's slots.
@@ -99,65 +116,82 @@ size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark) {
     }
     std::set<int32_t> freeing;
     for (auto [handle, latest] : last_use) {
-      uint64_t& since = unheld_since_[handle];
+      uint64_t& since = InfoLocked(handle)->unheld_since;
       if (held_set.count(handle) != 0) {
         since = 0;
       } else if (since != 0 && since < mark && latest < since) {
         freeing.insert(handle);  // unheld at two scans and not used in between
-      } else if (latest < mark) {
-        since = mark;  // unheld for the first time (or used since the last scan)
+      } else {
+        if (since != 0 && latest >= since) ++used_while_unheld;
+        if (latest < mark) since = mark;  // unheld for the first time (or used since the last scan)
       }
     }
     for (int32_t handle : freeing) {
-      fate_[handle] = Fate::kCollected;
-      unheld_since_[handle] = 0;
+      HandleInfo* info = InfoLocked(handle);
+      info->fate = Fate::kCollected;
+      info->unheld_since = 0;
     }
     doomed = TakeSlotsLocked([&freeing](int32_t h) { return freeing.count(h) != 0; });
   }
+  if (busy != nullptr) *busy = used_while_unheld;
   return BytesOnceUnused(doomed);
 }
 
+namespace {
+
+const char kHowToSave[] =
+    " Save a paged state with optax_paged8bit.save_checkpoint(path, tree) (or "
+    "optax_paged8bit.export_state before any other serializer) and resume with "
+    "optax_paged8bit.restore_checkpoint: a checkpoint of the opt_state itself (a plain orbax "
+    "save, pickle, jax.device_get) holds only its count and handle, not the moments.";
+
+}  // namespace
+
 std::string Registry::CheckHandleLocked(int32_t handle) const {
   Message msg;
-  if (handle <= 0 || handle >= next_handle_) {
+  const HandleInfo* info = InfoLocked(handle);
+  if (info == nullptr) {
     msg << "optimizer state handle " << handle
-        << " was not created in this process (a state saved elsewhere, or built by hand). "
-           "Create the state with tx.init(params) in this process and load saved values with "
-           "optax_paged8bit.import_state.";
+        << " was not created in this process: the opt_state was probably restored from a "
+           "checkpoint written by another process."
+        << kHowToSave;
     return msg.str();
   }
-  if (fate_[handle] == Fate::kReleased) {
+  if (info->fate == Fate::kReleased) {
     msg << "optimizer state handle " << handle
-        << " was released (optax_paged8bit.release was called on it, or on a state that shares "
-           "its handle); create a new state with tx.init(params).";
+        << " was released (optax_paged8bit.release was called on this state or on an older "
+           "copy of it); create a new state with tx.init(params).";
     return msg.str();
   }
   return "";
 }
 
-std::string Registry::MissingSlotLocked(int32_t handle, Platform platform, int device,
-                                        int64_t count, const char* hint) const {
+std::string Registry::MissingSlotLocked(int32_t handle, const Request& request,
+                                        int64_t count) const {
   Message msg;
-  msg << "optimizer state handle " << handle << " has no stored state on " << PlatformName(platform)
-      << ":" << device << " but its count is " << count;
-  if (fate_[handle] == Fate::kCollected) {
+  msg << "optimizer state handle " << handle << " has no stored state on "
+      << PlatformName(request.platform) << ":" << request.device << " (its count is " << count
+      << ")";
+  if (InfoLocked(handle)->fate == Fate::kCollected) {
     msg << ". Its memory was freed by optax_paged8bit's collector because no live jax.Array "
            "held the handle: the state was dropped, or kept only as a host copy "
-           "(jax.device_get, pickle). Keep the opt_state as jax arrays while it is in use, and "
-           "save it with optax_paged8bit.export_state.";
+           "(jax.device_get, pickle). Keep the opt_state as jax arrays while it is in use."
+        << kHowToSave;
   } else {
-    msg << "; " << hint;
+    msg << ": its moments live on another device. Keep a state on the devices it was created "
+           "on (a resharded or moved opt_state cannot find its moments).";
   }
   return msg.str();
 }
 
-std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int device,
-                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
-                                       std::shared_ptr<Slot>* out) {
+std::string Registry::CreateSlotLocked(const Request& request, Allocator& allocator,
+                                       std::shared_ptr<Slot>* out, int32_t* handle_out) {
+  const std::vector<LeafSpec>& layout = *request.layout;
   auto slot = std::make_shared<Slot>();
-  slot->platform = platform;
-  slot->device = device;
+  slot->platform = request.platform;
+  slot->device = request.device;
   slot->layout = layout;
+  slot->layout_key = request.layout_key;
   slot->leaves.resize(layout.size());
   // One allocation (arena) per slot: one prefetch or advice call moves it all.
   constexpr size_t kAlign = 256;
@@ -172,8 +206,8 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
     Memory m = allocator.Allocate(total, &error);
     if (m.data == nullptr) {
       Message msg;
-      msg << "could not allocate optimizer state for handle " << std::get<0>(key) << " on "
-          << PlatformName(platform) << ":" << device << ": " << error;
+      msg << "could not allocate optimizer state on " << PlatformName(request.platform) << ":"
+          << request.device << ": " << error;
       return msg.str();
     }
     slot->memory.push_back(m);
@@ -192,32 +226,55 @@ std::string Registry::CreateSlotLocked(const Key& key, Platform platform, int de
     leaf.absmax1 = static_cast<float*>(carve(layout[i].scale_bytes()));
     leaf.absmax2 = static_cast<float*>(carve(layout[i].scale_bytes()));
   }
-  fate_[std::get<0>(key)] = Fate::kLive;  // a collected handle used at count 0 starts afresh
-  unheld_since_[std::get<0>(key)] = 0;
+  if (next_handle_ == INT32_MAX) return "optimizer state handles are exhausted in this process";
+  int32_t handle = next_handle_++;
+  handles_.emplace_back();
   TouchLocked(*slot);
-  slots_[key] = slot;
+  slots_[Key{handle, static_cast<int>(request.platform), request.device}] = slot;
   *out = std::move(slot);
+  *handle_out = handle;
   return "";
 }
 
-std::string Registry::FindForUpdateLocked(int32_t handle, Platform platform, int device,
-                                          int64_t count, const std::vector<LeafSpec>& layout,
-                                          std::shared_ptr<Slot>* slot) {
-  std::string error = CheckHandleLocked(handle);
-  if (!error.empty()) return error;
-  auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
+namespace {
+
+std::string LayoutKeyMismatch(uint32_t have, uint32_t call) {
   Message msg;
-  if (it == slots_.end()) {
-    if (count != 0) {
-      return MissingSlotLocked(handle, platform, device, count,
-                               "a restored opt_state must be loaded with "
-                               "optax_paged8bit.import_state before the first update.");
+  msg << "this opt_state was made by init for other params than this call's (layout key " << have
+      << ", the call's " << call
+      << "). Use the opt_state that this optimizer's init returned for these params.";
+  return msg.str();
+}
+
+}  // namespace
+
+std::string Registry::FindForUpdateLocked(const Request& request, int64_t count,
+                                          std::shared_ptr<Slot>* slot) {
+  Message msg;
+  if (IsFreshToken(request.handle_bits)) {
+    if (FreshLayoutKey(request.handle_bits) != request.layout_key) {
+      return LayoutKeyMismatch(FreshLayoutKey(request.handle_bits), request.layout_key);
     }
-    slot->reset();  // a fresh state: the caller may create its slot
+    if (count != 0) {
+      msg << "this opt_state has no stored moments (the fresh handle that init returns) but its "
+             "count is "
+          << count << ", not 0: it was changed by hand or restored without its moments."
+          << kHowToSave;
+      return msg.str();
+    }
+    slot->reset();  // a fresh state: the caller creates its slot
     return "";
   }
+  int32_t handle = static_cast<int32_t>(request.handle_bits);
+  std::string error = CheckHandleLocked(handle);
+  if (!error.empty()) return error;
+  auto it = slots_.find(Key{handle, static_cast<int>(request.platform), request.device});
+  if (it == slots_.end()) return MissingSlotLocked(handle, request, count);
   const std::shared_ptr<Slot>& found = it->second;
-  std::string mismatch = DescribeLayoutMismatch(found->layout, layout);
+  std::string mismatch = DescribeLayoutMismatch(found->layout, *request.layout);
+  if (mismatch.empty() && found->layout_key != request.layout_key) {
+    return LayoutKeyMismatch(found->layout_key, request.layout_key);
+  }
   if (!mismatch.empty()) {
     msg << "optimizer state handle " << handle << " belongs to an optimizer over different "
         << "parameters: " << mismatch
@@ -225,90 +282,89 @@ std::string Registry::FindForUpdateLocked(int32_t handle, Platform platform, int
     return msg.str();
   }
   if (found->step != count) {
-    msg << "stale optimizer state: handle " << handle << " on " << PlatformName(platform) << ":"
-        << device << " is at step " << found->step << " but the update got an opt_state with "
-        << "count " << count << ". paged_adamw8bit advances its state in place, so each "
-        << "opt_state can be updated once. This happens when an older opt_state is reused "
-        << "(re-running or rolling back a step), when optax.MultiSteps or another wrapper "
-        << "runs the update and discards its result, or when a jitted init handed the same "
-        << "handle to two states. Always pass the opt_state returned by the previous update; "
-        << "accumulate gradients with optax_paged8bit.accumulate_gradients.";
+    msg << "stale optimizer state: handle " << handle << " on " << PlatformName(request.platform)
+        << ":" << request.device << " is at step " << found->step
+        << " but the update got an opt_state with count " << count
+        << ". paged_adamw8bit advances its state in place, so each opt_state can be updated "
+           "once. This happens when an older opt_state is reused (re-running or rolling back a "
+           "step), when optax.MultiSteps or another wrapper runs the update and discards its "
+           "result, or when a step's result never reached Python (Ctrl-C, or a later operation "
+           "of the same jitted step failed). Always pass the opt_state returned by the previous "
+           "update; accumulate gradients with optax_paged8bit.accumulate_gradients. After an "
+           "interrupted step, opt_state = optax_paged8bit.import_state(tx.init(params), "
+           "optax_paged8bit.export_state(opt_state)) continues from the moments as they are.";
     return msg.str();
   }
   *slot = found;
   return "";
 }
 
-std::string Registry::CheckUpdate(int32_t handle, Platform platform, int device, int64_t count,
-                                  const std::vector<LeafSpec>& layout) {
+std::string Registry::CheckUpdate(const Request& request, int64_t count) {
   std::lock_guard<std::mutex> lock(mu_);
   std::shared_ptr<Slot> unused;
-  return FindForUpdateLocked(handle, platform, device, count, layout, &unused);
+  return FindForUpdateLocked(request, count, &unused);
 }
 
-std::string Registry::AcquireForUpdate(int32_t handle, Platform platform, int device, int64_t count,
-                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
-                                       std::shared_ptr<Slot>* slot) {
+std::string Registry::AcquireForUpdate(const Request& request, int64_t count,
+                                       Allocator& allocator, std::shared_ptr<Slot>* slot,
+                                       int32_t* handle_out) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::string error = FindForUpdateLocked(handle, platform, device, count, layout, slot);
+  std::string error = FindForUpdateLocked(request, count, slot);
   if (!error.empty()) return error;
   if (*slot) {
     TouchLocked(**slot);
+    *handle_out = static_cast<int32_t>(request.handle_bits);
     return "";
   }
-  return CreateSlotLocked(Key{handle, static_cast<int>(platform), device}, platform, device, layout,
-                          allocator, slot);
+  return CreateSlotLocked(request, allocator, slot, handle_out);
 }
 
-std::string Registry::AcquireForRead(int32_t handle, Platform platform, int device, int64_t count,
-                                     const std::vector<LeafSpec>& layout,
-                                     std::shared_ptr<Slot>* slot) {
+std::string Registry::AcquireForRead(const Request& request, int64_t count,
+                                     std::shared_ptr<Slot>* slot, int64_t* step_out) {
   std::lock_guard<std::mutex> lock(mu_);
+  Message msg;
+  if (IsFreshToken(request.handle_bits)) {
+    if (FreshLayoutKey(request.handle_bits) != request.layout_key) {
+      return LayoutKeyMismatch(FreshLayoutKey(request.handle_bits), request.layout_key);
+    }
+    if (count != 0) {
+      msg << "this opt_state has no stored moments (the fresh handle that init returns) but its "
+             "count is "
+          << count << ", not 0." << kHowToSave;
+      return msg.str();
+    }
+    slot->reset();
+    *step_out = 0;
+    return "";
+  }
+  int32_t handle = static_cast<int32_t>(request.handle_bits);
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
-  auto it = slots_.find(Key{handle, static_cast<int>(platform), device});
-  Message msg;
-  if (it == slots_.end()) {
-    if (count == 0) {
-      slot->reset();
-      return "";
-    }
-    return MissingSlotLocked(handle, platform, device, count,
-                             "a restored opt_state must be loaded with "
-                             "optax_paged8bit.import_state before it is exported.");
-  }
-  std::string mismatch = DescribeLayoutMismatch(it->second->layout, layout);
+  auto it = slots_.find(Key{handle, static_cast<int>(request.platform), request.device});
+  if (it == slots_.end()) return MissingSlotLocked(handle, request, count);
+  std::string mismatch = DescribeLayoutMismatch(it->second->layout, *request.layout);
   if (!mismatch.empty()) {
     msg << "optimizer state handle " << handle
         << " does not match the requested layout: " << mismatch << ".";
     return msg.str();
   }
-  if (it->second->step != count) {
-    msg << "stale optimizer state: handle " << handle << " is at step " << it->second->step
+  int64_t step = it->second->step;
+  if (step != count && step != count + 1) {
+    msg << "stale optimizer state: handle " << handle << " is at step " << step
         << " but export was given an opt_state with count " << count
         << "; export the opt_state returned by the latest update.";
     return msg.str();
   }
   TouchLocked(*it->second);
   *slot = it->second;
+  *step_out = step;
   return "";
 }
 
-std::string Registry::AcquireForImport(int32_t handle, Platform platform, int device,
-                                       const std::vector<LeafSpec>& layout, Allocator& allocator,
-                                       std::shared_ptr<Slot>* slot) {
+std::string Registry::AcquireForImport(const Request& request, Allocator& allocator,
+                                       std::shared_ptr<Slot>* slot, int32_t* handle_out) {
   std::lock_guard<std::mutex> lock(mu_);
-  std::string error = CheckHandleLocked(handle);
-  if (!error.empty()) return error;
-  Key key{handle, static_cast<int>(platform), device};
-  auto it = slots_.find(key);
-  if (it != slots_.end() && it->second->layout == layout) {
-    TouchLocked(*it->second);
-    *slot = it->second;
-    return "";
-  }
-  if (it != slots_.end()) slots_.erase(it);
-  return CreateSlotLocked(key, platform, device, layout, allocator, slot);
+  return CreateSlotLocked(request, allocator, slot, handle_out);
 }
 
 std::string Registry::SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots) {

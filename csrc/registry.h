@@ -2,10 +2,23 @@
 //
 // A slot holds the 8-bit codes, block scales and float32 moments of every
 // leaf of one optimizer state on one device. Slots are keyed by
-// (handle, platform, device ordinal); the handle is a small integer leaf of
-// the optax state, handed out by NewHandle. Released handles are tombstoned.
-// Slots whose handle no live jax.Array holds any more are freed by Collect,
-// which the Python side's collector drives (optax_paged8bit/_ffi.py).
+// (handle, platform, device ordinal). The handle is a uint32 leaf of the
+// optax state, and it has two kinds of values:
+//  - a fresh token (bit 31 set, the low bits the layout key): what `init`
+//    returns, a state with no moments yet. It is a constant, so a jitted or
+//    vmapped init yields it as well as an eager one. The first update of a
+//    fresh state (at count 0) allocates a new handle and a zeroed slot and
+//    returns the handle as an output of the call, next to the count;
+//  - a live handle (below 2^31), handed out by the registry at that first
+//    update or at an import. Each allocation takes a new value, so the slot
+//    of a handle is on one device only; with sharded params every device
+//    holds its own value in its buffer of the (replicated) handle array.
+// Live handles of a process start at a random base, so that a handle saved
+// by another process (a checkpoint of the opt_state itself, without its
+// moments) is almost never mistaken for one of this process. Released handles
+// are tombstoned. Slots whose handle no live jax.Array holds any more are
+// freed by Collect, which the Python side's collector drives
+// (optax_paged8bit/_ffi.py).
 //
 // The registry knows nothing about CUDA: each backend passes the allocator
 // that places its memory (host memory on the CPU, managed memory on a GPU).
@@ -49,6 +62,11 @@ class Message {
 };
 
 enum class Platform : int { kCpu = 0, kCuda = 1 };
+
+// The fresh-token bit of a handle value (see above).
+constexpr uint32_t kFreshBit = 0x80000000u;
+inline bool IsFreshToken(uint32_t bits) { return (bits & kFreshBit) != 0; }
+inline uint32_t FreshLayoutKey(uint32_t bits) { return bits & ~kFreshBit; }
 
 const char* PlatformName(Platform platform);
 
@@ -94,6 +112,7 @@ struct Slot {
   uint64_t last_use = 0;  // the registry's epoch when a call last acquired it
   Platform platform = Platform::kCpu;
   int device = 0;
+  uint32_t layout_key = 0;  // the Python layout the slot was made for
   std::vector<LeafSpec> layout;
   std::vector<LeafState> leaves;
   std::vector<Memory> memory;
@@ -107,7 +126,6 @@ class Registry {
  public:
   static Registry& Global();
 
-  int32_t NewHandle();
   // Frees every slot of the handle and tombstones it. Releasing twice is a
   // no-op; returns the number of bytes freed.
   size_t Release(int32_t handle);
@@ -121,36 +139,52 @@ class Registry {
   // only marked. Two scans are needed because a step being dispatched on
   // another thread has deleted its donated input before it creates its output:
   // for that moment no array holds the handle, but the step acquires the slot
-  // before a second scan can begin. Returns the bytes freed. Using a collected
-  // handle at count 0 starts a fresh state; at a later count it is an error
-  // that names the collector.
+  // before a second scan can begin. Returns the bytes freed; *busy (when not
+  // null) is set to the number of unheld handles that a call used since the
+  // previous scan (steps of a dropped state still in flight). Using a
+  // collected handle is an error that names the collector.
   uint64_t Epoch();
-  size_t Collect(const std::vector<int32_t>& held, uint64_t mark);
+  size_t Collect(const std::vector<int32_t>& held, uint64_t mark, size_t* busy = nullptr);
   // Handles that have at least one slot.
   std::vector<int32_t> HandlesWithSlots();
 
-  // The slot an update at `count` may advance. Creates a zeroed one when
-  // count == 0 and none exists. Fails (returns a message, *slot untouched)
-  // for an unknown or released handle, a layout that differs from the slot's,
-  // or a count that is not the slot's step (a stale or reused state).
-  std::string AcquireForUpdate(int32_t handle, Platform platform, int device, int64_t count,
-                               const std::vector<LeafSpec>& layout, Allocator& allocator,
-                               std::shared_ptr<Slot>* slot);
+  // What every acquisition below is given: the state's handle value (a fresh
+  // token or a live handle), where the call runs, the layout it was compiled
+  // for (its key and its leaves).
+  struct Request {
+    uint32_t handle_bits = 0;
+    uint32_t layout_key = 0;
+    Platform platform = Platform::kCpu;
+    int device = 0;
+    const std::vector<LeafSpec>* layout = nullptr;
+  };
+
+  // The slot an update at `count` may advance, and the handle the update
+  // returns. A fresh token at count 0 gets a new handle and a zeroed slot.
+  // Fails (returns a message, *slot untouched) for a fresh token at another
+  // count, an unknown, released or collected handle, a layout that differs
+  // from the slot's, or a count that is not the slot's step (a stale or
+  // reused state).
+  std::string AcquireForUpdate(const Request& request, int64_t count, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot, int32_t* handle_out);
 
   // What AcquireForUpdate would fail with ("" when it would succeed), without
   // creating anything: lets the host check an eager call before issuing it.
-  std::string CheckUpdate(int32_t handle, Platform platform, int device, int64_t count,
-                          const std::vector<LeafSpec>& layout);
+  std::string CheckUpdate(const Request& request, int64_t count);
 
-  // The slot to read for an export at `count`; *slot is null when it was
-  // never allocated (a fresh state: all zeros) and count == 0.
-  std::string AcquireForRead(int32_t handle, Platform platform, int device, int64_t count,
-                             const std::vector<LeafSpec>& layout, std::shared_ptr<Slot>* slot);
+  // The slot to read for an export of a state at `count`, and the step its
+  // moments are at (*step_out). *slot is null for a fresh token (all zeros,
+  // step 0). A live state may be one step behind its slot: an update ran but
+  // its result never reached Python (an interrupted or failed step); the
+  // caller is told through *step_out. Further behind is stale.
+  std::string AcquireForRead(const Request& request, int64_t count, std::shared_ptr<Slot>* slot,
+                             int64_t* step_out);
 
-  // A slot to overwrite with imported state; it is (re)created with `layout`.
-  std::string AcquireForImport(int32_t handle, Platform platform, int device,
-                               const std::vector<LeafSpec>& layout, Allocator& allocator,
-                               std::shared_ptr<Slot>* slot);
+  // A new handle and a slot (with `layout`) to fill with imported state.
+  // Importing never reuses the target state's slot, so no older state object
+  // can step on moments that are not its own.
+  std::string AcquireForImport(const Request& request, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot, int32_t* handle_out);
 
   // Every slot of a handle (for paging and residency queries).
   std::string SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots);
@@ -159,19 +193,23 @@ class Registry {
   size_t TotalBytes();
 
  private:
+  Registry();
   using Key = std::tuple<int32_t, int, int>;  // handle, platform, device
-  std::string CheckHandleLocked(int32_t handle) const;
-  std::string FindForUpdateLocked(int32_t handle, Platform platform, int device, int64_t count,
-                                  const std::vector<LeafSpec>& layout, std::shared_ptr<Slot>* slot);
-  std::string CreateSlotLocked(const Key& key, Platform platform, int device,
-                               const std::vector<LeafSpec>& layout, Allocator& allocator,
-                               std::shared_ptr<Slot>* slot);
-
   enum class Fate : uint8_t { kLive, kReleased, kCollected };
-  // The reason a handle with a nonzero count has no slot: never imported, or
-  // collected (the error says which).
-  std::string MissingSlotLocked(int32_t handle, Platform platform, int device, int64_t count,
-                                const char* hint) const;
+  struct HandleInfo {
+    Fate fate = Fate::kLive;
+    uint64_t unheld_since = 0;  // mark of the scan that first found it unheld, 0 while held
+  };
+  HandleInfo* InfoLocked(int32_t handle);
+  const HandleInfo* InfoLocked(int32_t handle) const;
+  std::string CheckHandleLocked(int32_t handle) const;
+  std::string FindForUpdateLocked(const Request& request, int64_t count,
+                                  std::shared_ptr<Slot>* slot);
+  std::string CreateSlotLocked(const Request& request, Allocator& allocator,
+                               std::shared_ptr<Slot>* slot, int32_t* handle_out);
+  // The reason a live handle has no slot here: collected, or made on another
+  // device (the error says which).
+  std::string MissingSlotLocked(int32_t handle, const Request& request, int64_t count) const;
   void TouchLocked(Slot& slot) { slot.last_use = ++epoch_; }
   // Moves the slots of the handles `doomed_handle` accepts out of the map.
   template <typename Pred>
@@ -181,11 +219,10 @@ class Registry {
   static size_t BytesOnceUnused(const std::vector<std::shared_ptr<Slot>>& doomed);
 
   std::mutex mu_;
+  int32_t first_handle_ = 1;  // this process's random base
   int32_t next_handle_ = 1;
   uint64_t epoch_ = 0;
-  std::vector<Fate> fate_;              // indexed by handle
-  std::vector<uint64_t> unheld_since_;  // indexed by handle: mark of the scan that
-                                        // first found it unheld, 0 while held
+  std::vector<HandleInfo> handles_;  // indexed by handle - first_handle_
   std::map<Key, std::shared_ptr<Slot>> slots_;
 };
 

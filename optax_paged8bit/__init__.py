@@ -1,42 +1,52 @@
-"""optax_paged8bit: bitsandbytes' PagedAdamW8bit for JAX and optax."""
+"""optax_paged8bit: bitsandbytes' PagedAdamW8bit for JAX and optax.
 
+Modules, one concern each: `paged` (paged_adamw8bit and its state),
+`functional` (adamw8bit, whose state is also the checkpoint format),
+`checkpoint` (export/import, orbax save/restore), `memory` (release,
+collection, paging), `migration` (from and to optax.adamw), `accumulation`,
+`quantization`; and the internal `_contract` (arguments and their checks),
+`_layout` (the static layout, tree checks, sharding), `_calls` (the custom
+calls), `_transform` (what both transforms share), `_states` (finding paged
+states in any pytree), `_orbax_guard` and `_ffi` (the extension).
+"""
+
+from optax_paged8bit import _orbax_guard
+from optax_paged8bit._layout import Layout
+from optax_paged8bit._transform import PagedGradientTransformation
 from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
-from optax_paged8bit.paging import (
-  collect,
+from optax_paged8bit.checkpoint import (
+  InterruptedStepWarning,
   export_state,
-  from_optax_adamw,
   import_state,
+  restore_checkpoint,
+  save_checkpoint,
+)
+from optax_paged8bit.functional import Adam8bitState, adamw8bit
+from optax_paged8bit.memory import (
+  collect,
   page_in,
   page_out,
   release,
   residency,
-  restore_checkpoint,
-  save_checkpoint,
   set_device_memory_budget,
   slot_info,
   state_nbytes,
-  to_optax_adamw,
 )
+from optax_paged8bit.migration import from_optax_adamw, to_optax_adamw
+from optax_paged8bit.paged import PagedAdamW8bitState, paged_adamw8bit
 from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
-from optax_paged8bit.transform import (
-  Adam8bitState,
-  Layout,
-  PagedAdamW8bitState,
-  PagedGradientTransformation,
-  QuantizedMoments,
-  adamw8bit,
-  paged_adamw8bit,
-)
+
+_orbax_guard.install()
 
 __all__ = [
   "QMAP_SIGNED",
   "QMAP_UNSIGNED",
   "AccumulateGradientsState",
   "Adam8bitState",
+  "InterruptedStepWarning",
   "Layout",
   "PagedAdamW8bitState",
   "PagedGradientTransformation",
-  "QuantizedMoments",
   "accumulate_gradients",
   "adamw8bit",
   "collect",

@@ -13,7 +13,16 @@ import threading
 import jax
 import numpy as np
 
-from optax_paged8bit import _ops
+try:
+  from optax_paged8bit import _ops
+except ImportError as e:
+  raise ImportError(
+    "optax_paged8bit's compiled extension (optax_paged8bit._ops) could not be imported. If you "
+    "are in the repository's root, the source folder optax_paged8bit/ shadows the installed "
+    "package, which alone holds the extension: install it editable "
+    '(`pip install -e ".[examples,test]"`, as README.md does) or run from another folder. '
+    "Otherwise build and install it: `pip install .`."
+  ) from e
 
 UPDATE_TARGET = "optax_paged8bit_update"
 EXPORT_TARGET = "optax_paged8bit_export"
@@ -45,23 +54,25 @@ def check_backend(platform: str) -> None:
     )
 
 
-# The dtype of a state's handle leaf: uint32, so that the collector can tell
-# handles from the int32 step counts among the live arrays.
+# A state's handle leaf is uint32 (so that the collector can tell handles from
+# the int32 step counts among the live arrays): a fresh token (the top bit
+# set) until the first update, then a registry key (csrc/registry.h).
 HANDLE_DTYPE = np.dtype(np.uint32)
+_FRESH_BIT = 0x80000000
 
 
-def new_handle() -> int:
-  return int(_ops.new_handle())
+def handle_values(handle: jax.Array) -> list[int]:
+  """The handle value of each device's buffer of a concrete handle array
+  (with sharded params every device holds its own key)."""
+  return [int(np.asarray(s.data)) for s in handle.addressable_shards]
 
 
-def registry_handle(handle) -> int:
-  """The registry's int32 key for a handle value; values it never hands out
-  map to 0, which it rejects as unknown (RegistryHandle in ffi_common.h)."""
-  value = int(handle)
-  return value if 0 < value < 2**31 else 0
+def registry_key(value: int) -> int | None:
+  """The registry key of a handle value; None for a fresh token."""
+  return None if value & _FRESH_BIT else value
 
 
-# release, is_released and slot_info take registry keys (registry_handle).
+# release, is_released and slot_info take registry keys (registry_key).
 def release(handle: int) -> int:
   return int(_ops.release(int(handle)))
 
@@ -79,7 +90,8 @@ def check_update(handle, count, layout) -> None:
   ordinal = device.id if ordinal is None else ordinal
   sizes = [math.prod(shape) for shape in layout.shapes]
   error = _ops.check_update(
-    registry_handle(handle),
+    int(handle),
+    layout.key,
     platform,
     int(ordinal),
     int(count),
@@ -107,8 +119,9 @@ def total_bytes() -> int:
 # are still held: a handle is held while a live jax.Array of its dtype and
 # shape (uint32[]) holds its value. Registry::Collect frees the slots of a
 # handle that two scans found unheld with no call using it in between
-# (csrc/registry.h says why two). Scans run when a state is created (tx.init),
-# after each full garbage collection, and from optax_paged8bit.collect().
+# (csrc/registry.h says why two). Scans run when a state is created (an eager
+# tx.init), after each full garbage collection, and from
+# optax_paged8bit.collect().
 
 _scanning = threading.Lock()
 _platforms: list[str] = []  # set by the first scan outside the garbage collector
@@ -119,18 +132,18 @@ def _live_arrays() -> list[jax.Array]:
 
 
 def _held_handles(arrays: list[jax.Array]) -> set[int]:
-  """Values of the handle-typed arrays among `arrays`. One that cannot be read
-  holds nothing: a failed computation's output (its state is unusable anyway),
-  or one deleted by another thread since the listing (that thread's step is
-  what the second look is for)."""
+  """Values of the handle-typed arrays among `arrays`, on every device (each
+  holds its own key). One that cannot be read holds nothing: a failed
+  computation's output (its state is unusable anyway), or one deleted by
+  another thread since the listing (that thread's step is what the second
+  look is for)."""
   held = set()
   for x in arrays:
     if x.dtype != HANDLE_DTYPE or x.shape != ():
       continue
     with contextlib.suppress(RuntimeError):
-      held.add(registry_handle(np.asarray(x.addressable_data(0))))
-  held.discard(0)  # uint32 values that are no registry key
-  return held
+      held.update(handle_values(x))
+  return {h for h in held if not h & _FRESH_BIT}
 
 
 def _is_ready(x: jax.Array) -> bool:
@@ -140,25 +153,29 @@ def _is_ready(x: jax.Array) -> bool:
     return False
 
 
-def scan_for_unheld_states(*, wait: bool) -> int:
-  """One collector scan; returns the bytes it freed.
+def scan_for_unheld_states(*, wait: bool, from_gc: bool = False) -> tuple[int, int]:
+  """One collector scan; returns the bytes it freed, and how many unheld
+  handles a call used since the previous scan (steps of a dropped state
+  still in flight: collect() looks again once they are done).
 
   With `wait`, computations in flight are waited for (they may be about to use
   a state whose arrays are gone); without it, the scan gives up when anything
-  is in flight (the garbage collector's scans: they must not block).
+  is in flight (the garbage collector's and init's scans: they must not
+  block). The garbage collector's scans run only once another scan has found
+  the platforms in use (they must not be the first to touch JAX's backends).
   """
-  if not wait and (not _platforms or sys.is_finalizing()):
-    return 0
+  if from_gc and (not _platforms or sys.is_finalizing()):
+    return 0, 0
   # A waiting scan waits for one running on another thread; the garbage
   # collector's gives up (one may be running below it in this thread).
   if not _scanning.acquire(blocking=wait):
-    return 0
+    return 0, 0
   try:
-    if wait and not _platforms:
+    if not _platforms:
       _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
     with_slots = set(_ops.handles_with_slots())
     if not with_slots:
-      return 0
+      return 0, 0
     mark = _ops.epoch()
     arrays = _live_arrays()
     ready = [_is_ready(x) for x in arrays]
@@ -166,15 +183,20 @@ def scan_for_unheld_states(*, wait: bool) -> int:
     if pending:
       held = _held_handles([x for x, r in zip(arrays, ready, strict=True) if r])
       if with_slots <= held:
-        return int(_ops.collect(sorted(held), mark))  # all held: nothing to wait for
+        return _collect(held, mark)  # all held: nothing to wait for
       if not wait:
-        return 0
+        return 0, 0
       for x in pending:
         with contextlib.suppress(RuntimeError):  # failed or deleted: _held_handles decides
           x.block_until_ready()
-    return int(_ops.collect(sorted(_held_handles(arrays)), mark))
+    return _collect(_held_handles(arrays), mark)
   finally:
     _scanning.release()
+
+
+def _collect(held: set[int], mark: int) -> tuple[int, int]:
+  freed, busy = _ops.collect(sorted(held), mark)
+  return int(freed), int(busy)
 
 
 _PID = os.getpid()
@@ -184,7 +206,7 @@ def _scan_after_full_collection(phase: str, info: dict) -> None:
   # Not in a forked child: it shares no device with the parent, and touching
   # the parent's JAX runtime there can hang.
   if phase == "stop" and info.get("generation") == 2 and os.getpid() == _PID:
-    scan_for_unheld_states(wait=False)
+    scan_for_unheld_states(wait=False, from_gc=True)
 
 
 gc.callbacks.append(_scan_after_full_collection)

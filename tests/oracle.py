@@ -139,6 +139,20 @@ class Oracle:
     decay = fma32(-self.lr, self.wd, F32(1.0))
     return step_size, eps_hat, decay
 
+  def runnable(self) -> bool:
+    """Hyperparameters a step can run with (else it is skipped)."""
+    _, _, decay = self.scalars()
+    finite = np.isfinite([self.lr, self.eps, self.wd]).all()
+    return bool(
+      finite
+      and self.lr >= 0
+      and 0 <= self.b1 < 1
+      and 0 <= self.b2 < 1
+      and self.eps >= 0
+      and self.wd >= 0
+      and decay >= 0
+    )
+
   def clip_scale(self, leaf, g32: np.ndarray) -> np.float32:
     if self.percentile >= 100:
       return F32(1.0)
@@ -171,11 +185,20 @@ class Oracle:
       p32 = p.reshape(-1).astype(F32)
       scale = self.clip_scale(leaf, g32)
       gf = g32 * scale
-      if not leaf["is_8bit"]:
+      if not self.runnable():
+        new = p32  # the step is skipped: params and moments stay, the count advances
+      elif not leaf["is_8bit"]:
+        # SPEC 3.3, with the 8-bit path's rule for non-finite grads (unlike
+        # bitsandbytes' 32-bit kernel): their moments reset, their params stay.
         b1, b2 = self.b1, self.b2
-        leaf["state1"] = fma32(leaf["state1"], b1, gf * (F32(1) - b1))
-        leaf["state2"] = fma32(leaf["state2"], b2, (F32(1) - b2) * (gf * gf))
-        new = self.step_param(p32, leaf["state1"], leaf["state2"], decays, dtype)
+        finite = np.isfinite(gf)
+        g = np.where(finite, gf, F32(0))
+        m = fma32(leaf["state1"], b1, g * (F32(1) - b1))
+        v = fma32(leaf["state2"], b2, (F32(1) - b2) * (g * g))
+        leaf["state1"] = np.where(finite, m, F32(0))
+        leaf["state2"] = np.where(finite, v, F32(0))
+        stepped = self.step_param(p32, leaf["state1"], leaf["state2"], decays, dtype)
+        new = np.where(finite, stepped, p32)
       elif self.block_wise:
         new = self._step_blockwise(leaf, gf, p32, decays, dtype)
       else:

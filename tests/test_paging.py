@@ -123,7 +123,8 @@ def test_a_full_garbage_collection_frees_a_dropped_state():
 
 def own_scan(handle, held):
   """One collector scan in which every other handle with slots counts as held,
-  so that states of other tests in this process are left alone."""
+  so that states of other tests in this process are left alone; returns
+  (bytes freed, unheld handles used since their mark)."""
   others = [h for h in ops.handles_with_slots() if h != handle]
   return ops.collect(others + ([handle] if held else []), ops.epoch())
 
@@ -132,12 +133,13 @@ def test_two_scans_free_a_handle_only_when_unheld_and_unused_in_between():
   tx = op.paged_adamw8bit()
   params, state = stepped(tx)
   handle, nbytes = int(state.handle), state.layout.state_nbytes()
-  assert own_scan(handle, held=False) == 0  # first look: only marked
-  assert own_scan(handle, held=True) == 0  # held again: the mark is cleared
-  assert own_scan(handle, held=False) == 0
+  assert own_scan(handle, held=False) == (0, 0)  # first look: only marked
+  assert own_scan(handle, held=True) == (0, 0)  # held again: the mark is cleared
+  assert own_scan(handle, held=False) == (0, 0)
   params, state = tx.fused_update(grads(1), state, params)  # used since the mark
-  assert own_scan(handle, held=False) == 0
-  assert own_scan(handle, held=False) == nbytes
+  jax.block_until_ready(state)
+  assert own_scan(handle, held=False) == (0, 1)  # busy: collect() would look again
+  assert own_scan(handle, held=False) == (nbytes, 0)
   assert handle not in ops.handles_with_slots()
   with pytest.raises(Exception, match="freed by optax_paged8bit's collector"):
     jax.block_until_ready(tx.fused_update(grads(2), state, params))

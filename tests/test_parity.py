@@ -18,17 +18,14 @@ SHAPES = [(1024, 32), (1024, 1024), (1024, 4097)]
 
 
 def dequantized_moments(state):
-  out = []
-  for m in jax.tree.leaves(
-    op.export_state(state).moments, is_leaf=lambda x: isinstance(x, op.QuantizedMoments)
-  ):
-    out.append(
-      (
-        np.asarray(dequantize_blockwise(m.state1, m.absmax1, op.QMAP_SIGNED)),
-        np.asarray(dequantize_blockwise(m.state2, m.absmax2, op.QMAP_UNSIGNED)),
-      )
+  e = op.export_state(state)
+  return [
+    (
+      np.asarray(dequantize_blockwise(s1, a1, op.QMAP_SIGNED)),
+      np.asarray(dequantize_blockwise(s2, a2, op.QMAP_UNSIGNED)),
     )
-  return out
+    for s1, s2, a1, a2 in zip(*(jax.tree.leaves(f) for f in (e.state1, e.state2, e.absmax1, e.absmax2)), strict=True)
+  ]
 
 
 @pytest.mark.parametrize(

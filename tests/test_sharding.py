@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from test_oracle import assert_bit_equal
 
 import optax_paged8bit as op
-from optax_paged8bit import paging
+from optax_paged8bit import _calls
 
 
 def mesh(shape, names):
@@ -110,8 +110,8 @@ def test_two_dimensional_mesh_and_mixed_tree():
   )
   assert_same(p1, s1, p2, s2)
   exported = op.export_state(s2)
-  assert exported.moments["w"].absmax1.shape == (1024, 8)
-  assert exported.moments["w"].state1.sharding.spec == P("data", "model")
+  assert exported.absmax1["w"].shape == (1024, 8)
+  assert exported.state1["w"].sharding.spec == P("data", "model")
   op.release(s1)
   op.release(s2)
 
@@ -159,7 +159,7 @@ def test_sharded_export_import_resume():
   full_p, full_s = run(op.paged_adamw8bit(1e-3), params, grads, True)
   half_p, half_s = run(op.paged_adamw8bit(1e-3), params, grads[:2], True)
   saved = op.export_state(half_s)
-  assert saved.moments["rows"].state1.sharding.spec[0] == "x"
+  assert saved.state1["rows"].sharding.spec[0] == "x"
   op.release(half_s)
   tx = op.paged_adamw8bit(1e-3)
   state = op.import_state(tx.init(half_p), saved)
@@ -194,7 +194,7 @@ def test_no_zero_size_array_crosses_the_shard_map():
   texts = [
     jax.jit(fn).lower(params, state, params).as_text() for fn in (tx.fused_update, optax_path)
   ]
-  texts.append(paging._export_arrays.lower(state.layout, state.handle, state.count).as_text())
+  texts.append(_calls.export.lower(state.layout, state.handle, state.count).as_text())
   for text in texts:
     signatures = re.findall(r"^\s*\} : \(([^)]*)\) -> \(([^)]*)\)", text, re.M)
     assert signatures, "no manual computation in the lowered step"

@@ -1,0 +1,191 @@
+"""The custom calls (csrc/ffi_common.h has their operands and results): the
+paged update, adamw8bit's update on arrays, and the paged state's export and
+import. With sharded params each runs inside jax.shard_map, one registry slot
+(or one shard of the arrays) per device."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from optax_paged8bit import _ffi
+from optax_paged8bit._layout import HANDLE_DTYPE, Layout, moment_arrays, sharded
+from optax_paged8bit.quantization import QMAPS
+
+_SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
+_HANDLE = jax.ShapeDtypeStruct((), HANDLE_DTYPE)
+
+_NO_VMAP = (
+  "paged_adamw8bit cannot run under jax.vmap: its moments live in the registry, one slot per "
+  "state, and a batched update would need one state per ensemble member. Use "
+  "optax_paged8bit.adamw8bit (the same optimizer with its state as arrays), which works under "
+  "jax.vmap, each member exactly as in a separate run."
+)
+
+
+def _refuse_vmap(call):
+  """`call` unchanged, except under jax.vmap, where it raises _NO_VMAP
+  instead of JAX's generic message about ffi_call's vmap_method."""
+  wrapped = jax.custom_batching.custom_vmap(call)
+
+  @wrapped.def_vmap
+  def _(axis_size, in_batched, *args):
+    raise ValueError(_NO_VMAP)
+
+  return wrapped
+
+
+def update(
+  layout: Layout,
+  handle: jax.Array,
+  count: jax.Array,
+  structure: jax.Array,
+  hyper: jax.Array,
+  rings: jax.Array,
+  grads: list[jax.Array],
+  params: list[jax.Array],
+  write_params: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+  """The paged update; returns (handle, count, rings, per-leaf outputs). The
+  handle comes back new when the state was fresh.
+
+  With sharded params each device updates its own shards with its own slot,
+  and nothing is gathered; the handle array is replicated, but each device's
+  buffer holds that device's handle (registry.h).
+  """
+  n = layout.num_leaves
+
+  def local(handle, count, structure, hyper, qmaps, rings, *leaves):
+    out_types = [
+      _HANDLE,
+      _SCALAR,
+      jax.ShapeDtypeStruct(rings.shape, jnp.float32),
+      *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n:]),
+    ]
+    aliases = {5: 2}  # the clipping ring is updated in place
+    if write_params:
+      aliases.update({6 + n + i: 3 + i for i in range(n)})
+    # No has_side_effect, unlike SPEC 5.2: the JAX effect it adds turns off
+    # jit's C++ dispatch path (about 25 us per leaf per step; 13 ms on the
+    # GPT-2 tree). The count operand and result order the updates of a state;
+    # XLA drops the call only when none of its results is used (the state then
+    # does not advance either), and may merge two calls only if they have the
+    # same operands (the same state updated twice with the same grads in one
+    # program, which with the flag would fail as stale).
+    call = jax.ffi.ffi_call(_ffi.UPDATE_TARGET, out_types, input_output_aliases=aliases)
+    return tuple(
+      _refuse_vmap(
+        lambda *operands: tuple(
+          call(
+            *operands,
+            **layout.call_attributes(),
+            **layout.structure_attributes(),
+            write_params=write_params,
+          )
+        )
+      )(handle, count, structure, hyper, qmaps, rings, *leaves)
+    )
+
+  operands = (handle, count, structure, hyper, jnp.asarray(QMAPS), rings)
+  replicated = (PartitionSpec(),) * len(operands)
+  outs = sharded(
+    layout,
+    local,
+    (*replicated, *layout.specs, *layout.specs),
+    (PartitionSpec(), PartitionSpec(), PartitionSpec(), *layout.specs),
+  )(*operands, *grads, *params)
+  return outs[0], outs[1], outs[2], list(outs[3:])
+
+
+def update_arrays(
+  layout: Layout,
+  count: jax.Array,
+  structure: jax.Array,
+  hyper: jax.Array,
+  rings: jax.Array,
+  grads: list[jax.Array],
+  params: list[jax.Array],
+  moments: list[jax.Array],
+  write_params: bool,
+) -> tuple[jax.Array, jax.Array, list[jax.Array], list[jax.Array]]:
+  """adamw8bit's update: the state goes in and out as arrays (aliased, so
+  updated in place), no registry. Returns (count, rings, outputs, moments).
+  Under jax.vmap the call runs once per member (vmap_method="sequential"), so
+  each member's blocks are exactly those of a separate run."""
+  n = layout.num_leaves
+  arrays = moment_arrays(layout)
+
+  def local(count, structure, hyper, qmaps, rings, *leaves):
+    out_types = [
+      _SCALAR,
+      jax.ShapeDtypeStruct(rings.shape, jnp.float32),
+      *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n : 2 * n]),
+      *(a.local for a in arrays),
+    ]
+    aliases = {4: 1, **{5 + 2 * n + k: 2 + n + k for k in range(4 * n)}}
+    if write_params:
+      aliases.update({5 + n + i: 2 + i for i in range(n)})
+    call = jax.ffi.ffi_call(
+      _ffi.UPDATE_ARRAYS_TARGET,
+      out_types,
+      input_output_aliases=aliases,
+      vmap_method="sequential",
+    )
+    return tuple(
+      call(
+        count,
+        structure,
+        hyper,
+        qmaps,
+        rings,
+        *leaves,
+        leaf_flags=layout.call_attributes()["leaf_flags"],
+        block_wise=layout.block_wise,
+        **layout.structure_attributes(),
+        write_params=write_params,
+      )
+    )
+
+  operands = (count, structure, hyper, jnp.asarray(QMAPS), rings)
+  specs = tuple(a.spec for a in arrays)
+  outs = sharded(
+    layout,
+    local,
+    ((PartitionSpec(),) * 5 + layout.specs + layout.specs + specs),
+    (PartitionSpec(), PartitionSpec(), *layout.specs, *specs),
+  )(*operands, *grads, *params, *moments)
+  return outs[0], outs[1], list(outs[2 : 2 + n]), list(outs[2 + n :])
+
+
+# Export and import are jitted with the layout static, so that eager calls
+# (checkpoints, migration) compile once per layout rather than on every call.
+@functools.partial(jax.jit, static_argnums=0)
+def export(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
+  """(the step the moments are at, the 4 arrays of each leaf)."""
+  arrays = moment_arrays(layout)
+
+  def local(handle, count):
+    out_types = [_SCALAR, *(a.local for a in arrays)]
+    call = jax.ffi.ffi_call(_ffi.EXPORT_TARGET, out_types, has_side_effect=True)
+    return tuple(call(handle, count, **layout.call_attributes()))
+
+  specs = (PartitionSpec(), *(a.spec for a in arrays))
+  outs = sharded(layout, local, (PartitionSpec(), PartitionSpec()), specs)(handle, count)
+  return outs[0], outs[1:]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def import_(layout: Layout, count: jax.Array, *arrays) -> tuple[jax.Array, jax.Array]:
+  """Loads the 4 arrays of each leaf into a new slot; returns (handle, count)."""
+
+  def local(count, *arrays):
+    call = jax.ffi.ffi_call(_ffi.IMPORT_TARGET, (_HANDLE, _SCALAR), has_side_effect=True)
+    return tuple(call(count, *arrays, **layout.call_attributes()))
+
+  specs = tuple(a.spec for a in moment_arrays(layout))
+  return sharded(layout, local, (PartitionSpec(), *specs), (PartitionSpec(), PartitionSpec()))(
+    count, *arrays
+  )

@@ -1,0 +1,130 @@
+"""A plain orbax save of a tree that holds a live paged state must not succeed
+silently: it would store the state's count and handle but not its moments,
+and the loss would show only at resume. This module wraps the handler orbax
+saves jax.Arrays with, so that such a save fails at once with an error that
+names the fix (optax_paged8bit.save_checkpoint, or export_state first).
+
+The wrapper is installed when orbax.checkpoint is imported (now, or later
+through an import hook), so that importing optax_paged8bit does not import
+orbax. A live paged state is recognised by its handle: a uint32 scalar whose
+value on some device is a registry key with stored moments (a fresh state
+holds none and saves correctly as it is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.abc
+import inspect
+import sys
+import threading
+from typing import Any
+
+import jax
+
+from optax_paged8bit import _ffi
+
+_PACKAGE = "orbax.checkpoint"
+_installed = False
+_lock = threading.Lock()
+
+MESSAGE = (
+  "orbax was asked to save a live paged_adamw8bit state (its handle is at {where}). A plain "
+  "orbax save of an opt_state stores only its count and handle, not the moments, so training "
+  "could not resume from it. Save the tree with optax_paged8bit.save_checkpoint(path, tree) "
+  "(or save_checkpoint(checkpoint_manager, tree, step=step)), or give orbax "
+  "optax_paged8bit.export_state(tree); restore it with optax_paged8bit.restore_checkpoint."
+)
+
+
+def _live_handle(x: Any) -> bool:
+  if not isinstance(x, jax.Array) or x.dtype != _ffi.HANDLE_DTYPE or x.shape != ():
+    return False
+  with_slots = set(_ffi._ops.handles_with_slots())
+  if not with_slots:
+    return False
+  try:
+    values = _ffi.handle_values(x)
+  except RuntimeError:  # deleted: orbax fails on it by itself
+    return False
+  return any(_ffi.registry_key(v) in with_slots for v in values)
+
+
+def _check(values: Any, infos: Any) -> None:
+  for value, info in zip(values, infos, strict=False):
+    if _live_handle(value):
+      keypath = getattr(info, "keypath", None)
+      where = jax.tree_util.keystr(tuple(keypath)) if keypath else getattr(info, "name", "?")
+      raise ValueError(MESSAGE.format(where=where))
+
+
+def _guarded(handler: Any) -> Any:
+  """A copy of orbax's array handler whose serialize checks first."""
+  if getattr(handler, "_optax_paged8bit_guard", False):
+    return handler
+  guarded = copy.copy(handler)
+  serialize = handler.serialize
+  if inspect.iscoroutinefunction(serialize):
+
+    async def checked(values, infos, args=None):
+      _check(values, infos)
+      return await serialize(values, infos, args)
+
+  else:
+
+    def checked(values, infos, args=None):
+      _check(values, infos)
+      return serialize(values, infos, args)
+
+  guarded.serialize = checked
+  guarded._optax_paged8bit_guard = True
+  return guarded
+
+
+def _install_now() -> None:
+  global _installed
+  with _lock:
+    if _installed:
+      return
+    _installed = True
+  # Orbax versions differ; without this public API the resume-time error
+  # (which names save_checkpoint) is what is left.
+  with contextlib.suppress(Exception):
+    type_handlers = sys.modules[_PACKAGE].type_handlers
+    handler = type_handlers.get_type_handler(jax.Array)
+    type_handlers.register_type_handler(jax.Array, _guarded(handler), override=True)
+
+
+class _InstallOnImport(importlib.abc.MetaPathFinder):
+  """Installs the guard right after orbax.checkpoint has been imported."""
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != _PACKAGE:
+      return None
+    for finder in sys.meta_path:
+      if finder is self or not hasattr(finder, "find_spec"):
+        continue
+      spec = finder.find_spec(fullname, path, target)
+      if spec is not None:
+        break
+    else:
+      return None
+    loader = spec.loader
+    if loader is None or not hasattr(loader, "exec_module"):
+      return spec
+    exec_module = loader.exec_module
+
+    def exec_then_install(module):
+      exec_module(module)
+      _install_now()
+
+    loader.exec_module = exec_then_install
+    return spec
+
+
+def install() -> None:
+  if _PACKAGE in sys.modules:
+    _install_now()
+  elif not any(isinstance(f, _InstallOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _InstallOnImport())

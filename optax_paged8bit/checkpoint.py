@@ -1,0 +1,414 @@
+"""Checkpoints: a paged state exported as ordinary arrays (the adamw8bit
+state) and imported back, and orbax saves of whole trees (a TrainState, an
+`nnx.state(optimizer)`, any pytree that holds paged states) with a checksum
+per leaf that the restore verifies. Imports check the values they load
+(finite non-negative scales, an in-range integral count), and an import
+always makes a new registry slot, so no older state object can step on
+moments that are not its own."""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_paged8bit import _calls
+from optax_paged8bit._layout import (
+  MOMENT_FIELDS,
+  RING_SIZE,
+  Layout,
+  moment_arrays,
+  moments_flat,
+  moments_trees,
+  replicated,
+)
+from optax_paged8bit._states import is_paged, map_paged, rebuild, view
+from optax_paged8bit.functional import Adam8bitState, arrays_state
+from optax_paged8bit.paged import PagedAdamW8bitState
+from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED
+
+MAX_COUNT = 2**31 - 2  # the next update writes count + 1 into an int32
+
+
+class InterruptedStepWarning(UserWarning):
+  """The moments of an exported state are one step ahead of its count: an
+  update ran, but its result never reached Python."""
+
+
+def _is_exported(x: Any) -> bool:
+  return isinstance(x, Adam8bitState)
+
+
+def _is_state(x: Any) -> bool:
+  return is_paged(x) or _is_exported(x)
+
+
+# -- export ---------------------------------------------------------------------
+
+
+def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
+  layout = state.layout
+  step, flat = _calls.export(layout, state.handle, state.count)
+  if not isinstance(step, jax.core.Tracer):
+    ahead = int(step) - int(state.count)
+    if ahead:
+      warnings.warn(
+        f"export_state: this opt_state's count is {int(state.count)} but its moments are at "
+        f"step {int(step)}: an update ran and its result never reached Python (Ctrl-C, or a "
+        "later operation of the same jitted step failed). The export holds the moments as they "
+        f"are, with count {int(step)}: one step ahead of the params of the interrupted step's "
+        "input. To go on training in this process: opt_state = "
+        "optax_paged8bit.import_state(tx.init(params), exported).",
+        InterruptedStepWarning,
+        stacklevel=3,
+      )
+  return arrays_state(layout, step, list(flat), state.gnorm_vec)
+
+
+def export_state(tree: Any) -> Any:
+  """The 8-bit state of every paged_adamw8bit state in `tree`, as arrays.
+
+  Args:
+    tree: any pytree that holds paged_adamw8bit states: an opt_state (alone,
+      or inside optax.chain, masked, partition, inject_hyperparams, ...), a
+      Flax TrainState, an ``nnx.state(optimizer)``, a dict of params and
+      states.
+
+  Returns:
+    `tree` with each paged state replaced by an `Adam8bitState` (codes,
+    scales, count, maps and clipping ring as ordinary jax.Arrays, sharded
+    like the params) and everything else as it was: the checkpoint format,
+    for orbax or any pytree serializer. After an interrupted step (its result
+    never reached Python) the state last held exports its moments as they
+    are, with their true count, and an `InterruptedStepWarning`.
+  """
+  return map_paged(_export_one, tree, keep_form=False)
+
+
+# -- import ---------------------------------------------------------------------
+
+
+def _bad_values(name: str, path: str, x: Any, ok, rule: str) -> None:
+  """Raises naming the leaf when some element of `x` breaks `rule` (checked
+  on this process's shards)."""
+  shards = x.addressable_shards if isinstance(x, jax.Array) else None
+  parts = [np.asarray(s.data) for s in shards] if shards is not None else [np.asarray(x)]
+  for part in parts:
+    with np.errstate(invalid="ignore"):
+      bad = ~ok(part)
+    if bad.any():
+      where = np.flatnonzero(bad.reshape(-1))
+      raise ValueError(
+        f"import_state: leaf {path}: {name} has {where.size} values that are not {rule}, e.g. "
+        f"{part.reshape(-1)[where[0]]!r}; the saved state is corrupt or was edited"
+      )
+
+
+def _checked_count(count: Any) -> jax.Array:
+  dtype = np.dtype(getattr(count, "dtype", np.asarray(count).dtype))
+  value = np.asarray(count)
+  if value.shape != ():
+    raise ValueError(f"import_state: count must be a scalar, got shape {value.shape}")
+  if dtype.kind not in "iu" and not (dtype.kind == "f" and float(value).is_integer()):
+    raise ValueError(f"import_state: count must be an integer, got {dtype.name} {value!r}")
+  if not 0 <= value <= MAX_COUNT:
+    raise ValueError(f"import_state: count must be in 0..{MAX_COUNT}, got {value!r}")
+  return jnp.asarray(int(value), jnp.int32)
+
+
+def _checked_arrays(layout: Layout, exported: Any) -> tuple[list[Any], jax.Array]:
+  """The 4 arrays of each leaf and the count of `exported`, checked for the
+  layout: types, shapes, dtypes and values."""
+  if not _is_exported(exported):
+    raise TypeError(
+      f"import_state: expected an Adam8bitState (from export_state), got {type(exported).__name__}"
+    )
+  theirs = exported.layout
+  for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
+    if getattr(layout, name) != getattr(theirs, name):
+      raise ValueError(
+        f"import_state: the saved state has {name}={getattr(theirs, name)!r}, this optimizer "
+        f"has {name}={getattr(layout, name)!r}"
+      )
+  if theirs.treedef != layout.treedef:
+    raise ValueError(
+      "import_state: the saved state was made for params of another tree structure:\n"
+      f"  saved: {theirs.treedef}\n  this:  {layout.treedef}"
+    )
+  if np.shape(exported.qmap1) != (256,) or np.shape(exported.qmap2) != (256,):
+    raise ValueError("import_state: qmap1 and qmap2 must be float32[256]")
+  if not (
+    np.array_equal(np.asarray(exported.qmap1), QMAP_SIGNED)
+    and np.array_equal(np.asarray(exported.qmap2), QMAP_UNSIGNED)
+  ):
+    raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
+  wanted = moment_arrays(layout)
+  columns = [layout.treedef.flatten_up_to(getattr(exported, name)) for name in MOMENT_FIELDS]
+  for i, path in enumerate(layout.paths):
+    for k, name in enumerate(MOMENT_FIELDS):
+      array, want = columns[k][i], wanted[4 * i + k]
+      if array is None and not layout.is_8bit(i) and k >= 2:
+        continue  # a float32 leaf has no scales
+      if array is None or tuple(array.shape) != want.shape or array.dtype != want.local.dtype:
+        got = "None" if array is None else f"{array.dtype}{list(array.shape)}"
+        raise ValueError(
+          f"import_state: leaf {path}: {name} must be {want.local.dtype}{list(want.shape)}, got "
+          f"{got}"
+        )
+      if layout.is_8bit(i) and k >= 2:
+        _bad_values(name, path, array, lambda a: np.isfinite(a) & (a >= 0), "finite and >= 0")
+      elif not layout.is_8bit(i):
+        rule = (lambda a: np.isfinite(a)) if k == 0 else (lambda a: np.isfinite(a) & (a >= 0))
+        _bad_values(name, path, array, rule, "finite" if k == 0 else "finite and >= 0")
+  if layout.clipping:
+    want_rings = (layout.num_leaves, RING_SIZE)
+    rings = exported.gnorm_vec
+    if rings is None or tuple(rings.shape) != want_rings or rings.dtype != jnp.float32:
+      got = None if rings is None else f"{rings.dtype}{list(rings.shape)}"
+      raise ValueError(f"import_state: gnorm_vec must be float32{list(want_rings)}, got {got}")
+  return moments_flat(layout, exported), _checked_count(exported.count)
+
+
+def _import_one(target: PagedAdamW8bitState, exported: Any) -> PagedAdamW8bitState:
+  layout = target.layout
+  arrays, count = _checked_arrays(layout, exported)
+  handle, count = _calls.import_(layout, count, *arrays)
+  rings = None
+  if layout.clipping:
+    rings = jnp.asarray(exported.gnorm_vec, jnp.float32, device=replicated(layout))
+  return PagedAdamW8bitState(count, handle, rings, layout)
+
+
+def _import_arrays(target: Adam8bitState, exported: Any) -> Adam8bitState:
+  """An adamw8bit state from a checkpoint: checked like a paged import."""
+  layout = target.layout
+  _, count = _checked_arrays(layout, exported)
+  return exported._replace(count=jnp.asarray(count, device=replicated(layout)), layout=layout)
+
+
+def import_state(target: Any, exported: Any) -> Any:
+  """Loads exported 8-bit states into the paged states of `target`.
+
+  Args:
+    target: a tree like the one that was exported, holding states from the
+      same optimizers' init (fresh ones, or any: they are not changed).
+    exported: what `export_state` returned for it (or a restored copy).
+
+  Returns:
+    `exported` with each exported state loaded into a new registry slot and
+    replaced by a paged state in the form the target has it (a
+    PagedAdamW8bitState, or the target's mapping of arrays in an
+    ``nnx.state``); everything else as exported. The values are checked
+    first (shapes, dtypes, finite non-negative scales, an integral count in
+    0..2**31-2), with errors that name the leaf. The next update continues
+    exactly where the exported run stopped.
+  """
+
+  def one(t, e):
+    if is_paged(t):
+      return rebuild(t, _import_one(view(t), e))
+    if _is_exported(t):
+      return _import_arrays(t, e)
+    return e
+
+  try:
+    return jax.tree.map(one, target, exported, is_leaf=_is_state)
+  except ValueError as e:
+    if "import_state" in str(e):
+      raise
+    raise ValueError(
+      f"import_state: the exported tree does not have the structure of the target: {e}"
+    ) from None
+
+
+# -- checksums ------------------------------------------------------------------
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+@jax.jit
+def _checksum_of(x: jax.Array) -> jax.Array:
+  """A uint32 hash of an array's bytes and their positions: a sum of mixed
+  words, so that any sharding reduces to the same value, and a changed or
+  moved word changes it but with a chance of 2**-32."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    words = jnp.ravel(lax.bitcast_convert_type(x, unsigned)).astype(jnp.uint32)
+  index = lax.iota(jnp.uint32, words.size)
+  return jnp.sum(_fmix32(words + index * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)
+
+
+def _checksum(x: Any) -> np.ndarray:
+  if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+    return np.asarray(_checksum_of(x), np.uint32)
+  return np.asarray(zlib.crc32(repr(x).encode()), np.uint32)
+
+
+def _checksums(tree: Any) -> Any:
+  return jax.tree.map(_checksum, tree)
+
+
+def _verify(where: str, tree: Any, saved: Any) -> None:
+  got = jax.tree_util.tree_flatten_with_path(_checksums(tree))[0]
+  want = jax.tree.leaves(saved)
+  for (path, value), stored in zip(got, want, strict=True):
+    if int(value) != int(np.asarray(stored)):
+      raise ValueError(
+        f"restore_checkpoint: the data of {jax.tree_util.keystr(path)} in {where} do not match "
+        "the checksum saved with them: the checkpoint was corrupted (or changed) after it was "
+        "written. Restore an earlier checkpoint."
+      )
+
+
+# -- orbax ----------------------------------------------------------------------
+
+
+def _abstract_export(state: PagedAdamW8bitState | Adam8bitState) -> Adam8bitState:
+  """ShapeDtypeStructs (with shardings) of what export_state returns for this
+  state: the target orbax restores into, without computing the export."""
+  layout = state.layout
+  if layout.mesh is None:
+    default = state.count.sharding
+    sharding_of = lambda spec: default
+  else:
+    sharding_of = lambda spec: NamedSharding(layout.mesh, spec)
+  flat = [
+    jax.ShapeDtypeStruct(a.shape, a.local.dtype, sharding=sharding_of(a.spec))
+    for a in moment_arrays(layout)
+  ]
+  scalar = sharding_of(PartitionSpec())
+  rings = None
+  if layout.clipping:
+    rings = jax.ShapeDtypeStruct((layout.num_leaves, RING_SIZE), jnp.float32, sharding=scalar)
+  return Adam8bitState(
+    count=jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+    qmap1=jax.ShapeDtypeStruct((256,), jnp.float32, sharding=scalar),
+    qmap2=jax.ShapeDtypeStruct((256,), jnp.float32, sharding=scalar),
+    **moments_trees(layout, flat),
+    gnorm_vec=rings,
+    layout=layout,
+  )
+
+
+def _abstract(target: Any) -> Any:
+  """What orbax restores `target`'s checkpoint into."""
+
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+  def one(x):
+    if is_paged(x):
+      return _abstract_export(view(x))
+    return jax.tree.map(leaf, x)
+
+  return jax.tree.map(one, target, is_leaf=_is_state)
+
+
+def _abstract_checksums(abstract: Any) -> Any:
+  return jax.tree.map(lambda _: np.zeros((), np.uint32), abstract)
+
+
+def _manager_and_step(where: Any, step: int | None, saving: bool):
+  import orbax.checkpoint as ocp
+
+  if isinstance(where, ocp.CheckpointManager):
+    if saving and step is None:
+      raise ValueError("save_checkpoint: saving to a CheckpointManager needs step=")
+    return where, step
+  if not isinstance(where, (str, os.PathLike)):
+    raise TypeError(
+      "optax_paged8bit checkpoints go to a directory (str or os.PathLike) or an "
+      f"orbax.checkpoint.CheckpointManager, got {type(where).__name__}"
+    )
+  if step is not None:
+    raise ValueError("step= is for a CheckpointManager; a directory holds one checkpoint")
+  return None, None
+
+
+def save_checkpoint(where: Any, tree: Any, *, step: int | None = None) -> bool:
+  """Saves `tree` with orbax: its paged states exported, everything else as
+  it is, and a checksum of every leaf that `restore_checkpoint` verifies.
+
+  Args:
+    where: a directory (the checkpoint is written there and waited for), or
+      an ``orbax.checkpoint.CheckpointManager`` (saved as its `step`, under
+      its options: save interval, how many to keep, async writing).
+    tree: any pytree: a Flax TrainState, ``{"params": ..., "opt_state":
+      ...}``, an ``nnx.state(optimizer)``; sharded states are saved shard by
+      shard.
+    step: the step to save as, with a CheckpointManager.
+
+  Returns:
+    Whether a checkpoint was saved (a CheckpointManager may skip a step).
+  """
+  import orbax.checkpoint as ocp
+
+  manager, step = _manager_and_step(where, step, saving=True)
+  exported = export_state(tree)
+  payload = {"tree": exported, "checksums": _checksums(exported)}
+  if manager is not None:
+    return bool(manager.save(step, args=ocp.args.StandardSave(payload)))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(where), payload)
+  checkpointer.wait_until_finished()
+  return True
+
+
+def restore_checkpoint(where: Any, target: Any, *, step: int | None = None) -> Any:
+  """Restores a `save_checkpoint` into the form of `target` and returns the
+  tree to continue from.
+
+  Args:
+    where: the directory given to save_checkpoint, or the CheckpointManager.
+    target: a tree like the saved one, from this process: params and fresh
+      states (`tx.init`) on the devices and mesh to continue on. A paged
+      state is loaded into the registry (`import_state`); everything else is
+      returned as restored.
+    step: with a CheckpointManager, the step to restore (default: the latest).
+
+  Every leaf is checked against the checksum saved with it, and the loaded
+  states' values are checked as `import_state` does; a mismatch fails with
+  the leaf's path. Restoring onto another mesh is exact when the saved and
+  the new shards both lie on 256-element block boundaries (see README);
+  orbax reshards the arrays.
+  """
+  import orbax.checkpoint as ocp
+
+  manager, step = _manager_and_step(where, step, saving=False)
+  abstract = _abstract(target)
+  abstract = {"tree": abstract, "checksums": _abstract_checksums(abstract)}
+  if manager is not None:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"restore_checkpoint: {manager.directory} holds no checkpoint")
+    described = f"step {step} of {manager.directory}"
+    restore = lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  else:
+    described = os.path.abspath(where)
+    restore = lambda: ocp.StandardCheckpointer().restore(described, abstract)
+  try:
+    restored = restore()
+  except Exception as e:  # orbax's and tensorstore's own errors, passed on with context
+    raise ValueError(
+      f"restore_checkpoint: could not read the checkpoint at {described}: {type(e).__name__}: {e}"
+    ) from e
+  _verify(described, restored["tree"], restored["checksums"])
+  return import_state(target, restored["tree"])

@@ -1,0 +1,144 @@
+"""The paged states' memory: release and collection, paging between a GPU and
+host RAM, residency and size. Every function takes any pytree that holds
+paged states (an opt_state, a TrainState, an `nnx.state(optimizer)`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from optax_paged8bit import _ffi
+from optax_paged8bit._states import paged_states, registry_keys, wait_for
+
+# collect() looks again while a dropped state's steps are still running, up
+# to this long.
+_COLLECT_PATIENCE_S = 60.0
+
+
+def release(tree: Any) -> int:
+  """Frees the registry memory of every paged state in `tree` now.
+
+  The handles are tombstoned: updating, exporting or importing a released
+  state (or an older copy of it) is an error. A state that was never updated
+  holds no memory. Returns the bytes freed.
+  """
+  states = paged_states(tree)
+  # Dispatch is asynchronous: let the update that made each state, and any
+  # export or import still in flight, finish before their memory goes.
+  wait_for(states)
+  return sum(_ffi.release(key) for s in states for key in registry_keys(s))
+
+
+def collect() -> int:
+  """Frees the registry memory of every paged state that is gone.
+
+  A state is gone when no live `jax.Array` holds its handle any more: it was
+  dropped, or kept only as a host copy (`jax.device_get`, pickle; save states
+  with `save_checkpoint` or `export_state` instead). The same collection also
+  runs by itself when a state is created (`tx.init`) and after each full
+  garbage collection (`gc.collect()`); those free a state on their second
+  look, to stay safe against steps being dispatched on other threads.
+  `collect()` waits for the computations in flight, including the steps of
+  states that were dropped while they ran, and looks until it has freed what
+  is gone. Returns the bytes freed; `release(tree)` frees given states now.
+  """
+  freed, looks = 0, 0
+  deadline = time.monotonic() + _COLLECT_PATIENCE_S
+  pause = 1e-3
+  while True:
+    bytes_, busy = _ffi.scan_for_unheld_states(wait=True)
+    freed += bytes_
+    looks += 1
+    if looks >= 2 and busy == 0:
+      return freed
+    if busy and time.monotonic() > deadline:
+      return freed
+    if busy:
+      time.sleep(pause)  # a dropped state's steps are still running
+      pause = min(2 * pause, 0.05)
+
+
+def state_nbytes(tree: Any) -> int:
+  """Bytes of optimizer state: the arrays of `tree` plus, for each paged
+  state, what its layout keeps in the registry on all its devices (allocated
+  at the first update)."""
+  arrays = sum(
+    np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+    for x in jax.tree.leaves(tree)
+    if hasattr(x, "dtype")
+  )
+  return arrays + sum(s.layout.state_nbytes() * s.layout.num_devices for s in paged_states(tree))
+
+
+def slot_info(tree: Any) -> list[dict]:
+  """Per-slot registry info (platform, device, step, bytes, layout key) of
+  every paged state in `tree`."""
+  out = []
+  for s in paged_states(tree):
+    for key in registry_keys(s):
+      for info in _ffi.slot_info(key):
+        out.append({"handle": key, **info})
+  return out
+
+
+def _cuda_op(name: str):
+  if not _ffi.BUILT_WITH_CUDA:
+    return None
+  return getattr(_ffi._ops, name)
+
+
+def page_out(tree: Any) -> int:
+  """Moves the GPU-resident state of every paged state in `tree` to host RAM
+  (to free HBM for evaluation, generation or a memory spike).
+
+  Waits for the updates in flight first. The next update brings the pages
+  back itself (prefetched on XLA's stream before the kernel), so `page_in` is
+  optional. Returns the bytes moved; 0 for CPU states.
+  """
+  states = paged_states(tree)
+  wait_for(states)
+  move = _cuda_op("page_out")
+  if move is None:
+    return 0
+  return sum(int(move(key)) for s in states for key in registry_keys(s))
+
+
+def page_in(tree: Any) -> int:
+  """Moves paged-out state back to its GPUs now; returns the bytes moved.
+
+  Raises when free device memory cannot take it (the state then stays on the
+  host, and the next update reads it there instead of oversubscribing).
+  """
+  move = _cuda_op("page_in")
+  if move is None:
+    return 0
+  return sum(int(move(key)) for s in paged_states(tree) for key in registry_keys(s))
+
+
+def residency(tree: Any) -> dict[str, int]:
+  """Bytes of registry state on GPUs and in host memory, over every paged state
+  in `tree` (CPU states count as host)."""
+  on_device = on_host = 0
+  for info in slot_info(tree):
+    on_device += info["bytes_on_device"]
+    on_host += info["bytes_on_host"]
+  return {"bytes_on_device": on_device, "bytes_on_host": on_host}
+
+
+def set_device_memory_budget(nbytes: int | None) -> None:
+  """Caps the bytes of paged state placed on each GPU; allocations beyond it go
+  to host memory (read by the kernel over the bus). None removes the cap (free
+  device memory, minus a reserve, is always a cap). Applies to allocations made
+  after the call."""
+  if nbytes is not None and (
+    isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0
+  ):
+    raise ValueError(
+      f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
+    )
+  setter = _cuda_op("set_device_budget")
+  if setter is not None:  # a CPU-only build places nothing on a GPU
+    setter(-1 if nbytes is None else nbytes)
