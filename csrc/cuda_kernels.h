@@ -50,7 +50,7 @@ struct StepArgs {
   int32_t* count_out;        // written with t by the launch that has write_count
   uint32_t* handle_out;      // written with handle_value by that launch (null: no handle)
   uint32_t handle_value;
-  int64_t t;                 // 1-based step
+  int64_t t;  // 1-based step
   bool write_params;
   bool write_count;
 };

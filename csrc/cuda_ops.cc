@@ -484,8 +484,8 @@ ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves
 
 ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
                       ffi::Buffer<ffi::S32> count, ffi::Result<ffi::Buffer<ffi::S32>> step_out,
-                      ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags,
-                      bool block_wise, int64_t layout_key) {
+                      ffi::RemainingRets rets, ffi::Span<const int32_t> leaf_flags, bool block_wise,
+                      int64_t layout_key) {
   const char* op = kExportTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
@@ -497,8 +497,8 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
   }
   DeviceScope scope(device);
   HostScalars host;
-  if (auto e = ReadHostScalars(op, stream, handle.untyped_data(), count.untyped_data(), nullptr,
-                               &host);
+  if (auto e =
+          ReadHostScalars(op, stream, handle.untyped_data(), count.untyped_data(), nullptr, &host);
       e.failure()) {
     return e;
   }
@@ -546,8 +546,7 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForImport(
-      MakeRequest(0, layout_key, Platform::kCuda, device, layout), allocator, &slot,
-      &handle_value);
+      MakeRequest(0, layout_key, Platform::kCuda, device, layout), allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;

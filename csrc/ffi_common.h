@@ -339,8 +339,8 @@ constexpr int64_t kMaxCount = INT32_MAX - 1;
 
 inline ffi::Error CheckImportCount(const char* op, int64_t count) {
   if (count < 0 || count > kMaxCount) {
-    return InvalidArgument(op, "count must be in 0.." + std::to_string(kMaxCount) + ", got " +
-                                   std::to_string(count));
+    return InvalidArgument(
+        op, "count must be in 0.." + std::to_string(kMaxCount) + ", got " + std::to_string(count));
   }
   return ffi::Error::Success();
 }
@@ -348,8 +348,7 @@ inline ffi::Error CheckImportCount(const char* op, int64_t count) {
 inline ffi::Error CheckUpdateCount(const char* op, int64_t count) {
   if (count < 0 || count > kMaxCount) {
     return InvalidArgument(op, "the opt_state's count is " + std::to_string(count) +
-                                   "; an update needs a count in 0.." +
-                                   std::to_string(kMaxCount));
+                                   "; an update needs a count in 0.." + std::to_string(kMaxCount));
   }
   return ffi::Error::Success();
 }

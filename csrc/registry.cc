@@ -305,9 +305,8 @@ std::string Registry::CheckUpdate(const Request& request, int64_t count) {
   return FindForUpdateLocked(request, count, &unused);
 }
 
-std::string Registry::AcquireForUpdate(const Request& request, int64_t count,
-                                       Allocator& allocator, std::shared_ptr<Slot>* slot,
-                                       int32_t* handle_out) {
+std::string Registry::AcquireForUpdate(const Request& request, int64_t count, Allocator& allocator,
+                                       std::shared_ptr<Slot>* slot, int32_t* handle_out) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string error = FindForUpdateLocked(request, count, slot);
   if (!error.empty()) return error;

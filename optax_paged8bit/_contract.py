@@ -275,14 +275,15 @@ def build_layout(who: str, config: Config, mask: Any, params: Any) -> Layout:
   _ffi.check_backend(platform_of(params))
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [jax.tree_util.keystr(path) for path, _ in leaves_with_path]
-  for name, (_, p) in zip(paths, leaves_with_path, strict=True):
+  for name, p in zip(paths, (p for _, p in leaves_with_path), strict=True):
     if not hasattr(p, "dtype") or not hasattr(p, "shape"):
       raise TypeError(
         f"{who}: param {name} is a {type(p).__name__}, not an array; pass params as arrays "
         "(jnp.asarray), so that init and update see the same dtype"
       )
   decay = _mask_leaves(who, mask, params, treedef)
-  mesh, specs = mesh_and_specs(who, [(n, p) for n, (_, p) in zip(paths, leaves_with_path)])
+  leaves = [p for _, p in leaves_with_path]
+  mesh, specs = mesh_and_specs(who, list(zip(paths, leaves, strict=True)))
   shapes, dtypes, flags = [], [], []
   for name, (_, p), decays in zip(paths, leaves_with_path, decay, strict=True):
     dtype = jnp.dtype(p.dtype)

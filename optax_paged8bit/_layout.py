@@ -434,16 +434,26 @@ def moment_arrays(layout: Layout) -> list[MomentArray]:
 MOMENT_FIELDS = ("state1", "state2", "absmax1", "absmax2")
 
 
-def moments_trees(layout: Layout, flat: list[Any]) -> dict[str, Any]:
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def moments_trees(layout: Layout, flat: list[Any], like: Any = None) -> dict[str, Any]:
   """The four params-shaped trees (state1, state2, absmax1, absmax2) from the
-  4 arrays per leaf of the custom calls; a float32 leaf's scales are None."""
+  4 arrays per leaf of the custom calls; a float32 leaf's scales are None.
+  They take the structure of `like`'s trees when given (the state an update
+  was given: Flax NNX hands it without the Variables that init saw), else
+  the params' structure."""
   trees = {}
   for k, name in enumerate(MOMENT_FIELDS):
     leaves = [
       None if k >= 2 and not layout.is_8bit(i) else flat[4 * i + k]
       for i in range(layout.num_leaves)
     ]
-    trees[name] = layout.treedef.unflatten(leaves)
+    treedef = layout.treedef
+    if like is not None:
+      treedef = jax.tree.structure(getattr(like, name), is_leaf=_is_none)
+    trees[name] = treedef.unflatten(leaves)
   return trees
 
 
@@ -451,7 +461,13 @@ def moments_flat(layout: Layout, trees: Any) -> list[Any]:
   """The inverse of moments_trees (None scales become empty arrays); `trees`
   has the four fields as attributes (an Adam8bitState)."""
   empty = jnp.zeros((0,), jnp.float32)
-  columns = [layout.treedef.flatten_up_to(getattr(trees, name)) for name in MOMENT_FIELDS]
+  columns = [jax.tree.leaves(getattr(trees, name), is_leaf=_is_none) for name in MOMENT_FIELDS]
+  for name, column in zip(MOMENT_FIELDS, columns, strict=True):
+    if len(column) != layout.num_leaves:
+      raise ValueError(
+        f"the state's {name} has {len(column)} leaves, its params {layout.num_leaves}; use the "
+        "state that init returned for these params"
+      )
   flat = []
   for i in range(layout.num_leaves):
     for k in range(4):

@@ -53,9 +53,9 @@ def is_params_placeholder(params: Any) -> bool:
 
 
 class NotParams:
-  """What init puts, under map_params, where a state holds params-shaped
-  trees that are not params (the block scales): map_params leaves them to
-  transform_non_params."""
+  """What init puts, under map_params, in place of a part of the state that
+  is no params tree (the block scales, the static layout): map_params leaves
+  the whole part to transform_non_params."""
 
 
 class StepInputs(NamedTuple):
@@ -66,8 +66,9 @@ class StepInputs(NamedTuple):
   hyper: Any
 
 
-def step_inputs(who: str, config: Config, layout: Layout, updates, params, count, lr, betas, eps,
-                weight_decay) -> StepInputs:
+def step_inputs(
+  who: str, config: Config, layout: Layout, updates, params, count, lr, betas, eps, weight_decay
+) -> StepInputs:
   """Flattened and checked grads and params, their treedefs, the
   hyperparameter operand. Every check runs before anything is issued, so a
   failing step leaves the state as it was."""

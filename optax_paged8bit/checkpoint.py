@@ -112,12 +112,12 @@ def _bad_values(name: str, path: str, x: Any, ok, rule: str) -> None:
 
 
 def _checked_count(count: Any) -> jax.Array:
-  dtype = np.dtype(getattr(count, "dtype", np.asarray(count).dtype))
-  value = np.asarray(count)
-  if value.shape != ():
-    raise ValueError(f"import_state: count must be a scalar, got shape {value.shape}")
-  if dtype.kind not in "iu" and not (dtype.kind == "f" and float(value).is_integer()):
-    raise ValueError(f"import_state: count must be an integer, got {dtype.name} {value!r}")
+  array = np.asarray(count)
+  if array.shape != ():
+    raise ValueError(f"import_state: count must be a scalar, got shape {array.shape}")
+  value = array.item()
+  if array.dtype.kind not in "iu" and not (array.dtype.kind == "f" and float(value).is_integer()):
+    raise ValueError(f"import_state: count must be an integer, got {array.dtype.name} {value!r}")
   if not 0 <= value <= MAX_COUNT:
     raise ValueError(f"import_state: count must be in 0..{MAX_COUNT}, got {value!r}")
   return jnp.asarray(int(value), jnp.int32)

@@ -131,9 +131,9 @@ def adamw8bit(
       # optax.tree.map_params: the codes are params-shaped, the scales are not.
       rings = jnp.zeros([0, 0]) if config.percentile_clipping != 100 else None
       maps = jnp.asarray(QMAPS[0])
+      scales = NotParams()
       return Adam8bitState(
-        jnp.zeros([], jnp.int32), maps, maps, params, params, NotParams(), NotParams(), rings,
-        params,
+        jnp.zeros([], jnp.int32), maps, maps, params, params, scales, scales, rings, NotParams()
       )
     layout = build_layout(who, config, mask, params)
     return arrays_state(
@@ -163,7 +163,7 @@ def adamw8bit(
     new_state = state._replace(
       count=count,
       gnorm_vec=rings if layout.clipping else None,
-      **moments_trees(layout, new_moments),
+      **moments_trees(layout, new_moments, like=state),
     )
     return out_def.unflatten(outs), new_state
 

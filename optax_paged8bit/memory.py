@@ -133,9 +133,7 @@ def set_device_memory_budget(nbytes: int | None) -> None:
   to host memory (read by the kernel over the bus). None removes the cap (free
   device memory, minus a reserve, is always a cap). Applies to allocations made
   after the call."""
-  if nbytes is not None and (
-    isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0
-  ):
+  if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
     raise ValueError(
       f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
     )

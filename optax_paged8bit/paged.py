@@ -28,6 +28,7 @@ from optax_paged8bit._layout import (
   rings_operand,
 )
 from optax_paged8bit._transform import (
+  NotParams,
   PagedGradientTransformation,
   inside_optax_multisteps,
   is_params_placeholder,
@@ -155,11 +156,11 @@ def paged_adamw8bit(
 
   def init_fn(params: optax.Params) -> PagedAdamW8bitState:
     if is_params_placeholder(params):
-      # optax.tree.map_params: no state array is params-shaped; the layout
-      # (static) is left as it is.
-      layout = params
+      # optax.tree.map_params: no part of the state is params-shaped.
       rings = jnp.zeros([0, 0]) if config.percentile_clipping != 100 else None
-      return PagedAdamW8bitState(jnp.zeros([], jnp.int32), jnp.zeros([], HANDLE_DTYPE), rings, layout)
+      return PagedAdamW8bitState(
+        jnp.zeros([], jnp.int32), jnp.zeros([], HANDLE_DTYPE), rings, NotParams()
+      )
     layout = build_layout(who, config, mask, params)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
       _ffi.scan_for_unheld_states(wait=False)  # reclaim states that are gone (never blocks)

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from conftest import mesh_devices
 from jax.sharding import NamedSharding
-from resume_common import SPECS, make, optimizer, train
+from resume_common import (
+  SPECS,
+  NnxModel,
+  flax_train_state,
+  make,
+  optimizer,
+  train,
+  train_state_steps,
+)
 from test_oracle import assert_bit_equal
 
 import optax_paged8bit as op
@@ -55,7 +63,7 @@ def run_fresh_process(tmp_path, body: str, devices: int) -> None:
       "import jax, numpy as np",
       "from jax.sharding import NamedSharding",
       "import optax_paged8bit as op",
-      "from resume_common import SHAPES, SPECS, optimizer, train",
+      "from resume_common import *",
       "",
     ]
   )
@@ -134,3 +142,241 @@ def test_restore_onto_another_mesh(tmp_path, saved_on, restored_on):
   for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
     assert_bit_equal(a, b, "state")
   op.release((s, s2, full_s))
+
+
+# -- whole trees: a Flax TrainState, nnx.state(optimizer) -----------------------------
+
+
+def train_state_leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(op.export_state(state))]
+
+
+@pytest.mark.parametrize("kind", ["paged", "arrays"])
+def test_train_state_resumes_in_a_fresh_process(tmp_path, kind):
+  full = train_state_steps(flax_train_state(kind, make(0)), 6, 0)
+  half = train_state_steps(flax_train_state(kind, make(0)), 3, 0)
+  op.save_checkpoint(str(tmp_path / "ckpt"), half)
+  run_fresh_process(
+    tmp_path,
+    f"""
+    target = flax_train_state("{kind}", make(7))  # other params: all restored from the checkpoint
+    state = op.restore_checkpoint("ckpt", target)
+    assert int(state.step) == 3, state.step
+    state = train_state_steps(state, 3, 3)
+    np.savez("leaves.npz", *[np.asarray(x) for x in jax.tree.leaves(op.export_state(state))])
+    """,
+    1,
+  )
+  got = np.load(tmp_path / "leaves.npz")
+  for i, want in enumerate(train_state_leaves(full)):
+    assert_bit_equal(got[f"arr_{i}"], want, f"leaf {i}")
+  op.release((full, half))
+
+
+@pytest.mark.parametrize("kind", ["paged", "arrays"])
+def test_nnx_optimizer_state_resumes_in_a_fresh_process(tmp_path, kind):
+  full = NnxModel(kind)
+  full.train(6, 0)
+  half = NnxModel(kind)
+  half.train(3, 0)
+  op.save_checkpoint(str(tmp_path / "ckpt"), half.tree())
+  run_fresh_process(
+    tmp_path,
+    f"""
+    fresh = NnxModel("{kind}", seed=5)
+    fresh.load(op.restore_checkpoint("ckpt", fresh.tree()))
+    fresh.train(3, 3)
+    np.savez("params.npz", *fresh.params())
+    """,
+    1,
+  )
+  got = np.load(tmp_path / "params.npz")
+  for i, want in enumerate(full.params()):
+    assert_bit_equal(got[f"arr_{i}"], want, f"param {i}")
+
+
+def test_nnx_tree_restores_in_process_and_exports_like_the_optimizer_state():
+  model = NnxModel("paged")
+  model.train(2, 0)
+  exported = op.export_state(model.tree())
+  assert int(jax.tree.leaves(exported["optimizer"]["opt_state"].count)[0]) == 2
+  other = NnxModel("paged", seed=9)
+  other.load(op.import_state(other.tree(), exported))
+  model.train(2, 2)
+  other.train(2, 2)
+  for a, b in zip(model.params(), other.params(), strict=True):
+    assert_bit_equal(a, b, "params")
+
+
+@pytest.mark.parametrize("what", ["train_state", "nnx"])
+def test_a_plain_orbax_save_of_a_live_paged_state_fails_at_save_time(tmp_path, what):
+  import orbax.checkpoint as ocp
+
+  if what == "train_state":
+    tree = train_state_steps(flax_train_state("paged", make(0)), 1, 0)
+    where = r"\.opt_state\.handle"
+  else:
+    model = NnxModel("paged")
+    model.train(1, 0)
+    tree = model.tree()
+    where = r"\['optimizer'\]\['opt_state'\]\['handle'\]"
+  checkpointer = ocp.StandardCheckpointer()
+  with pytest.raises(ValueError, match=f"live paged_adamw8bit state .*{where}.*save_checkpoint"):
+    checkpointer.save(str(tmp_path / "plain"), tree)
+  checkpointer.close()
+  # A fresh state holds no moments yet: saving it plainly loses nothing.
+  fresh = flax_train_state("paged", make(0))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "fresh"), fresh)
+
+
+def test_a_state_restored_without_its_moments_names_the_right_way_to_save(tmp_path):
+  tx = optimizer("paged")
+  _, state = train(tx, tx.init(make(0)), make(0), 2, 0)
+  # What a plain save and restore in another process hands back: the count and
+  # a handle this process never created.
+  foreign = state._replace(handle=jax.numpy.uint32(3))
+  with pytest.raises(Exception, match=r"not created in this process.*save_checkpoint"):
+    jax.block_until_ready(jax.jit(tx.fused_update)(make(100), foreign, make(0)))
+  with pytest.raises(Exception, match=r"not created in this process.*save_checkpoint"):
+    op.export_state(foreign)
+  op.release(state)
+
+
+def test_checkpoint_manager_loop_keeps_the_last_k_and_resumes_from_the_latest(tmp_path):
+  import orbax.checkpoint as ocp
+
+  every, keep = 2, 2
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every)
+  state = flax_train_state("paged", make(0))
+  with ocp.CheckpointManager(str(tmp_path / "ckpts"), options=options) as manager:
+    for step in range(1, 8):
+      state = train_state_steps(state, 1, step - 1)
+      op.save_checkpoint(manager, state, step=step)
+    manager.wait_until_finished()
+    assert manager.all_steps() == [4, 6]
+  full = train_state_steps(state, 2, 7)
+  with ocp.CheckpointManager(str(tmp_path / "ckpts"), options=options) as manager:
+    resumed = op.restore_checkpoint(manager, flax_train_state("paged", make(3)))
+  assert int(resumed.step) == 6
+  resumed = train_state_steps(resumed, 3, 6)
+  for a, b in zip(train_state_leaves(resumed), train_state_leaves(full), strict=True):
+    assert_bit_equal(a, b, "resumed at the latest checkpoint")
+  with pytest.raises(ValueError, match="needs step="):
+    op.save_checkpoint(manager, state)
+
+
+# -- corruption and imports: checked, not trusted --------------------------------------
+
+
+def test_flipped_bytes_in_any_file_restore_exactly_or_fail_clearly(tmp_path):
+  tx = optimizer("paged")
+  params, state = train(tx, tx.init(make(0)), make(0), 3, 0)
+  op.save_checkpoint(str(tmp_path / "ckpt"), {"params": params, "opt_state": state})
+  files = sorted(p for p in (tmp_path / "ckpt").rglob("*") if p.is_file() and p.stat().st_size)
+  assert files
+  want = [
+    np.asarray(x) for x in jax.tree.leaves(op.export_state({"params": params, "opt_state": state}))
+  ]
+  outcomes = {"exact": 0, "refused": 0}
+  rng = np.random.default_rng(0)
+  for path in files:
+    original = path.read_bytes()
+    for _ in range(3):
+      data = bytearray(original)
+      for i in rng.choice(len(data), size=min(2, len(data)), replace=False):
+        data[i] ^= 0xFF
+      path.write_bytes(bytes(data))
+      try:
+        restored = op.restore_checkpoint(
+          str(tmp_path / "ckpt"), {"params": make(0), "opt_state": tx.init(make(0))}
+        )
+      except (ValueError, FileNotFoundError) as e:
+        assert "restore_checkpoint" in str(e) or "import_state" in str(e), e
+        outcomes["refused"] += 1
+      else:
+        got = [np.asarray(x) for x in jax.tree.leaves(op.export_state(restored))]
+        for a, b in zip(got, want, strict=True):
+          assert_bit_equal(a, b, f"restored silently after flipping bytes of {path.name}")
+        outcomes["exact"] += 1
+        op.release(restored)
+    path.write_bytes(original)
+  assert outcomes["refused"] > 0
+  op.release(state)
+
+
+def test_a_flipped_code_fails_with_the_leaf_path(tmp_path):
+  import orbax.checkpoint as ocp
+
+  tx = optimizer("paged")
+  _, state = train(tx, tx.init(make(0)), make(0), 2, 0)
+  op.save_checkpoint(str(tmp_path / "ckpt"), state)
+  # Rewrite one array the way a bit flip in its data would change it.
+  with ocp.StandardCheckpointer() as checkpointer:
+    payload = checkpointer.restore(str(tmp_path / "ckpt"))
+  codes = np.asarray(payload["tree"]["state1"]["w"]).copy()
+  codes[3, 7] ^= 0x10
+  payload["tree"]["state1"]["w"] = codes
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "edited"), payload)
+  with pytest.raises(ValueError, match=r"data of \.state1\['w'\] .* do not match the checksum"):
+    op.restore_checkpoint(str(tmp_path / "edited"), tx.init(make(0)))
+  op.release(state)
+
+
+def exported_after(steps=2):
+  tx = optimizer("paged")
+  _, state = train(tx, tx.init(make(0)), make(0), steps, 0)
+  return tx, state, op.export_state(state)
+
+
+@pytest.mark.parametrize(
+  ("edit", "match"),
+  [
+    (
+      lambda e: e._replace(absmax1={**e.absmax1, "w": -e.absmax1["w"] - 1}),
+      r"\['w'\]: absmax1 has \d+ values that are not finite and >= 0",
+    ),
+    (
+      lambda e: e._replace(absmax2={**e.absmax2, "u": e.absmax2["u"].at[2].set(np.nan)}),
+      r"\['u'\]: absmax2 has 1 values that are not finite",
+    ),
+    (
+      lambda e: e._replace(state2={**e.state2, "b": e.state2["b"].at[0].set(-1.0)}),
+      r"\['b'\]: state2 has 1 values that are not finite and >= 0",
+    ),
+    (
+      lambda e: e._replace(state1={**e.state1, "b": e.state1["b"].at[0].set(np.inf)}),
+      r"\['b'\]: state1 has 1 values that are not finite",
+    ),
+    (lambda e: e._replace(count=jax.numpy.int32(-1)), r"count must be in 0..2147483646, got -1"),
+    (
+      lambda e: e._replace(count=jax.numpy.int32(2**31 - 1)),
+      r"count must be in 0..2147483646, got 2147483647",
+    ),
+    (
+      lambda e: e._replace(count=jax.numpy.float32(5.5)),
+      r"count must be an integer, got float32 5.5",
+    ),
+    (lambda e: e._replace(qmap1=e.qmap1[:10]), r"qmap1 and qmap2 must be float32\[256\]"),
+  ],
+  ids=["neg-scale", "nan-scale", "neg-v", "inf-m", "neg-count", "max-count", "float-count", "qmap"],
+)
+def test_import_checks_values_and_names_the_leaf(edit, match):
+  tx, state, exported = exported_after()
+  with pytest.raises(ValueError, match=match):
+    op.import_state(tx.init(make(0)), edit(exported))
+  op.release(state)
+
+
+def test_an_import_never_lets_an_older_state_object_step():
+  tx, state, exported = exported_after(2)
+  _, older = train(tx, tx.init(make(0)), make(0), 2, 0)  # count 2 ...
+  _, newer = train(tx, older, make(0), 1, 2)  # ... advanced to 3: `older` is stale now
+  imported = op.import_state(newer, exported)  # count 2 again, in a new slot
+  assert int(imported.handle) not in (int(older.handle), int(newer.handle))
+  with pytest.raises(Exception, match="stale optimizer state"):
+    jax.block_until_ready(jax.jit(tx.fused_update)(make(102), older, make(0)))
+  p, _ = jax.jit(tx.fused_update)(make(102), imported, make(0))  # the import steps on its own
+  p_ref, _ = jax.jit(tx.fused_update)(make(102), state, make(0))
+  assert_bit_equal(np.asarray(p["w"]), np.asarray(p_ref["w"]), "imported")

@@ -42,7 +42,11 @@ GRADS = {"w": jnp.ones((64, 80)), "b": jnp.ones((10,))}
       r"weight_decay=1000000.0 with lr=0.001 gives the decay factor .* -999.*at most 1",
     ),
     (dict(percentile_clipping=0), ValueError, r"percentile_clipping must be an integer in 1..100"),
-    (dict(percentile_clipping=101), ValueError, r"percentile_clipping must be an integer in 1..100"),
+    (
+      dict(percentile_clipping=101),
+      ValueError,
+      r"percentile_clipping must be an integer in 1..100",
+    ),
     (dict(percentile_clipping=50.5), ValueError, "percentile_clipping must be an integer"),
     (dict(percentile_clipping="90"), TypeError, "percentile_clipping must be a real number"),
     (dict(min_8bit_size=-1), ValueError, r"min_8bit_size must be an integer in 0..2147483647"),
@@ -132,7 +136,9 @@ def test_grads_keyed_differently_are_refused_and_the_state_stays_usable(factory,
   state = tx.init(TWO)
   grads = {"b": jnp.ones((64, 80)), "x": jnp.ones((64, 80))}
   step = tx.fused_update if fused else tx.update
-  with pytest.raises(ValueError, match=r"the grads have a leaf at \['b'\] where the params have \['a'\]"):
+  with pytest.raises(
+    ValueError, match=r"the grads have a leaf at \['b'\] where the params have \['a'\]"
+  ):
     step(grads, state, TWO)
   with pytest.raises(ValueError, match=r"the params have a leaf at \['x'\] where the params have"):
     step({"a": jnp.ones((64, 80)), "b": jnp.ones((64, 80))}, state, {"a": TWO["a"], "x": TWO["b"]})
@@ -151,7 +157,9 @@ def test_grads_as_plain_arrays_of_nnx_variables_are_accepted():
   grads = {"a": jnp.ones((64, 80)), "b": jnp.ones(10)}
   _, state = tx.update(grads, state, params)
   assert int(state.count) == 1
-  with pytest.raises(ValueError, match=r"the grads have a leaf at \['c'\] where the params have \['b'\]"):
+  with pytest.raises(
+    ValueError, match=r"the grads have a leaf at \['c'\] where the params have \['b'\]"
+  ):
     tx.update({"a": jnp.ones((64, 80)), "c": jnp.ones(10)}, state, params)
 
 

@@ -89,7 +89,9 @@ def exported_leaves(exported, name):
 
 
 def compare_state(exported, oracle, step):
-  fields = {name: exported_leaves(exported, name) for name in ("state1", "state2", "absmax1", "absmax2")}
+  fields = {
+    name: exported_leaves(exported, name) for name in ("state1", "state2", "absmax1", "absmax2")
+  }
   for k, ref in enumerate(oracle.leaves):
     where = f"step {step} leaf {k}"
     names = ("state1", "state2", "absmax1", "absmax2") if ref["is_8bit"] else ("state1", "state2")

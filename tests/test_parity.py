@@ -24,7 +24,9 @@ def dequantized_moments(state):
       np.asarray(dequantize_blockwise(s1, a1, op.QMAP_SIGNED)),
       np.asarray(dequantize_blockwise(s2, a2, op.QMAP_UNSIGNED)),
     )
-    for s1, s2, a1, a2 in zip(*(jax.tree.leaves(f) for f in (e.state1, e.state2, e.absmax1, e.absmax2)), strict=True)
+    for s1, s2, a1, a2 in zip(
+      *(jax.tree.leaves(f) for f in (e.state1, e.state2, e.absmax1, e.absmax2)), strict=True
+    )
   ]
 
 

@@ -4,7 +4,6 @@ stale states, accumulation, export/import."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
