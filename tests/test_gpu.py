@@ -74,10 +74,12 @@ def run_on(device, tx, params, grads, fused):
   return outs, exported
 
 
-def assert_backends_agree(params, grads, kwargs, fused):
+def assert_backends_agree(params, grads, kwargs, fused, factory=None):
   """The same run on the CPU and on the GPU: outputs and states bit-equal."""
-  cpu_outs, cpu_state = run_on(CPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
-  gpu_outs, gpu_state = run_on(GPU, op.paged_adamw8bit(1e-3, **kwargs), params, grads, fused)
+  factory = factory or op.paged_adamw8bit
+  kwargs = {"lr": 1e-3, **kwargs}
+  cpu_outs, cpu_state = run_on(CPU, factory(**kwargs), params, grads, fused)
+  gpu_outs, gpu_state = run_on(GPU, factory(**kwargs), params, grads, fused)
   for t, (a, b) in enumerate(zip(cpu_outs, gpu_outs, strict=True)):
     for k in a:
       assert_bit_equal(b[k], a[k], f"step {t} leaf {k}")
@@ -87,12 +89,19 @@ def assert_backends_agree(params, grads, kwargs, fused):
     assert_bit_equal(b, a, f"state leaf {i}")
 
 
+def nan_at_step_3(count):
+  """A schedule whose value at step 3 no step can run with: that step is skipped."""
+  return jnp.where(count == 2, jnp.nan, 1e-3)
+
+
 CASES = [
   dict(weight_decay=1e-2, percentile_clipping=90),
   dict(weight_decay=0.0, percentile_clipping=100),
   dict(weight_decay=1e-2, percentile_clipping=100, block_wise=False),
   dict(weight_decay=1e-2, percentile_clipping=70, block_wise=False),
   dict(weight_decay=1e-2, args={"optim_bits": 32}),
+  dict(lr=nan_at_step_3, weight_decay=1e-2, percentile_clipping=90),
+  dict(lr=nan_at_step_3, weight_decay=1e-2, block_wise=False),
 ]
 
 
@@ -320,3 +329,44 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], words
   not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
   assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], words
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+def test_adamw8bit_cpu_and_cuda_bit_identical(fused):
+  params, grads = inputs(np.float32, seed=3)
+  assert_backends_agree(params, grads, dict(percentile_clipping=90), fused, op.adamw8bit)
+
+
+def test_export_import_and_an_interrupted_step_on_the_gpu():
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  p_ref, s_ref = steps(tx, s_ref, p_ref, 2, seed=12)
+  params, state = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  exported = op.export_state(state)  # the count comes back from the device
+  assert int(exported.count) == 2
+  imported = op.import_state(tx.init(small_tree()), exported)  # a new handle, written on device
+  assert int(imported.handle) != int(state.handle) and int(imported.count) == 2
+  params, imported = steps(tx, imported, params, 2, seed=12)
+  assert_same_results(params, imported, p_ref, s_ref)
+  # An interrupted step: dispatched, its results dropped; the state last held exports
+  # the moments as they are, with their true count.
+  held = imported
+  dropped = jax.jit(tx.fused_update)(jax.tree.map(jnp.ones_like, params), held, params)
+  jax.block_until_ready(dropped)
+  del dropped
+  with pytest.warns(op.InterruptedStepWarning):
+    after = op.export_state(held)
+  assert int(after.count) == 5
+  op.release((state, imported, s_ref))
+
+
+def test_a_changed_injected_layout_argument_fails_on_the_gpu():
+  tx = optax.inject_hyperparams(op.paged_adamw8bit)(lr=1e-3)
+  with jax.default_device(GPU):
+    params = jax.device_put(small_tree(), GPU)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    _, state = step(params, state, params)
+    state.hyperparams["min_8bit_size"] = jnp.asarray(16, jnp.int32)
+    with pytest.raises(Exception, match="min_8bit_size is 16 in this update"):
+      jax.block_until_ready(step(params, state, params))
