@@ -163,7 +163,9 @@ def paged_adamw8bit(
       )
     layout = build_layout(who, config, mask, params)
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
-      _ffi.scan_for_unheld_states(wait=False)  # reclaim states that are gone (never blocks)
+      # An eager init reclaims the states that are gone, waiting for the
+      # computations in flight (a state whose arrays are gone may be in use).
+      _ffi.scan_for_unheld_states(wait=True)
     return fresh_state(layout)
 
   def step(updates, state, params, write_params):
