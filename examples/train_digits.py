@@ -24,11 +24,12 @@ checkpoint, and the result is bit-identical to a run that was never stopped
   python examples/train_digits.py --checkpoint-dir /tmp/digits --steps 3000
   python examples/train_digits.py --checkpoint-dir /tmp/digits --steps 3000 --resume
 
-It exits with a non-zero status when the two test accuracies differ by more than
-1 point (for runs of 1000 steps or more), so CI can use it as a smoke test. Keep the
+It exits with a non-zero status when the two test accuracies differ by more than 1
+point (for runs of 1000 steps or more), so CI can use it as a smoke test. Keep the
 learning rate moderate: with the default eps=1e-8, the 8-bit run diverges here from
-lr=2e-2 on (a second moment that quantizes to zero while its first moment does not gives a step of about lr * m / eps),
-where optax.adamw still trains; a larger eps (1e-6) avoids it.
+lr=2e-2 on (a second moment that quantizes to zero while its first moment does not
+gives a step of about lr * m / eps), where optax.adamw still trains; a larger eps
+(1e-6) avoids it.
 """
 
 from __future__ import annotations
