@@ -17,6 +17,7 @@ import contextlib
 import copy
 import importlib.abc
 import inspect
+import logging
 import sys
 import threading
 from typing import Any
@@ -90,10 +91,16 @@ def _install_now() -> None:
     _installed = True
   # Orbax versions differ; without this public API the resume-time error
   # (which names save_checkpoint) is what is left.
-  with contextlib.suppress(Exception):
-    type_handlers = sys.modules[_PACKAGE].type_handlers
-    handler = type_handlers.get_type_handler(jax.Array)
-    type_handlers.register_type_handler(jax.Array, _guarded(handler), override=True)
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)  # orbax logs each override as a warning
+  try:
+    with contextlib.suppress(Exception):
+      type_handlers = sys.modules[_PACKAGE].type_handlers
+      handler = type_handlers.get_type_handler(jax.Array)
+      type_handlers.register_type_handler(jax.Array, _guarded(handler), override=True)
+  finally:
+    absl.setLevel(level)
 
 
 class _InstallOnImport(importlib.abc.MetaPathFinder):
