@@ -81,10 +81,12 @@ inline void WriteOut(const LeafCall& leaf, int64_t i, float p, float p_new, bool
 }
 
 // SPEC 3.2: one scale per 256-element block, a partial last block padded.
-void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps, const StepScalars& s,
-                     float scale, bool write_params) {
-  auto* codes1 = static_cast<uint8_t*>(state.state1);
-  auto* codes2 = static_cast<uint8_t*>(state.state2);
+void UpdateBlockwise(const LeafCall& leaf, const StepState& state, const Maps& maps,
+                     const StepScalars& s, float scale, bool write_params) {
+  const auto* codes1 = static_cast<const uint8_t*>(state.in.state1);
+  const auto* codes2 = static_cast<const uint8_t*>(state.in.state2);
+  auto* new_codes1 = static_cast<uint8_t*>(state.out.state1);
+  auto* new_codes2 = static_cast<uint8_t*>(state.out.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
   int64_t num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
   float m[kBlockSize], v[kBlockSize];
@@ -92,7 +94,7 @@ void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps, c
   for (int64_t j = 0; j < num_blocks; ++j) {
     int64_t begin = j * kBlockSize;
     int count = static_cast<int>(std::min<int64_t>(kBlockSize, leaf.size - begin));
-    float old1 = state.absmax1[j], old2 = state.absmax2[j];
+    float old1 = state.in.absmax1[j], old2 = state.in.absmax2[j];
     float absmax1 = 0.0f, absmax2 = 0.0f;
     for (int e = 0; e < kBlockSize; ++e) {
       float gf = 0.0f;
@@ -112,21 +114,23 @@ void UpdateBlockwise(const LeafCall& leaf, LeafState& state, const Maps& maps, c
       float p = LoadAsFloat(leaf.param, leaf.type, i);
       float p_new = finite[e] ? StepParam(p, m[e], v[e], s, decay, leaf.type) : p;
       WriteOut(leaf, i, p, p_new, write_params);
-      codes1[i] = maps.Code1(m[e], absmax1);
-      codes2[i] = maps.Code2(v[e], absmax2);
+      new_codes1[i] = maps.Code1(m[e], absmax1);
+      new_codes2[i] = maps.Code2(v[e], absmax2);
     }
-    state.absmax1[j] = absmax1;
-    state.absmax2[j] = absmax2;
+    state.out.absmax1[j] = absmax1;
+    state.out.absmax2[j] = absmax2;
   }
 }
 
 // SPEC 3.4: one scale for the whole leaf; a first pass finds it.
-void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps, const StepScalars& s,
-                     float scale, bool write_params) {
-  auto* codes1 = static_cast<uint8_t*>(state.state1);
-  auto* codes2 = static_cast<uint8_t*>(state.state2);
+void UpdateWholeLeaf(const LeafCall& leaf, const StepState& state, const Maps& maps,
+                     const StepScalars& s, float scale, bool write_params) {
+  const auto* codes1 = static_cast<const uint8_t*>(state.in.state1);
+  const auto* codes2 = static_cast<const uint8_t*>(state.in.state2);
+  auto* new_codes1 = static_cast<uint8_t*>(state.out.state1);
+  auto* new_codes2 = static_cast<uint8_t*>(state.out.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
-  float old1 = state.absmax1[0], old2 = state.absmax2[0];
+  float old1 = state.in.absmax1[0], old2 = state.in.absmax2[0];
   auto moments = [&](int64_t i, float* gf, float* m, float* v) {
     *gf = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
     BlockwiseMoments(*gf, maps.q1()[codes1[i]], old1, maps.q2()[codes2[i]], old2, s, m, v);
@@ -144,34 +148,47 @@ void UpdateWholeLeaf(const LeafCall& leaf, LeafState& state, const Maps& maps, c
     float p = LoadAsFloat(leaf.param, leaf.type, i);
     float p_new = IsFinite(gf) ? StepParam(p, m, v, s, decay, leaf.type) : p;
     WriteOut(leaf, i, p, p_new, write_params);
-    codes1[i] = maps.Code1(m, absmax1);
-    codes2[i] = maps.Code2(v, absmax2);
+    new_codes1[i] = maps.Code1(m, absmax1);
+    new_codes2[i] = maps.Code2(v, absmax2);
   }
-  state.absmax1[0] = absmax1;
-  state.absmax2[0] = absmax2;
+  state.out.absmax1[0] = absmax1;
+  state.out.absmax2[0] = absmax2;
 }
 
 // SPEC 3.3: float32 moments (small leaves, or optim_bits=32 through args).
-void UpdateFloat32(const LeafCall& leaf, LeafState& state, const StepScalars& s, float scale,
+void UpdateFloat32(const LeafCall& leaf, const StepState& state, const StepScalars& s, float scale,
                    bool write_params) {
-  auto* m1 = static_cast<float*>(state.state1);
-  auto* m2 = static_cast<float*>(state.state2);
+  const auto* m1 = static_cast<const float*>(state.in.state1);
+  const auto* m2 = static_cast<const float*>(state.in.state2);
+  auto* new_m1 = static_cast<float*>(state.out.state1);
+  auto* new_m2 = static_cast<float*>(state.out.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
   for (int64_t i = 0; i < leaf.size; ++i) {
     float g = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
     float p = LoadAsFloat(leaf.param, leaf.type, i);
-    WriteOut(leaf, i, p, Float32Step(g, p, &m1[i], &m2[i], s, decay, leaf.type), write_params);
+    float m = m1[i], v = m2[i];
+    WriteOut(leaf, i, p, Float32Step(g, p, &m, &v, s, decay, leaf.type), write_params);
+    new_m1[i] = m;
+    new_m2[i] = v;
   }
 }
 
 // A step with hyperparameters it cannot run with (StepScalars::valid): the
 // params stay (rounded to their dtype, as a skipped element of the step is),
-// the moments are not touched.
-void SkipLeaf(const LeafCall& leaf, bool write_params) {
+// the moments are kept (copied to the results where those are not the operands).
+void SkipLeaf(const LeafCall& leaf, const LeafSpec& spec, const StepState& state,
+              bool write_params) {
   for (int64_t i = 0; i < leaf.size; ++i) {
     float p = LoadAsFloat(leaf.param, leaf.type, i);
     WriteOut(leaf, i, p, RoundToType(p, leaf.type), write_params);
   }
+  auto keep = [](void* out, const void* in, size_t bytes) {
+    if (bytes > 0 && out != in) std::memcpy(out, in, bytes);
+  };
+  keep(state.out.state1, state.in.state1, spec.state_bytes());
+  keep(state.out.state2, state.in.state2, spec.state_bytes());
+  keep(state.out.absmax1, state.in.absmax1, spec.scale_bytes());
+  keep(state.out.absmax2, state.in.absmax2, spec.scale_bytes());
 }
 
 // XLA runs CPU computations with subnormals flushed to zero (MXCSR FTZ and
@@ -212,7 +229,7 @@ class IeeeSubnormals {
 // One step over every leaf, on the states given (a registry slot's, or the
 // arrays of an arrays-state call).
 void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& layout,
-             std::vector<LeafState>& states, const float* hyper, const float* qmaps,
+             const std::vector<StepState>& states, const float* hyper, const float* qmaps,
              const ffi::Buffer<ffi::F32>& rings, float* rings_out, int64_t t, int32_t percentile,
              bool block_wise, bool write_params) {
   if (rings_out != rings.typed_data()) {
@@ -224,9 +241,9 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   for (size_t i = 0; i < leaves.size(); ++i) {
     const LeafCall& leaf = leaves[i];
     float scale = ClipScale(leaf, rings_out + i * kRingSize, t, percentile);
-    LeafState& state = states[i];
+    const StepState& state = states[i];
     if (!s.valid) {
-      SkipLeaf(leaf, write_params);
+      SkipLeaf(leaf, layout[i], state, write_params);
     } else if (!layout[i].is_8bit) {
       UpdateFloat32(leaf, state, s, scale, write_params);
     } else if (block_wise) {
@@ -273,8 +290,8 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle_value));
   }
-  RunStep(call.leaves, call.layout, slot->leaves, hyper.typed_data(), qmaps.typed_data(), rings,
-          rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+  RunStep(call.leaves, call.layout, SlotStates(*slot), hyper.typed_data(), qmaps.typed_data(),
+          rings, rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
   slot->step = step + 1;
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
@@ -304,14 +321,8 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> st
   }
   int64_t step = count.typed_data()[0];
   if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
-  std::vector<LeafState> states;
-  auto copy = [](void* dst, const void* src, size_t bytes) {
-    std::memcpy(dst, src, bytes);
-    return std::string();
-  };
-  if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
-  RunStep(call.leaves, call.layout, states, hyper.typed_data(), qmaps.typed_data(), rings,
-          rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+  RunStep(call.leaves, call.layout, ArrayStates(call), hyper.typed_data(), qmaps.typed_data(),
+          rings, rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   return ffi::Error::Success();
 }

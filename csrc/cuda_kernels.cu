@@ -185,8 +185,8 @@ __device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTab
   float g[kLaneElems];
   uint32_t c1[kLaneElems], c2[kLaneElems];
   LoadLane<T>(leaf.grad, start, valid, g);
-  LoadCodes(static_cast<const uint8_t*>(leaf.state1), start, valid, kPadCode1, c1);
-  LoadCodes(static_cast<const uint8_t*>(leaf.state2), start, valid, 0, c2);
+  LoadCodes(static_cast<const uint8_t*>(leaf.state1_in), start, valid, kPadCode1, c1);
+  LoadCodes(static_cast<const uint8_t*>(leaf.state2_in), start, valid, 0, c2);
   float probe = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -356,8 +356,8 @@ __device__ __forceinline__ void LaneWholeMax(const LeafDesc& leaf, const QuantTa
                                              float scale, float* max1, float* max2) {
   float m[kLaneElems], v[kLaneElems];
   unsigned finite;
-  LaneMoments<T>(leaf, qt, s, start, valid, leaf.absmax1[0], leaf.absmax2[0], scale, false, m, v,
-                 &finite);
+  LaneMoments<T>(leaf, qt, s, start, valid, leaf.absmax1_in[0], leaf.absmax2_in[0], scale, false, m,
+                 v, &finite);
   *max1 = 0.0f, *max2 = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -403,8 +403,8 @@ __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScal
   bool decay = (leaf.flags & kLeafDecay) != 0;
   float g[kLaneElems], m[kLaneElems], v[kLaneElems], p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.grad, start, valid, g);
-  LoadLane<kF32>(leaf.state1, start, valid, m);
-  LoadLane<kF32>(leaf.state2, start, valid, v);
+  LoadLane<kF32>(leaf.state1_in, start, valid, m);
+  LoadLane<kF32>(leaf.state2_in, start, valid, v);
   LoadLane<T>(leaf.param, start, valid, p);
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -423,7 +423,7 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
                                          int64_t start, int valid, float scale, int lane) {
   bool whole = (leaf.flags & kLeafWhole) != 0;
   bool decay = (leaf.flags & kLeafDecay) != 0;
-  float old1 = leaf.absmax1[whole ? 0 : j], old2 = leaf.absmax2[whole ? 0 : j];
+  float old1 = leaf.absmax1_in[whole ? 0 : j], old2 = leaf.absmax2_in[whole ? 0 : j];
   float m[kLaneElems], v[kLaneElems];
   unsigned finite;
   LaneMoments<T>(leaf, qt, s, start, valid, old1, old2, scale, !whole, m, v, &finite);
@@ -489,9 +489,10 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
 
 // A step whose hyperparameters it cannot run with (StepScalars::valid): the
 // lane's params stay (rounded to their dtype, as on the host), the moments
-// are not touched.
+// are kept (copied to the results where those are not the operands).
 template <int32_t T, bool kWriteParams>
-__device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t start, int valid) {
+__device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_t start, int valid,
+                                         int lane) {
   float p[kLaneElems], out[kLaneElems];
   LoadLane<T>(leaf.param, start, valid, p);
 #pragma unroll
@@ -500,6 +501,25 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t start, in
     out[k] = kWriteParams ? kept : UpdateFor(p[k], kept, T);
   }
   StoreLane<T>(leaf.out, start, valid, out);
+  if (leaf.state1 == leaf.state1_in) return;
+  if (leaf.flags & kLeaf8bit) {
+    uint32_t c[kLaneElems];
+    LoadCodes(static_cast<const uint8_t*>(leaf.state1_in), start, valid, 0, c);
+    StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c);
+    LoadCodes(static_cast<const uint8_t*>(leaf.state2_in), start, valid, 0, c);
+    StoreCodes(static_cast<uint8_t*>(leaf.state2), start, valid, c);
+    bool whole = (leaf.flags & kLeafWhole) != 0;
+    if (lane == 0 && (!whole || j == 0)) {
+      leaf.absmax1[whole ? 0 : j] = leaf.absmax1_in[whole ? 0 : j];
+      leaf.absmax2[whole ? 0 : j] = leaf.absmax2_in[whole ? 0 : j];
+    }
+  } else {
+    float m[kLaneElems];
+    LoadLane<kF32>(leaf.state1_in, start, valid, m);
+    StoreLane<kF32>(leaf.state1, start, valid, m);
+    LoadLane<kF32>(leaf.state2_in, start, valid, m);
+    StoreLane<kF32>(leaf.state2, start, valid, m);
+  }
 }
 
 // Asks L2 for a lane's share of the block that its warp takes next (grads,
@@ -512,8 +532,8 @@ __device__ __forceinline__ void PrefetchLane8bit(const LeafDesc& leaf, int64_t s
   const char* addresses[4] = {
       static_cast<const char*>(leaf.grad) + start * bytes,
       static_cast<const char*>(leaf.param) + start * bytes,
-      static_cast<const char*>(leaf.state1) + start,
-      static_cast<const char*>(leaf.state2) + start,
+      static_cast<const char*>(leaf.state1_in) + start,
+      static_cast<const char*>(leaf.state2_in) + start,
   };
 #pragma unroll
   for (const char* a : addresses) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
@@ -542,8 +562,9 @@ __global__ void __launch_bounds__(kThreads, 4)
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     if (!s.valid) {
-      WithElemType(leaf.type,
-                   [&](auto t) { SkipLane<decltype(t)::value, kWriteParams>(leaf, start, valid); });
+      WithElemType(leaf.type, [&](auto t) {
+        SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, valid, lane);
+      });
     } else if (leaf.flags & kLeaf8bit) {
       if (leaf.type != kF32 && b + 1 < last && b + 1 < cursor.end &&
           start + kBlockSize < leaf.size) {

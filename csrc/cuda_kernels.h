@@ -21,10 +21,14 @@ struct LeafDesc {
   const void* grad;
   const void* param;
   void* out;     // updates, or the new params (may alias param)
-  void* state1;  // uint8 codes or float32 moment
+  void* state1;  // written: uint8 codes or float32 moment
   void* state2;
-  float* absmax1;  // block scales (8-bit leaves)
+  float* absmax1;  // written: block scales (8-bit leaves)
   float* absmax2;
+  const void* state1_in;  // read: the previous step's (the same memory for a registry
+  const void* state2_in;  // slot; adamw8bit's operands, maybe not aliased to its results)
+  const float* absmax1_in;
+  const float* absmax2_in;
   int64_t size;         // elements
   int64_t block_begin;  // index of the leaf's first block among the launch's blocks
   int32_t type;         // ElemType
@@ -33,13 +37,14 @@ struct LeafDesc {
 };
 
 // Leaves per launch: the table must fit the 32 KiB kernel-parameter limit.
-constexpr int kMaxLeavesPerLaunch = 320;
+constexpr int kMaxLeavesPerLaunch = 256;
 
 struct LeafTable {
   LeafDesc leaves[kMaxLeavesPerLaunch];
   int32_t num_leaves;
   int64_t num_blocks;  // blocks of all leaves together
 };
+static_assert(sizeof(LeafTable) <= 32764, "a launch's leaf table is a kernel parameter");
 
 // Per-call scalars and scratch (device pointers).
 struct StepArgs {

@@ -227,7 +227,8 @@ ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
 // Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
 std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
                                                     const std::vector<LeafSpec>& layout,
-                                                    std::vector<LeafState>& states, bool block_wise,
+                                                    const std::vector<StepState>& states,
+                                                    bool block_wise,
                                                     std::vector<int64_t>* block_offsets) {
   std::vector<std::unique_ptr<LeafTable>> tables;
   int64_t offset = 0;
@@ -241,15 +242,19 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
     if (i == calls.size()) break;  // no leaves: one empty table still writes the count
     LeafTable& table = *tables.back();
     const LeafCall& call = calls[i];
-    LeafState& state = states[i];
+    const StepState& state = states[i];
     LeafDesc& d = table.leaves[table.num_leaves++];
     d.grad = call.grad;
     d.param = call.param;
     d.out = call.out;
-    d.state1 = state.state1;
-    d.state2 = state.state2;
-    d.absmax1 = state.absmax1;
-    d.absmax2 = state.absmax2;
+    d.state1 = state.out.state1;
+    d.state2 = state.out.state2;
+    d.absmax1 = state.out.absmax1;
+    d.absmax2 = state.out.absmax2;
+    d.state1_in = state.in.state1;
+    d.state2_in = state.in.state2;
+    d.absmax1_in = state.in.absmax1;
+    d.absmax2_in = state.in.absmax2;
     d.size = call.size;
     d.block_begin = table.num_blocks;
     d.type = call.type;
@@ -280,7 +285,7 @@ struct HandleWrite {
 // arrays of an arrays-state call): all launches on `stream`.
 ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
                       ffi::ScratchAllocator& scratch, const std::vector<LeafCall>& calls,
-                      const std::vector<LeafSpec>& layout, std::vector<LeafState>& states,
+                      const std::vector<LeafSpec>& layout, const std::vector<StepState>& states,
                       const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
                       const ffi::Buffer<ffi::F32>& rings, float* ring, int32_t* count_out,
                       HandleWrite handle, int64_t t, int32_t percentile, bool block_wise,
@@ -401,7 +406,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
-  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, slot->leaves,
+  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
                           hyper, qmaps, rings, rings_out->typed_data(), count_out->typed_data(),
                           handle_write, t, percentile, block_wise, write_params);
       e.failure()) {
@@ -442,14 +447,8 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
     return e;
   }
   if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
-  std::vector<LeafState> states;
-  auto copy = [stream](void* dst, const void* src, size_t bytes) {
-    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream);
-    return e == cudaSuccess ? std::string() : CudaMessage("copying state", e);
-  };
-  if (auto e = ArrayStates(op, call, copy, &states); e.failure()) return e;
-  return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, states, hyper, qmaps,
-                    rings, rings_out->typed_data(), count_out->typed_data(), HandleWrite{},
+  return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, ArrayStates(call), hyper,
+                    qmaps, rings, rings_out->typed_data(), count_out->typed_data(), HandleWrite{},
                     static_cast<int64_t>(host.count) + 1, percentile, block_wise, write_params);
 }
 

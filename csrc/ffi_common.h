@@ -10,15 +10,17 @@
 //                 optim_bits, min_8bit_size, layout_key
 // update_arrays (adamw8bit: the state as arrays, no registry):
 //          args   count, structure, hyper, qmaps, rings, grads x L,
-//                 params x L, state1, state2, absmax1, absmax2 x L
-//          rets   count, rings, out x L, the 4 state arrays x L (aliased)
+//                 params x L, the state arrays (below)
+//          rets   count, rings, out x L, the new state arrays
 //          attrs  as update, but layout_key
 // export:  args   handle, count
-//          rets   count (the step the moments are at), state1, state2,
-//                 absmax1, absmax2 x L
-// import:  args   count, state1, state2, absmax1, absmax2 x L
+//          rets   count (the step the moments are at), the state arrays
+// import:  args   count, the state arrays
 //          rets   handle (a new one), count
 //          attrs (both) leaf_flags, block_wise, layout_key
+//
+// The state arrays, leaf by leaf: state1, state2, absmax1, absmax2 of an
+// 8-bit leaf; state1, state2 (float32 moments) of another.
 //
 // `structure` carries the layout-fixing arguments of a call whose Python
 // values were traced (optax.inject_hyperparams without static_args): the
@@ -161,11 +163,10 @@ inline ffi::Error DecodeUpdateLeaves(const char* op, ffi::RemainingArgs args,
                                      bool block_wise, size_t state_arrays,
                                      std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout) {
   size_t num_leaves = flags.size();
-  if (args.size() != (2 + state_arrays) * num_leaves ||
-      rets.size() != (1 + state_arrays) * num_leaves) {
+  if (args.size() != 2 * num_leaves + state_arrays || rets.size() != num_leaves + state_arrays) {
     Message msg;
     msg << "expected " << num_leaves << " grads, " << num_leaves << " params"
-        << (state_arrays ? ", 4 state arrays per leaf" : "") << " and matching outputs (one "
+        << (state_arrays ? " and their state arrays" : "") << " and matching outputs (one "
         << "per leaf flag), got " << args.size() << " operands and " << rets.size() << " results";
     return InvalidArgument(op, msg.str());
   }
@@ -208,22 +209,42 @@ inline ffi::Error DecodeUpdateLeaves(const char* op, ffi::RemainingArgs args,
 
 // Decodes 4 x L state arrays (export results, import operands, or the state
 // of an arrays-state update): `available` buffers, the i-th from get(i).
+// The state arrays of the leaves, in order: 4 for an 8-bit leaf (state1,
+// state2, absmax1, absmax2), 2 for a leaf with float32 moments (it has no
+// scales, and zero-size arrays only cost XLA's compiler time).
+inline size_t NumStateArrays(ffi::Span<const int32_t> flags) {
+  size_t n = 0;
+  for (int32_t f : flags) n += (f & kLeaf8bit) ? 4 : 2;
+  return n;
+}
+
+// Decodes the state arrays of every leaf (export results, import operands, or
+// the state of an arrays-state update): `available` buffers, the i-th from
+// get(i).
 template <typename Getter>
 ffi::Error DecodeStateArrays(const char* op, size_t available, Getter get,
                              ffi::Span<const int32_t> flags, bool block_wise,
                              std::vector<LeafArrays>* leaves, std::vector<LeafSpec>* layout) {
   size_t num_leaves = flags.size();
-  if (available != 4 * num_leaves) {
+  if (available != NumStateArrays(flags)) {
     Message msg;
-    msg << "expected 4 arrays per leaf for " << num_leaves << " leaves, got " << available;
+    msg << "expected " << NumStateArrays(flags) << " state arrays (4 per 8-bit leaf, 2 per leaf "
+        << "with float32 moments) for " << num_leaves << " leaves, got " << available;
     return InvalidArgument(op, msg.str());
   }
   leaves->resize(num_leaves);
   layout->resize(num_leaves);
+  size_t next = 0;
   for (size_t i = 0; i < num_leaves; ++i) {
-    ffi::AnyBuffer buffers[4] = {get(4 * i), get(4 * i + 1), get(4 * i + 2), get(4 * i + 3)};
     LeafArrays& leaf = (*leaves)[i];
     leaf.is_8bit = (flags[i] & kLeaf8bit) != 0;
+    int count = leaf.is_8bit ? 4 : 2;
+    ffi::AnyBuffer buffers[4] = {get(next), get(next + 1), get(next), get(next)};
+    if (leaf.is_8bit) {
+      buffers[2] = get(next + 2);
+      buffers[3] = get(next + 3);
+    }
+    next += count;
     leaf.size = static_cast<int64_t>(buffers[0].element_count());
     leaf.num_scales = NumScales(leaf.size, leaf.is_8bit, block_wise);
     ffi::DataType state_type = leaf.is_8bit ? ffi::DataType::U8 : ffi::DataType::F32;
@@ -236,7 +257,7 @@ ffi::Error DecodeStateArrays(const char* op, size_t available, Getter get,
         return InvalidArgument(op, msg.str());
       }
     }
-    for (int k = 2; k < 4; ++k) {
+    for (int k = 2; k < count; ++k) {
       if (buffers[k].element_type() != ffi::DataType::F32 ||
           static_cast<int64_t>(buffers[k].element_count()) != leaf.num_scales) {
         msg << "leaf " << i << ": absmax" << (k - 1) << " must be float32 with " << leaf.num_scales
@@ -246,8 +267,8 @@ ffi::Error DecodeStateArrays(const char* op, size_t available, Getter get,
     }
     leaf.state1 = buffers[0].untyped_data();
     leaf.state2 = buffers[1].untyped_data();
-    leaf.absmax1 = buffers[2].untyped_data();
-    leaf.absmax2 = buffers[3].untyped_data();
+    leaf.absmax1 = leaf.is_8bit ? buffers[2].untyped_data() : nullptr;
+    leaf.absmax2 = leaf.is_8bit ? buffers[3].untyped_data() : nullptr;
     (*layout)[i] = LeafSpec{leaf.size, leaf.is_8bit, leaf.num_scales};
   }
   return ffi::Error::Success();
@@ -389,8 +410,9 @@ inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& coun
   if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, flags.size(), percentile); e.failure()) {
     return e;
   }
-  if (auto e = DecodeUpdateLeaves(op, args, rets, flags, block_wise, state_arrays ? 4 : 0,
-                                  &out->leaves, &out->layout);
+  size_t num_state = state_arrays ? NumStateArrays(flags) : 0;
+  if (auto e = DecodeUpdateLeaves(op, args, rets, flags, block_wise, num_state, &out->leaves,
+                                  &out->layout);
       e.failure()) {
     return e;
   }
@@ -399,12 +421,13 @@ inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& coun
   std::vector<LeafSpec> in_layout, out_layout;
   auto get_in = [&](size_t i) { return *args.get<ffi::AnyBuffer>(2 * n + i); };
   auto get_out = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(n + i); };
-  if (auto e = DecodeStateArrays(op, 4 * n, get_in, flags, block_wise, &out->state_in, &in_layout);
+  if (auto e =
+          DecodeStateArrays(op, num_state, get_in, flags, block_wise, &out->state_in, &in_layout);
       e.failure()) {
     return e;
   }
-  if (auto e =
-          DecodeStateArrays(op, 4 * n, get_out, flags, block_wise, &out->state_out, &out_layout);
+  if (auto e = DecodeStateArrays(op, num_state, get_out, flags, block_wise, &out->state_out,
+                                 &out_layout);
       e.failure()) {
     return e;
   }
@@ -415,30 +438,31 @@ inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& coun
   return ffi::Error::Success();
 }
 
-// The arrays-state variant's leaf states: its results, after copying the
-// operands into them where XLA did not alias the two. copy(dst, src, bytes)
-// returns an error message, "" on success.
-template <typename Copy>
-ffi::Error ArrayStates(const char* op, const DecodedUpdate& call, Copy copy,
-                       std::vector<LeafState>* states) {
-  states->resize(call.leaves.size());
-  for (size_t i = 0; i < call.leaves.size(); ++i) {
-    const LeafArrays& in = call.state_in[i];
-    const LeafArrays& out = call.state_out[i];
-    void* src[4] = {in.state1, in.state2, in.absmax1, in.absmax2};
-    void* dst[4] = {out.state1, out.state2, out.absmax1, out.absmax2};
-    const LeafSpec& spec = call.layout[i];
-    size_t bytes[4] = {spec.state_bytes(), spec.state_bytes(), spec.scale_bytes(),
-                       spec.scale_bytes()};
-    for (int k = 0; k < 4; ++k) {
-      if (bytes[k] == 0 || src[k] == dst[k]) continue;
-      std::string error = copy(dst[k], src[k], bytes[k]);
-      if (!error.empty()) return ffi::Error::Internal(std::string(op) + ": " + error);
-    }
-    (*states)[i] =
-        LeafState{dst[0], dst[1], static_cast<float*>(dst[2]), static_cast<float*>(dst[3])};
+// What a step reads and what it writes, per leaf: the same memory for a
+// registry slot (updated in place); for adamw8bit the call's operands and its
+// results, which XLA may or may not have aliased (no copy either way).
+struct StepState {
+  LeafState in;
+  LeafState out;
+};
+
+inline LeafState AsLeafState(const LeafArrays& a) {
+  return LeafState{a.state1, a.state2, static_cast<float*>(a.absmax1),
+                   static_cast<float*>(a.absmax2)};
+}
+
+inline std::vector<StepState> ArrayStates(const DecodedUpdate& call) {
+  std::vector<StepState> states(call.leaves.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    states[i] = StepState{AsLeafState(call.state_in[i]), AsLeafState(call.state_out[i])};
   }
-  return ffi::Error::Success();
+  return states;
+}
+
+inline std::vector<StepState> SlotStates(const Slot& slot) {
+  std::vector<StepState> states(slot.leaves.size());
+  for (size_t i = 0; i < states.size(); ++i) states[i] = StepState{slot.leaves[i], slot.leaves[i]};
+  return states;
 }
 
 }  // namespace optax_paged8bit

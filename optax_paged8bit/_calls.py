@@ -6,13 +6,21 @@ import. With sharded params each runs inside jax.shard_map, one registry slot
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from optax_paged8bit import _ffi
-from optax_paged8bit._layout import HANDLE_DTYPE, Layout, moment_arrays, sharded
+from optax_paged8bit._layout import (
+  HANDLE_DTYPE,
+  Layout,
+  in_calls,
+  moment_arrays,
+  sharded,
+  with_empty_scales,
+)
 from optax_paged8bit.quantization import QMAPS
 
 _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
@@ -110,13 +118,16 @@ def update_arrays(
   params: list[jax.Array],
   moments: list[jax.Array],
   write_params: bool,
-) -> tuple[jax.Array, jax.Array, list[jax.Array], list[jax.Array]]:
-  """adamw8bit's update: the state goes in and out as arrays (aliased, so
-  updated in place), no registry. Returns (count, rings, outputs, moments).
-  Under jax.vmap the call runs once per member (vmap_method="sequential"), so
-  each member's blocks are exactly those of a separate run."""
+) -> tuple[jax.Array, jax.Array, list[jax.Array], list[Any]]:
+  """adamw8bit's update: the state goes in and out as arrays, no registry.
+  Returns (count, rings, outputs, the 4 state arrays per leaf, None for a
+  float32 leaf's scales). Under jax.vmap the call runs once per member
+  (vmap_method="sequential"), so each member's blocks are exactly those of
+  a separate run."""
   n = layout.num_leaves
-  arrays = moment_arrays(layout)
+  present = in_calls(layout)
+  every = moment_arrays(layout)
+  arrays = [every[k] for k in present]
 
   def local(count, structure, hyper, qmaps, rings, *leaves):
     out_types = [
@@ -125,7 +136,12 @@ def update_arrays(
       *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n : 2 * n]),
       *(a.local for a in arrays),
     ]
-    aliases = {4: 1, **{5 + 2 * n + k: 2 + n + k for k in range(4 * n)}}
+    # The state arrays are not aliased: the kernels read the old state from the
+    # operands and write the new one to the results (no copy either way).
+    # Aliasing 4 arrays per leaf made XLA's fusion pass quadratic in the
+    # number of leaves (83 s to compile 1000 leaves), for what only saves
+    # holding the state twice during the step.
+    aliases = {4: 1}
     if write_params:
       aliases.update({5 + n + i: 2 + i for i in range(n)})
     call = jax.ffi.ffi_call(
@@ -156,16 +172,18 @@ def update_arrays(
     local,
     ((PartitionSpec(),) * 5 + layout.specs + layout.specs + specs),
     (PartitionSpec(), PartitionSpec(), *layout.specs, *specs),
-  )(*operands, *grads, *params, *moments)
-  return outs[0], outs[1], list(outs[2 : 2 + n]), list(outs[2 + n :])
+  )(*operands, *grads, *params, *(moments[k] for k in present))
+  return outs[0], outs[1], list(outs[2 : 2 + n]), with_empty_scales(layout, outs[2 + n :])
 
 
 # Export and import are jitted with the layout static, so that eager calls
 # (checkpoints, migration) compile once per layout rather than on every call.
 @functools.partial(jax.jit, static_argnums=0)
 def export(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
-  """(the step the moments are at, the 4 arrays of each leaf)."""
-  arrays = moment_arrays(layout)
+  """(the step the moments are at, the 4 arrays of each leaf, None for a
+  float32 leaf's scales)."""
+  every = moment_arrays(layout)
+  arrays = [every[k] for k in in_calls(layout)]
 
   def local(handle, count):
     out_types = [_SCALAR, *(a.local for a in arrays)]
@@ -174,18 +192,22 @@ def export(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
 
   specs = (PartitionSpec(), *(a.spec for a in arrays))
   outs = sharded(layout, local, (PartitionSpec(), PartitionSpec()), specs)(handle, count)
-  return outs[0], outs[1:]
+  return outs[0], with_empty_scales(layout, outs[1:])
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def import_(layout: Layout, count: jax.Array, *arrays) -> tuple[jax.Array, jax.Array]:
-  """Loads the 4 arrays of each leaf into a new slot; returns (handle, count)."""
+  """Loads the state arrays (the 4 per leaf of moment_arrays) into a new
+  slot; returns (handle, count)."""
+  present = in_calls(layout)
+  arrays = [arrays[k] for k in present]
 
   def local(count, *arrays):
     call = jax.ffi.ffi_call(_ffi.IMPORT_TARGET, (_HANDLE, _SCALAR), has_side_effect=True)
     return tuple(call(count, *arrays, **layout.call_attributes()))
 
-  specs = tuple(a.spec for a in moment_arrays(layout))
+  every = moment_arrays(layout)
+  specs = tuple(every[k].spec for k in present)
   return sharded(layout, local, (PartitionSpec(), *specs), (PartitionSpec(), PartitionSpec()))(
     count, *arrays
   )

@@ -394,7 +394,8 @@ class MomentArray(NamedTuple):
   spec: PartitionSpec
 
 
-def moment_arrays(layout: Layout) -> list[MomentArray]:
+@functools.lru_cache(maxsize=64)
+def moment_arrays(layout: Layout) -> tuple[MomentArray, ...]:
   """The four arrays of each leaf (state1, state2, absmax1, absmax2), leaf by leaf.
 
   Codes shard like their param. Scales do too when each device's last axis
@@ -428,10 +429,30 @@ def moment_arrays(layout: Layout) -> list[MomentArray]:
       scales = MomentArray(jax.ShapeDtypeStruct((0,), jnp.float32), (0,), PartitionSpec())
     codes = MomentArray(state, shape, spec)
     out += [codes, codes, scales, scales]
-  return out
+  return tuple(out)
 
 
 MOMENT_FIELDS = ("state1", "state2", "absmax1", "absmax2")
+
+
+@functools.lru_cache(maxsize=64)
+def in_calls(layout: Layout) -> tuple[int, ...]:
+  """Which of moment_arrays' 4 arrays per leaf the custom calls take: all 4
+  of an 8-bit leaf, the two float32 moments of another (its scales are empty,
+  and zero-size operands only cost XLA's compiler time)."""
+  return tuple(
+    4 * i + k for i in range(layout.num_leaves) for k in range(4 if layout.is_8bit(i) else 2)
+  )
+
+
+def with_empty_scales(layout: Layout, arrays: list[Any]) -> list[Any]:
+  """The 4 arrays per leaf from the arrays of the calls (in_calls order)."""
+  it = iter(arrays)
+  out = []
+  for i in range(layout.num_leaves):
+    out += [next(it), next(it)]
+    out += [next(it), next(it)] if layout.is_8bit(i) else [None, None]
+  return out
 
 
 def _is_none(x: Any) -> bool:

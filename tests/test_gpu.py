@@ -292,7 +292,7 @@ def test_release_frees_and_100_cycles_leave_memory_where_it_started():
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
 def test_more_leaves_than_one_launch_holds(fused):
-  """700 leaves need three launch tables (320 leaves each): still one result."""
+  """700 leaves need three launch tables (256 leaves each): still one result."""
   rng = np.random.default_rng(7)
   params = {
     f"l{i:03d}": (rng.standard_normal(300 + 37 * i) * 0.1).astype(np.float32) for i in range(700)
