@@ -2,7 +2,8 @@
 
 Modules, one concern each: `paged` (paged_adamw8bit and its state),
 `functional` (adamw8bit, whose state is also the checkpoint format),
-`checkpoint` (export/import, orbax save/restore), `memory` (release,
+`checkpoint` (export/import, orbax save/restore), `fused` (the fused step
+in Flax's forms), `memory` (release,
 collection, paging), `migration` (from and to optax.adamw), `accumulation`,
 `quantization`; and the internal `_contract` (arguments and their checks),
 `_layout` (the static layout, tree checks, sharding), `_calls` (the custom
@@ -22,6 +23,7 @@ from optax_paged8bit.checkpoint import (
   save_checkpoint,
 )
 from optax_paged8bit.functional import Adam8bitState, adamw8bit
+from optax_paged8bit.fused import fused_chain
 from optax_paged8bit.memory import (
   collect,
   page_in,
@@ -38,6 +40,17 @@ from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
 
 _orbax_guard.install()
 
+
+def __getattr__(name: str):
+  """FusedTrainState and FusedOptimizer (Flax's TrainState and nnx.Optimizer
+  with the fused step), made on first use: Flax is an optional dependency."""
+  if name in ("FusedTrainState", "FusedOptimizer"):
+    from optax_paged8bit import fused
+
+    return getattr(fused, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
   "QMAP_SIGNED",
   "QMAP_UNSIGNED",
@@ -53,6 +66,7 @@ __all__ = [
   "dynamic_map",
   "export_state",
   "from_optax_adamw",
+  "fused_chain",
   "import_state",
   "page_in",
   "page_out",

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen, nnx
 
 import optax_paged8bit as op
@@ -87,3 +88,82 @@ def test_linen_train_state_style_loop():
     first = float(loss) if first is None else first
   assert float(loss) < first
   op.release(opt_state)
+
+
+def fused_and_plain_agree(fused_tree, plain_tree, reference_tree):
+  """The fused form's params equal the plain fused step's bit for bit, and
+  the optax path's within the spacing it rounds to."""
+  for a, b, c in zip(
+    jax.tree.leaves(fused_tree),
+    jax.tree.leaves(reference_tree),
+    jax.tree.leaves(plain_tree),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-7)
+
+
+def test_fused_train_state_and_fused_chain():
+  from flax.training import train_state
+
+  x, y = data()
+  model = linen.Sequential([linen.Dense(256), linen.relu, linen.Dense(10)])
+  params = model.init(jax.random.PRNGKey(0), x)
+  grad = jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))
+
+  def make_tx():
+    return op.fused_chain(optax.clip_by_global_norm(0.1), op.paged_adamw8bit(1e-3))
+
+  own = jax.tree.map(jnp.copy, params)  # donated below
+  fused = op.FusedTrainState.create(apply_fn=model.apply, params=own, tx=make_tx())
+  plain = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
+  tx = make_tx()
+  p_ref, s_ref = params, tx.init(params)
+  step_fused = jax.jit(lambda s: s.apply_gradients(grads=grad(s.params)), donate_argnums=0)
+  step_plain = jax.jit(lambda s: s.apply_gradients(grads=grad(s.params)))
+  step_ref = jax.jit(lambda p, s: tx.fused_update(grad(p), s, p))  # grads fused alike
+  for _ in range(3):
+    fused = step_fused(fused)
+    plain = step_plain(plain)
+    p_ref, s_ref = step_ref(p_ref, s_ref)
+  assert int(fused.step) == 3 and int(fused.opt_state[-1].count) == 3
+  fused_and_plain_agree(fused.params, plain.params, p_ref)
+  with pytest.raises(TypeError, match="has no fused step"):
+    op.FusedTrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3)).apply_gradients(
+      grads=params
+    )
+  with pytest.raises(TypeError, match="last transform must have a fused step"):
+    op.fused_chain(op.paged_adamw8bit(), optax.clip(1.0))
+
+
+def test_fused_nnx_optimizer_matches_the_fused_step():
+  x, y = data()
+  fused_model, plain_model, ref_model = make_model(), make_model(), make_model()
+  fused = op.FusedOptimizer(fused_model, op.paged_adamw8bit(1e-3), wrt=nnx.Param)
+  plain = nnx.Optimizer(plain_model, op.paged_adamw8bit(1e-3), wrt=nnx.Param)
+  tx = op.paged_adamw8bit(1e-3)
+  ref_state = tx.init(nnx.state(ref_model, nnx.Param))
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+  @nnx.jit
+  def ref_step(model, opt_state, x, y):
+    grads = nnx.grad(loss_fn)(model, x, y)
+    params, opt_state = tx.fused_update(grads, opt_state, nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    return opt_state
+
+  for _ in range(3):
+    step(fused_model, fused, x, y)
+    step(plain_model, plain, x, y)
+    ref_state = ref_step(ref_model, ref_state, x, y)
+  assert int(fused.step[...]) == 3
+  fused_and_plain_agree(
+    nnx.state(fused_model, nnx.Param),
+    nnx.state(plain_model, nnx.Param),
+    nnx.state(ref_model, nnx.Param),
+  )

@@ -370,3 +370,11 @@ def test_a_changed_injected_layout_argument_fails_on_the_gpu():
     state.hyperparams["min_8bit_size"] = jnp.asarray(16, jnp.int32)
     with pytest.raises(Exception, match="min_8bit_size is 16 in this update"):
       jax.block_until_ready(step(params, state, params))
+
+
+def test_flax_fused_forms_on_the_gpu():
+  import test_flax
+
+  with jax.default_device(GPU):
+    test_flax.test_fused_train_state_and_fused_chain()
+    test_flax.test_fused_nnx_optimizer_matches_the_fused_step()
