@@ -10,8 +10,11 @@ back to back (as a training loop runs them) with its ratio to optax.adamw.
 
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 python benchmarks/bench_adamw.py --json out.json
 
-Cases: 64 x (4096, 4096) float32 (1.07e9 params), the same in bfloat16, and a
-GPT-2-medium-shaped float32 tree (292 leaves, 355M params).
+Cases: 64 x (4096, 4096) float32 (1.07e9 params), the same in bfloat16, a
+GPT-2-medium-shaped float32 tree (292 leaves, 355M params), and 1152
+LoRA-shaped float32 leaves (576 x (4096, 16) and 576 x (16, 4096), 75M params).
+Each case runs optax.adamw, paged_adamw8bit (optax path, fused, fused after
+page_out) and adamw8bit (optax path, fused).
 """
 
 from __future__ import annotations
@@ -52,10 +55,20 @@ def gpt2_medium_shapes() -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+def lora_shapes() -> dict[str, tuple[int, ...]]:
+  """Rank-16 adapters on 4 matrices of 4096 x 4096 in each of 144 layers."""
+  shapes = {}
+  for i in range(576):
+    shapes[f"a{i:03d}"] = (4096, 16)
+    shapes[f"b{i:03d}"] = (16, 4096)
+  return shapes
+
+
 CASES = {
   "1.07e9 f32 (64x4096x4096)": ({f"w{i:02d}": (4096, 4096) for i in range(64)}, jnp.float32),
   "1.07e9 bf16 (64x4096x4096)": ({f"w{i:02d}": (4096, 4096) for i in range(64)}, jnp.bfloat16),
   "GPT-2 medium f32 (292 leaves)": (gpt2_medium_shapes(), jnp.float32),
+  "LoRA f32 (1152 leaves, 75M)": (lora_shapes(), jnp.float32),
 }
 
 
@@ -128,6 +141,7 @@ def traffic_per_param(dtype, method):
   if method == "optax.adamw":
     # read g, p, mu, nu; write p, mu, nu (moments in the param dtype)
     return 7 * b
+  method = method.replace("adamw8bit", "paged")
   if method == "paged fused":
     return b + 2 * b + 4 + scales  # read g; read + write p; read + write 2 codes
   # optax path: the kernel reads g, p, writes u; apply_updates reads p, u, writes p
@@ -187,6 +201,8 @@ def bench_case(name, shapes, dtype, iters, bandwidth, key):
   run("paged optax path", op.paged_adamw8bit(LR))
   run("paged fused", op.paged_adamw8bit(LR), fused=True)
   run("paged fused, paged out", op.paged_adamw8bit(LR), fused=True, paged_out=True)
+  run("adamw8bit optax path", op.adamw8bit(LR))
+  run("adamw8bit fused", op.adamw8bit(LR), fused=True)
   base, base_pipelined = rows[0]["ms"], rows[0]["pipelined_ms"]
   for r in rows:
     r["speedup_vs_adamw"] = base / r["ms"]
@@ -207,8 +223,9 @@ def sync_cost(iters):
     jstep = jitted_step(tx, fused=method == "paged fused", donate=False)
     sec, (_, s) = time_steps(lambda p, s, jstep=jstep: jstep(p, s, g), (p, s), iters * 10)
     out[method] = sec * 1e6
-    if method == "paged fused":
-      op.release(s)
+    method = method.replace("adamw8bit", "paged")
+  if method == "paged fused":
+    op.release(s)
   return out
 
 
