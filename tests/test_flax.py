@@ -119,13 +119,16 @@ def test_fused_train_state_and_fused_chain():
   plain = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=make_tx())
   tx = make_tx()
   p_ref, s_ref = params, tx.init(params)
-  step_fused = jax.jit(lambda s: s.apply_gradients(grads=grad(s.params)), donate_argnums=0)
-  step_plain = jax.jit(lambda s: s.apply_gradients(grads=grad(s.params)))
-  step_ref = jax.jit(lambda p, s: tx.fused_update(grad(p), s, p))  # grads fused alike
+  # The grads come from one jitted function, so that every form gets the
+  # same bits (XLA may fuse a gradient differently inside each step).
+  grad = jax.jit(grad)
+  step_fused = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=0)
+  step_plain = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+  step_ref = jax.jit(tx.fused_update)
   for _ in range(3):
-    fused = step_fused(fused)
-    plain = step_plain(plain)
-    p_ref, s_ref = step_ref(p_ref, s_ref)
+    fused = step_fused(fused, grad(fused.params))
+    plain = step_plain(plain, grad(plain.params))
+    p_ref, s_ref = step_ref(grad(p_ref), s_ref, p_ref)
   assert int(fused.step) == 3 and int(fused.opt_state[-1].count) == 3
   fused_and_plain_agree(fused.params, plain.params, p_ref)
   with pytest.raises(TypeError, match="has no fused step"):
@@ -144,23 +147,23 @@ def test_fused_nnx_optimizer_matches_the_fused_step():
   tx = op.paged_adamw8bit(1e-3)
   ref_state = tx.init(nnx.state(ref_model, nnx.Param))
 
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
-    return loss
+  # The grads come from one jitted function (see test_fused_train_state...).
+  grad = nnx.jit(nnx.grad(loss_fn))
 
   @nnx.jit
-  def ref_step(model, opt_state, x, y):
-    grads = nnx.grad(loss_fn)(model, x, y)
+  def step(model, optimizer, grads):
+    optimizer.update(model, grads)
+
+  @nnx.jit
+  def ref_step(model, opt_state, grads):
     params, opt_state = tx.fused_update(grads, opt_state, nnx.state(model, nnx.Param))
     nnx.update(model, params)
     return opt_state
 
   for _ in range(3):
-    step(fused_model, fused, x, y)
-    step(plain_model, plain, x, y)
-    ref_state = ref_step(ref_model, ref_state, x, y)
+    step(fused_model, fused, grad(fused_model, x, y))
+    step(plain_model, plain, grad(plain_model, x, y))
+    ref_state = ref_step(ref_model, ref_state, grad(ref_model, x, y))
   assert int(fused.step[...]) == 3
   fused_and_plain_agree(
     nnx.state(fused_model, nnx.Param),

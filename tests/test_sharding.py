@@ -210,9 +210,15 @@ def test_collect_frees_every_device_slot_of_a_dropped_sharded_state():
   _, kept = run(op.paged_adamw8bit(1e-3), params, grads, True)
   _, dropped = run(op.paged_adamw8bit(1e-3), params, grads, True)
   nbytes = op._ffi.total_bytes() - before
-  assert len(op.slot_info(dropped)) == 4 and nbytes % 2 == 0
+  dropped_slots = op.slot_info(dropped)
+  assert len(dropped_slots) == 4 and nbytes % 2 == 0
+  assert len({s["handle"] for s in dropped_slots}) == 4  # each device its own handle
   del dropped
-  assert op.collect() == nbytes // 2  # the four slots of the dropped state, none of the kept one
+  # The four slots of the dropped state go, none of the kept one's (and maybe
+  # garbage of other tests that a collection in between left behind).
+  assert op.collect() >= nbytes // 2
+  held = set(op._ffi._ops.handles_with_slots())
+  assert not held & {s["handle"] for s in dropped_slots}
   assert len(op.slot_info(kept)) == 4
   op.release(kept)
-  assert op._ffi.total_bytes() == before
+  assert op._ffi.total_bytes() <= before
