@@ -158,12 +158,17 @@ __device__ __forceinline__ void StoreCodes(uint8_t* codes, int64_t start, int va
   }
 }
 
+// The warp's maximum of non-negative floats (never NaN here: MaxAbs skips
+// NaN), which order like their bit patterns: one integer reduction (sm_80+)
+// instead of five shuffles and maxima.
 __device__ __forceinline__ float WarpMax(float x) {
+#if defined(OP8_AB_SHUFFLE_WARPMAX)
 #pragma unroll
-  for (int d = kLanes / 2; d >= 1; d >>= 1) {
-    x = fmaxf(x, __shfl_xor_sync(kFullMask, x, d));  // no NaN here
-  }
+  for (int d = kLanes / 2; d >= 1; d >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, d));
   return x;
+#else
+  return BitsFloat(__reduce_max_sync(kFullMask, FloatBits(x)));
+#endif
 }
 
 __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {
@@ -601,6 +606,25 @@ __global__ void StoreWordsKernel(const WordStores stores) {
   for (int i = 0; i < stores.count; ++i) *stores.dst[i] = stores.value[i];
 }
 
+__global__ void LoadLatencyKernel(const uint8_t* data, int64_t chunks, uint32_t* cycles) {
+  int64_t chunk = blockIdx.x;
+  if (threadIdx.x != 0 || chunk >= chunks) return;
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(data + chunk * kProbeChunk);
+  __shared__ uint32_t sink;
+  uint32_t value;
+  long long start, stop;
+  // In order: the clock, the volatile load, a volatile store of its value (it
+  // waits for the load), the clock (volatile asm and memory clobbers).
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(start)::"memory");
+  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(value) : "l"(p) : "memory");
+  asm volatile("st.volatile.shared.u32 [%0], %1;" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(&sink))),
+               "r"(value)
+               : "memory");
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(stop)::"memory");
+  cycles[chunk] = static_cast<uint32_t>(min(stop - start, 0xffffffffLL));
+}
+
 int GridFor(int64_t num_blocks, int num_sms) {
   int64_t ctas = (num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
   int64_t cap = static_cast<int64_t>(num_sms) * 4;  // one resident wave (4 CTAs per SM)
@@ -652,6 +676,15 @@ cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
     error = cudaGetLastError();
   }
   return error;
+}
+
+cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
+                              cudaStream_t stream) {
+  int64_t chunks = (bytes + static_cast<int64_t>(kProbeChunk) - 1) / kProbeChunk;
+  if (chunks == 0) return cudaSuccess;
+  if (chunks > 0x7fffffff) return cudaErrorInvalidValue;
+  LoadLatencyKernel<<<static_cast<unsigned>(chunks), kLanes, 0, stream>>>(data, chunks, cycles);
+  return cudaGetLastError();
 }
 
 cudaError_t LaunchStoreWords(const WordStores& stores, cudaStream_t stream) {

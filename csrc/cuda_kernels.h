@@ -79,6 +79,16 @@ cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cuda
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
                          cudaStream_t stream);
 
+// The residency probe's unit: one timed load per 2 MiB (the unified-memory
+// driver's migration and eviction unit).
+constexpr size_t kProbeChunk = size_t{2} << 20;
+
+// cycles[i]: the clock cycles of one uncached load at byte i * kProbeChunk of
+// data[0, bytes), each chunk by its own warp's lane 0 (a warp's load waits
+// for its slowest lane, so chunks never share one).
+cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
+                              cudaStream_t stream);
+
 // Up to 4 words written on the stream (a call's scalar results that the host
 // decided: a new handle, a count), carried in the kernel's parameters.
 struct WordStores {

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -203,12 +204,32 @@ ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* hand
   return ffi::Error::Success();
 }
 
+// Whether each update prefetches its device-placed memory again (see
+// MakeResident). Off only to measure what it costs (benchmarks/paging_pressure.py).
+std::atomic<bool> g_prefetch_each_step{true};
+
 // Brings paged-out memory of a slot back before a kernel touches it, so that
 // the kernel never faults pages in. Memory that no longer fits moves its home
 // to the host (read over the bus) instead of oversubscribing.
+//
+// Memory placed on the device is prefetched again at every step: under memory
+// pressure (plain allocations of the same or another process) the driver
+// evicts it to the host, nothing tells us, and the GPU's mapping then reads it
+// over the bus at every later step (40x a resident step on an H200). A
+// prefetch of pages that are all resident costs the driver a walk of the
+// range and moves nothing. Its failure is not the step's: the kernel still
+// reads whatever stays on the host, correctly.
 ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
   for (Memory& m : slot.memory) {
-    if (!m.on_host || m.host_home) continue;
+    if (m.host_home) continue;
+    if (!m.on_host) {
+      if (g_prefetch_each_step.load(std::memory_order_relaxed) &&
+          cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream) !=
+              cudaSuccess) {
+        cudaGetLastError();  // not sticky: clear it for the launch checks
+      }
+      continue;
+    }
     std::lock_guard<std::mutex> lock(g_placement_mu);
     cudaError_t e;
     if (FreeMemoryAllows(m.bytes)) {
@@ -611,10 +632,130 @@ size_t Move(int32_t handle, bool to_host, std::string* error) {
   return moved;
 }
 
+// Latency calibration buffers for MeasureResidency: device memory and pinned
+// host memory of kProbeChunk * kCalibrationChunks bytes each, made once.
+constexpr int kCalibrationChunks = 4;
+struct Calibration {
+  void* device = nullptr;
+  void* host = nullptr;
+};
+
+std::string CalibrationBuffers(int device, Calibration* out) {
+  static std::mutex mu;
+  static Calibration buffers[kMaxDevices];
+  std::lock_guard<std::mutex> lock(mu);
+  Calibration& c = buffers[device];
+  constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
+  if (c.device == nullptr) {
+    cudaError_t e = cudaMalloc(&c.device, kBytes);
+    if (e != cudaSuccess) {
+      c.device = nullptr;
+      cudaGetLastError();
+      return CudaMessage("cudaMalloc of the probe's calibration buffer", e);
+    }
+  }
+  if (c.host == nullptr) {
+    cudaError_t e = cudaMallocHost(&c.host, kBytes);
+    if (e != cudaSuccess) {
+      c.host = nullptr;
+      cudaGetLastError();
+      return CudaMessage("cudaMallocHost of the probe's calibration buffer", e);
+    }
+  }
+  *out = c;
+  return "";
+}
+
+// Per-chunk load latencies (cycles) of `bytes` at `data`, on `stream`.
+std::string ProbeLatencies(const void* data, size_t bytes, cudaStream_t stream,
+                           std::vector<uint32_t>* cycles) {
+  int64_t chunks = static_cast<int64_t>((bytes + kProbeChunk - 1) / kProbeChunk);
+  uint32_t* out = nullptr;
+  cudaError_t e = cudaMallocHost(&out, chunks * sizeof(uint32_t));
+  if (e != cudaSuccess) return CudaMessage("cudaMallocHost", e);
+  e = LaunchLoadLatency(static_cast<const uint8_t*>(data), static_cast<int64_t>(bytes), out,
+                        stream);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e == cudaSuccess) cycles->assign(out, out + chunks);
+  cudaFreeHost(out);
+  return e == cudaSuccess ? "" : CudaMessage("the residency probe", e);
+}
+
+uint32_t Median(std::vector<uint32_t> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
 }  // namespace
+
+ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
+  ResidencyMeasure r;
+  std::vector<std::shared_ptr<Slot>> slots;
+  *error = Registry::Global().SlotsOf(handle, &slots);
+  if (!error->empty()) return r;
+  for (auto& slot : slots) {
+    if (slot->platform != Platform::kCuda) {
+      r.bytes_on_host += slot->bytes();
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(slot->mu);
+    DeviceScope scope(slot->device);
+    cudaStream_t stream = PagingStream(slot->device);
+    Calibration c;
+    *error = CalibrationBuffers(slot->device, &c);
+    std::vector<uint32_t> on_device, on_host;
+    constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
+    if (error->empty()) *error = ProbeLatencies(c.device, kBytes, stream, &on_device);
+    if (error->empty()) *error = ProbeLatencies(c.host, kBytes, stream, &on_host);
+    if (!error->empty()) return r;
+    r.device_cycles = Median(on_device);
+    r.host_cycles = Median(on_host);
+    // Below the geometric mean of the two: on the device.
+    double threshold = std::sqrt(static_cast<double>(r.device_cycles) * r.host_cycles);
+    for (const Memory& m : slot->memory) {
+      std::vector<uint32_t> cycles;
+      *error = ProbeLatencies(m.data, m.bytes, stream, &cycles);
+      if (!error->empty()) return r;
+      for (size_t i = 0; i < cycles.size(); ++i) {
+        size_t chunk = std::min(kProbeChunk, m.bytes - i * kProbeChunk);
+        (cycles[i] < threshold ? r.bytes_on_device : r.bytes_on_host) += chunk;
+      }
+    }
+  }
+  return r;
+}
 
 size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }
 size_t PageIn(int32_t handle, std::string* error) { return Move(handle, false, error); }
+
+void SetPrefetchEachStep(bool on) { g_prefetch_each_step = on; }
+
+// Plain device allocations that tests and benchmarks hold to make a memory
+// spike (FillDeviceMemory).
+std::mutex g_fill_mu;
+std::vector<void*> g_fill;
+
+size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes) {
+  std::lock_guard<std::mutex> lock(g_fill_mu);
+  DeviceScope scope(device);
+  size_t filled = 0;
+  while (chunk_bytes > 0 && filled + chunk_bytes <= limit_bytes) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, chunk_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      break;
+    }
+    g_fill.push_back(p);
+    filled += chunk_bytes;
+  }
+  return filled;
+}
+
+void FreeDeviceFill() {
+  std::lock_guard<std::mutex> lock(g_fill_mu);
+  for (void* p : g_fill) cudaFree(p);
+  g_fill.clear();
+}
 
 void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
 int64_t DeviceBudget() { return g_device_budget.load(); }

@@ -20,6 +20,28 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kImportCuda);
 size_t PageOut(int32_t handle, std::string* error);
 size_t PageIn(int32_t handle, std::string* error);
 
+// Where a handle's CUDA slots really are: one load per kProbeChunk (2 MiB, the
+// driver's migration unit) timed on the GPU and compared with loads of device
+// and pinned host memory (their median cycles are returned too). A chunk the
+// driver evicted and unmapped may be brought back by the probe's own load.
+struct ResidencyMeasure {
+  size_t bytes_on_device = 0;
+  size_t bytes_on_host = 0;
+  uint32_t device_cycles = 0;
+  uint32_t host_cycles = 0;
+};
+ResidencyMeasure MeasureResidency(int32_t handle, std::string* error);
+
+// Whether each update prefetches its device-placed memory again (default on;
+// off only to measure its cost).
+void SetPrefetchEachStep(bool on);
+
+// Holds plain cudaMalloc chunks of `chunk_bytes` until one fails or
+// `limit_bytes` are held (a memory spike for tests and benchmarks); returns
+// the bytes held. FreeDeviceFill frees them all.
+size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes);
+void FreeDeviceFill();
+
 // Caps the managed bytes placed on each GPU (-1: free memory is the only
 // limit); what does not fit is placed on the host.
 void SetDeviceBudget(int64_t bytes);

@@ -139,6 +139,31 @@ PYBIND11_MODULE(_ops, m) {
   m.def("page_out", paging(&PageOut), "Moves a handle's GPU slots to host RAM; returns bytes.");
   m.def("page_in", paging(&PageIn),
         "Moves a handle's GPU slots back to their GPUs; returns bytes.");
+  m.def(
+      "measure_residency",
+      [](int32_t handle) {
+        std::string error;
+        ResidencyMeasure r;
+        {
+          py::gil_scoped_release release;
+          r = MeasureResidency(handle, &error);
+        }
+        if (!error.empty()) throw py::value_error(error);
+        return py::make_tuple(r.bytes_on_device, r.bytes_on_host, r.device_cycles, r.host_cycles);
+      },
+      "(bytes on device, bytes on host, device and host load cycles) of a handle's CUDA slots, "
+      "measured by timed loads.");
+  m.def("set_prefetch_each_step", &SetPrefetchEachStep,
+        "Whether updates prefetch device-placed state again (on; off only for benchmarks).");
+  m.def(
+      "fill_device_memory",
+      [](int device, size_t chunk_bytes, size_t limit_bytes) {
+        py::gil_scoped_release release;
+        return FillDeviceMemory(device, chunk_bytes, limit_bytes);
+      },
+      "Holds plain cudaMalloc chunks until one fails or the limit is reached (tests and "
+      "benchmarks: a memory spike); returns the bytes held.");
+  m.def("free_device_fill", &FreeDeviceFill, "Frees what fill_device_memory holds.");
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
   m.def("device_budget", &DeviceBudget);
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");

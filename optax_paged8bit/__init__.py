@@ -26,6 +26,7 @@ from optax_paged8bit.functional import Adam8bitState, adamw8bit
 from optax_paged8bit.fused import fused_chain
 from optax_paged8bit.memory import (
   collect,
+  measure_residency,
   page_in,
   page_out,
   release,
@@ -68,6 +69,7 @@ __all__ = [
   "from_optax_adamw",
   "fused_chain",
   "import_state",
+  "measure_residency",
   "page_in",
   "page_out",
   "paged_adamw8bit",

@@ -119,13 +119,51 @@ def page_in(tree: Any) -> int:
 
 
 def residency(tree: Any) -> dict[str, int]:
-  """Bytes of registry state on GPUs and in host memory, over every paged state
-  in `tree` (CPU states count as host)."""
+  """Bytes of registry state placed on GPUs and in host memory, over every
+  paged state in `tree` (CPU states count as host).
+
+  This is the placement the library keeps: where each slot was put (the
+  budget guard), paged out (`page_out`) or brought back (the next update,
+  `page_in`). Under memory pressure the CUDA driver may evict device-placed
+  pages to the host without telling anyone, and no driver query says where
+  pages are; `measure_residency` measures that. The next update prefetches
+  evicted pages back (each update prefetches the state it reads), so this
+  placement is where the state is whenever a step runs.
+  """
   on_device = on_host = 0
   for info in slot_info(tree):
     on_device += info["bytes_on_device"]
     on_host += info["bytes_on_host"]
   return {"bytes_on_device": on_device, "bytes_on_host": on_host}
+
+
+def measure_residency(tree: Any) -> dict[str, int]:
+  """Where the registry state of every paged state in `tree` really is now,
+  measured on its GPUs: one load per 2 MiB (the driver's migration unit) is
+  timed and compared with loads of device memory and of pinned host memory.
+
+  Returns `bytes_on_device` and `bytes_on_host` (what `residency` reports,
+  as found rather than as placed) and the median load cycles of the two
+  references, `device_load_cycles` and `host_load_cycles`, which show how
+  clearly they separate. Waits for the updates in flight; takes a few
+  milliseconds. A chunk the driver evicted and unmapped may be brought back
+  by the load that measures it. CPU states count as host.
+  """
+  states = paged_states(tree)
+  wait_for(states)
+  measure = _cuda_op("measure_residency")
+  out = {"bytes_on_device": 0, "bytes_on_host": 0, "device_load_cycles": 0, "host_load_cycles": 0}
+  for s in states:
+    for key in registry_keys(s):
+      if measure is None:
+        out["bytes_on_host"] += sum(info["bytes"] for info in _ffi.slot_info(key))
+        continue
+      on_device, on_host, device_cycles, host_cycles = measure(key)
+      out["bytes_on_device"] += int(on_device)
+      out["bytes_on_host"] += int(on_host)
+      out["device_load_cycles"] = max(out["device_load_cycles"], int(device_cycles))
+      out["host_load_cycles"] = max(out["host_load_cycles"], int(host_cycles))
+  return out
 
 
 def set_device_memory_budget(nbytes: int | None) -> None:

@@ -209,6 +209,62 @@ def test_forced_host_placement_gives_the_same_results():
   op.release(s_ref)
 
 
+def test_measure_residency_finds_where_the_pages_are():
+  tx = op.paged_adamw8bit(1e-3)
+  params, state = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  total = state.layout.state_nbytes()
+  found = op.measure_residency(state)
+  assert found["host_load_cycles"] > 2 * found["device_load_cycles"] > 0, found
+  assert (found["bytes_on_device"], found["bytes_on_host"]) == (total, 0), found
+  op.page_out(state)
+  found = op.measure_residency(state)
+  assert (found["bytes_on_device"], found["bytes_on_host"]) == (0, total), found
+  params, state = steps(tx, state, params, 1)
+  found = op.measure_residency(state)
+  assert (found["bytes_on_device"], found["bytes_on_host"]) == (total, 0), found
+  op.set_device_memory_budget(0)
+  try:
+    _, placed = steps(tx, tx.init(small_tree()), small_tree(), 1)
+  finally:
+    op.set_device_memory_budget(None)
+  found = op.measure_residency(placed)
+  assert (found["bytes_on_device"], found["bytes_on_host"]) == (0, total), found
+  op.release(state)
+  op.release(placed)
+
+
+def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_identical():
+  """Plain device allocations until one fails (never managed memory beyond
+  what is free): the driver evicts the state to make room. After the spike
+  is freed, the next step prefetches the state back and every step is
+  bit-identical to an unpressured run."""
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  p_ref, s_ref = steps(tx, s_ref, p_ref, 3, seed=12)
+  params, state = steps(tx, tx.init(small_tree()), small_tree(), 2)
+  total = state.layout.state_nbytes()
+  op.measure_residency(state)  # its calibration buffers exist before the spike
+  jax.block_until_ready(params)
+  try:
+    held = op._ffi._ops.fill_device_memory(0, 256 << 20, 1 << 62)
+    placed = op.residency(state)
+    during = op.measure_residency(state)
+  finally:
+    op._ffi._ops.free_device_fill()
+  assert held > 0
+  assert placed == {"bytes_on_device": total, "bytes_on_host": 0}  # as placed
+  assert during["bytes_on_host"] > 0, during  # evicted by the driver
+  found = []
+  params, state = steps(
+    tx, state, params, 3, seed=12, before_step=lambda s: found.append(op.measure_residency(s))
+  )
+  for after in found[1:]:  # before steps 2 and 3: the first step brought it all back
+    assert (after["bytes_on_device"], after["bytes_on_host"]) == (total, 0), after
+  assert_same_results(params, state, p_ref, s_ref)
+  op.release(state)
+  op.release(s_ref)
+
+
 def test_collector_frees_dropped_gpu_states_and_keeps_held_ones():
   ops = op._ffi._ops
   tx = op.paged_adamw8bit(1e-3)

@@ -24,6 +24,8 @@ def test_cpu_states_live_on_the_host():
   nbytes = state.layout.state_nbytes()
   assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": nbytes}
   assert op.page_out(state) == 0 and op.page_in(state) == 0
+  found = op.measure_residency(state)
+  assert (found["bytes_on_device"], found["bytes_on_host"]) == (0, nbytes)
   [info] = op.slot_info(state)
   assert info["platform"] == "cpu" and info["step"] == 1 and info["bytes"] == nbytes
   assert op.state_nbytes(state) == nbytes + 4 + 4  # + count and handle

@@ -1,0 +1,205 @@
+"""Paging under memory pressure on one GPU: what a memory spike does to a paged
+state and to the steps after it (issue 13).
+
+Run it with JAX's allocator handing memory back, as a process that wants a
+spike to reach the state's HBM must:
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \\
+      python benchmarks/paging_pressure.py --json out.json
+
+A 64 x (4096, 4096) float32 tree (1.07e9 params, a 2.03 GiB state) takes fused
+steps (jitted, params and state donated). Scenarios, each timed in ms per
+step (each step awaited):
+
+- resident: the median step, with the per-step prefetch of the state (the
+  default) and without it, interleaved in rounds; the ratio is its cost;
+- page_out: `page_out`, then one step (the step prefetches the state back);
+- spike: plain 1 GiB `cudaMalloc`s until one fails (the driver evicts the
+  state to make room), `residency()` and `measure_residency()` during the
+  spike, the spike freed, then the next steps; with and without the per-step
+  prefetch (without: the behaviour before it);
+- jax spike: the same spike made of JAX arrays (`jnp.zeros` of 1 GiB until
+  allocation fails), which reaches the state only with an allocator that does
+  not preallocate;
+- free memory (`cudaMemGetInfo`) with the state resident and after
+  `page_out`, and how much a spike gets in each case.
+
+Never allocates managed memory beyond what is free: the state is placed by
+the library's guard; the spikes are plain device allocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import optax_paged8bit as op
+from optax_paged8bit import _ffi
+
+GIB = 1 << 30
+
+
+def make_tree(n, key):
+  keys = jax.random.split(key, n)
+  return {
+    f"w{i:02d}": jax.random.normal(k, (4096, 4096), jnp.float32) * 0.02 for i, k in enumerate(keys)
+  }
+
+
+def timed(step, carry):
+  t0 = time.perf_counter()
+  carry = step(*carry)
+  jax.block_until_ready(carry)
+  return (time.perf_counter() - t0) * 1e3, carry
+
+
+def free_bytes():
+  return int(_ffi._ops.device_memory_info(0)[0])
+
+
+def spike():
+  """Plain device allocations until one fails; returns the bytes held."""
+  return int(_ffi._ops.fill_device_memory(0, GIB, 1 << 62))
+
+
+def jax_spike():
+  held = []
+  try:
+    while True:
+      held.append(jnp.zeros((GIB // 4,), jnp.float32).block_until_ready())
+  except jax.errors.JaxRuntimeError:  # RESOURCE_EXHAUSTED
+    pass
+  return held
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--leaves", type=int, default=64)
+  ap.add_argument("--iters", type=int, default=15)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  if not _ffi.BUILT_WITH_CUDA or jax.default_backend() != "gpu":
+    raise SystemExit("paging_pressure.py needs the CUDA build on a GPU")
+
+  tx = op.paged_adamw8bit(2e-4)
+  params = make_tree(args.leaves, jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: p * 1e-3, make_tree(args.leaves, jax.random.PRNGKey(1)))
+  step = jax.jit(lambda p, s: tx.fused_update(grads, s, p), donate_argnums=(0, 1))
+  carry = (params, tx.init(params))
+  for _ in range(3):
+    _, carry = timed(step, carry)
+  state_bytes = op.residency(carry[1])["bytes_on_device"]
+  out = {
+    "device": str(jax.devices()[0].device_kind),
+    "jax": jax.__version__,
+    "params": sum(x.size for x in jax.tree.leaves(params)),
+    "state_bytes": state_bytes,
+  }
+  rows = []
+
+  def row(scenario, ms, **extra):
+    rows.append({"scenario": scenario, "ms": ms, **extra})
+    print(f"{scenario:58s} {ms if isinstance(ms, str) else f'{ms:9.2f}'} {extra or ''}", flush=True)
+
+  # Resident steps, with and without the per-step prefetch, interleaved.
+  with_prefetch, without = [], []
+  for _ in range(args.iters):
+    for on, times in ((True, with_prefetch), (False, without)):
+      _ffi._ops.set_prefetch_each_step(on)
+      for _ in range(3):
+        ms, carry = timed(step, carry)
+        times.append(ms)
+  _ffi._ops.set_prefetch_each_step(True)
+  resident_on, resident_off = statistics.median(with_prefetch), statistics.median(without)
+  row("resident step, per-step prefetch (default)", resident_on)
+  row("resident step, no per-step prefetch", resident_off)
+  out["prefetch_cost"] = resident_on / resident_off - 1
+
+  # page_out, then one step.
+  page_out_ms = []
+  for _ in range(5):
+    op.page_out(carry[1])
+    ms, carry = timed(step, carry)
+    page_out_ms.append(ms)
+    for _ in range(2):
+      _, carry = timed(step, carry)
+  row("page_out, then a step", statistics.median(page_out_ms), each=page_out_ms)
+
+  # Free memory and what a spike gets, resident and paged out.
+  jax.block_until_ready(carry)
+  free_resident = free_bytes()
+  op.page_out(carry[1])
+  free_paged_out = free_bytes()
+  got_paged_out = spike()
+  _ffi._ops.free_device_fill()
+  _, carry = timed(step, carry)
+  out["free_resident"], out["free_paged_out"] = free_resident, free_paged_out
+  out["spike_bytes_after_page_out"] = got_paged_out
+  print(
+    f"cudaMemGetInfo free: resident {free_resident / GIB:.2f} GiB, after page_out "
+    f"{free_paged_out / GIB:.2f} GiB; a spike after page_out got {got_paged_out / GIB:.0f} GiB"
+  )
+
+  # The spike, then the next steps.
+  for prefetch in (True, False):
+    _ffi._ops.set_prefetch_each_step(prefetch)
+    for _ in range(2):
+      _, carry = timed(step, carry)
+    jax.block_until_ready(carry)
+    op.measure_residency(carry[1])  # makes the probe's calibration buffers
+    free_before = free_bytes()
+    got = spike()
+    during_placed = op.residency(carry[1])
+    during_measured = op.measure_residency(carry[1])
+    _ffi._ops.free_device_fill()
+    after_measured = op.measure_residency(carry[1])
+    label = "per-step prefetch" if prefetch else "no per-step prefetch"
+    after = []
+    for _ in range(5):
+      ms, carry = timed(step, carry)
+      after.append(ms)
+    measured_next = op.measure_residency(carry[1])
+    row(
+      f"spike, then a step ({label})",
+      after[0],
+      next_steps=after,
+      spike_gib=got / GIB,
+      free_before_gib=free_before / GIB,
+      residency_during=during_placed,
+      measured_during=during_measured,
+      measured_after_free=after_measured,
+      measured_after_steps=measured_next,
+    )
+    out[f"spike_{'prefetch' if prefetch else 'noprefetch'}"] = rows[-1]
+  _ffi._ops.set_prefetch_each_step(True)
+  for _ in range(3):
+    _, carry = timed(step, carry)
+
+  # The same spike made of JAX arrays.
+  jax.block_until_ready(carry)
+  held = jax_spike()
+  during = op.measure_residency(carry[1])
+  got = sum(x.nbytes for x in held)
+  del held
+  ms, carry = timed(step, carry)
+  row("jax-array spike, then a step", ms, spike_gib=got / GIB, measured_during=during)
+
+  out["rows"] = rows
+  out["ratio_after_spike_vs_page_out"] = out["spike_prefetch"]["ms"] / statistics.median(
+    page_out_ms
+  )
+  print(f"step after a spike / step after page_out: {out['ratio_after_spike_vs_page_out']:.2f}")
+  print(f"per-step prefetch cost on the resident step: {100 * out['prefetch_cost']:+.2f}%")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1, default=str)
+  op.release(carry[1])
+
+
+if __name__ == "__main__":
+  main()
