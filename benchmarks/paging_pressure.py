@@ -11,13 +11,14 @@ A 64 x (4096, 4096) float32 tree (1.07e9 params, a 2.03 GiB state) takes fused
 steps (jitted, params and state donated). Scenarios, each timed in ms per
 step (each step awaited):
 
-- resident: the median step, with the per-step prefetch of the state (the
-  default) and without it, interleaved in rounds; the ratio is its cost;
+- resident: the median step, with the per-step eviction check (the default:
+  a timed load per 2 MiB of the state, evicted runs prefetched back) and
+  without it, interleaved in rounds; the ratio is its cost;
 - page_out: `page_out`, then one step (the step prefetches the state back);
 - spike: plain 1 GiB `cudaMalloc`s until one fails (the driver evicts the
   state to make room), `residency()` and `measure_residency()` during the
-  spike, the spike freed, then the next steps; with and without the per-step
-  prefetch (without: the behaviour before it);
+  spike, the spike freed, then the next steps; with and without the eviction
+  check (without: the driver faults the pages back);
 - jax spike: the same spike made of JAX arrays (`jnp.zeros` of 1 GiB until
   allocation fails), which reaches the state only with an allocator that does
   not preallocate;
@@ -63,8 +64,10 @@ def free_bytes():
 
 
 def spike():
-  """Plain device allocations until one fails; returns the bytes held."""
-  return int(_ffi._ops.fill_device_memory(0, GIB, 1 << 62))
+  """Plain device allocations (1 GiB, then 2 MiB) until one fails; returns
+  the bytes held."""
+  fill = _ffi._ops.fill_device_memory
+  return int(fill(0, GIB, 1 << 62)) + int(fill(0, 2 << 20, 1 << 62))
 
 
 def jax_spike():
@@ -106,19 +109,19 @@ def main():
     rows.append({"scenario": scenario, "ms": ms, **extra})
     print(f"{scenario:58s} {ms if isinstance(ms, str) else f'{ms:9.2f}'} {extra or ''}", flush=True)
 
-  # Resident steps, with and without the per-step prefetch, interleaved.
+  # Resident steps, with and without the eviction check, interleaved.
   with_prefetch, without = [], []
   for _ in range(args.iters):
     for on, times in ((True, with_prefetch), (False, without)):
-      _ffi._ops.set_prefetch_each_step(on)
+      _ffi._ops.set_eviction_check(on)
       for _ in range(3):
         ms, carry = timed(step, carry)
         times.append(ms)
-  _ffi._ops.set_prefetch_each_step(True)
+  _ffi._ops.set_eviction_check(True)
   resident_on, resident_off = statistics.median(with_prefetch), statistics.median(without)
-  row("resident step, per-step prefetch (default)", resident_on)
-  row("resident step, no per-step prefetch", resident_off)
-  out["prefetch_cost"] = resident_on / resident_off - 1
+  row("resident step, eviction check (default)", resident_on)
+  row("resident step, no eviction check", resident_off)
+  out["check_cost"] = resident_on / resident_off - 1
 
   # page_out, then one step.
   page_out_ms = []
@@ -147,7 +150,7 @@ def main():
 
   # The spike, then the next steps.
   for prefetch in (True, False):
-    _ffi._ops.set_prefetch_each_step(prefetch)
+    _ffi._ops.set_eviction_check(prefetch)
     for _ in range(2):
       _, carry = timed(step, carry)
     jax.block_until_ready(carry)
@@ -158,7 +161,7 @@ def main():
     during_measured = op.measure_residency(carry[1])
     _ffi._ops.free_device_fill()
     after_measured = op.measure_residency(carry[1])
-    label = "per-step prefetch" if prefetch else "no per-step prefetch"
+    label = "eviction check" if prefetch else "no eviction check"
     after = []
     for _ in range(5):
       ms, carry = timed(step, carry)
@@ -176,7 +179,7 @@ def main():
       measured_after_steps=measured_next,
     )
     out[f"spike_{'prefetch' if prefetch else 'noprefetch'}"] = rows[-1]
-  _ffi._ops.set_prefetch_each_step(True)
+  _ffi._ops.set_eviction_check(True)
   for _ in range(3):
     _, carry = timed(step, carry)
 
@@ -194,7 +197,7 @@ def main():
     page_out_ms
   )
   print(f"step after a spike / step after page_out: {out['ratio_after_spike_vs_page_out']:.2f}")
-  print(f"per-step prefetch cost on the resident step: {100 * out['prefetch_cost']:+.2f}%")
+  print(f"eviction check's cost on the resident step: {100 * out['check_cost']:+.2f}%")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1, default=str)

@@ -80,12 +80,16 @@ cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
                          cudaStream_t stream);
 
 // The residency probe's unit: one timed load per 2 MiB (the unified-memory
-// driver's migration and eviction unit).
+// driver's migration and eviction unit), kProbeOffset bytes into it.
 constexpr size_t kProbeChunk = size_t{2} << 20;
+constexpr size_t kProbeOffset = 2048;
 
-// cycles[i]: the clock cycles of one uncached load at byte i * kProbeChunk of
-// data[0, bytes), each chunk by its own warp's lane 0 (a warp's load waits
-// for its slowest lane, so chunks never share one).
+// cycles[i]: the clock cycles of one uncached load in chunk i (of
+// kProbeChunk bytes) of data[0, bytes), after an untimed load of the chunk's
+// first word; each chunk by its own warp's lane 0 (a warp's load waits for its
+// slowest lane, so chunks never share one). A device-resident chunk answers
+// from HBM or L2, an evicted or host-placed one over the bus, several times
+// slower.
 cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
                               cudaStream_t stream);
 

@@ -204,32 +204,156 @@ ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* hand
   return ffi::Error::Success();
 }
 
-// Whether each update prefetches its device-placed memory again (see
-// MakeResident). Off only to measure what it costs (benchmarks/paging_pressure.py).
-std::atomic<bool> g_prefetch_each_step{true};
+// The residency probe (LaunchLoadLatency) of a slot's memory, with device
+// and pinned host memory as references measured in the same call.
+constexpr int kCalibrationChunks = 4;
+struct Calibration {
+  void* device = nullptr;
+  void* host = nullptr;
+};
+
+// The reference buffers of a device (kCalibrationChunks chunks each), made
+// at first use and kept.
+std::string CalibrationBuffers(int device, Calibration* out) {
+  static std::mutex mu;
+  static Calibration buffers[kMaxDevices];
+  std::lock_guard<std::mutex> lock(mu);
+  Calibration& c = buffers[device];
+  constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
+  if (c.device == nullptr && cudaMalloc(&c.device, kBytes) != cudaSuccess) {
+    c.device = nullptr;
+    return CudaMessage("cudaMalloc of the residency probe's reference", cudaGetLastError());
+  }
+  if (c.host == nullptr && cudaMallocHost(&c.host, kBytes) != cudaSuccess) {
+    c.host = nullptr;
+    return CudaMessage("cudaMallocHost of the residency probe's reference", cudaGetLastError());
+  }
+  *out = c;
+  return "";
+}
+
+uint32_t Median(std::vector<uint32_t> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+int64_t Chunks(size_t bytes) {
+  return static_cast<int64_t>((bytes + kProbeChunk - 1) / kProbeChunk);
+}
+
+struct SlotProbe {
+  uint32_t device_cycles = 0, host_cycles = 0;
+  // The references are apart enough to tell the two (host at least twice
+  // device); otherwise no chunk is called evicted.
+  bool separated = false;
+  std::vector<std::vector<bool>> on_host;  // per Memory of the slot, per chunk
+};
+
+// Probes every Memory of `slot` on `stream` (one synchronisation).
+std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
+  Calibration c;
+  if (std::string error = CalibrationBuffers(slot.device, &c); !error.empty()) return error;
+  int64_t total = 2 * kCalibrationChunks;
+  for (const Memory& m : slot.memory) total += Chunks(m.bytes);
+  static thread_local uint32_t* cycles = nullptr;
+  static thread_local int64_t capacity = 0;
+  if (capacity < total) {
+    if (cycles != nullptr) cudaFreeHost(cycles);
+    capacity = 0;
+    if (cudaMallocHost(&cycles, total * sizeof(uint32_t)) != cudaSuccess) {
+      cycles = nullptr;
+      return CudaMessage("cudaMallocHost of the residency probe's results", cudaGetLastError());
+    }
+    capacity = total;
+  }
+  constexpr int64_t kRefBytes = kProbeChunk * kCalibrationChunks;
+  cudaError_t e =
+      LaunchLoadLatency(static_cast<const uint8_t*>(c.device), kRefBytes, cycles, stream);
+  if (e == cudaSuccess) {
+    e = LaunchLoadLatency(static_cast<const uint8_t*>(c.host), kRefBytes,
+                          cycles + kCalibrationChunks, stream);
+  }
+  int64_t at = 2 * kCalibrationChunks;
+  for (const Memory& m : slot.memory) {
+    if (e == cudaSuccess) {
+      e = LaunchLoadLatency(static_cast<const uint8_t*>(m.data), static_cast<int64_t>(m.bytes),
+                            cycles + at, stream);
+    }
+    at += Chunks(m.bytes);
+  }
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e != cudaSuccess) return CudaMessage("the residency probe", e);
+  out->device_cycles = Median({cycles, cycles + kCalibrationChunks});
+  out->host_cycles = Median({cycles + kCalibrationChunks, cycles + 2 * kCalibrationChunks});
+  out->separated = out->host_cycles >= 2 * out->device_cycles;
+  // Above the geometric mean of the references: over the bus.
+  double threshold = std::sqrt(static_cast<double>(out->device_cycles) * out->host_cycles);
+  out->on_host.clear();
+  at = 2 * kCalibrationChunks;
+  for (const Memory& m : slot.memory) {
+    std::vector<bool> flags(Chunks(m.bytes));
+    for (size_t i = 0; i < flags.size(); ++i)
+      flags[i] = out->separated && cycles[at + i] > threshold;
+    out->on_host.push_back(std::move(flags));
+    at += Chunks(m.bytes);
+  }
+  return "";
+}
+
+// Whether each update checks its device-placed memory for evicted chunks
+// (see MakeResident). Off only to measure what the check costs
+// (benchmarks/paging_pressure.py).
+std::atomic<bool> g_eviction_check{true};
 
 // Brings paged-out memory of a slot back before a kernel touches it, so that
 // the kernel never faults pages in. Memory that no longer fits moves its home
 // to the host (read over the bus) instead of oversubscribing.
 //
-// Memory placed on the device is prefetched again at every step: under memory
-// pressure (plain allocations of the same or another process) the driver
-// evicts it to the host, nothing tells us, and the GPU's mapping then reads it
-// over the bus at every later step (40x a resident step on an H200). A
-// prefetch of pages that are all resident costs the driver a walk of the
-// range and moves nothing. Its failure is not the step's: the kernel still
-// reads whatever stays on the host, correctly.
-ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
-  for (Memory& m : slot.memory) {
-    if (m.host_home) continue;
-    if (!m.on_host) {
-      if (g_prefetch_each_step.load(std::memory_order_relaxed) &&
-          cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream) !=
-              cudaSuccess) {
-        cudaGetLastError();  // not sticky: clear it for the launch checks
+// Memory placed on the device may have been evicted by the driver: under
+// memory pressure (plain allocations of this or another process) it moves
+// pages to the host without telling anyone, and the step then faults them
+// back at a fraction of a prefetch's speed (3x an explicit page_out's step on
+// an H200). So each update probes the chunks of its device-placed memory
+// (one timed load per 2 MiB, about 30 us) and prefetches the evicted runs.
+// (Prefetching the whole state unconditionally costs 27% of a resident
+// step: the driver walks every page.) A probe or prefetch failure is not the
+// step's: the kernel still reads whatever stays on the host, correctly.
+void PrefetchEvicted(Slot& slot, cudaStream_t stream) {
+  SlotProbe probe;
+  if (!ProbeSlot(slot, stream, &probe).empty()) {
+    cudaGetLastError();  // not sticky: clear it for the launch checks
+    return;
+  }
+  for (size_t k = 0; k < slot.memory.size(); ++k) {
+    const Memory& m = slot.memory[k];
+    if (m.on_host || m.host_home) continue;
+    const std::vector<bool>& evicted = probe.on_host[k];
+    for (size_t i = 0; i < evicted.size();) {
+      if (!evicted[i]) {
+        ++i;
+        continue;
       }
-      continue;
+      size_t end = i;
+      while (end < evicted.size() && evicted[end]) ++end;
+      size_t begin_byte = i * kProbeChunk;
+      size_t bytes = std::min(end * kProbeChunk, m.bytes) - begin_byte;
+      if (cudaMemPrefetchAsync(static_cast<char*>(m.data) + begin_byte, bytes,
+                               DeviceLocation(slot.device), 0, stream) != cudaSuccess) {
+        cudaGetLastError();
+      }
+      i = end;
     }
+  }
+}
+
+ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
+  bool device_placed = false;
+  for (const Memory& m : slot.memory) device_placed |= !m.on_host && !m.host_home;
+  if (device_placed && g_eviction_check.load(std::memory_order_relaxed)) {
+    PrefetchEvicted(slot, stream);
+  }
+  for (Memory& m : slot.memory) {
+    if (!m.on_host || m.host_home) continue;
     std::lock_guard<std::mutex> lock(g_placement_mu);
     cudaError_t e;
     if (FreeMemoryAllows(m.bytes)) {
@@ -632,60 +756,6 @@ size_t Move(int32_t handle, bool to_host, std::string* error) {
   return moved;
 }
 
-// Latency calibration buffers for MeasureResidency: device memory and pinned
-// host memory of kProbeChunk * kCalibrationChunks bytes each, made once.
-constexpr int kCalibrationChunks = 4;
-struct Calibration {
-  void* device = nullptr;
-  void* host = nullptr;
-};
-
-std::string CalibrationBuffers(int device, Calibration* out) {
-  static std::mutex mu;
-  static Calibration buffers[kMaxDevices];
-  std::lock_guard<std::mutex> lock(mu);
-  Calibration& c = buffers[device];
-  constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
-  if (c.device == nullptr) {
-    cudaError_t e = cudaMalloc(&c.device, kBytes);
-    if (e != cudaSuccess) {
-      c.device = nullptr;
-      cudaGetLastError();
-      return CudaMessage("cudaMalloc of the probe's calibration buffer", e);
-    }
-  }
-  if (c.host == nullptr) {
-    cudaError_t e = cudaMallocHost(&c.host, kBytes);
-    if (e != cudaSuccess) {
-      c.host = nullptr;
-      cudaGetLastError();
-      return CudaMessage("cudaMallocHost of the probe's calibration buffer", e);
-    }
-  }
-  *out = c;
-  return "";
-}
-
-// Per-chunk load latencies (cycles) of `bytes` at `data`, on `stream`.
-std::string ProbeLatencies(const void* data, size_t bytes, cudaStream_t stream,
-                           std::vector<uint32_t>* cycles) {
-  int64_t chunks = static_cast<int64_t>((bytes + kProbeChunk - 1) / kProbeChunk);
-  uint32_t* out = nullptr;
-  cudaError_t e = cudaMallocHost(&out, chunks * sizeof(uint32_t));
-  if (e != cudaSuccess) return CudaMessage("cudaMallocHost", e);
-  e = LaunchLoadLatency(static_cast<const uint8_t*>(data), static_cast<int64_t>(bytes), out,
-                        stream);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e == cudaSuccess) cycles->assign(out, out + chunks);
-  cudaFreeHost(out);
-  return e == cudaSuccess ? "" : CudaMessage("the residency probe", e);
-}
-
-uint32_t Median(std::vector<uint32_t> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 }  // namespace
 
 ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
@@ -700,25 +770,22 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
     }
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
-    cudaStream_t stream = PagingStream(slot->device);
-    Calibration c;
-    *error = CalibrationBuffers(slot->device, &c);
-    std::vector<uint32_t> on_device, on_host;
-    constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
-    if (error->empty()) *error = ProbeLatencies(c.device, kBytes, stream, &on_device);
-    if (error->empty()) *error = ProbeLatencies(c.host, kBytes, stream, &on_host);
+    SlotProbe probe;
+    *error = ProbeSlot(*slot, PagingStream(slot->device), &probe);
     if (!error->empty()) return r;
-    r.device_cycles = Median(on_device);
-    r.host_cycles = Median(on_host);
-    // Below the geometric mean of the two: on the device.
-    double threshold = std::sqrt(static_cast<double>(r.device_cycles) * r.host_cycles);
-    for (const Memory& m : slot->memory) {
-      std::vector<uint32_t> cycles;
-      *error = ProbeLatencies(m.data, m.bytes, stream, &cycles);
-      if (!error->empty()) return r;
-      for (size_t i = 0; i < cycles.size(); ++i) {
+    if (!probe.separated) {
+      *error = "measure_residency: device and host loads took " +
+               std::to_string(probe.device_cycles) + " and " + std::to_string(probe.host_cycles) +
+               " cycles, too close to tell where the state is";
+      return r;
+    }
+    r.device_cycles = std::max(r.device_cycles, probe.device_cycles);
+    r.host_cycles = std::max(r.host_cycles, probe.host_cycles);
+    for (size_t k = 0; k < slot->memory.size(); ++k) {
+      const Memory& m = slot->memory[k];
+      for (size_t i = 0; i < probe.on_host[k].size(); ++i) {
         size_t chunk = std::min(kProbeChunk, m.bytes - i * kProbeChunk);
-        (cycles[i] < threshold ? r.bytes_on_device : r.bytes_on_host) += chunk;
+        (probe.on_host[k][i] ? r.bytes_on_host : r.bytes_on_device) += chunk;
       }
     }
   }
@@ -728,7 +795,7 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
 size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }
 size_t PageIn(int32_t handle, std::string* error) { return Move(handle, false, error); }
 
-void SetPrefetchEachStep(bool on) { g_prefetch_each_step = on; }
+void SetEvictionCheck(bool on) { g_eviction_check = on; }
 
 // Plain device allocations that tests and benchmarks hold to make a memory
 // spike (FillDeviceMemory).

@@ -22,8 +22,8 @@ size_t PageIn(int32_t handle, std::string* error);
 
 // Where a handle's CUDA slots really are: one load per kProbeChunk (2 MiB, the
 // driver's migration unit) timed on the GPU and compared with loads of device
-// and pinned host memory (their median cycles are returned too). A chunk the
-// driver evicted and unmapped may be brought back by the probe's own load.
+// and pinned host memory (their median cycles are returned too). Sets *error
+// when the two references are too close to tell apart.
 struct ResidencyMeasure {
   size_t bytes_on_device = 0;
   size_t bytes_on_host = 0;
@@ -32,9 +32,9 @@ struct ResidencyMeasure {
 };
 ResidencyMeasure MeasureResidency(int32_t handle, std::string* error);
 
-// Whether each update prefetches its device-placed memory again (default on;
-// off only to measure its cost).
-void SetPrefetchEachStep(bool on);
+// Whether each update probes its device-placed memory for chunks the driver
+// evicted and prefetches them back (default on; off only to measure its cost).
+void SetEvictionCheck(bool on);
 
 // Holds plain cudaMalloc chunks of `chunk_bytes` until one fails or
 // `limit_bytes` are held (a memory spike for tests and benchmarks); returns

@@ -246,7 +246,8 @@ def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_id
   op.measure_residency(state)  # its calibration buffers exist before the spike
   jax.block_until_ready(params)
   try:
-    held = op._ffi._ops.fill_device_memory(0, 256 << 20, 1 << 62)
+    fill = op._ffi._ops.fill_device_memory
+    held = fill(0, 256 << 20, 1 << 62) + fill(0, 2 << 20, 1 << 62)
     placed = op.residency(state)
     during = op.measure_residency(state)
   finally:
