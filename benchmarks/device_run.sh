@@ -44,7 +44,7 @@ for step in $steps; do
     pressure) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
                 python3 benchmarks/paging_pressure.py --json "$OUT/pressure.json" \
                 > "$OUT/pressure.log" 2>&1 || status=1
-              cat "$OUT/pressure.log" | grep -v "^W0\|^E0\|^I0" | tail -30 ;;
+              grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/pressure.log" | tail -30 ;;
     diag) python3 benchmarks/diag_errors.py > "$OUT/diag.log" 2>&1; cat "$OUT/diag.log" ;;
     ncu) (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \

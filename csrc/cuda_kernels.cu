@@ -160,15 +160,10 @@ __device__ __forceinline__ void StoreCodes(uint8_t* codes, int64_t start, int va
 
 // The warp's maximum of non-negative floats (never NaN here: MaxAbs skips
 // NaN), which order like their bit patterns: one integer reduction (sm_80+)
-// instead of five shuffles and maxima.
+// instead of five shuffles and maxima (6% off the bfloat16 fused step on an
+// H200, benchmarks/RESULTS.md).
 __device__ __forceinline__ float WarpMax(float x) {
-#if defined(OP8_AB_SHUFFLE_WARPMAX)
-#pragma unroll
-  for (int d = kLanes / 2; d >= 1; d >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, d));
-  return x;
-#else
   return BitsFloat(__reduce_max_sync(kFullMask, FloatBits(x)));
-#endif
 }
 
 __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {

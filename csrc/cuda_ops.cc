@@ -810,6 +810,13 @@ size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes) {
     void* p = nullptr;
     if (cudaMalloc(&p, chunk_bytes) != cudaSuccess) {
       cudaGetLastError();
+      // Give the last chunk back: a GPU filled to its last byte leaves the
+      // driver no room to service page faults of managed memory.
+      if (!g_fill.empty()) {
+        cudaFree(g_fill.back());
+        g_fill.pop_back();
+        filled -= chunk_bytes;
+      }
       break;
     }
     g_fill.push_back(p);

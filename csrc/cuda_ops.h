@@ -36,9 +36,10 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error);
 // evicted and prefetches them back (default on; off only to measure its cost).
 void SetEvictionCheck(bool on);
 
-// Holds plain cudaMalloc chunks of `chunk_bytes` until one fails or
-// `limit_bytes` are held (a memory spike for tests and benchmarks); returns
-// the bytes held. FreeDeviceFill frees them all.
+// Holds plain cudaMalloc chunks of `chunk_bytes` until one fails (then gives
+// the last one back, leaving the driver room to service page faults) or
+// `limit_bytes` are held: a memory spike for tests and benchmarks. Returns
+// the bytes held; FreeDeviceFill frees them all.
 size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes);
 void FreeDeviceFill();
 
