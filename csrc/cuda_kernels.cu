@@ -608,7 +608,9 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
   if (threadIdx.x != 0 || begin >= bytes) return;
   // The first load warms the TLB (device pages are mapped in 2 MiB pages, so
   // a cold first touch pays a page walk whatever the residency); the timed
-  // one reads another cache line of the same 4 KiB page.
+  // one reads another cache line of the same 4 KiB page. Both are ld.cv: a
+  // line of host memory cached in L2 is fetched again over the bus (a step
+  // that just wrote host-placed state leaves its lines in L2).
   int64_t offset = min(static_cast<int64_t>(kProbeOffset), bytes - begin - 4) & ~int64_t{3};
   const uint32_t* warm = reinterpret_cast<const uint32_t*>(data + begin);
   const uint32_t* timed = reinterpret_cast<const uint32_t*>(data + begin + max(offset, int64_t{0}));
@@ -618,10 +620,10 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
   // In order: the warm load and a store of its value (which waits for it),
   // the clock, the timed load and a store of its value, the clock (volatile
   // asm with memory clobbers keeps the order; the stores make each wait).
-  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(value) : "l"(warm) : "memory");
+  asm volatile("ld.global.cv.u32 %0, [%1];" : "=r"(value) : "l"(warm) : "memory");
   asm volatile("st.volatile.shared.u32 [%0], %1;" ::"r"(shared), "r"(value) : "memory");
   asm volatile("mov.u64 %0, %%clock64;" : "=l"(start)::"memory");
-  asm volatile("ld.volatile.global.u32 %0, [%1];" : "=r"(value) : "l"(timed) : "memory");
+  asm volatile("ld.global.cv.u32 %0, [%1];" : "=r"(value) : "l"(timed) : "memory");
   asm volatile("st.volatile.shared.u32 [%0], %1;" ::"r"(shared), "r"(value) : "memory");
   asm volatile("mov.u64 %0, %%clock64;" : "=l"(stop)::"memory");
   cycles[chunk] = static_cast<uint32_t>(min(stop - start, 0xffffffffLL));

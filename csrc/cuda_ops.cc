@@ -314,7 +314,8 @@ std::atomic<bool> g_eviction_check{true};
 // pages to the host without telling anyone, and the step then faults them
 // back at a fraction of a prefetch's speed (3x an explicit page_out's step on
 // an H200). So each update probes the chunks of its device-placed memory
-// (one timed load per 2 MiB, about 30 us) and prefetches the evicted runs.
+// (one timed load per 2 MiB: 0.6% of a resident 1.07e9-param step, 40 us on
+// a tiny one) and prefetches the span of the evicted ones.
 // (Prefetching the whole state unconditionally costs 27% of a resident
 // step: the driver walks every page.) A probe or prefetch failure is not the
 // step's: the kernel still reads whatever stays on the host, correctly.
@@ -327,21 +328,20 @@ void PrefetchEvicted(Slot& slot, cudaStream_t stream) {
   for (size_t k = 0; k < slot.memory.size(); ++k) {
     const Memory& m = slot.memory[k];
     if (m.on_host || m.host_home) continue;
+    // One prefetch from the first evicted chunk to the last: the driver
+    // evicts scattered chunks, and a prefetch call per run costs more than
+    // the resident chunks between them.
     const std::vector<bool>& evicted = probe.on_host[k];
-    for (size_t i = 0; i < evicted.size();) {
-      if (!evicted[i]) {
-        ++i;
-        continue;
-      }
-      size_t end = i;
-      while (end < evicted.size() && evicted[end]) ++end;
-      size_t begin_byte = i * kProbeChunk;
-      size_t bytes = std::min(end * kProbeChunk, m.bytes) - begin_byte;
-      if (cudaMemPrefetchAsync(static_cast<char*>(m.data) + begin_byte, bytes,
-                               DeviceLocation(slot.device), 0, stream) != cudaSuccess) {
-        cudaGetLastError();
-      }
-      i = end;
+    size_t first = evicted.size(), last = 0;
+    for (size_t i = 0; i < evicted.size(); ++i) {
+      if (evicted[i]) first = std::min(first, i), last = i;
+    }
+    if (first == evicted.size()) continue;
+    size_t begin = first * kProbeChunk;
+    size_t bytes = std::min((last + 1) * kProbeChunk, m.bytes) - begin;
+    if (cudaMemPrefetchAsync(static_cast<char*>(m.data) + begin, bytes, DeviceLocation(slot.device),
+                             0, stream) != cudaSuccess) {
+      cudaGetLastError();
     }
   }
 }

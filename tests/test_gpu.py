@@ -234,20 +234,20 @@ def test_measure_residency_finds_where_the_pages_are():
 
 
 def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_identical():
-  """Plain device allocations of 64 MiB until one fails (never managed
+  """Plain device allocations of 1 GiB until one fails (never managed
   memory beyond what is free): the driver evicts the state to make room. After the spike
   is freed, the next step prefetches the state back and every step is
   bit-identical to an unpressured run."""
   tx = op.paged_adamw8bit(1e-3)
-  big = lambda: {**small_tree(), "v": jnp.full((48, 1 << 20), 0.01, jnp.float32)}
+  big = lambda: {**small_tree(), "v": jnp.full((600, 1 << 20), 0.01, jnp.bfloat16)}
   p_ref, s_ref = steps(tx, tx.init(big()), big(), 2)
   p_ref, s_ref = steps(tx, s_ref, p_ref, 3, seed=12)
   params, state = steps(tx, tx.init(big()), big(), 2)
-  total = state.layout.state_nbytes()  # 100 MB: more than a chunk of the spike
+  total = state.layout.state_nbytes()  # 1.2 GB: more than a chunk of the spike
   op.measure_residency(state)  # its calibration buffers exist before the spike
   jax.block_until_ready(params)
   try:
-    held = op._ffi._ops.fill_device_memory(0, 64 << 20, 1 << 62)
+    held = op._ffi._ops.fill_device_memory(0, 1 << 30, 1 << 62)
     placed = op.residency(state)
     during = op.measure_residency(state)
   finally:
