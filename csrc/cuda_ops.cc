@@ -304,6 +304,7 @@ std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
 // (see MakeResident). Off only to measure what the check costs
 // (benchmarks/paging_pressure.py).
 std::atomic<bool> g_eviction_check{true};
+constexpr size_t kEvictionPrefetchMin = size_t{64} << 20;
 
 // Brings paged-out memory of a slot back before a kernel touches it, so that
 // the kernel never faults pages in. Memory that no longer fits moves its home
@@ -314,8 +315,8 @@ std::atomic<bool> g_eviction_check{true};
 // pages to the host without telling anyone, and the step then faults them
 // back at a fraction of a prefetch's speed (3x an explicit page_out's step on
 // an H200). So each update probes the chunks of its device-placed memory
-// (one timed load per 2 MiB: 0.6% of a resident 1.07e9-param step, 40 us on
-// a tiny one) and prefetches the span of the evicted ones.
+// (one timed load per 2 MiB: 0.6% of a resident 1.07e9-param step, 20-40 us
+// on a tiny one) and prefetches it when a real part of it was evicted.
 // (Prefetching the whole state unconditionally costs 27% of a resident
 // step: the driver walks every page.) A probe or prefetch failure is not the
 // step's: the kernel still reads whatever stays on the host, correctly.
@@ -328,19 +329,14 @@ void PrefetchEvicted(Slot& slot, cudaStream_t stream) {
   for (size_t k = 0; k < slot.memory.size(); ++k) {
     const Memory& m = slot.memory[k];
     if (m.on_host || m.host_home) continue;
-    // One prefetch from the first evicted chunk to the last: the driver
-    // evicts scattered chunks, and a prefetch call per run costs more than
-    // the resident chunks between them.
-    const std::vector<bool>& evicted = probe.on_host[k];
-    size_t first = evicted.size(), last = 0;
-    for (size_t i = 0; i < evicted.size(); ++i) {
-      if (evicted[i]) first = std::min(first, i), last = i;
-    }
-    if (first == evicted.size()) continue;
-    size_t begin = first * kProbeChunk;
-    size_t bytes = std::min((last + 1) * kProbeChunk, m.bytes) - begin;
-    if (cudaMemPrefetchAsync(static_cast<char*>(m.data) + begin, bytes, DeviceLocation(slot.device),
-                             0, stream) != cudaSuccess) {
+    // A few chunks read slowly by chance, or faulted back by the driver on
+    // their own, are not worth a prefetch (it walks the whole range: 27% of
+    // a resident step); an eviction of a sixteenth of the memory or 64 MiB is.
+    size_t evicted = 0;
+    for (bool chunk : probe.on_host[k]) evicted += chunk ? kProbeChunk : 0;
+    if (evicted < std::max(m.bytes / 16, kEvictionPrefetchMin)) continue;
+    if (cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream) !=
+        cudaSuccess) {
       cudaGetLastError();
     }
   }
