@@ -606,11 +606,13 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
   int64_t chunk = blockIdx.x;
   int64_t begin = chunk * static_cast<int64_t>(kProbeChunk);
   if (threadIdx.x != 0 || begin >= bytes) return;
-  // The first load warms the TLB (device pages are mapped in 2 MiB pages, so
-  // a cold first touch pays a page walk whatever the residency); the timed
-  // one reads another cache line of the same 4 KiB page. Both are ld.cv: a
-  // line of host memory cached in L2 is fetched again over the bus (a step
-  // that just wrote host-placed state leaves its lines in L2).
+  // The first load warms the TLB: device memory is mapped in 2 MiB pages, so
+  // a cold first touch pays a page walk whatever the residency. The timed
+  // one reads 1 MiB further on, in another 64 KiB page, so that a fault the
+  // first one took (a paged-out chunk, which it migrates back) does not make
+  // the second one local. Both are ld.cv: a line of host memory cached in L2
+  // is fetched again over the bus (a step that just wrote host-placed state
+  // leaves its lines in L2).
   int64_t offset = min(static_cast<int64_t>(kProbeOffset), bytes - begin - 4) & ~int64_t{3};
   const uint32_t* warm = reinterpret_cast<const uint32_t*>(data + begin);
   const uint32_t* timed = reinterpret_cast<const uint32_t*>(data + begin + max(offset, int64_t{0}));

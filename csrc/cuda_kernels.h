@@ -82,14 +82,15 @@ cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
 // The residency probe's unit: one timed load per 2 MiB (the unified-memory
 // driver's migration and eviction unit), kProbeOffset bytes into it.
 constexpr size_t kProbeChunk = size_t{2} << 20;
-constexpr size_t kProbeOffset = 2048;
+constexpr size_t kProbeOffset = (size_t{1} << 20) + 128;
 
 // cycles[i]: the clock cycles of one uncached load in chunk i (of
 // kProbeChunk bytes) of data[0, bytes), after an untimed load of the chunk's
 // first word; each chunk by its own warp's lane 0 (a warp's load waits for its
 // slowest lane, so chunks never share one). A device-resident chunk answers
-// from HBM or L2, an evicted or host-placed one over the bus, several times
-// slower.
+// from HBM or L2, a host-resident one over the bus or through a page fault,
+// several times slower. Touching a chunk that is not mapped for the GPU
+// faults in the pages it touches (and may migrate them back).
 cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
                               cudaStream_t stream);
 

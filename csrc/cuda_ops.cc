@@ -300,54 +300,19 @@ std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
   return "";
 }
 
-// Whether each update checks its device-placed memory for evicted chunks
-// (see MakeResident). Off only to measure what the check costs
-// (benchmarks/paging_pressure.py).
-std::atomic<bool> g_eviction_check{true};
-constexpr size_t kEvictionPrefetchMin = size_t{64} << 20;
-
 // Brings paged-out memory of a slot back before a kernel touches it, so that
 // the kernel never faults pages in. Memory that no longer fits moves its home
 // to the host (read over the bus) instead of oversubscribing.
 //
-// Memory placed on the device may have been evicted by the driver: under
-// memory pressure (plain allocations of this or another process) it moves
-// pages to the host without telling anyone, and the step then faults them
-// back at a fraction of a prefetch's speed (3x an explicit page_out's step on
-// an H200). So each update probes the chunks of its device-placed memory
-// (one timed load per 2 MiB: 0.6% of a resident 1.07e9-param step, 20-40 us
-// on a tiny one) and prefetches it when a real part of it was evicted.
-// (Prefetching the whole state unconditionally costs 27% of a resident
-// step: the driver walks every page.) A probe or prefetch failure is not the
-// step's: the kernel still reads whatever stays on the host, correctly.
-void PrefetchEvicted(Slot& slot, cudaStream_t stream) {
-  SlotProbe probe;
-  if (!ProbeSlot(slot, stream, &probe).empty()) {
-    cudaGetLastError();  // not sticky: clear it for the launch checks
-    return;
-  }
-  for (size_t k = 0; k < slot.memory.size(); ++k) {
-    const Memory& m = slot.memory[k];
-    if (m.on_host || m.host_home) continue;
-    // A few chunks read slowly by chance, or faulted back by the driver on
-    // their own, are not worth a prefetch (it walks the whole range: 27% of
-    // a resident step); an eviction of a sixteenth of the memory or 64 MiB is.
-    size_t evicted = 0;
-    for (bool chunk : probe.on_host[k]) evicted += chunk ? kProbeChunk : 0;
-    if (evicted < std::max(m.bytes / 16, kEvictionPrefetchMin)) continue;
-    if (cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream) !=
-        cudaSuccess) {
-      cudaGetLastError();
-    }
-  }
-}
-
+// Memory placed on the device that the driver evicted under pressure (a
+// spike of plain allocations) is not prefetched: nothing tells us cheaply,
+// and both remedies measured worse on an H200 (benchmarks/RESULTS.md,
+// issue 13). An unconditional prefetch costs 27% of every resident step; a
+// probe of the state (ProbeSlot) before a conditional prefetch costs
+// 1% and made the step after a spike slower (170-240 ms) than letting the
+// kernel fault the pages back (145-170 ms), after which steps run resident
+// again.
 ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
-  bool device_placed = false;
-  for (const Memory& m : slot.memory) device_placed |= !m.on_host && !m.host_home;
-  if (device_placed && g_eviction_check.load(std::memory_order_relaxed)) {
-    PrefetchEvicted(slot, stream);
-  }
   for (Memory& m : slot.memory) {
     if (!m.on_host || m.host_home) continue;
     std::lock_guard<std::mutex> lock(g_placement_mu);
@@ -790,8 +755,6 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
 
 size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }
 size_t PageIn(int32_t handle, std::string* error) { return Move(handle, false, error); }
-
-void SetEvictionCheck(bool on) { g_eviction_check = on; }
 
 // Plain device allocations that tests and benchmarks hold to make a memory
 // spike (FillDeviceMemory).

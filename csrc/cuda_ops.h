@@ -32,10 +32,6 @@ struct ResidencyMeasure {
 };
 ResidencyMeasure MeasureResidency(int32_t handle, std::string* error);
 
-// Whether each update probes its device-placed memory for chunks the driver
-// evicted and prefetches them back (default on; off only to measure its cost).
-void SetEvictionCheck(bool on);
-
 // Holds plain cudaMalloc chunks of `chunk_bytes` until one fails (then gives
 // the last one back, leaving the driver room to service page faults) or
 // `limit_bytes` are held: a memory spike for tests and benchmarks. Returns

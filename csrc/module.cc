@@ -153,9 +153,6 @@ PYBIND11_MODULE(_ops, m) {
       },
       "(bytes on device, bytes on host, device and host load cycles) of a handle's CUDA slots, "
       "measured by timed loads.");
-  m.def("set_eviction_check", &SetEvictionCheck,
-        "Whether updates probe device-placed state for evicted chunks and prefetch them (on; "
-        "off only for benchmarks).");
   m.def(
       "fill_device_memory",
       [](int device, size_t chunk_bytes, size_t limit_bytes) {
