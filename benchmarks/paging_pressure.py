@@ -11,14 +11,12 @@ A 64 x (4096, 4096) float32 tree (1.07e9 params, a 2.03 GiB state) takes fused
 steps (jitted, params and state donated). Scenarios, each timed in ms per
 step (each step awaited):
 
-- resident: the median step, with the per-step eviction check (the default:
-  a timed load per 2 MiB of the state, evicted runs prefetched back) and
-  without it, interleaved in rounds; the ratio is its cost;
+- resident: the median step;
 - page_out: `page_out`, then one step (the step prefetches the state back);
 - spike: plain 1 GiB `cudaMalloc`s until one fails (the driver evicts the
-  state to make room), `residency()` and `measure_residency()` during the
-  spike, the spike freed, then the next steps; with and without the eviction
-  check (without: the driver faults the pages back);
+  state to make room; the last one is given back), `residency()` and
+  `measure_residency()` during the spike, the spike freed, then the next 5
+  steps (the first faults the evicted pages back), twice;
 - jax spike: the same spike made of JAX arrays (`jnp.zeros` of 1 GiB until
   allocation fails), which reaches the state only with an allocator that does
   not preallocate;
@@ -108,36 +106,12 @@ def main():
     rows.append({"scenario": scenario, "ms": ms, **extra})
     print(f"{scenario:58s} {ms if isinstance(ms, str) else f'{ms:9.2f}'} {extra or ''}", flush=True)
 
-  # Resident steps, with and without the eviction check, interleaved.
-  with_prefetch, without = [], []
+  # Resident steps.
+  resident = []
   for _ in range(args.iters):
-    for on, times in ((True, with_prefetch), (False, without)):
-      _ffi._ops.set_eviction_check(on)
-      for _ in range(3):
-        ms, carry = timed(step, carry)
-        times.append(ms)
-  _ffi._ops.set_eviction_check(True)
-  resident_on, resident_off = statistics.median(with_prefetch), statistics.median(without)
-  row("resident step, eviction check (default)", resident_on)
-  row("resident step, no eviction check", resident_off)
-  out["check_cost"] = resident_on / resident_off - 1
-
-  # The same for a tiny state (4096 params): the check's fixed cost.
-  tiny = {"w": jnp.zeros((4096,), jnp.float32)}
-  tiny_step = jax.jit(lambda p, s: tx.fused_update(tiny, s, p), donate_argnums=(0, 1))
-  tiny_carry = (tiny, tx.init(tiny))
-  tiny_on, tiny_off = [], []
-  for _ in range(args.iters):
-    for on, times in ((True, tiny_on), (False, tiny_off)):
-      _ffi._ops.set_eviction_check(on)
-      for _ in range(5):
-        ms, tiny_carry = timed(tiny_step, tiny_carry)
-        times.append(ms)
-  _ffi._ops.set_eviction_check(True)
-  row("tiny state step, eviction check (default)", statistics.median(tiny_on))
-  row("tiny state step, no eviction check", statistics.median(tiny_off))
-  out["check_cost_tiny_us"] = 1e3 * (statistics.median(tiny_on) - statistics.median(tiny_off))
-  op.release(tiny_carry[1])
+    ms, carry = timed(step, carry)
+    resident.append(ms)
+  row("resident step", statistics.median(resident))
 
   # page_out, then one step.
   page_out_ms = []
@@ -164,38 +138,33 @@ def main():
     f"{free_paged_out / GIB:.2f} GiB; a spike after page_out got {got_paged_out / GIB:.0f} GiB"
   )
 
-  # The spike, then the next steps.
-  for prefetch in (True, False):
-    _ffi._ops.set_eviction_check(prefetch)
+  # The spike, then the next steps (repeated: the driver's eviction varies).
+  spikes = []
+  for _ in range(2):
     for _ in range(2):
       _, carry = timed(step, carry)
     jax.block_until_ready(carry)
-    op.measure_residency(carry[1])  # makes the probe's calibration buffers
+    op.measure_residency(carry[1])  # makes the probe's reference buffers
     free_before = free_bytes()
     got = spike()
     during_placed = op.residency(carry[1])
     during_measured = op.measure_residency(carry[1])
     _ffi._ops.free_device_fill()
-    after_measured = op.measure_residency(carry[1])
-    label = "eviction check" if prefetch else "no eviction check"
     after = []
     for _ in range(5):
       ms, carry = timed(step, carry)
       after.append(ms)
-    measured_next = op.measure_residency(carry[1])
     row(
-      f"spike, then a step ({label})",
+      "spike, then a step",
       after[0],
       next_steps=after,
       spike_gib=got / GIB,
       free_before_gib=free_before / GIB,
       residency_during=during_placed,
       measured_during=during_measured,
-      measured_after_free=after_measured,
-      measured_after_steps=measured_next,
+      measured_after_steps=op.measure_residency(carry[1]),
     )
-    out[f"spike_{'prefetch' if prefetch else 'noprefetch'}"] = rows[-1]
-  _ffi._ops.set_eviction_check(True)
+    spikes.append(after[0])
   for _ in range(3):
     _, carry = timed(step, carry)
 
@@ -209,12 +178,12 @@ def main():
   row("jax-array spike, then a step", ms, spike_gib=got / GIB, measured_during=during)
 
   out["rows"] = rows
-  out["ratio_after_spike_vs_page_out"] = out["spike_prefetch"]["ms"] / statistics.median(
-    page_out_ms
+  out["ratio_after_spike_vs_page_out"] = statistics.median(spikes) / statistics.median(page_out_ms)
+  out["ratio_after_spike_vs_resident"] = statistics.median(spikes) / statistics.median(resident)
+  print(
+    f"step after a spike / step after page_out: {out['ratio_after_spike_vs_page_out']:.2f}; "
+    f"/ resident step: {out['ratio_after_spike_vs_resident']:.1f}"
   )
-  print(f"step after a spike / step after page_out: {out['ratio_after_spike_vs_page_out']:.2f}")
-  print(f"eviction check's cost on the resident step: {100 * out['check_cost']:+.2f}%")
-  print(f"eviction check's cost on a tiny state's step: {out['check_cost_tiny_us']:+.1f} us")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1, default=str)
