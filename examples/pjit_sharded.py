@@ -12,21 +12,39 @@ are some:
   python examples/pjit_sharded.py
   python examples/pjit_sharded.py --steps 600 --plot /tmp/pjit_loss.png
 
-Prints the loss, the optimizer-state bytes on each device (against what
-optax.adamw would keep there), and saves a plot of the loss.
+The same script runs as several processes of JAX's multi-controller runtime
+(`jax.distributed`): one process per host or per GPU, the mesh made of every
+process's devices. examples/launch.py starts N processes on this machine
+(on CPUs each gets 8 / N fake devices):
+
+  python examples/launch.py -n 2 examples/pjit_sharded.py --steps 100
+
+or give each process --num-processes, --process-id and --coordinator
+yourself, or --distributed under a cluster launcher whose environment JAX
+reads (SLURM, Open MPI). Prints the loss, the optimizer-state bytes on each
+device (against what optax.adamw would keep there), and saves a plot of the
+loss (process 0).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 
-# Fake CPU devices for a mesh on one machine (ignored when GPUs are used).
+# Fake CPU devices for a mesh on one machine (ignored when GPUs are used):
+# 8 in all, shared among the processes of a --num-processes run.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count="
+    + str(
+      max(1, 8 // int(sys.argv[sys.argv.index("--num-processes") + 1]))
+      if "--num-processes" in sys.argv
+      else 8
+    )
   ).strip()
 
-import argparse
 import pathlib
 import time
 
@@ -116,7 +134,22 @@ def main():
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--model-axis", type=int, default=4)
   parser.add_argument("--plot", default="pjit_loss.png")
+  parser.add_argument("--num-processes", type=int, default=1, help="jax.distributed processes")
+  parser.add_argument("--process-id", type=int, default=0, help="this process's index")
+  parser.add_argument("--coordinator", default=None, help="host:port of process 0")
+  parser.add_argument(
+    "--distributed", action="store_true", help="jax.distributed.initialize() from the environment"
+  )
   args = parser.parse_args()
+
+  if args.num_processes > 1 or args.distributed:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices
+    if args.distributed:
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  main_process = jax.process_index() == 0
+  say = print if main_process else (lambda *a, **k: None)
 
   devices = jax.devices()
   model_axis = min(args.model_axis, len(devices))
@@ -125,7 +158,10 @@ def main():
     ("data", "model"),
     axis_types=(jax.sharding.AxisType.Auto,) * 2,
   )
-  print(f"{len(devices)} {devices[0].platform} devices, mesh {dict(mesh.shape)}")
+  say(
+    f"{jax.process_count()} process(es), {len(devices)} {devices[0].platform} devices, "
+    f"mesh {dict(mesh.shape)}"
+  )
 
   model = LM()
   data = corpus()
@@ -134,14 +170,16 @@ def main():
   def batch():
     starts = rng.integers(0, data.size - model.seq - 1, args.batch_size)
     chunk = np.stack([data[s : s + model.seq + 1] for s in starts])
-    x = jax.device_put(chunk, NamedSharding(mesh, P("data", None)))
+    # Every process draws the same batch and hands over the rows of its devices.
+    sharding = NamedSharding(mesh, P("data", None))
+    x = jax.make_array_from_callback(chunk.shape, sharding, lambda index: chunk[index])
     return x[:, :-1], x[:, 1:]
 
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.seq), jnp.int32))
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.seq), jnp.int32))
   shardings = jax.tree_util.tree_map_with_path(
-    lambda path, p: NamedSharding(mesh, spec_for(path, p.shape)), params
+    lambda path, p: NamedSharding(mesh, spec_for(path, p.shape)), jax.eval_shape(init)
   )
-  params = jax.device_put(params, shardings)
+  params = jax.jit(init, out_shardings=shardings)()
   n_params = sum(p.size for p in jax.tree.leaves(params))
 
   tx = optax.chain(optax.clip_by_global_norm(1.0), op.paged_adamw8bit(args.lr, weight_decay=0.01))
@@ -163,19 +201,26 @@ def main():
     params, opt_state, loss = train_step(params, opt_state, *batch())
     losses.append(float(loss))
     if step == 1 or step % 50 == 0 or step == args.steps:
-      print(f"step {step:4d}  loss {np.mean(losses[-50:]):.4f}")
-  print(f"{args.steps} steps in {time.perf_counter() - start:.1f} s, {n_params:,} params")
+      say(f"step {step:4d}  loss {np.mean(losses[-50:]):.4f}")
+  say(f"{args.steps} steps in {time.perf_counter() - start:.1f} s, {n_params:,} params")
 
   per_device = {}
-  for info in op.slot_info(opt_state):
+  for info in op.slot_info(opt_state):  # this process's devices
     per_device[info["device"]] = per_device.get(info["device"], 0) + info["bytes"]
   adamw_bytes = sum(
     8 * int(np.prod(p.sharding.shard_shape(p.shape))) for p in jax.tree.leaves(params)
   )
-  print("optimizer state per device (bytes): paged_adamw8bit vs optax.adamw's mu + nu")
+  say("optimizer state per device (bytes): paged_adamw8bit vs optax.adamw's mu + nu")
   for device, nbytes in sorted(per_device.items()):
-    print(f"  device {device}: {nbytes:>10,}  vs {adamw_bytes:>10,}")
+    say(f"  device {device}: {nbytes:>10,}  vs {adamw_bytes:>10,}")
 
+  op.release(opt_state)
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  if not losses[-1] < losses[0]:
+    raise SystemExit("the loss did not go down")
+  if not main_process:
+    return
   fig, ax = plt.subplots(figsize=(6, 3.5))
   smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
   ax.plot(np.arange(len(smooth)) + 10, smooth)
@@ -186,9 +231,6 @@ def main():
   fig.tight_layout()
   fig.savefig(args.plot, dpi=120)
   print(f"loss plot saved to {args.plot}")
-  op.release(opt_state)
-  if not losses[-1] < losses[0]:
-    raise SystemExit("the loss did not go down")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Multi-process training: jax.distributed on 127.0.0.1 with 2 and 4
+processes of 2 CPU devices each (gloo collectives), against one process on
+a mesh of the same shape. The processes run multiprocess_worker.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import multiprocess_worker as worker
+import numpy as np
+import pytest
+from conftest import mesh_devices
+from test_oracle import assert_bit_equal
+
+import optax_paged8bit as op
+
+WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(n: int, out: pathlib.Path, *args: str) -> dict[str, np.ndarray]:
+  """Runs n worker processes to the end; returns process 0's result."""
+  out.mkdir(parents=True, exist_ok=True)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+  }
+  port = free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(WORKER),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        str(n),
+        "--process-id",
+        str(i),
+        "--out",
+        str(out),
+        *args,
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(n)
+  ]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      p.kill()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} of {n} failed:\n{logs[i][-4000:]}"
+  with np.load(out / "result.npz") as f:
+    return dict(f)
+
+
+def reference(devices: int, *segments: tuple[int, int]) -> dict[str, np.ndarray]:
+  """One process, a mesh of `devices` fake CPU devices: the worker's training
+  for each (steps, first grad seed) segment in turn."""
+  mesh = jax.sharding.Mesh(np.asarray(mesh_devices(devices)), ("x",))
+  result = worker.fresh(mesh)
+  for steps, seed in segments:
+    result = worker.train(mesh, result, steps, seed)
+  values = worker.gathered(result)
+  op.release(worker.checkpoint_tree(result))
+  return values
+
+
+def assert_same(got: dict, want: dict) -> None:
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert_bit_equal(got[k], want[k], k)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_train_bit_identical_to_one_process(processes, tmp_path):
+  """Process 1 makes and steps a state of its own first: handles differ
+  between processes, and the shared step must not mind."""
+  got = launch(processes, tmp_path, "--extra-state", "--checks")
+  assert_same(got, reference(2 * processes, (3, 10)))
+  for i in range(processes):
+    checks = json.loads((tmp_path / f"checks_{i}.json").read_text())
+    assert "stale optimizer state" in checks["stale_error"], checks
+    # The dropped state's slots on this process's devices were freed.
+    assert checks["freed"] == checks["state_bytes_here"], checks
+    assert checks["held_before"] - checks["held_after"] == checks["freed"], checks
+
+
+def test_checkpoint_of_two_processes_resumes_in_four_and_in_one(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  first = launch(2, tmp_path / "a", "--save", str(ckpt))
+  assert_same(first, reference(4, (3, 10)))
+  want = reference(4, (3, 10), (3, 100))
+  # Four new processes, a mesh of 8 devices (shards stay block-aligned).
+  assert_same(launch(4, tmp_path / "b", "--resume", str(ckpt)), want)
+  # This process, a mesh of 2 devices.
+  mesh = jax.sharding.Mesh(np.asarray(mesh_devices(2)), ("x",))
+  restored = op.restore_checkpoint(ckpt, worker.checkpoint_tree(worker.fresh(mesh)))
+  start = tuple(restored[k] for k in ("paged_params", "paged_state", "params", "state"))
+  result = worker.train(mesh, start, 3, 100)
+  assert_same(worker.gathered(result), want)
+  op.release(worker.checkpoint_tree(result))
