@@ -61,16 +61,31 @@ class Maps {
   QuantTables tables_;
 };
 
-// Percentile clipping: the leaf's gnorm_scale for this step (1 when off).
-float ClipScale(const LeafCall& leaf, float* ring, int64_t t, int32_t percentile) {
-  if (percentile >= 100) return 1.0f;
+// The squared norm of each 256-element block of a leaf's grad.
+void LeafBlockNorms(const LeafCall& leaf, double* out) {
   int64_t num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
-  std::vector<double> partials(num_blocks);
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    partials[j] = BlockNormSq(leaf.grad, leaf.type, j, leaf.size);
+  for (int64_t j = 0; j < num_blocks; ++j) out[j] = BlockNormSq(leaf.grad, leaf.type, j, leaf.size);
+}
+
+// Percentile clipping: leaf i's gnorm_scale for this step (1 when off), from
+// its block norms: the given ones (sharded params), or its grad's.
+float ClipScale(const LeafCall& leaf, size_t i, const GivenNorms& given, float* ring, int64_t t,
+                int32_t percentile) {
+  if (percentile >= 100) return 1.0f;
+  std::vector<double> partials;
+  const double* norms;
+  int64_t num_blocks;
+  if (given.data != nullptr) {
+    norms = given.data + given.offsets[i];
+    num_blocks = given.blocks[i];
+  } else {
+    num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
+    partials.resize(num_blocks);
+    LeafBlockNorms(leaf, partials.data());
+    norms = partials.data();
   }
   double scratch[kNormThreads];
-  float norm_sq = ToFloat(LeafNormSq(partials.data(), num_blocks, scratch));
+  float norm_sq = ToFloat(LeafNormSq(norms, num_blocks, scratch));
   return UpdateRingAndScale(ring, norm_sq, t, percentile);
 }
 
@@ -230,8 +245,8 @@ class IeeeSubnormals {
 // arrays of an arrays-state call).
 void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& layout,
              const std::vector<StepState>& states, const float* hyper, const float* qmaps,
-             const ffi::Buffer<ffi::F32>& rings, float* rings_out, int64_t t, int32_t percentile,
-             bool block_wise, bool write_params) {
+             const ffi::Buffer<ffi::F32>& rings, float* rings_out, const GivenNorms& norms,
+             int64_t t, int32_t percentile, bool block_wise, bool write_params) {
   if (rings_out != rings.typed_data()) {
     std::memcpy(rings_out, rings.typed_data(), rings.element_count() * sizeof(float));
   }
@@ -240,7 +255,7 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   std::shared_ptr<const Maps> maps = Maps::For(qmaps);
   for (size_t i = 0; i < leaves.size(); ++i) {
     const LeafCall& leaf = leaves[i];
-    float scale = ClipScale(leaf, rings_out + i * kRingSize, t, percentile);
+    float scale = ClipScale(leaf, i, norms, rings_out + i * kRingSize, t, percentile);
     const StepState& state = states[i];
     if (!s.valid) {
       SkipLeaf(leaf, layout[i], state, write_params);
@@ -257,12 +272,12 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
 ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_out,
                      ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
-                     ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs leaf_args,
-                     ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                     ffi::Buffer<ffi::F32> rings, ffi::Buffer<ffi::U32> norms,
+                     ffi::RemainingArgs leaf_args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                      bool write_params, int32_t optim_bits, int64_t min_8bit_size,
-                     int64_t layout_key) {
+                     ffi::Span<const int64_t> norm_blocks, int64_t layout_key) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
@@ -273,6 +288,11 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
   }
   if (auto e = CheckStructure(op, structure.typed_data(), structure.element_count(),
                               {optim_bits, min_8bit_size, percentile, block_wise});
+      e.failure()) {
+    return e;
+  }
+  GivenNorms given;
+  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
       e.failure()) {
     return e;
   }
@@ -291,7 +311,7 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
                                        std::to_string(handle_value));
   }
   RunStep(call.leaves, call.layout, SlotStates(*slot), hyper.typed_data(), qmaps.typed_data(),
-          rings, rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+          rings, rings_out->typed_data(), given, step + 1, percentile, block_wise, write_params);
   slot->step = step + 1;
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
@@ -302,11 +322,12 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
 // the aliased results (copied first when XLA did not alias them).
 ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                            ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
-                           ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs args,
-                           ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                           ffi::Buffer<ffi::F32> rings, ffi::Buffer<ffi::U32> norms,
+                           ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                            ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
                            ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
-                           bool write_params, int32_t optim_bits, int64_t min_8bit_size) {
+                           bool write_params, int32_t optim_bits, int64_t min_8bit_size,
+                           ffi::Span<const int64_t> norm_blocks) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
   if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
@@ -319,11 +340,33 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> st
       e.failure()) {
     return e;
   }
+  GivenNorms given;
+  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
+      e.failure()) {
+    return e;
+  }
   int64_t step = count.typed_data()[0];
   if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
   RunStep(call.leaves, call.layout, ArrayStates(call), hyper.typed_data(), qmaps.typed_data(),
-          rings, rings_out->typed_data(), step + 1, percentile, block_wise, write_params);
+          rings, rings_out->typed_data(), given, step + 1, percentile, block_wise, write_params);
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
+  return ffi::Error::Success();
+}
+
+ffi::Error BlockNormsCpu(ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::U32>> norms) {
+  const char* op = kBlockNormsTarget;
+  std::vector<LeafCall> leaves;
+  std::vector<LeafSpec> layout;
+  int64_t total_blocks = 0;
+  if (auto e = DecodeGrads(op, args, &leaves, &layout, &total_blocks); e.failure()) return e;
+  if (static_cast<int64_t>(norms->element_count()) != 2 * total_blocks) {
+    return InvalidArgument(op, "the result must have 2 uint32 words per block");
+  }
+  double* out = reinterpret_cast<double*>(norms->typed_data());
+  for (const LeafCall& leaf : leaves) {
+    LeafBlockNorms(leaf, out);
+    out += (leaf.size + kBlockSize - 1) / kBlockSize;
+  }
   return ffi::Error::Success();
 }
 
@@ -415,6 +458,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCpu, UpdateCpu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCpu, UpdateArraysCpu,
                               BindUpdateArrays(ffi::Ffi::Bind()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockNormsCpu, BlockNormsCpu, BindBlockNorms(ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCpu, ExportCpu,
                               BindExport(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));

@@ -393,9 +393,9 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
                       ffi::ScratchAllocator& scratch, const std::vector<LeafCall>& calls,
                       const std::vector<LeafSpec>& layout, const std::vector<StepState>& states,
                       const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
-                      const ffi::Buffer<ffi::F32>& rings, float* ring, int32_t* count_out,
-                      HandleWrite handle, int64_t t, int32_t percentile, bool block_wise,
-                      bool write_params) {
+                      const ffi::Buffer<ffi::F32>& rings, float* ring, const GivenNorms& norms,
+                      int32_t* count_out, HandleWrite handle, int64_t t, int32_t percentile,
+                      bool block_wise, bool write_params) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
     RETURN_IF_LAUNCH_FAILED(
         op, "copying the clipping rings",
@@ -429,7 +429,27 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   RETURN_IF_LAUNCH_FAILED(op, "BuildQuantTablesKernel",
                           LaunchBuildQuantTables(qmaps.typed_data(), quant, stream));
   args.quant = quant;
-  if (clipping) {
+  if (clipping && norms.data != nullptr) {
+    // Given block norms (sharded params): each leaf's run of them stands in
+    // for its own blocks in the per-leaf reduction (RingScaleKernel reads
+    // partials[block_begin + j] for the blocks of `size` elements).
+    auto* clip_scale = static_cast<float*>(allocate(num_leaves * sizeof(float)));
+    if (clip_scale == nullptr) {
+      return ffi::Error::Internal(std::string(op) + ": out of scratch memory for clipping");
+    }
+    for (const auto& table : tables) {
+      auto given = std::make_unique<LeafTable>(*table);
+      for (int i = 0; i < given->num_leaves; ++i) {
+        LeafDesc& d = given->leaves[i];
+        d.block_begin = norms.offsets[d.index];
+        d.size = norms.blocks[d.index] * kBlockSize;
+      }
+      RETURN_IF_LAUNCH_FAILED(
+          op, "RingScaleKernel",
+          LaunchRingScale(*given, norms.data, ring, clip_scale, args.t, percentile, stream));
+    }
+    args.clip_scale = clip_scale;
+  } else if (clipping) {
     auto* partials = static_cast<double*>(allocate(total_blocks * sizeof(double)));
     auto* clip_scale = static_cast<float*>(allocate(num_leaves * sizeof(float)));
     if (partials == nullptr || clip_scale == nullptr) {
@@ -471,16 +491,22 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       HandleBuffer handle, HandleResult handle_out, ffi::Buffer<ffi::S32> count,
                       ffi::Buffer<ffi::S32> structure, ffi::Buffer<ffi::F32> hyper,
                       ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
-                      ffi::RemainingArgs leaf_args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                      ffi::Buffer<ffi::U32> norms, ffi::RemainingArgs leaf_args,
+                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                       bool write_params, int32_t optim_bits, int64_t min_8bit_size,
-                      int64_t layout_key) {
+                      ffi::Span<const int64_t> norm_blocks, int64_t layout_key) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
   if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, leaf_args, leaf_rets,
                             leaf_flags, block_wise, percentile, false, &call);
+      e.failure()) {
+    return e;
+  }
+  GivenNorms given;
+  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
       e.failure()) {
     return e;
   }
@@ -512,9 +538,10 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
-  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
-                          hyper, qmaps, rings, rings_out->typed_data(), count_out->typed_data(),
-                          handle_write, t, percentile, block_wise, write_params);
+  if (auto e =
+          LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
+                     hyper, qmaps, rings, rings_out->typed_data(), given, count_out->typed_data(),
+                     handle_write, t, percentile, block_wise, write_params);
       e.failure()) {
     return e;
   }
@@ -528,16 +555,21 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
 ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
                             ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                             ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
-                            ffi::Buffer<ffi::F32> rings, ffi::RemainingArgs args,
-                            ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                            ffi::Buffer<ffi::F32> rings, ffi::Buffer<ffi::U32> norms,
+                            ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                             ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets rets,
                             ffi::Span<const int32_t> leaf_flags, bool block_wise,
                             int32_t percentile, bool write_params, int32_t optim_bits,
-                            int64_t min_8bit_size) {
+                            int64_t min_8bit_size, ffi::Span<const int64_t> norm_blocks) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
   if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
                             block_wise, percentile, true, &call);
+      e.failure()) {
+    return e;
+  }
+  GivenNorms given;
+  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
       e.failure()) {
     return e;
   }
@@ -554,8 +586,33 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
   }
   if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
   return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, ArrayStates(call), hyper,
-                    qmaps, rings, rings_out->typed_data(), count_out->typed_data(), HandleWrite{},
-                    static_cast<int64_t>(host.count) + 1, percentile, block_wise, write_params);
+                    qmaps, rings, rings_out->typed_data(), given, count_out->typed_data(),
+                    HandleWrite{}, static_cast<int64_t>(host.count) + 1, percentile, block_wise,
+                    write_params);
+}
+
+ffi::Error BlockNormsCuda(cudaStream_t stream, int32_t device, ffi::RemainingArgs args,
+                          ffi::Result<ffi::Buffer<ffi::U32>> norms) {
+  const char* op = kBlockNormsTarget;
+  std::vector<LeafCall> leaves;
+  std::vector<LeafSpec> layout;
+  int64_t total_blocks = 0;
+  if (auto e = DecodeGrads(op, args, &leaves, &layout, &total_blocks); e.failure()) return e;
+  if (static_cast<int64_t>(norms->element_count()) != 2 * total_blocks) {
+    return InvalidArgument(op, "the result must have 2 uint32 words per block");
+  }
+  DeviceScope scope(device);
+  std::vector<StepState> states(leaves.size());
+  std::vector<int64_t> block_offsets;
+  auto tables = BuildTables(leaves, layout, states, true, &block_offsets);
+  auto* out = reinterpret_cast<double*>(norms->typed_data());
+  int num_sms = NumSms(device);
+  for (size_t k = 0; k < tables.size(); ++k) {
+    if (tables[k]->num_blocks == 0) continue;
+    RETURN_IF_LAUNCH_FAILED(op, "BlockNormSqKernel",
+                            LaunchBlockNormSq(*tables[k], out + block_offsets[k], num_sms, stream));
+  }
+  return ffi::Error::Success();
 }
 
 // Copies between a slot and the call's buffers (export: slot -> buffers).
@@ -808,6 +865,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCuda, UpdateArraysCuda,
                                                    .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                                    .Ctx<ffi::DeviceOrdinal>()
                                                    .Ctx<ffi::ScratchAllocator>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockNormsCuda, BlockNormsCuda,
+                              BindBlockNorms(ffi::Ffi::Bind()
+                                                 .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                 .Ctx<ffi::DeviceOrdinal>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCuda, ExportCuda,
                               BindExport(ffi::Ffi::Bind()

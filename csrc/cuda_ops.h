@@ -14,6 +14,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kUpdateCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kUpdateArraysCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kExportCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kImportCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kBlockNormsCuda);
 
 // Move every CUDA slot of a handle to host RAM / back to its GPU; return the
 // bytes moved, and set *error (leaving the rest in place) on failure.

@@ -4,12 +4,14 @@
 // update:  args   handle u32[], count s32[], structure s32[5 or 0],
 //                 hyper f32[5], qmaps f32[2,256], rings f32[L or 0, 100],
 //                 grads x L, params x L
+//                 norms u32[B, 2] (or [0, 2]), grads x L, params x L
 //          rets   handle u32[], count s32[], rings, out x L (updates, or new
 //                 params when write_params)
 //          attrs  leaf_flags i32[L], block_wise, percentile, write_params,
-//                 optim_bits, min_8bit_size, layout_key
+//                 optim_bits, min_8bit_size, norm_blocks i64[L or 0],
+//                 layout_key
 // update_arrays (adamw8bit: the state as arrays, no registry):
-//          args   count, structure, hyper, qmaps, rings, grads x L,
+//          args   count, structure, hyper, qmaps, rings, norms, grads x L,
 //                 params x L, the state arrays (below)
 //          rets   count, rings, out x L, the new state arrays
 //          attrs  as update, but layout_key
@@ -18,6 +20,15 @@
 // import:  args   count, the state arrays
 //          rets   handle (a new one), count
 //          attrs (both) leaf_flags, block_wise, layout_key
+// block_norms: args grads x L
+//          rets   norms u32[B, 2]: the float64 squared norm of each 256-element
+//                 block of each leaf, leaf by leaf (SPEC 3.5's first stage)
+//
+// `norms` and `norm_blocks` carry percentile clipping's block norms of
+// sharded params: each device's block_norms, gathered over the mesh in the
+// leaves' global block order (leaf i has norm_blocks[i] of them), so that
+// every device reduces a leaf's whole norm in the defined order. Empty: the
+// call computes them from its own grads (one device).
 //
 // The state arrays, leaf by leaf: state1, state2, absmax1, absmax2 of an
 // 8-bit leaf; state1, state2 (float32 moments) of another.
@@ -49,6 +60,7 @@ constexpr const char* kUpdateTarget = "optax_paged8bit_update";
 constexpr const char* kExportTarget = "optax_paged8bit_export";
 constexpr const char* kImportTarget = "optax_paged8bit_import";
 constexpr const char* kUpdateArraysTarget = "optax_paged8bit_update_arrays";
+constexpr const char* kBlockNormsTarget = "optax_paged8bit_block_norms";
 
 // One leaf of an update call.
 struct LeafCall {
@@ -297,6 +309,59 @@ inline ffi::Error CheckUpdateAttrs(const char* op, const ffi::Buffer<ffi::F32>& 
   return ffi::Error::Success();
 }
 
+// Percentile clipping's block norms given to an update (see the top of this
+// file): leaf i's are data[offsets[i], offsets[i] + blocks[i]).
+struct GivenNorms {
+  const double* data = nullptr;  // null: each leaf's come from its grads
+  std::vector<int64_t> offsets, blocks;
+};
+
+inline ffi::Error DecodeGivenNorms(const char* op, const ffi::Buffer<ffi::U32>& norms,
+                                   ffi::Span<const int64_t> norm_blocks, size_t num_leaves,
+                                   int32_t percentile, GivenNorms* out) {
+  if (norm_blocks.size() == 0 && norms.element_count() == 0) return ffi::Error::Success();
+  if (percentile >= 100 || norm_blocks.size() != num_leaves) {
+    return InvalidArgument(op, "block norms are given only with clipping, one count per leaf");
+  }
+  int64_t total = 0;
+  for (int64_t b : norm_blocks) {
+    if (b < 0) return InvalidArgument(op, "negative norm_blocks");
+    out->offsets.push_back(total);
+    out->blocks.push_back(b);
+    total += b;
+  }
+  if (static_cast<int64_t>(norms.element_count()) != 2 * total) {
+    Message msg;
+    msg << "block norms must have " << 2 * total << " uint32 words (2 per block), got "
+        << norms.element_count();
+    return InvalidArgument(op, msg.str());
+  }
+  out->data = reinterpret_cast<const double*>(norms.typed_data());
+  return ffi::Error::Success();
+}
+
+// The grads of a block_norms call, as leaves (only type, size and grad set).
+inline ffi::Error DecodeGrads(const char* op, ffi::RemainingArgs args,
+                              std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout,
+                              int64_t* total_blocks) {
+  leaves->resize(args.size());
+  layout->resize(args.size());
+  *total_blocks = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto grad = args.get<ffi::AnyBuffer>(i);
+    LeafCall& leaf = (*leaves)[i];
+    if (!grad.has_value() || !ToElemType(grad->element_type(), &leaf.type)) {
+      return InvalidArgument(
+          op, "grad " + std::to_string(i) + " must be a float32, bfloat16 or float16 buffer");
+    }
+    leaf.size = static_cast<int64_t>(grad->element_count());
+    leaf.grad = grad->untyped_data();
+    (*layout)[i] = LeafSpec{leaf.size, false, 0};
+    *total_blocks += (leaf.size + kBlockSize - 1) / kBlockSize;
+  }
+  return ffi::Error::Success();
+}
+
 // The operands, results and attributes of each call, after the contexts a
 // backend binds first (one definition for both backends).
 // adamw8bit's update: no handle; the state arrays travel among the remaining
@@ -309,6 +374,7 @@ auto BindUpdateArrays(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()  // hyperparameters
       .template Arg<ffi::Buffer<ffi::F32>>()  // quantization maps
       .template Arg<ffi::Buffer<ffi::F32>>()  // clipping rings
+      .template Arg<ffi::Buffer<ffi::U32>>()  // given block norms
       .RemainingArgs()                        // grads, params (, state arrays)
       .template Ret<ffi::Buffer<ffi::S32>>()  // count + 1
       .template Ret<ffi::Buffer<ffi::F32>>()  // clipping rings
@@ -318,7 +384,15 @@ auto BindUpdateArrays(Binding binding) {
       .template Attr<int32_t>("percentile")
       .template Attr<bool>("write_params")
       .template Attr<int32_t>("optim_bits")
-      .template Attr<int64_t>("min_8bit_size");
+      .template Attr<int64_t>("min_8bit_size")
+      .template Attr<ffi::Span<const int64_t>>("norm_blocks");
+}
+
+template <typename Binding>
+auto BindBlockNorms(Binding binding) {
+  return std::move(binding)
+      .RemainingArgs()                         // grads
+      .template Ret<ffi::Buffer<ffi::U32>>();  // norms u32[B, 2]
 }
 
 // The paged update: the registry handle in and out, then the same as above,

@@ -35,6 +35,7 @@ py::dict CpuRegistrations() {
   d[kUpdateArraysTarget] = EncapsulateHandler(kUpdateArraysCpu);
   d[kExportTarget] = EncapsulateHandler(kExportCpu);
   d[kImportTarget] = EncapsulateHandler(kImportCpu);
+  d[kBlockNormsTarget] = EncapsulateHandler(kBlockNormsCpu);
   return d;
 }
 
@@ -45,6 +46,7 @@ py::dict CudaRegistrations() {
   d[kUpdateArraysTarget] = EncapsulateHandler(kUpdateArraysCuda);
   d[kExportTarget] = EncapsulateHandler(kExportCuda);
   d[kImportTarget] = EncapsulateHandler(kImportCuda);
+  d[kBlockNormsTarget] = EncapsulateHandler(kBlockNormsCuda);
 #endif
   return d;
 }

@@ -11,18 +11,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from optax_paged8bit import _ffi
 from optax_paged8bit._layout import (
   HANDLE_DTYPE,
+  SHAPES_ONLY,
   Layout,
   in_calls,
   moment_arrays,
   sharded,
+  spec_axes,
   with_empty_scales,
 )
-from optax_paged8bit.quantization import QMAPS
+from optax_paged8bit.quantization import BLOCK_SIZE, QMAPS
 
 _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 
@@ -70,6 +73,53 @@ def _refuse_vmap(call):
   return wrapped
 
 
+def _gathered_norms(layout: Layout, i: int, norms: jax.Array) -> jax.Array:
+  """Leaf i's block norms on this device, gathered over the mesh axes that
+  shard it into the leaf's global block order (inside shard_map).
+
+  When every local block is a global block (sharded on the first axis with
+  whole blocks per shard, or with local last-axis lengths that are multiples
+  of 256) that order is a single device's, and so is the clipping; otherwise
+  the norm is still the whole leaf's, summed in mesh order (the blocks differ
+  from a single device's anyway)."""
+  spec, local = layout.specs[i], layout.local_shapes[i]
+  dims = [(d, spec_axes(spec[d])) for d in range(len(spec)) if spec_axes(spec[d])]
+  if not dims:
+    return norms
+  if local[-1] % BLOCK_SIZE == 0:
+    grid = norms.reshape(*local[:-1], local[-1] // BLOCK_SIZE, 2)
+    for d, axes in dims:
+      grid = jax.lax.all_gather(grid, axes, axis=d, tiled=True)
+    return grid.reshape(-1, 2)
+  for _, axes in dims:
+    norms = jax.lax.all_gather(norms, axes, axis=0, tiled=True)
+  return norms
+
+
+def _block_norms(layout: Layout, grads: list[jax.Array]) -> tuple[jax.Array, np.ndarray]:
+  """The `norms` operand and `norm_blocks` attribute of an update (inside
+  shard_map): with sharded params and percentile clipping, every leaf's
+  block norms in its global block order, so that each device clips by the
+  whole leaf's norm; otherwise empty (the call takes them from its grads)."""
+  empty = (jnp.zeros((0, 2), jnp.uint32), np.zeros(0, np.int64))
+  if layout.mesh is None or not layout.clipping or not grads or SHAPES_ONLY.get():
+    return empty
+  sizes = [-(-math.prod(shape) // BLOCK_SIZE) for shape in layout.local_shapes]
+  if sum(sizes) == 0:
+    return empty
+  call = jax.ffi.ffi_call(
+    _ffi.BLOCK_NORMS_TARGET,
+    jax.ShapeDtypeStruct((sum(sizes), 2), jnp.uint32),
+    vmap_method="sequential",
+  )
+  local = call(*grads)
+  parts, at = [], 0
+  for i, n in enumerate(sizes):
+    parts.append(_gathered_norms(layout, i, local[at : at + n]))
+    at += n
+  return jnp.concatenate(parts), np.asarray([p.shape[0] for p in parts], np.int64)
+
+
 def update(
   layout: Layout,
   handle: jax.Array,
@@ -97,9 +147,10 @@ def update(
       jax.ShapeDtypeStruct(rings.shape, jnp.float32),
       *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n:]),
     ]
+    norms, norm_blocks = _block_norms(layout, list(leaves[:n]))
     aliases = {5: 2}  # the clipping ring is updated in place
     if write_params:
-      aliases.update(_param_aliases(layout, 6 + n, 3))
+      aliases.update(_param_aliases(layout, 7 + n, 3))
     # No has_side_effect, unlike SPEC 5.2: the JAX effect it adds turns off
     # jit's C++ dispatch path (about 25 us per leaf per step; 13 ms on the
     # GPT-2 tree). The count operand and result order the updates of a state;
@@ -116,9 +167,10 @@ def update(
             **layout.call_attributes(),
             **layout.structure_attributes(),
             write_params=write_params,
+            norm_blocks=norm_blocks,
           )
         )
-      )(handle, count, structure, hyper, qmaps, rings, *leaves)
+      )(handle, count, structure, hyper, qmaps, rings, norms, *leaves)
     )
 
   operands = (handle, count, structure, hyper, jnp.asarray(QMAPS), rings)
@@ -162,16 +214,17 @@ def update_arrays(
     ]
     # The kernels read the old state from the operands and write the new one
     # to the results, in place where they are aliased (STATE_ALIAS_MIN_ELEMENTS).
+    norms, norm_blocks = _block_norms(layout, list(leaves[:n]))
     aliases = {4: 1}
     aliases.update(
       {
-        5 + 2 * n + j: 2 + n + j
+        6 + 2 * n + j: 2 + n + j
         for j, k in enumerate(present)
         if _large(layout, k // 4, STATE_ALIAS_MIN_ELEMENTS)
       }
     )
     if write_params:
-      aliases.update(_param_aliases(layout, 5 + n, 2))
+      aliases.update(_param_aliases(layout, 6 + n, 2))
     call = jax.ffi.ffi_call(
       _ffi.UPDATE_ARRAYS_TARGET,
       out_types,
@@ -185,11 +238,13 @@ def update_arrays(
         hyper,
         qmaps,
         rings,
+        norms,
         *leaves,
         leaf_flags=layout.call_attributes()["leaf_flags"],
         block_wise=layout.block_wise,
         **layout.structure_attributes(),
         write_params=write_params,
+        norm_blocks=norm_blocks,
       )
     )
 

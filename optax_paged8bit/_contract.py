@@ -310,12 +310,6 @@ def build_layout(who: str, config: Config, mask: Any, params: Any) -> Layout:
     mesh=mesh,
     specs=specs,
   )
-  if layout.mesh is not None and layout.clipping:
-    raise ValueError(
-      f"{who}: percentile_clipping < 100 with params sharded over several devices is not "
-      "supported yet (each device would clip by its own shard's norm); use "
-      "optax.clip_by_global_norm before the optimizer instead"
-    )
   return layout
 
 

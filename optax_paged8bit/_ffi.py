@@ -28,6 +28,7 @@ UPDATE_TARGET = "optax_paged8bit_update"
 EXPORT_TARGET = "optax_paged8bit_export"
 IMPORT_TARGET = "optax_paged8bit_import"
 UPDATE_ARRAYS_TARGET = "optax_paged8bit_update_arrays"
+BLOCK_NORMS_TARGET = "optax_paged8bit_block_norms"
 
 BUILT_WITH_CUDA: bool = bool(_ops.built_with_cuda)
 

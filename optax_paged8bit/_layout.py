@@ -4,6 +4,7 @@ sharding of the custom calls (jax.shard_map over the params' mesh)."""
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import hashlib
@@ -321,6 +322,11 @@ def _spec_factors(mesh: Any, spec: PartitionSpec, ndim: int) -> list[int]:
   return [math.prod(mesh.shape[a] for a in spec_axes(entry)) for entry in entries]
 
 
+# True while `sharded` traces a body outside shard_map for its result shapes
+# (no mesh axis is bound then: collectives must not run).
+SHAPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("shapes_only", default=False)
+
+
 def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Callable:
   """fn as is on one device; inside jax.shard_map over the params' mesh, so
   that each device runs it on its own shards (and its own registry slot).
@@ -341,7 +347,11 @@ def sharded(layout: Layout, fn: Callable, in_specs: tuple, out_specs: Any) -> Ca
       jax.ShapeDtypeStruct(local_shape(a.shape, spec, mesh), a.dtype)
       for a, spec in zip(args, in_specs, strict=True)
     ]
-    local_out = jax.eval_shape(fn, *local_in)
+    token = SHAPES_ONLY.set(True)
+    try:
+      local_out = jax.eval_shape(fn, *local_in)
+    finally:
+      SHAPES_ONLY.reset(token)
     local_out = (local_out,) if single else tuple(local_out)
     keep_in = [i for i, a in enumerate(args) if a.size > 0]
     keep_out = [i for i, o in enumerate(local_out) if o.size > 0]

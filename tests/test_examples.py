@@ -1,6 +1,7 @@
 """The examples, run as a user runs them: train_digits.py stopped and resumed
 from its orbax checkpoints ends bit-identical to a run never stopped;
-pjit_sharded.py as 2 jax.distributed processes started by launch.py."""
+pjit_sharded.py as 2 jax.distributed processes started by launch.py;
+lora_finetune.py trains only its adapters with both optimizers."""
 
 from __future__ import annotations
 
@@ -19,16 +20,25 @@ pytest.importorskip("tqdm")
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def digits(tmp_path, *args) -> dict[str, str]:
+def run_example(tmp_path, script: str, *args: str) -> str:
+  """Runs examples/<script> with `args` in tmp_path, as a user would (without
+  this test process's 8 fake devices); returns its output. The examples exit
+  non-zero when their own checks fail (a loss that does not go down, ...)."""
   done = subprocess.run(
-    [sys.executable, str(EXAMPLES / "train_digits.py"), "--plot", str(tmp_path / "p.png"), *args],
+    [sys.executable, str(EXAMPLES / script), *args],
     cwd=tmp_path,
     capture_output=True,
     text=True,
     timeout=600,
+    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
   )
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-  line = re.search(r"params digests: (.*)", done.stdout).group(1)
+  return done.stdout
+
+
+def digits(tmp_path, *args) -> dict[str, str]:
+  out = run_example(tmp_path, "train_digits.py", "--plot", str(tmp_path / "p.png"), *args)
+  line = re.search(r"params digests: (.*)", out).group(1)
   return dict(part.rsplit(" ", 1) for part in line.split(", "))
 
 
@@ -45,26 +55,21 @@ def test_train_digits_resumes_from_its_checkpoints_bit_identically(tmp_path):
 
 
 def test_pjit_sharded_runs_as_two_processes(tmp_path):
-  done = subprocess.run(
-    [
-      sys.executable,
-      str(EXAMPLES / "launch.py"),
-      "-n",
-      "2",
-      str(EXAMPLES / "pjit_sharded.py"),
-      "--steps",
-      "20",
-      "--plot",
-      str(tmp_path / "loss.png"),
-    ],
-    cwd=tmp_path,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    # Without this process's 8 fake devices: the script gives each process 4.
-    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-  )
-  # The script exits non-zero when its loss does not go down.
-  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-  assert "2 process(es), 8 cpu devices, mesh {'data': 2, 'model': 4}" in done.stdout
+  plot = str(tmp_path / "loss.png")
+  script = str(EXAMPLES / "pjit_sharded.py")
+  out = run_example(tmp_path, "launch.py", "-n", "2", script, "--steps", "20", "--plot", plot)
+  assert "2 process(es), 8 cpu devices, mesh {'data': 2, 'model': 4}" in out
   assert (tmp_path / "loss.png").exists()
+
+
+def test_lora_finetune_trains_only_the_adapters(tmp_path):
+  args = ["--base-steps", "40", "--steps", "30", "--base", str(tmp_path / "base.msgpack")]
+  args += ["--plot", str(tmp_path / "lora.png")]
+  first = run_example(tmp_path, "lora_finetune.py", *args)
+  assert "written to" in first and (tmp_path / "lora.png").exists()
+  again = run_example(tmp_path, "lora_finetune.py", *args)  # the base the first run wrote
+  assert "base model loaded from" in again
+  rows = dict(re.findall(r"^(paged_adamw8bit|optax\.adamw) +[\d.]+ +([\d,]+)", again, re.M))
+  assert int(rows["paged_adamw8bit"].replace(",", "")) * 3 < int(
+    rows["optax.adamw"].replace(",", "")
+  )

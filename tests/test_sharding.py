@@ -172,11 +172,58 @@ def test_sharded_export_import_resume():
   op.release(state)
 
 
-def test_percentile_clipping_with_sharded_params_is_refused():
-  m = mesh((4,), ("x",))
-  params = place(make({"w": (1024, 512)}, 0), m, {"w": P("x")})
-  with pytest.raises(ValueError, match="percentile_clipping < 100 with params sharded"):
-    op.paged_adamw8bit(1e-3, percentile_clipping=90).init(params)
+def growing_grads(shapes, n):
+  """Grads whose norm grows step by step, so that percentile clipping scales
+  them down from the second step on."""
+  return [{k: v * (1 + 2 * t) for k, v in make(shapes, 40 + t).items()} for t in range(n)]
+
+
+@pytest.mark.parametrize("transform", ["paged", "adamw8bit"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_percentile_clipping_with_aligned_shards_bit_identical_to_one_device(
+  devices, fused, transform
+):
+  m = mesh((devices,), ("x",))
+  shapes, specs = ALIGNED_SHAPES, ALIGNED_SPECS
+  params, grads = make(shapes, 0), growing_grads(shapes, 4)
+  make_tx = op.paged_adamw8bit if transform == "paged" else op.adamw8bit
+  kw = dict(min_8bit_size=1000, weight_decay=1e-2, percentile_clipping=80)
+  p1, s1 = run(make_tx(1e-3, **kw), params, grads, fused)
+  sharded_grads = [place(g, m, specs) for g in grads]
+  p2, s2 = run(make_tx(1e-3, **kw), place(params, m, specs), sharded_grads, fused)
+  assert_same(p1, s1, p2, s2)
+  assert_bit_equal(np.asarray(s2.gnorm_vec), np.asarray(s1.gnorm_vec), "clipping rings")
+  if transform == "paged":
+    op.release(s1)
+    op.release(s2)
+
+
+def test_percentile_clipping_on_a_two_dimensional_mesh_and_a_misaligned_leaf():
+  m = mesh((2, 4), ("data", "model"))
+  shapes = {"qkv": (512, 1024), "proj": (1024, 512), "odd": (40, 20), "b": (1024,)}
+  specs = {"qkv": P(None, "model"), "proj": P(("data", "model")), "odd": P("model"), "b": P()}
+  params, grads = make(shapes, 1), growing_grads(shapes, 3)
+  kw = dict(min_8bit_size=500, percentile_clipping=60)
+  p1, s1 = run(op.paged_adamw8bit(1e-3, **kw), params, grads, True)
+  p2, s2 = run(
+    op.paged_adamw8bit(1e-3, **kw),
+    place(params, m, specs),
+    [place(g, m, specs) for g in grads],
+    True,
+  )
+  # Aligned leaves as on one device; "odd" (10 x 20 per device: blocks of its own) only close.
+  for k in ("qkv", "proj", "b"):
+    assert_bit_equal(np.asarray(p2[k]), np.asarray(p1[k]), f"params {k}")
+  np.testing.assert_allclose(np.asarray(p2["odd"]), np.asarray(p1["odd"]), rtol=0, atol=1e-3)
+  # Every leaf's norm is the whole leaf's: the rings (leaves in key order: b, odd, proj, qkv)
+  # agree to float32 rounding, bit for bit where the blocks are a single device's.
+  r1, r2 = np.asarray(s1.gnorm_vec), np.asarray(s2.gnorm_vec)
+  np.testing.assert_allclose(r2, r1, rtol=1e-6)
+  assert_bit_equal(r2[[0, 2, 3]], r1[[0, 2, 3]], "aligned rings")
+  assert not np.array_equal(r1[1], np.full(100, r1[1, 0]))  # clipping saw growing norms
+  op.release(s1)
+  op.release(s2)
 
 
 def test_no_zero_size_array_crosses_the_shard_map():
