@@ -269,6 +269,10 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   }
 }
 
+// The update handlers' signatures repeat their binding (ffi_common.h's
+// BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
+// into the handler's parameters; what they do with them is shared
+// (DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
 ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_out,
                      ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
@@ -281,23 +285,17 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, leaf_args, leaf_rets,
-                            leaf_flags, block_wise, percentile, false, &call);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = CheckStructure(op, structure.typed_data(), structure.element_count(),
-                              {optim_bits, min_8bit_size, percentile, block_wise});
-      e.failure()) {
-    return e;
-  }
-  GivenNorms given;
-  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call);
       e.failure()) {
     return e;
   }
   int64_t step = count.typed_data()[0];
-  if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
+  if (auto e = CheckUpdateScalars(op, structure.typed_data(), structure.element_count(),
+                                  {optim_bits, min_8bit_size, percentile, block_wise}, step);
+      e.failure()) {
+    return e;
+  }
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
@@ -311,7 +309,8 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
                                        std::to_string(handle_value));
   }
   RunStep(call.leaves, call.layout, SlotStates(*slot), hyper.typed_data(), qmaps.typed_data(),
-          rings, rings_out->typed_data(), given, step + 1, percentile, block_wise, write_params);
+          rings, rings_out->typed_data(), call.norms, step + 1, percentile, block_wise,
+          write_params);
   slot->step = step + 1;
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
@@ -330,25 +329,20 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> st
                            ffi::Span<const int64_t> norm_blocks) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
-                            block_wise, percentile, true, &call);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = CheckStructure(op, structure.typed_data(), structure.element_count(),
-                              {optim_bits, min_8bit_size, percentile, block_wise});
-      e.failure()) {
-    return e;
-  }
-  GivenNorms given;
-  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks, args,
+                            rets, leaf_flags, block_wise, percentile, true, &call);
       e.failure()) {
     return e;
   }
   int64_t step = count.typed_data()[0];
-  if (auto e = CheckUpdateCount(op, step); e.failure()) return e;
+  if (auto e = CheckUpdateScalars(op, structure.typed_data(), structure.element_count(),
+                                  {optim_bits, min_8bit_size, percentile, block_wise}, step);
+      e.failure()) {
+    return e;
+  }
   RunStep(call.leaves, call.layout, ArrayStates(call), hyper.typed_data(), qmaps.typed_data(),
-          rings, rings_out->typed_data(), given, step + 1, percentile, block_wise, write_params);
+          rings, rings_out->typed_data(), call.norms, step + 1, percentile, block_wise,
+          write_params);
   count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
   return ffi::Error::Success();
 }

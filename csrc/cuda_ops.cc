@@ -487,6 +487,10 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   return ffi::Error::Success();
 }
 
+// The update handlers' signatures repeat their binding (ffi_common.h's
+// BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
+// into the handler's parameters; what they do with them is shared
+// (DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
 ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
                       HandleBuffer handle, HandleResult handle_out, ffi::Buffer<ffi::S32> count,
                       ffi::Buffer<ffi::S32> structure, ffi::Buffer<ffi::F32> hyper,
@@ -500,13 +504,8 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, leaf_args, leaf_rets,
-                            leaf_flags, block_wise, percentile, false, &call);
-      e.failure()) {
-    return e;
-  }
-  GivenNorms given;
-  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call);
       e.failure()) {
     return e;
   }
@@ -517,12 +516,11 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
       e.failure()) {
     return e;
   }
-  if (auto e = CheckStructure(op, host.structure, host.structure_size,
-                              {optim_bits, min_8bit_size, percentile, block_wise});
+  if (auto e = CheckUpdateScalars(op, host.structure, host.structure_size,
+                                  {optim_bits, min_8bit_size, percentile, block_wise}, host.count);
       e.failure()) {
     return e;
   }
-  if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
@@ -538,10 +536,10 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
-  if (auto e =
-          LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
-                     hyper, qmaps, rings, rings_out->typed_data(), given, count_out->typed_data(),
-                     handle_write, t, percentile, block_wise, write_params);
+  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
+                          hyper, qmaps, rings, rings_out->typed_data(), call.norms,
+                          count_out->typed_data(), handle_write, t, percentile, block_wise,
+                          write_params);
       e.failure()) {
     return e;
   }
@@ -563,13 +561,8 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
                             int64_t min_8bit_size, ffi::Span<const int64_t> norm_blocks) {
   const char* op = kUpdateArraysTarget;
   DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, args, rets, leaf_flags,
-                            block_wise, percentile, true, &call);
-      e.failure()) {
-    return e;
-  }
-  GivenNorms given;
-  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, call.leaves.size(), percentile, &given);
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks, args,
+                            rets, leaf_flags, block_wise, percentile, true, &call);
       e.failure()) {
     return e;
   }
@@ -579,14 +572,13 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
       e.failure()) {
     return e;
   }
-  if (auto e = CheckStructure(op, host.structure, host.structure_size,
-                              {optim_bits, min_8bit_size, percentile, block_wise});
+  if (auto e = CheckUpdateScalars(op, host.structure, host.structure_size,
+                                  {optim_bits, min_8bit_size, percentile, block_wise}, host.count);
       e.failure()) {
     return e;
   }
-  if (auto e = CheckUpdateCount(op, host.count); e.failure()) return e;
   return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, ArrayStates(call), hyper,
-                    qmaps, rings, rings_out->typed_data(), given, count_out->typed_data(),
+                    qmaps, rings, rings_out->typed_data(), call.norms, count_out->typed_data(),
                     HandleWrite{}, static_cast<int64_t>(host.count) + 1, percentile, block_wise,
                     write_params);
 }

@@ -448,6 +448,15 @@ inline ffi::Error CheckUpdateCount(const char* op, int64_t count) {
   return ffi::Error::Success();
 }
 
+// What an update checks once its host scalars are read (on the GPU after the
+// one synchronisation): the traced layout-fixing arguments and the count.
+inline ffi::Error CheckUpdateScalars(const char* op, const int32_t* structure,
+                                     size_t structure_size, const StructureAttrs& attrs,
+                                     int64_t count) {
+  if (auto e = CheckStructure(op, structure, structure_size, attrs); e.failure()) return e;
+  return CheckUpdateCount(op, count);
+}
+
 inline Registry::Request MakeRequest(uint32_t handle_bits, int64_t layout_key, Platform platform,
                                      int device, const std::vector<LeafSpec>& layout) {
   Registry::Request r;
@@ -465,23 +474,28 @@ struct DecodedUpdate {
   std::vector<LeafCall> leaves;
   std::vector<LeafSpec> layout;
   std::vector<LeafArrays> state_in, state_out;
+  GivenNorms norms;  // percentile clipping's block norms, when given
 };
 
-// Checks the count, hyperparameters, maps and rings, and decodes the leaves
-// (and, with state_arrays, the 4 state arrays per leaf on both sides).
-inline ffi::Error DecodeUpdate(const char* op, const ffi::Buffer<ffi::S32>& count,
-                               const ffi::Buffer<ffi::S32>& structure,
-                               const ffi::Buffer<ffi::F32>& hyper,
-                               const ffi::Buffer<ffi::F32>& qmaps,
-                               const ffi::Buffer<ffi::F32>& rings, ffi::RemainingArgs args,
-                               ffi::RemainingRets rets, ffi::Span<const int32_t> flags,
-                               bool block_wise, int32_t percentile, bool state_arrays,
-                               DecodedUpdate* out) {
+// Checks the count, hyperparameters, maps, rings and given block norms, and
+// decodes the leaves (and, with state_arrays, the 4 state arrays per leaf on
+// both sides). Both backends' update handlers start here.
+inline ffi::Error DecodeUpdate(
+    const char* op, const ffi::Buffer<ffi::S32>& count, const ffi::Buffer<ffi::S32>& structure,
+    const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
+    const ffi::Buffer<ffi::F32>& rings, const ffi::Buffer<ffi::U32>& norms,
+    ffi::Span<const int64_t> norm_blocks, ffi::RemainingArgs args, ffi::RemainingRets rets,
+    ffi::Span<const int32_t> flags, bool block_wise, int32_t percentile, bool state_arrays,
+    DecodedUpdate* out) {
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   if (structure.element_count() != 0 && structure.element_count() != kStructureValues) {
     return InvalidArgument(op, "structure must be int32[5] or empty");
   }
   if (auto e = CheckUpdateAttrs(op, hyper, qmaps, rings, flags.size(), percentile); e.failure()) {
+    return e;
+  }
+  if (auto e = DecodeGivenNorms(op, norms, norm_blocks, flags.size(), percentile, &out->norms);
+      e.failure()) {
     return e;
   }
   size_t num_state = state_arrays ? NumStateArrays(flags) : 0;
