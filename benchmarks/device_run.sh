@@ -3,7 +3,8 @@
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [trace] [ncu] [diag] [cpu]
-# gpu: tests/test_gpu.py; pressure: benchmarks/paging_pressure.py (memory spikes); multi: the multi-device, adamw8bit and checkpoint tests on
+# gpu: tests/test_gpu.py; pressure: benchmarks/paging_pressure.py (memory spikes);
+# capacity: benchmarks/capacity.py for CAPACITY_DTYPES (float32; one dtype per call fits 10 min); multi: the multi-device, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; trace: where a
 # GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole
 # suite on the machine's JAX with JAX_PLATFORMS=cpu.
@@ -45,6 +46,11 @@ for step in $steps; do
                 python3 benchmarks/paging_pressure.py --json "$OUT/pressure.json" \
                 > "$OUT/pressure.log" 2>&1 || status=1
               grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/pressure.log" | tail -30 ;;
+    capacity) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+                python3 benchmarks/capacity.py --dtypes "${CAPACITY_DTYPES:-float32}" \
+                --json "$OUT/capacity.json" --plot "$OUT/capacity.png" > "$OUT/capacity.log" 2>&1 \
+                || status=1
+              grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/capacity.log" | tail -14 ;;
     diag) python3 benchmarks/diag_errors.py > "$OUT/diag.log" 2>&1; cat "$OUT/diag.log" ;;
     ncu) (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \
