@@ -2,12 +2,14 @@
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [trace] [ncu] [diag] [cpu]
-# gpu: tests/test_gpu.py; pressure: benchmarks/paging_pressure.py (memory spikes);
-# capacity: benchmarks/capacity.py for CAPACITY_DTYPES (float32; one dtype per call fits 10 min); multi: the multi-device, adamw8bit and checkpoint tests on
-# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; trace: where a
-# GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole
-# suite on the machine's JAX with JAX_PLATFORMS=cpu.
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [trace] [ncu]
+#                                 [diag] [cpu]
+# gpu: tests/test_gpu.py; multi: the multi-device, adamw8bit and checkpoint tests on
+# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; pressure:
+# benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
+# CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); trace: where
+# a GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole suite on the
+# machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
