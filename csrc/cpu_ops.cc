@@ -365,14 +365,16 @@ ffi::Error BlockNormsCpu(ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::U
 }
 
 ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> count,
-                     ffi::Result<ffi::Buffer<ffi::S32>> step_out, ffi::RemainingRets rets,
-                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key) {
+                     ffi::Result<ffi::Buffer<ffi::S32>> step_out,
+                     ffi::Result<ffi::Buffer<ffi::U8>> codes,
+                     ffi::Result<ffi::Buffer<ffi::F32>> floats, ffi::Span<const int32_t> leaf_flags,
+                     bool block_wise, int64_t layout_key, ffi::Span<const int64_t> leaf_sizes) {
   if (auto e = CheckScalarOperands(kExportTarget, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
-  auto get = [&](size_t i) { return **rets.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(kExportTarget, rets.size(), get, leaf_flags, block_wise, &leaves,
-                                 &layout);
+  if (auto e = DecodeFlatState(kExportTarget, leaf_flags, leaf_sizes, block_wise,
+                               codes->typed_data(), codes->element_count(), floats->typed_data(),
+                               floats->element_count(), &leaves, &layout);
       e.failure()) {
     return e;
   }
@@ -405,17 +407,20 @@ ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> 
   return ffi::Error::Success();
 }
 
-ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args,
-                     HandleResult handle_out, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
-                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key) {
+ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::U8> codes,
+                     ffi::Buffer<ffi::F32> floats, HandleResult handle_out,
+                     ffi::Result<ffi::Buffer<ffi::S32>> count_out,
+                     ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key,
+                     ffi::Span<const int64_t> leaf_sizes) {
   const char* op = kImportTarget;
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   int64_t step = count.typed_data()[0];
   if (auto e = CheckImportCount(op, step); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
-  auto get = [&](size_t i) { return *args.get<ffi::AnyBuffer>(i); };
-  if (auto e = DecodeStateArrays(op, args.size(), get, leaf_flags, block_wise, &leaves, &layout);
+  if (auto e = DecodeFlatState(op, leaf_flags, leaf_sizes, block_wise, codes.typed_data(),
+                               codes.element_count(), floats.typed_data(), floats.element_count(),
+                               &leaves, &layout);
       e.failure()) {
     return e;
   }

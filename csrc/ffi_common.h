@@ -16,10 +16,13 @@
 //          rets   count, rings, out x L, the new state arrays
 //          attrs  as update, but layout_key
 // export:  args   handle, count
-//          rets   count (the step the moments are at), the state arrays
-// import:  args   count, the state arrays
+//          rets   count (the step the moments are at), codes u8[], floats f32[]
+// import:  args   count, codes u8[], floats f32[]
 //          rets   handle (a new one), count
-//          attrs (both) leaf_flags, block_wise, layout_key
+//          attrs (both) leaf_flags, block_wise, layout_key, leaf_sizes i64[L]
+//          (export and import carry the state arrays packed in two flat
+//          buffers, FlatState below: two results or operands whatever the
+//          number of leaves, which keeps XLA's compile time flat)
 // block_norms: args grads x L
 //          rets   norms u32[B, 2]: the float64 squared norm of each 256-element
 //                 block of each leaf, leaf by leaf (SPEC 3.5's first stage)
@@ -411,22 +414,73 @@ auto BindExport(Binding binding) {
       .template Arg<HandleBuffer>()           // handle
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
       .template Ret<ffi::Buffer<ffi::S32>>()  // the step the moments are at
-      .RemainingRets()                        // 4 arrays per leaf
+      .template Ret<ffi::Buffer<ffi::U8>>()   // codes
+      .template Ret<ffi::Buffer<ffi::F32>>()  // floats
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
       .template Attr<bool>("block_wise")
-      .template Attr<int64_t>("layout_key");
+      .template Attr<int64_t>("layout_key")
+      .template Attr<ffi::Span<const int64_t>>("leaf_sizes");
 }
 
 template <typename Binding>
 auto BindImport(Binding binding) {
   return std::move(binding)
       .template Arg<ffi::Buffer<ffi::S32>>()  // count
-      .RemainingArgs()                        // 4 arrays per leaf
+      .template Arg<ffi::Buffer<ffi::U8>>()   // codes
+      .template Arg<ffi::Buffer<ffi::F32>>()  // floats
       .template Ret<HandleBuffer>()           // a new handle
       .template Ret<ffi::Buffer<ffi::S32>>()  // count
       .template Attr<ffi::Span<const int32_t>>("leaf_flags")
       .template Attr<bool>("block_wise")
-      .template Attr<int64_t>("layout_key");
+      .template Attr<int64_t>("layout_key")
+      .template Attr<ffi::Span<const int64_t>>("leaf_sizes");
+}
+
+// The state arrays of export and import, packed leaf by leaf: `codes` holds
+// state1 then state2 of each 8-bit leaf (uint8), `floats` absmax1 then
+// absmax2 of each 8-bit leaf and state1 then state2 of each leaf with float32
+// moments (optax_paged8bit/_layout.py packs and unpacks them the same way).
+inline ffi::Error DecodeFlatState(const char* op, ffi::Span<const int32_t> flags,
+                                  ffi::Span<const int64_t> sizes, bool block_wise, void* codes,
+                                  size_t codes_count, void* floats, size_t floats_count,
+                                  std::vector<LeafArrays>* leaves, std::vector<LeafSpec>* layout) {
+  if (sizes.size() != flags.size()) {
+    return InvalidArgument(op, "leaf_sizes must have one size per leaf flag");
+  }
+  size_t num_leaves = flags.size();
+  leaves->resize(num_leaves);
+  layout->resize(num_leaves);
+  auto* code_at = static_cast<uint8_t*>(codes);
+  auto* float_at = static_cast<float*>(floats);
+  size_t code_used = 0, float_used = 0;
+  for (size_t i = 0; i < num_leaves; ++i) {
+    LeafArrays& leaf = (*leaves)[i];
+    if (sizes[i] < 0) return InvalidArgument(op, "negative leaf size");
+    leaf.size = sizes[i];
+    leaf.is_8bit = (flags[i] & kLeaf8bit) != 0;
+    leaf.num_scales = NumScales(leaf.size, leaf.is_8bit, block_wise);
+    size_t n = static_cast<size_t>(leaf.size), k = static_cast<size_t>(leaf.num_scales);
+    if (leaf.is_8bit) {
+      leaf.state1 = code_at + code_used;
+      leaf.state2 = code_at + code_used + n;
+      leaf.absmax1 = float_at + float_used;
+      leaf.absmax2 = float_at + float_used + k;
+      code_used += 2 * n;
+      float_used += 2 * k;
+    } else {
+      leaf.state1 = float_at + float_used;
+      leaf.state2 = float_at + float_used + n;
+      float_used += 2 * n;
+    }
+    (*layout)[i] = LeafSpec{leaf.size, leaf.is_8bit, leaf.num_scales};
+  }
+  if (code_used != codes_count || float_used != floats_count) {
+    Message msg;
+    msg << "the packed state must have " << code_used << " codes and " << float_used
+        << " floats for these leaves, got " << codes_count << " and " << floats_count;
+    return InvalidArgument(op, msg.str());
+  }
+  return ffi::Error::Success();
 }
 
 // The largest count a state may have: the next update writes count + 1.

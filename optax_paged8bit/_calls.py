@@ -12,13 +12,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_paged8bit import _ffi
 from optax_paged8bit._layout import (
   HANDLE_DTYPE,
   SHAPES_ONLY,
   Layout,
+  flat_spec,
+  flat_state,
   in_calls,
   moment_arrays,
   sharded,
@@ -259,38 +261,137 @@ def update_arrays(
   return outs[0], outs[1], list(outs[2 : 2 + n]), with_empty_scales(layout, outs[2 + n :])
 
 
-# Export and import are jitted with the layout static, so that eager calls
-# (checkpoints, migration) compile once per layout rather than on every call.
+# Export and import carry the state arrays in two flat buffers per device
+# (flat_state): two results or operands whatever the number of leaves, so
+# that compiling them takes about as long for 10000 leaves as for 10. Eager
+# callers split and pack the buffers on the host (export_arrays,
+# import_arrays); an export traced inside jit splits them in the program.
+
+
+def _export_call(layout: Layout):
+  _, codes, floats = flat_state(layout)
+  out_types = (
+    _SCALAR,
+    jax.ShapeDtypeStruct((codes,), jnp.uint8),
+    jax.ShapeDtypeStruct((floats,), jnp.float32),
+  )
+  call = jax.ffi.ffi_call(_ffi.EXPORT_TARGET, out_types, has_side_effect=True)
+  return lambda handle, count: tuple(
+    call(handle, count, **layout.call_attributes(), leaf_sizes=layout.leaf_sizes())
+  )
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def export(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
-  """(the step the moments are at, the 4 arrays of each leaf, None for a
-  float32 leaf's scales)."""
+def export_flat(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
+  """(the step the moments are at, codes, floats): each device's flat
+  buffers, concatenated in device order."""
+  spec = flat_spec(layout)
+  return sharded(
+    layout, _export_call(layout), (PartitionSpec(), PartitionSpec()), (PartitionSpec(), spec, spec)
+  )(handle, count)
+
+
+def export_split(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
+  """export_flat with the buffers split into the state arrays in the
+  program (for an export traced inside jit): (step, 4 arrays per leaf, None
+  for a float32 leaf's scales)."""
+  pieces, _, _ = flat_state(layout)
   every = moment_arrays(layout)
-  arrays = [every[k] for k in in_calls(layout)]
 
   def local(handle, count):
-    out_types = [_SCALAR, *(a.local for a in arrays)]
-    call = jax.ffi.ffi_call(_ffi.EXPORT_TARGET, out_types, has_side_effect=True)
-    return tuple(call(handle, count, **layout.call_attributes()))
+    step, codes, floats = _export_call(layout)(handle, count)
+    buffers = (codes, floats)
+    return (
+      step,
+      *(
+        buffers[p.buffer][p.offset : p.offset + p.size].reshape(every[p.index].local.shape)
+        for p in pieces
+      ),
+    )
 
-  specs = (PartitionSpec(), *(a.spec for a in arrays))
+  specs = (PartitionSpec(), *(every[p.index].spec for p in pieces))
   outs = sharded(layout, local, (PartitionSpec(), PartitionSpec()), specs)(handle, count)
   return outs[0], with_empty_scales(layout, outs[1:])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def import_(layout: Layout, count: jax.Array, *arrays) -> tuple[jax.Array, jax.Array]:
-  """Loads the state arrays (the 4 per leaf of moment_arrays) into a new
-  slot; returns (handle, count)."""
-  present = in_calls(layout)
-  arrays = [arrays[k] for k in present]
+def _per_device(x: jax.Array) -> dict[Any, np.ndarray]:
+  return {s.device: np.asarray(s.data) for s in x.addressable_shards}
 
-  def local(count, *arrays):
-    call = jax.ffi.ffi_call(_ffi.IMPORT_TARGET, (_HANDLE, _SCALAR), has_side_effect=True)
-    return tuple(call(count, *arrays, **layout.call_attributes()))
 
+def export_arrays(layout: Layout, codes: jax.Array, floats: jax.Array) -> list[Any]:
+  """The 4 arrays per leaf (None for a float32 leaf's scales), split from
+  export_flat's buffers on the host and placed like the params."""
+  pieces, _, _ = flat_state(layout)
   every = moment_arrays(layout)
-  specs = tuple(every[k].spec for k in present)
-  return sharded(layout, local, (PartitionSpec(), *specs), (PartitionSpec(), PartitionSpec()))(
-    count, *arrays
+  buffers = (_per_device(codes), _per_device(floats))
+  devices = list(buffers[1]) or list(buffers[0])
+  local = {
+    d: jax.device_put(
+      [
+        buffers[p.buffer][d][p.offset : p.offset + p.size].reshape(every[p.index].local.shape)
+        for p in pieces
+      ],
+      d,
+    )
+    for d in devices
+  }
+  if layout.mesh is None:
+    return with_empty_scales(layout, local[devices[0]])
+  arrays = [
+    jax.make_array_from_single_device_arrays(
+      every[p.index].shape,
+      NamedSharding(layout.mesh, every[p.index].spec),
+      [local[d][j] for d in devices],
+    )
+    for j, p in enumerate(pieces)
+  ]
+  return with_empty_scales(layout, arrays)
+
+
+def import_arrays(layout: Layout, arrays: list[Any], like: jax.Array) -> tuple[Any, Any]:
+  """Packs the state arrays of in_calls (jax.Arrays or numpy) into import's
+  two flat buffers per device, on the host; `like` (the target's count)
+  gives the device of an unsharded layout."""
+  pieces, n_codes, n_floats = flat_state(layout)
+  every = moment_arrays(layout)
+  if layout.mesh is None:
+    devices = [next(iter(like.devices()))]
+    shards = [{devices[0]: np.asarray(x)} for x in arrays]
+  else:
+    placed = jax.device_put(
+      list(arrays), [NamedSharding(layout.mesh, every[p.index].spec) for p in pieces]
+    )
+    shards = [_per_device(x) for x in placed]
+    devices = [d for d in layout.mesh.devices.flat if d.process_index == jax.process_index()]
+  packed = {}
+  for d in devices:
+    codes, floats = np.empty(n_codes, np.uint8), np.empty(n_floats, np.float32)
+    buffers = (codes, floats)
+    for p, x in zip(pieces, shards, strict=True):
+      buffers[p.buffer][p.offset : p.offset + p.size] = x[d].reshape(-1)
+    packed[d] = (codes, floats)
+  if layout.mesh is None:
+    return tuple(jax.device_put(packed[devices[0]], devices[0]))
+  sharding = NamedSharding(layout.mesh, flat_spec(layout))
+  out = []
+  for k, n in ((0, n_codes), (1, n_floats)):
+    local = [jax.device_put(packed[d][k], d) for d in devices]
+    out.append(jax.make_array_from_single_device_arrays((n * layout.mesh.size,), sharding, local))
+  return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def import_flat(
+  layout: Layout, count: jax.Array, codes: jax.Array, floats: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Loads import_arrays' buffers into a new slot; returns (handle, count)."""
+
+  def local(count, codes, floats):
+    call = jax.ffi.ffi_call(_ffi.IMPORT_TARGET, (_HANDLE, _SCALAR), has_side_effect=True)
+    attributes = layout.call_attributes()
+    return tuple(call(count, codes, floats, **attributes, leaf_sizes=layout.leaf_sizes()))
+
+  spec = flat_spec(layout)
+  return sharded(layout, local, (PartitionSpec(), spec, spec), (PartitionSpec(), PartitionSpec()))(
+    count, codes, floats
   )

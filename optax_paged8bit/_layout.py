@@ -90,6 +90,10 @@ class Layout:
   def fresh_token(self) -> int:
     return FRESH_BIT | self.key
 
+  def leaf_sizes(self) -> np.ndarray:
+    """Each leaf's elements on one device (export's and import's attribute)."""
+    return np.asarray([math.prod(shape) for shape in self.local_shapes], np.int64)
+
   def call_attributes(self) -> dict[str, Any]:
     """The attributes every registry call of this layout takes (the update
     calls add the structure attributes)."""
@@ -452,6 +456,39 @@ def in_calls(layout: Layout) -> tuple[int, ...]:
   and zero-size operands only cost XLA's compiler time)."""
   return tuple(
     4 * i + k for i in range(layout.num_leaves) for k in range(4 if layout.is_8bit(i) else 2)
+  )
+
+
+class FlatPiece(NamedTuple):
+  """Where one array of in_calls lies in a device's flat buffers of export
+  and import: buffer 0 holds the uint8 codes, buffer 1 the float32 scales and
+  float32 moments, leaf by leaf (DecodeFlatState in csrc/ffi_common.h)."""
+
+  index: int  # into moment_arrays
+  buffer: int
+  offset: int
+  size: int
+
+
+@functools.lru_cache(maxsize=64)
+def flat_state(layout: Layout) -> tuple[tuple[FlatPiece, ...], int, int]:
+  """The pieces of in_calls' arrays in one device's flat buffers, and the
+  buffers' lengths (codes, floats)."""
+  arrays = moment_arrays(layout)
+  pieces, used = [], [0, 0]
+  for k in in_calls(layout):
+    local = arrays[k].local
+    buffer = 0 if local.dtype == jnp.uint8 else 1
+    size = math.prod(local.shape)
+    pieces.append(FlatPiece(k, buffer, used[buffer], size))
+    used[buffer] += size
+  return tuple(pieces), used[0], used[1]
+
+
+def flat_spec(layout: Layout) -> PartitionSpec:
+  """A flat buffer's sharding: one piece per device of the mesh."""
+  return (
+    PartitionSpec(tuple(layout.mesh.axis_names)) if layout.mesh is not None else PartitionSpec()
   )
 
 

@@ -24,6 +24,7 @@ from optax_paged8bit._layout import (
   MOMENT_FIELDS,
   RING_SIZE,
   Layout,
+  in_calls,
   moment_arrays,
   moments_flat,
   moments_trees,
@@ -55,7 +56,11 @@ def _is_state(x: Any) -> bool:
 
 def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   layout = state.layout
-  step, flat = _calls.export(layout, state.handle, state.count)
+  if any(isinstance(x, jax.core.Tracer) for x in (state.handle, state.count)):
+    step, flat = _calls.export_split(layout, state.handle, state.count)
+  else:
+    step, codes, floats = _calls.export_flat(layout, state.handle, state.count)
+    flat = _calls.export_arrays(layout, codes, floats)
   if not isinstance(step, jax.core.Tracer):
     ahead = int(step) - int(state.count)
     if ahead:
@@ -179,7 +184,8 @@ def _checked_arrays(layout: Layout, exported: Any) -> tuple[list[Any], jax.Array
 def _import_one(target: PagedAdamW8bitState, exported: Any) -> PagedAdamW8bitState:
   layout = target.layout
   arrays, count = _checked_arrays(layout, exported)
-  handle, count = _calls.import_(layout, count, *arrays)
+  codes, floats = _calls.import_arrays(layout, [arrays[k] for k in in_calls(layout)], target.count)
+  handle, count = _calls.import_flat(layout, count, codes, floats)
   rings = None
   if layout.clipping:
     rings = jnp.asarray(exported.gnorm_vec, jnp.float32, device=replicated(layout))

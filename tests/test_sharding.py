@@ -172,6 +172,23 @@ def test_sharded_export_import_resume():
   op.release(state)
 
 
+@pytest.mark.parametrize("sharded", [True, False], ids=["mesh", "one-device"])
+def test_export_inside_jit_equals_the_eager_export(sharded):
+  """Eagerly, export_state splits the call's two flat buffers on the host;
+  traced inside jit, in the program. Both give the same arrays, placed alike."""
+  m = mesh((4,), ("x",))
+  params, grads = aligned_on(m, 6, [60, 61])
+  if not sharded:
+    params, grads = make(ALIGNED_SHAPES, 6), [make(ALIGNED_SHAPES, g) for g in (60, 61)]
+  _, state = run(op.paged_adamw8bit(1e-3, min_8bit_size=1000), params, grads, True)
+  eager = op.export_state(state)
+  traced = jax.jit(op.export_state)(state)
+  for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(traced), strict=True):
+    assert_bit_equal(np.asarray(y), np.asarray(x), "exported array")
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (x.sharding, y.sharding)
+  op.release(state)
+
+
 def growing_grads(shapes, n):
   """Grads whose norm grows step by step, so that percentile clipping scales
   them down from the second step on."""
@@ -241,7 +258,9 @@ def test_no_zero_size_array_crosses_the_shard_map():
   texts = [
     jax.jit(fn).lower(params, state, params).as_text() for fn in (tx.fused_update, optax_path)
   ]
-  texts.append(_calls.export.lower(state.layout, state.handle, state.count).as_text())
+  texts.append(_calls.export_flat.lower(state.layout, state.handle, state.count).as_text())
+  _, codes, floats = _calls.export_flat(state.layout, state.handle, state.count)
+  texts.append(_calls.import_flat.lower(state.layout, state.count, codes, floats).as_text())
   for text in texts:
     signatures = re.findall(r"^\s*\} : \(([^)]*)\) -> \(([^)]*)\)", text, re.M)
     assert signatures, "no manual computation in the lowered step"
