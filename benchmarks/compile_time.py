@@ -2,9 +2,10 @@
 
 For N leaves of 3 float32 each: the first call of a jitted update +
 optax.apply_updates (lowering + compiling + running), for optax.adamw,
-paged_adamw8bit and adamw8bit; for paged_adamw8bit also the first and second
-export_state, save_checkpoint and restore_checkpoint, and the process's peak
-RSS. Each measurement runs in a fresh process (no warm caches, its own RSS).
+paged_adamw8bit and adamw8bit, and of paged_adamw8bit's fused step
+(paged_fused); for paged_adamw8bit also the first and second export_state,
+save_checkpoint and restore_checkpoint, and the process's peak RSS. Each
+measurement runs in a fresh process (no warm caches, its own RSS).
 A bare jitted SGD step (p - lr * g) over the same leaves is the floor of any
 per-leaf update on XLA's CPU backend.
 
@@ -33,10 +34,12 @@ if kind == "sgd":
   out["first_step_s"] = time.perf_counter() - t0
 else:
   tx = {"optax.adamw": optax.adamw(1e-3), "paged_adamw8bit": op.paged_adamw8bit(1e-3),
-        "adamw8bit": op.adamw8bit(1e-3)}[kind]
+        "paged_fused": op.paged_adamw8bit(1e-3), "adamw8bit": op.adamw8bit(1e-3)}[kind]
   state = tx.init(params)
   @jax.jit
   def step(p, s, g):
+    if kind == "paged_fused":
+      return tx.fused_update(g, s, p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
   t0 = time.perf_counter(); params, state = step(params, state, grads)
@@ -54,7 +57,7 @@ out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 print(json.dumps(out))
 """
 
-KINDS = ("sgd", "optax.adamw", "paged_adamw8bit", "adamw8bit")
+KINDS = ("sgd", "optax.adamw", "paged_adamw8bit", "paged_fused", "adamw8bit")
 
 
 def main() -> None:
