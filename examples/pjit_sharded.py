@@ -143,7 +143,6 @@ def main():
   args = parser.parse_args()
 
   if args.num_processes > 1 or args.distributed:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # for CPU devices
     if args.distributed:
       jax.distributed.initialize()
     else:

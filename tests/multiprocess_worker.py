@@ -161,8 +161,7 @@ def main():
 
   import jax
 
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_platforms", "cpu")  # CPU collectives: gloo, JAX's default
   jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   import numpy as np
 
