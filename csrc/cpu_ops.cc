@@ -351,10 +351,9 @@ ffi::Error BlockNormsCpu(ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::U
   const char* op = kBlockNormsTarget;
   std::vector<LeafCall> leaves;
   std::vector<LeafSpec> layout;
-  int64_t total_blocks = 0;
-  if (auto e = DecodeGrads(op, args, &leaves, &layout, &total_blocks); e.failure()) return e;
-  if (static_cast<int64_t>(norms->element_count()) != 2 * total_blocks) {
-    return InvalidArgument(op, "the result must have 2 uint32 words per block");
+  if (auto e = DecodeBlockNormsCall(op, args, norms->element_count(), &leaves, &layout);
+      e.failure()) {
+    return e;
   }
   double* out = reinterpret_cast<double*>(norms->typed_data());
   for (const LeafCall& leaf : leaves) {

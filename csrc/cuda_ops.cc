@@ -588,10 +588,9 @@ ffi::Error BlockNormsCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   const char* op = kBlockNormsTarget;
   std::vector<LeafCall> leaves;
   std::vector<LeafSpec> layout;
-  int64_t total_blocks = 0;
-  if (auto e = DecodeGrads(op, args, &leaves, &layout, &total_blocks); e.failure()) return e;
-  if (static_cast<int64_t>(norms->element_count()) != 2 * total_blocks) {
-    return InvalidArgument(op, "the result must have 2 uint32 words per block");
+  if (auto e = DecodeBlockNormsCall(op, args, norms->element_count(), &leaves, &layout);
+      e.failure()) {
+    return e;
   }
   DeviceScope scope(device);
   std::vector<StepState> states(leaves.size());

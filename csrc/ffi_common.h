@@ -343,13 +343,14 @@ inline ffi::Error DecodeGivenNorms(const char* op, const ffi::Buffer<ffi::U32>& 
   return ffi::Error::Success();
 }
 
-// The grads of a block_norms call, as leaves (only type, size and grad set).
-inline ffi::Error DecodeGrads(const char* op, ffi::RemainingArgs args,
-                              std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout,
-                              int64_t* total_blocks) {
+// The grads of a block_norms call, as leaves (only type, size and grad set),
+// checked against its result of `result_words` uint32 words (2 per block).
+inline ffi::Error DecodeBlockNormsCall(const char* op, ffi::RemainingArgs args, size_t result_words,
+                                       std::vector<LeafCall>* leaves,
+                                       std::vector<LeafSpec>* layout) {
   leaves->resize(args.size());
   layout->resize(args.size());
-  *total_blocks = 0;
+  int64_t total_blocks = 0;
   for (size_t i = 0; i < args.size(); ++i) {
     auto grad = args.get<ffi::AnyBuffer>(i);
     LeafCall& leaf = (*leaves)[i];
@@ -360,7 +361,10 @@ inline ffi::Error DecodeGrads(const char* op, ffi::RemainingArgs args,
     leaf.size = static_cast<int64_t>(grad->element_count());
     leaf.grad = grad->untyped_data();
     (*layout)[i] = LeafSpec{leaf.size, false, 0};
-    *total_blocks += (leaf.size + kBlockSize - 1) / kBlockSize;
+    total_blocks += (leaf.size + kBlockSize - 1) / kBlockSize;
+  }
+  if (static_cast<int64_t>(result_words) != 2 * total_blocks) {
+    return InvalidArgument(op, "the result must have 2 uint32 words per block");
   }
   return ffi::Error::Success();
 }
