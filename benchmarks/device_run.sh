@@ -4,7 +4,7 @@
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [trace] [ncu]
 #                                 [diag] [cpu]
-# gpu: tests/test_gpu.py; multi: the multi-device, adamw8bit and checkpoint tests on
+# gpu: tests/test_gpu.py; multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); trace: where
@@ -33,7 +33,7 @@ for step in $steps; do
            > "$OUT/gpu_tests.log" 2>&1 || status=1
          tail -15 "$OUT/gpu_tests.log" ;;
     multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
-             test_adamw8bit.py test_sharding.py test_checkpoint.py test_migration.py) \
+             test_adamw8bit.py test_sharding.py test_checkpoint.py test_migration.py test_multiprocess.py) \
              > "$OUT/multi_tests.log" 2>&1 || status=1
            python3 examples/pjit_sharded.py --steps 100 --model-axis 2 --plot /tmp/pjit_gpu.png \
              >> "$OUT/multi_tests.log" 2>&1 || status=1

@@ -1,5 +1,5 @@
 """One process of a multi-process run (jax.distributed on 127.0.0.1, 2 CPU
-devices per process), started by test_multiprocess.py:
+devices or 1 GPU per process), started by test_multiprocess.py:
 
     python multiprocess_worker.py --coordinator 127.0.0.1:PORT --num-processes N \\
       --process-id I --out DIR [--resume CKPT] [--save CKPT] [--extra-state]
@@ -157,17 +157,20 @@ def main():
   ap.add_argument("--resume", default=None)
   ap.add_argument("--extra-state", action="store_true", help="process 1 makes a state first")
   ap.add_argument("--checks", action="store_true", help="stale states and the collector")
+  ap.add_argument("--platform", default="cpu", help="cpu (2 devices each) or gpu (1 each)")
   args = ap.parse_args()
 
   import jax
 
-  jax.config.update("jax_platforms", "cpu")  # CPU collectives: gloo, JAX's default
+  # CPU collectives: gloo, JAX's default.
+  jax.config.update("jax_platforms", "cuda" if args.platform == "gpu" else "cpu")
   jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   import numpy as np
 
   import optax_paged8bit as op
 
-  assert jax.process_count() == args.num_processes and len(jax.local_devices()) == 2
+  local = 2 if args.platform == "cpu" else 1
+  assert jax.process_count() == args.num_processes and len(jax.local_devices()) == local
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("x",))
   if args.extra_state and args.process_id == 1:
     # A state of this process only, made and stepped before the shared ones.
