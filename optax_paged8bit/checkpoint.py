@@ -266,14 +266,30 @@ def _checksum(x: Any) -> np.ndarray:
   return np.asarray(zlib.crc32(repr(x).encode()), np.uint32)
 
 
-def _checksums(tree: Any) -> Any:
-  return jax.tree.map(_checksum, tree)
+def _checksums(tree: Any) -> np.ndarray:
+  """One uint32 per leaf of `tree`, in leaf order, as one array: orbax
+  writes it as one array (it spends about a millisecond per array)."""
+  return np.asarray([_checksum(x) for x in jax.tree.leaves(tree)], np.uint32).reshape(-1)
+
+
+def _saved_checksums(saved: Any) -> list[Any]:
+  """The checksums a checkpoint holds: one array (this format), or one
+  scalar per leaf (checkpoints written before it)."""
+  leaves = jax.tree.leaves(saved)
+  if len(leaves) == 1 and np.ndim(leaves[0]) == 1:
+    return list(np.asarray(leaves[0]))
+  return leaves
 
 
 def _verify(where: str, tree: Any, saved: Any) -> None:
-  got = jax.tree_util.tree_flatten_with_path(_checksums(tree))[0]
-  want = jax.tree.leaves(saved)
-  for (path, value), stored in zip(got, want, strict=True):
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  want = _saved_checksums(saved)
+  if len(want) != len(paths):
+    raise ValueError(
+      f"restore_checkpoint: {where} holds {len(want)} checksums for {len(paths)} leaves: the "
+      "checkpoint was corrupted (or changed) after it was written. Restore an earlier checkpoint."
+    )
+  for path, value, stored in zip(paths, _checksums(tree), want, strict=True):
     if int(value) != int(np.asarray(stored)):
       raise ValueError(
         f"restore_checkpoint: the data of {jax.tree_util.keystr(path)} in {where} do not match "
@@ -328,8 +344,12 @@ def _abstract(target: Any) -> Any:
   return jax.tree.map(one, target, is_leaf=_is_state)
 
 
-def _abstract_checksums(abstract: Any) -> Any:
-  return jax.tree.map(lambda _: np.zeros((), np.uint32), abstract)
+def _abstract_checksums(abstract: Any, legacy: bool = False) -> Any:
+  """What orbax restores the checksums into: one array, or (checkpoints
+  written before that format) one scalar per leaf."""
+  if legacy:
+    return jax.tree.map(lambda _: np.zeros((), np.uint32), abstract)
+  return np.zeros((len(jax.tree.leaves(abstract)),), np.uint32)
 
 
 def _manager_and_step(where: Any, step: int | None, saving: bool):
@@ -400,18 +420,27 @@ def restore_checkpoint(where: Any, target: Any, *, step: int | None = None) -> A
 
   manager, step = _manager_and_step(where, step, saving=False)
   abstract = _abstract(target)
-  abstract = {"tree": abstract, "checksums": _abstract_checksums(abstract)}
+  forms = [
+    {"tree": abstract, "checksums": _abstract_checksums(abstract, legacy)}
+    for legacy in (False, True)
+  ]
   if manager is not None:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"restore_checkpoint: {manager.directory} holds no checkpoint")
     described = f"step {step} of {manager.directory}"
-    restore = lambda: manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restore = lambda form: manager.restore(step, args=ocp.args.StandardRestore(form))
   else:
     described = os.path.abspath(where)
-    restore = lambda: ocp.StandardCheckpointer().restore(described, abstract)
+    restore = lambda form: ocp.StandardCheckpointer().restore(described, form)
   try:
-    restored = restore()
+    try:
+      restored = restore(forms[0])
+    except Exception as first:  # perhaps a checkpoint with one checksum per leaf
+      try:
+        restored = restore(forms[1])
+      except Exception:
+        raise first from None
   except Exception as e:  # orbax's and tensorstore's own errors, passed on with context
     raise ValueError(
       f"restore_checkpoint: could not read the checkpoint at {described}: {type(e).__name__}: {e}"

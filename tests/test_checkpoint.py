@@ -324,6 +324,31 @@ def test_a_flipped_code_fails_with_the_leaf_path(tmp_path):
   op.release(state)
 
 
+def test_a_checkpoint_with_one_checksum_per_leaf_still_restores(tmp_path):
+  """Checkpoints written before the checksums became one array (one uint32
+  scalar per leaf) restore, checked as before."""
+  import orbax.checkpoint as ocp
+
+  from optax_paged8bit import checkpoint
+
+  tx = optimizer("paged")
+  p, state = train(tx, tx.init(make(0)), make(0), 3, 0)
+  exported = op.export_state(state)
+  sums = jax.tree.map(lambda x: np.asarray(checkpoint._checksum(x), np.uint32), exported)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "old"), {"tree": exported, "checksums": sums})
+  restored = op.restore_checkpoint(str(tmp_path / "old"), tx.init(p))
+  for a, b in zip(exported_leaves(restored), exported_leaves(state), strict=True):
+    assert_bit_equal(a, b, "state")
+  sums = jax.tree.map(lambda x: x, sums)
+  sums.state2["w"] = np.asarray(sums.state2["w"] ^ np.uint32(1), np.uint32)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / "edited"), {"tree": exported, "checksums": sums})
+  with pytest.raises(ValueError, match=r"data of \.state2\['w'\] .* do not match the checksum"):
+    op.restore_checkpoint(str(tmp_path / "edited"), tx.init(p))
+  op.release((state, restored))
+
+
 def exported_after(steps=2):
   tx = optimizer("paged")
   _, state = train(tx, tx.init(make(0)), make(0), steps, 0)
