@@ -205,7 +205,8 @@ ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* hand
 }
 
 // The residency probe (LaunchLoadLatency) of a slot's memory, with device
-// and pinned host memory as references measured in the same call.
+// and pinned host memory as references measured in the same call
+// (MeasureResidency, below).
 constexpr int kCalibrationChunks = 4;
 struct Calibration {
   void* device = nullptr;
@@ -244,7 +245,8 @@ int64_t Chunks(size_t bytes) {
 struct SlotProbe {
   uint32_t device_cycles = 0, host_cycles = 0;
   // The references are apart enough to tell the two (host at least twice
-  // device); otherwise no chunk is called evicted.
+  // device); otherwise no chunk is called host-resident and
+  // MeasureResidency says it cannot tell.
   bool separated = false;
   std::vector<std::vector<bool>> on_host;  // per Memory of the slot, per chunk
 };
