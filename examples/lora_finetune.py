@@ -140,8 +140,14 @@ def base_model(args, prose):
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.seq), jnp.int32))
   path = pathlib.Path(args.base)
   if path.exists():
-    print(f"base model loaded from {path}")
-    return serialization.from_bytes(params, path.read_bytes())
+    try:
+      loaded = serialization.from_bytes(params, path.read_bytes())
+      if jax.tree.map(jnp.shape, loaded) == jax.tree.map(jnp.shape, params):
+        print(f"base model loaded from {path}")
+        return loaded
+      print(f"{path} holds another model's params; training a new base model")
+    except (ValueError, KeyError, TypeError) as e:
+      print(f"{path} is not a base model of this script ({type(e).__name__}); training a new one")
   params, _, losses = train(
     model, params, optax.adamw(3e-3), prose, args.base_steps, args.batch_size, 0, "base model"
   )
