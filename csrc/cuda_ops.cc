@@ -257,17 +257,11 @@ std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
   if (std::string error = CalibrationBuffers(slot.device, &c); !error.empty()) return error;
   int64_t total = 2 * kCalibrationChunks;
   for (const Memory& m : slot.memory) total += Chunks(m.bytes);
-  static thread_local uint32_t* cycles = nullptr;
-  static thread_local int64_t capacity = 0;
-  if (capacity < total) {
-    if (cycles != nullptr) cudaFreeHost(cycles);
-    capacity = 0;
-    if (cudaMallocHost(&cycles, total * sizeof(uint32_t)) != cudaSuccess) {
-      cycles = nullptr;
-      return CudaMessage("cudaMallocHost of the residency probe's results", cudaGetLastError());
-    }
-    capacity = total;
+  uint32_t* cycles = nullptr;
+  if (cudaMallocHost(&cycles, total * sizeof(uint32_t)) != cudaSuccess) {
+    return CudaMessage("cudaMallocHost of the residency probe's results", cudaGetLastError());
   }
+  std::unique_ptr<uint32_t, cudaError_t (*)(void*)> owned(cycles, cudaFreeHost);
   constexpr int64_t kRefBytes = kProbeChunk * kCalibrationChunks;
   cudaError_t e =
       LaunchLoadLatency(static_cast<const uint8_t*>(c.device), kRefBytes, cycles, stream);

@@ -291,6 +291,18 @@ def export_flat(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
   )(handle, count)
 
 
+def _unpack(layout: Layout, codes: Any, floats: Any) -> list[Any]:
+  """One device's arrays of in_calls, cut from its two flat buffers (numpy
+  arrays on the host, or traced arrays in a program)."""
+  pieces, _, _ = flat_state(layout)
+  every = moment_arrays(layout)
+  buffers = (codes, floats)
+  return [
+    buffers[p.buffer][p.offset : p.offset + p.size].reshape(every[p.index].local.shape)
+    for p in pieces
+  ]
+
+
 def export_split(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
   """export_flat with the buffers split into the state arrays in the
   program (for an export traced inside jit): (step, 4 arrays per leaf, None
@@ -300,14 +312,7 @@ def export_split(layout: Layout, handle: jax.Array, count: jax.Array) -> tuple:
 
   def local(handle, count):
     step, codes, floats = _export_call(layout)(handle, count)
-    buffers = (codes, floats)
-    return (
-      step,
-      *(
-        buffers[p.buffer][p.offset : p.offset + p.size].reshape(every[p.index].local.shape)
-        for p in pieces
-      ),
-    )
+    return (step, *_unpack(layout, codes, floats))
 
   specs = (PartitionSpec(), *(every[p.index].spec for p in pieces))
   outs = sharded(layout, local, (PartitionSpec(), PartitionSpec()), specs)(handle, count)
@@ -323,18 +328,12 @@ def export_arrays(layout: Layout, codes: jax.Array, floats: jax.Array) -> list[A
   export_flat's buffers on the host and placed like the params."""
   pieces, _, _ = flat_state(layout)
   every = moment_arrays(layout)
-  buffers = (_per_device(codes), _per_device(floats))
-  devices = list(buffers[1]) or list(buffers[0])
-  local = {
-    d: jax.device_put(
-      [
-        buffers[p.buffer][d][p.offset : p.offset + p.size].reshape(every[p.index].local.shape)
-        for p in pieces
-      ],
-      d,
-    )
-    for d in devices
-  }
+  codes, floats = _per_device(codes), _per_device(floats)
+  # Every device holds floats (unless every leaf is empty); codes only where
+  # there are 8-bit leaves (an empty buffer is made outside the shard_map, on
+  # one device).
+  devices = list(floats)
+  local = {d: jax.device_put(_unpack(layout, codes.get(d), floats[d]), d) for d in devices}
   if layout.mesh is None:
     return with_empty_scales(layout, local[devices[0]])
   arrays = [
