@@ -22,6 +22,7 @@ Never allocates managed memory beyond what the guard allows.
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \\
       python benchmarks/capacity.py --json out.json --plot capacity.png
     python benchmarks/capacity.py --trial paged_device float32 512   # one trial
+    python benchmarks/capacity.py --from f32.json bf16.json --plot capacity.png  # merge runs
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -108,12 +110,14 @@ def trial(method: str, dtype_name: str, width: int, steps: int) -> dict:
 
   if method == "adamw":
     tx = optax.adamw(1e-4)
-  elif method == "adamw8bit":
+  elif method.startswith("adamw8bit"):
     tx = op.adamw8bit(1e-4)
   else:
     tx = op.paged_adamw8bit(1e-4)
     op.set_device_memory_budget(0 if method == "paged_host" else None)
-  fused = method.startswith("paged")
+  # adamw8bit takes the optax path (update, apply_updates) as users do;
+  # "adamw8bit_fused" (a diagnostic trial, not searched) its fused step.
+  fused = method.startswith("paged") or method == "adamw8bit_fused"
 
   def step(p, s, tokens):
     loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
@@ -131,6 +135,12 @@ def trial(method: str, dtype_name: str, width: int, steps: int) -> dict:
   try:
     params = jax.jit(init)()
     state = tx.init(params)
+    compiled = step.lower(params, state, tokens).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:  # what XLA needs besides the arguments
+      out["temp_bytes"] = int(memory.temp_size_in_bytes)
+    out["copies"] = len(re.findall(r"= \S+ copy(?:-start)?\(", compiled.as_text()))
+    step = compiled
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
@@ -141,7 +151,7 @@ def trial(method: str, dtype_name: str, width: int, steps: int) -> dict:
     out.update(fits=False, error=str(e).splitlines()[0][:300])
     return out
   out.update(fits=True, step_ms=1e3 * min(times[1:] or times), loss=float(loss))
-  if fused:
+  if method.startswith("paged"):
     placed = op.residency(state)
     out["state_on_device"] = placed["bytes_on_device"]
     out["state_on_host"] = placed["bytes_on_host"]
@@ -218,6 +228,19 @@ def plot(results, path):
   fig.savefig(path, dpi=120)
 
 
+def table(results):
+  print(f"\n{'method':14} {'dtype':9} {'width':>6} {'layers':>6} {'params':>10} {'step ms':>9}")
+  for r in results:
+    b = r["best"]
+    if b is None:
+      print(f"{r['method']:14} {r['dtype']:9} {'none fits':>6}")
+      continue
+    print(
+      f"{r['method']:14} {r['dtype']:9} {b['width']:6d} {b['layers']:6d} "
+      f"{b['params'] / 1e9:9.2f}B {b['step_ms']:9.1f}"
+    )
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--trial", nargs=3, metavar=("METHOD", "DTYPE", "WIDTH"))
@@ -228,12 +251,28 @@ def main():
   ap.add_argument("--max-trials", type=int, default=6, help="per method and dtype")
   ap.add_argument("--timeout", type=float, default=240, help="seconds per trial")
   ap.add_argument("--free-bytes", type=float, default=None, help="instead of cudaMemGetInfo")
+  ap.add_argument(
+    "--from",
+    dest="sources",
+    nargs="+",
+    default=None,
+    help="print and plot the results of earlier runs (--json files)",
+  )
   ap.add_argument("--json", default=None)
   ap.add_argument("--plot", default=None)
   args = ap.parse_args()
   if args.trial:
     method, dtype, width = args.trial
     print(json.dumps(trial(method, dtype, int(width), args.steps)), flush=True)
+    return
+  if args.sources:
+    results = []
+    for path in args.sources:
+      with open(path) as f:
+        results += json.load(f)["results"]
+    table(results)
+    if args.plot:
+      plot(results, args.plot)
     return
   free = args.free_bytes
   if free is None:
@@ -245,16 +284,7 @@ def main():
   for dtype in args.dtypes.split(","):
     for method in args.methods.split(","):
       results.append(search(method, dtype, free, args))
-  print(f"\n{'method':14} {'dtype':9} {'width':>6} {'layers':>6} {'params':>10} {'step ms':>9}")
-  for r in results:
-    b = r["best"]
-    if b is None:
-      print(f"{r['method']:14} {r['dtype']:9} {'none fits':>6}")
-      continue
-    print(
-      f"{r['method']:14} {r['dtype']:9} {b['width']:6d} {b['layers']:6d} "
-      f"{b['params'] / 1e9:9.2f}B {b['step_ms']:9.1f}"
-    )
+  table(results)
   print(f"search: {time.perf_counter() - t0:.0f} s, free memory at start {free / 2**30:.1f} GiB")
   if args.json:
     with open(args.json, "w") as f:

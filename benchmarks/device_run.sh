@@ -2,12 +2,14 @@
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [trace] [ncu]
-#                                 [diag] [cpu]
-# gpu: tests/test_gpu.py; multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [same_size] [trace]
+#                                 [ncu] [diag] [cpu]
+# gpu: tests/test_gpu.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
-# CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); trace: where
+# CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
+# capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
+# XLA's temporary memory at one model size; trace: where
 # a GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole suite on the
 # machine's JAX with JAX_PLATFORMS=cpu.
 set -u
@@ -29,7 +31,8 @@ status=0
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    gpu) (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider test_gpu.py) \
+    gpu) (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+           test_gpu.py) \
            > "$OUT/gpu_tests.log" 2>&1 || status=1
          tail -15 "$OUT/gpu_tests.log" ;;
     multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
@@ -53,6 +56,14 @@ for step in $steps; do
                 --json "$OUT/capacity.json" --plot "$OUT/capacity.png" > "$OUT/capacity.log" 2>&1 \
                 || status=1
               grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/capacity.log" | tail -14 ;;
+    same_size) for dtype in float32 bfloat16; do
+                 for method in adamw adamw8bit adamw8bit_fused paged_device paged_host; do
+                   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+                     python3 benchmarks/capacity.py --trial $method $dtype ${CAPACITY_WIDTH:-2048} \
+                     --steps 5 2>&1 | grep '^{'
+                 done
+               done > "$OUT/same_size.jsonl" || status=1
+               cat "$OUT/same_size.jsonl" ;;
     diag) python3 benchmarks/diag_errors.py > "$OUT/diag.log" 2>&1; cat "$OUT/diag.log" ;;
     ncu) (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats \

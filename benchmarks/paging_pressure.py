@@ -16,12 +16,16 @@ step (each step awaited):
 - spike: plain 1 GiB `cudaMalloc`s until one fails (the driver evicts the
   state to make room; the last one is given back), `residency()` and
   `measure_residency()` during the spike, the spike freed, then the next 5
-  steps (the first faults the evicted pages back), twice;
+  steps (the first finds free memory risen and prefetches the state back),
+  twice;
 - jax spike: the same spike made of JAX arrays (`jnp.zeros` of 1 GiB until
   allocation fails), which reaches the state only with an allocator that does
   not preallocate;
 - free memory (`cudaMemGetInfo`) with the state resident and after
-  `page_out`, and how much a spike gets in each case.
+  `page_out`, and how much a spike gets in each case;
+- what the eviction check costs a step: one `cudaMemGetInfo` (timed here
+  through Python, an upper bound), and the evictions each phase found
+  (`slot_info`'s `evictions_seen`: none may be found in resident steps).
 
 Never allocates managed memory beyond what is free: the state is placed by
 the library's guard; the spikes are plain device allocations.
@@ -65,6 +69,10 @@ def spike():
   """Plain 1 GiB device allocations until one fails (the last one given back,
   leaving the driver room for page faults); returns the bytes held."""
   return int(_ffi._ops.fill_device_memory(0, GIB, 1 << 62))
+
+
+def evictions(state):
+  return sum(info["evictions_seen"] for info in op.slot_info(state))
 
 
 def measured(state):
@@ -119,7 +127,17 @@ def main():
   for _ in range(args.iters):
     ms, carry = timed(step, carry)
     resident.append(ms)
-  row("resident step", statistics.median(resident))
+  row("resident step", statistics.median(resident), evictions_seen=evictions(carry[1]))
+  t0 = time.perf_counter()
+  for _ in range(1000):
+    free_bytes()
+  query_us = (time.perf_counter() - t0) * 1e3
+  out["cudaMemGetInfo_us"] = query_us
+  out["check_share_of_resident_step"] = query_us / 1e3 / statistics.median(resident)
+  print(
+    f"cudaMemGetInfo through Python: {query_us:.1f} us, "
+    f"{100 * out['check_share_of_resident_step']:.2f}% of a resident step"
+  )
 
   # page_out, then one step.
   page_out_ms = []
@@ -129,7 +147,12 @@ def main():
     page_out_ms.append(ms)
     for _ in range(2):
       _, carry = timed(step, carry)
-  row("page_out, then a step", statistics.median(page_out_ms), each=page_out_ms)
+  row(
+    "page_out, then a step",
+    statistics.median(page_out_ms),
+    each=page_out_ms,
+    evictions_seen=evictions(carry[1]),
+  )
 
   # Free memory and what a spike gets, resident and paged out.
   jax.block_until_ready(carry)
@@ -154,6 +177,7 @@ def main():
     jax.block_until_ready(carry)
     measured(carry[1])  # makes the probe's reference buffers
     free_before = free_bytes()
+    seen_before = evictions(carry[1])
     got = spike()
     during_placed = op.residency(carry[1])
     during_measured = measured(carry[1])
@@ -171,6 +195,7 @@ def main():
       residency_during=during_placed,
       measured_during=during_measured,
       measured_after_steps=measured(carry[1]),
+      evictions_found=evictions(carry[1]) - seen_before,
     )
     spikes.append(after[0])
   for _ in range(3):
@@ -182,8 +207,15 @@ def main():
   during = measured(carry[1])
   got = sum(x.nbytes for x in held)
   del held
+  seen_before = evictions(carry[1])
   ms, carry = timed(step, carry)
-  row("jax-array spike, then a step", ms, spike_gib=got / GIB, measured_during=during)
+  row(
+    "jax-array spike, then a step",
+    ms,
+    spike_gib=got / GIB,
+    measured_during=during,
+    evictions_found=evictions(carry[1]) - seen_before,
+  )
 
   out["rows"] = rows
   out["ratio_after_spike_vs_page_out"] = statistics.median(spikes) / statistics.median(page_out_ms)

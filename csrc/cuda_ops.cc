@@ -300,29 +300,55 @@ std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
 // the kernel never faults pages in. Memory that no longer fits moves its home
 // to the host (read over the bus) instead of oversubscribing.
 //
-// Memory placed on the device that the driver evicted under pressure (a
-// spike of plain allocations) is not prefetched: nothing tells us cheaply,
-// and both remedies measured worse on an H200 (benchmarks/RESULTS.md,
-// issue 13). An unconditional prefetch costs 27% of every resident step; a
-// probe of the state (ProbeSlot) before a conditional prefetch costs
-// 1% and made the step after a spike slower (170-240 ms) than letting the
-// kernel fault the pages back (145-170 ms), after which steps run resident
-// again.
+// Memory placed on the device can also be evicted by the driver when
+// something else allocates beyond free memory (a spike); nothing tells us.
+// The sign we use is free device memory: evicted pages leave free memory
+// higher once the spike is gone, so a rise since the slot's last step by
+// more than a sixteenth of its device bytes prefetches the slot's memory
+// before the kernel runs (resident pages cost the driver a walk, about 1 ms
+// per GiB, so a false sign costs one step a little). Measured on an H200
+// (benchmarks/RESULTS.md, issue 13): letting the kernel fault evicted pages
+// back costs 3-5x a step after page_out, and so did a timed probe of the
+// pages; a prefetch every step costs 27% of each resident step, the free
+// memory check one cudaMemGetInfo.
+constexpr size_t kEvictionSignMinBytes = size_t{2} << 20;
+
 ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
+  size_t free_now = 0, total = 0, placed_on_device = 0;
+  for (const Memory& m : slot.memory) {
+    if (!m.on_host && !m.host_home) placed_on_device += m.bytes;
+  }
+  bool evicted = false;
+  if (placed_on_device > 0 && cudaMemGetInfo(&free_now, &total) == cudaSuccess) {
+    size_t sign = std::max(kEvictionSignMinBytes, placed_on_device / 16);
+    evicted = slot.device_free_seen > 0 && free_now > slot.device_free_seen + sign;
+    slot.evictions_seen += evicted ? 1 : 0;
+  }
+  bool paged_in = false;
   for (Memory& m : slot.memory) {
-    if (!m.on_host || m.host_home) continue;
-    std::lock_guard<std::mutex> lock(g_placement_mu);
-    cudaError_t e;
-    if (FreeMemoryAllows(m.bytes)) {
-      e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
-      m.on_host = false;
+    if (m.host_home) continue;
+    cudaError_t e = cudaSuccess;
+    if (!m.on_host) {
+      if (evicted) {
+        e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
+      }
     } else {
-      e = cudaMemAdvise(m.data, m.bytes, cudaMemAdviseSetPreferredLocation, HostLocation());
-      ForgetDevicePlacement(m.data);
-      m.host_home = true;
+      std::lock_guard<std::mutex> lock(g_placement_mu);
+      if (FreeMemoryAllows(m.bytes)) {
+        e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
+        m.on_host = false;
+        paged_in = true;
+      } else {
+        e = cudaMemAdvise(m.data, m.bytes, cudaMemAdviseSetPreferredLocation, HostLocation());
+        ForgetDevicePlacement(m.data);
+        m.host_home = true;
+      }
     }
     if (e != cudaSuccess) return CudaError(op, "prefetching state to the device", e);
   }
+  // What the next step compares with: free memory while this slot's pages
+  // are on the device (taken at the next step when pages moved in this one).
+  slot.device_free_seen = evicted || paged_in ? 0 : free_now;
   return ffi::Error::Success();
 }
 

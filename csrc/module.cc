@@ -68,6 +68,7 @@ py::list SlotInfo(int32_t handle) {
     d["bytes"] = slot->bytes();
     d["bytes_on_host"] = on_host;
     d["bytes_on_device"] = on_device;
+    d["evictions_seen"] = slot->evictions_seen;
     out.append(d);
   }
   return out;

@@ -116,6 +116,10 @@ struct Slot {
   std::vector<LeafSpec> layout;
   std::vector<LeafState> leaves;
   std::vector<Memory> memory;
+  // CUDA: free device memory (cudaMemGetInfo) when the slot last ran; a rise
+  // since then is the sign that the driver evicted its pages (cuda_ops.cc).
+  size_t device_free_seen = 0;
+  int64_t evictions_seen = 0;  // steps that found the sign and prefetched
   std::mutex mu;  // held while a call reads or writes the slot
 
   ~Slot();

@@ -74,8 +74,10 @@ def state_nbytes(tree: Any) -> int:
 
 
 def slot_info(tree: Any) -> list[dict]:
-  """Per-slot registry info (platform, device, step, bytes, layout key) of
-  every paged state in `tree`."""
+  """Per-slot registry info of every paged state in `tree`: platform, device,
+  step, bytes, bytes placed on the device and on the host, layout key, and
+  `evictions_seen`, the steps that found the driver had evicted the slot's
+  pages (a rise of free GPU memory) and prefetched them back."""
   out = []
   for s in paged_states(tree):
     for key in registry_keys(s):

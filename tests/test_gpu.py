@@ -242,8 +242,8 @@ def test_measure_residency_finds_where_the_pages_are():
 def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_identical():
   """Plain device allocations of 1 GiB until one fails (never managed
   memory beyond what is free): the driver evicts the state to make room.
-  After the spike is freed, the next step faults the state back and every
-  step is bit-identical to an unpressured run."""
+  After the spike is freed, the next step sees free memory risen, prefetches
+  the state back, and every step is bit-identical to an unpressured run."""
   tx = op.paged_adamw8bit(1e-3)
   big = lambda: {**small_tree(), "v": jnp.full((600, 1 << 20), 0.01, jnp.bfloat16)}
   p_ref, s_ref = steps(tx, tx.init(big()), big(), 2)
@@ -265,9 +265,13 @@ def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_id
   params, state = steps(
     tx, state, params, 3, seed=12, before_step=lambda s: found.append(op.measure_residency(s))
   )
-  for after in found[1:]:  # before steps 2 and 3: the first step faulted it back
+  for after in found[1:]:  # before steps 2 and 3: the first step brought it back
     mostly(after, "device", total)
   assert_same_results(params, state, p_ref, s_ref)
+  # The first step after the spike saw the eviction; the unpressured run's
+  # steps and the later ones saw none.
+  assert [i["evictions_seen"] for i in op.slot_info(state)] == [1]
+  assert [i["evictions_seen"] for i in op.slot_info(s_ref)] == [0]
   op.release(state)
   op.release(s_ref)
 

@@ -28,6 +28,7 @@ def test_cpu_states_live_on_the_host():
   assert (found["bytes_on_device"], found["bytes_on_host"]) == (0, nbytes)
   [info] = op.slot_info(state)
   assert info["platform"] == "cpu" and info["step"] == 1 and info["bytes"] == nbytes
+  assert info["evictions_seen"] == 0  # a GPU slot counts the evictions it found
   assert op.state_nbytes(state) == nbytes + 4 + 4  # + count and handle
   op.release(state)
 
