@@ -120,7 +120,7 @@ struct Slot {
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;
   int64_t evictions_seen = 0;  // steps that found the sign and prefetched
-  std::mutex mu;  // held while a call reads or writes the slot
+  std::mutex mu;               // held while a call reads or writes the slot
 
   ~Slot();
   size_t bytes() const;
