@@ -36,7 +36,7 @@ for step in $steps; do
            > "$OUT/gpu_tests.log" 2>&1 || status=1
          tail -15 "$OUT/gpu_tests.log" ;;
     multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
-             test_adamw8bit.py test_sharding.py test_checkpoint.py test_migration.py test_multiprocess.py) \
+             test_functional.py test_layout.py test_checkpoint.py test_migration.py test_multiprocess.py) \
              > "$OUT/multi_tests.log" 2>&1 || status=1
            python3 examples/pjit_sharded.py --steps 100 --model-axis 2 --plot /tmp/pjit_gpu.png \
              >> "$OUT/multi_tests.log" 2>&1 || status=1

@@ -269,6 +269,15 @@ void RunStep(const std::vector<LeafCall>& leaves, const std::vector<LeafSpec>& l
   }
 }
 
+// The count and structure operands of a CPU call are on the host: checks
+// them (a CUDA handler copies them first, ReadHostScalars).
+ffi::Error CheckHostScalars(const char* op, const ffi::Buffer<ffi::S32>& count,
+                            const ffi::Buffer<ffi::S32>& structure, const StructureAttrs& attrs,
+                            int64_t* step) {
+  *step = count.typed_data()[0];
+  return CheckUpdateScalars(op, structure.typed_data(), structure.element_count(), attrs, *step);
+}
+
 // The update handlers' signatures repeat their binding (ffi_common.h's
 // BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
 // into the handler's parameters; what they do with them is shared
@@ -290,9 +299,9 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
       e.failure()) {
     return e;
   }
-  int64_t step = count.typed_data()[0];
-  if (auto e = CheckUpdateScalars(op, structure.typed_data(), structure.element_count(),
-                                  {optim_bits, min_8bit_size, percentile, block_wise}, step);
+  int64_t step = 0;
+  if (auto e = CheckHostScalars(op, count, structure,
+                                {optim_bits, min_8bit_size, percentile, block_wise}, &step);
       e.failure()) {
     return e;
   }
@@ -334,9 +343,9 @@ ffi::Error UpdateArraysCpu(ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> st
       e.failure()) {
     return e;
   }
-  int64_t step = count.typed_data()[0];
-  if (auto e = CheckUpdateScalars(op, structure.typed_data(), structure.element_count(),
-                                  {optim_bits, min_8bit_size, percentile, block_wise}, step);
+  int64_t step = 0;
+  if (auto e = CheckHostScalars(op, count, structure,
+                                {optim_bits, min_8bit_size, percentile, block_wise}, &step);
       e.failure()) {
     return e;
   }

@@ -204,6 +204,19 @@ ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* hand
   return ffi::Error::Success();
 }
 
+// The update handlers' scalars: read to the host, then checked as a CPU
+// handler checks them where they already are.
+ffi::Error ReadUpdateScalars(const char* op, cudaStream_t stream, const void* handle,
+                             const ffi::Buffer<ffi::S32>& count,
+                             const ffi::Buffer<ffi::S32>& structure, const StructureAttrs& attrs,
+                             HostScalars* out) {
+  if (auto e = ReadHostScalars(op, stream, handle, count.untyped_data(), &structure, out);
+      e.failure()) {
+    return e;
+  }
+  return CheckUpdateScalars(op, out->structure, out->structure_size, attrs, out->count);
+}
+
 // The residency probe (LaunchLoadLatency) of a slot's memory, with device
 // and pinned host memory as references measured in the same call
 // (MeasureResidency, below).
@@ -533,13 +546,8 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   }
   DeviceScope scope(device);
   HostScalars host;
-  if (auto e = ReadHostScalars(op, stream, handle.untyped_data(), count.untyped_data(), &structure,
-                               &host);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = CheckUpdateScalars(op, host.structure, host.structure_size,
-                                  {optim_bits, min_8bit_size, percentile, block_wise}, host.count);
+  if (auto e = ReadUpdateScalars(op, stream, handle.untyped_data(), count, structure,
+                                 {optim_bits, min_8bit_size, percentile, block_wise}, &host);
       e.failure()) {
     return e;
   }
@@ -590,12 +598,8 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
   }
   DeviceScope scope(device);
   HostScalars host;
-  if (auto e = ReadHostScalars(op, stream, nullptr, count.untyped_data(), &structure, &host);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = CheckUpdateScalars(op, host.structure, host.structure_size,
-                                  {optim_bits, min_8bit_size, percentile, block_wise}, host.count);
+  if (auto e = ReadUpdateScalars(op, stream, nullptr, count, structure,
+                                 {optim_bits, min_8bit_size, percentile, block_wise}, &host);
       e.failure()) {
     return e;
   }

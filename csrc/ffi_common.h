@@ -412,6 +412,8 @@ auto BindUpdate(Binding binding) {
       .template Attr<int64_t>("layout_key");
 }
 
+// Export and import list their operands in opposite directions (the same
+// buffers as results, then as operands): alike by design.
 template <typename Binding>
 auto BindExport(Binding binding) {
   return std::move(binding)

@@ -246,41 +246,57 @@ std::string LayoutKeyMismatch(uint32_t have, uint32_t call) {
   return msg.str();
 }
 
+// The checks of a fresh token (a state init returned; its slot is made by its
+// first update): made for this call's params, and still at count 0. `why`
+// ends the count's error.
+std::string CheckFreshToken(const Registry::Request& request, int64_t count, const char* why) {
+  if (FreshLayoutKey(request.handle_bits) != request.layout_key) {
+    return LayoutKeyMismatch(FreshLayoutKey(request.handle_bits), request.layout_key);
+  }
+  if (count == 0) return "";
+  Message msg;
+  msg << "this opt_state has no stored moments (the fresh handle that init returns) but its "
+         "count is "
+      << count << ", not 0" << why << kHowToSave;
+  return msg.str();
+}
+
 }  // namespace
 
-std::string Registry::FindForUpdateLocked(const Request& request, int64_t count,
-                                          std::shared_ptr<Slot>* slot) {
-  Message msg;
-  if (IsFreshToken(request.handle_bits)) {
-    if (FreshLayoutKey(request.handle_bits) != request.layout_key) {
-      return LayoutKeyMismatch(FreshLayoutKey(request.handle_bits), request.layout_key);
-    }
-    if (count != 0) {
-      msg << "this opt_state has no stored moments (the fresh handle that init returns) but its "
-             "count is "
-          << count << ", not 0: it was changed by hand or restored without its moments."
-          << kHowToSave;
-      return msg.str();
-    }
-    slot->reset();  // a fresh state: the caller creates its slot
-    return "";
-  }
+std::string Registry::FindSlotLocked(const Request& request, int64_t count,
+                                     std::shared_ptr<Slot>* slot) const {
   int32_t handle = static_cast<int32_t>(request.handle_bits);
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
   auto it = slots_.find(Key{handle, static_cast<int>(request.platform), request.device});
   if (it == slots_.end()) return MissingSlotLocked(handle, request, count);
-  const std::shared_ptr<Slot>& found = it->second;
-  std::string mismatch = DescribeLayoutMismatch(found->layout, *request.layout);
-  if (mismatch.empty() && found->layout_key != request.layout_key) {
-    return LayoutKeyMismatch(found->layout_key, request.layout_key);
-  }
+  std::string mismatch = DescribeLayoutMismatch(it->second->layout, *request.layout);
   if (!mismatch.empty()) {
+    Message msg;
     msg << "optimizer state handle " << handle << " belongs to an optimizer over different "
         << "parameters: " << mismatch
         << ". Use the opt_state that this optimizer's init returned for these params.";
     return msg.str();
   }
+  *slot = it->second;
+  return "";
+}
+
+std::string Registry::FindForUpdateLocked(const Request& request, int64_t count,
+                                          std::shared_ptr<Slot>* slot) {
+  slot->reset();  // a fresh state: the caller creates its slot
+  if (IsFreshToken(request.handle_bits)) {
+    return CheckFreshToken(request, count,
+                           ": it was changed by hand or restored without its moments.");
+  }
+  std::shared_ptr<Slot> found;
+  std::string error = FindSlotLocked(request, count, &found);
+  if (!error.empty()) return error;
+  if (found->layout_key != request.layout_key) {
+    return LayoutKeyMismatch(found->layout_key, request.layout_key);
+  }
+  int32_t handle = static_cast<int32_t>(request.handle_bits);
+  Message msg;
   if (found->step != count) {
     msg << "stale optimizer state: handle " << handle << " on " << PlatformName(request.platform)
         << ":" << request.device << " is at step " << found->step
@@ -321,41 +337,23 @@ std::string Registry::AcquireForUpdate(const Request& request, int64_t count, Al
 std::string Registry::AcquireForRead(const Request& request, int64_t count,
                                      std::shared_ptr<Slot>* slot, int64_t* step_out) {
   std::lock_guard<std::mutex> lock(mu_);
-  Message msg;
-  if (IsFreshToken(request.handle_bits)) {
-    if (FreshLayoutKey(request.handle_bits) != request.layout_key) {
-      return LayoutKeyMismatch(FreshLayoutKey(request.handle_bits), request.layout_key);
-    }
-    if (count != 0) {
-      msg << "this opt_state has no stored moments (the fresh handle that init returns) but its "
-             "count is "
-          << count << ", not 0." << kHowToSave;
-      return msg.str();
-    }
-    slot->reset();
-    *step_out = 0;
-    return "";
-  }
-  int32_t handle = static_cast<int32_t>(request.handle_bits);
-  std::string error = CheckHandleLocked(handle);
+  slot->reset();
+  *step_out = 0;
+  if (IsFreshToken(request.handle_bits)) return CheckFreshToken(request, count, ".");
+  std::shared_ptr<Slot> found;
+  std::string error = FindSlotLocked(request, count, &found);
   if (!error.empty()) return error;
-  auto it = slots_.find(Key{handle, static_cast<int>(request.platform), request.device});
-  if (it == slots_.end()) return MissingSlotLocked(handle, request, count);
-  std::string mismatch = DescribeLayoutMismatch(it->second->layout, *request.layout);
-  if (!mismatch.empty()) {
-    msg << "optimizer state handle " << handle
-        << " does not match the requested layout: " << mismatch << ".";
-    return msg.str();
-  }
-  int64_t step = it->second->step;
+  int32_t handle = static_cast<int32_t>(request.handle_bits);
+  Message msg;
+  int64_t step = found->step;
   if (step != count && step != count + 1) {
     msg << "stale optimizer state: handle " << handle << " is at step " << step
         << " but export was given an opt_state with count " << count
         << "; export the opt_state returned by the latest update.";
     return msg.str();
   }
-  TouchLocked(*it->second);
-  *slot = it->second;
+  TouchLocked(*found);
+  *slot = found;
   *step_out = step;
   return "";
 }

@@ -214,6 +214,11 @@ class Registry {
   // The reason a live handle has no slot here: collected, or made on another
   // device (the error says which).
   std::string MissingSlotLocked(int32_t handle, const Request& request, int64_t count) const;
+  // The slot of a non-fresh handle for this call's platform and device, or
+  // why there is none (released, collected, never made on this device, made
+  // for params of other shapes).
+  std::string FindSlotLocked(const Request& request, int64_t count,
+                             std::shared_ptr<Slot>* slot) const;
   void TouchLocked(Slot& slot) { slot.last_use = ++epoch_; }
   // Moves the slots of the handles `doomed_handle` accepts out of the map.
   template <typename Pred>

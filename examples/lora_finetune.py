@@ -83,6 +83,8 @@ class Block(nn.Module):
     return x + LoRADense(self.dim, self.rank, name="fc2")(jax.nn.gelu(h))
 
 
+# The small LM of pjit_sharded.py with LoRA adapters: each example is one
+# file a reader can follow alone, so the model is written again here.
 class LM(nn.Module):
   rank: int = 0
   dim: int = 128

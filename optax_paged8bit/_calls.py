@@ -197,7 +197,8 @@ def update_arrays(
   moments: list[jax.Array],
   write_params: bool,
 ) -> tuple[jax.Array, jax.Array, list[jax.Array], list[Any]]:
-  """adamw8bit's update: the state goes in and out as arrays, no registry.
+  """adamw8bit's update: the state goes in and out as arrays, no registry
+  (its signature parallels update's, with the state arrays for the handle).
   Returns (count, rings, outputs, the 4 state arrays per leaf, None for a
   float32 leaf's scales). Under jax.vmap the call runs once per member
   (vmap_method="sequential"), so each member's blocks are exactly those of

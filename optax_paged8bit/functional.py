@@ -112,6 +112,8 @@ def adamw8bit(
     >>> tx = optax.MultiSteps(adamw8bit(2e-4), every_k_schedule=4)
   """
   who = "adamw8bit"
+  # Deliberately as paged_adamw8bit builds itself: the same public signature
+  # (bitsandbytes'), one validate, an init and a step over another state type.
   config = validate(
     who,
     lr,

@@ -140,6 +140,7 @@ def paged_adamw8bit(
     Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
   """
   who = "paged_adamw8bit"
+  # adamw8bit (functional.py) builds itself the same way, over its own state.
   config = validate(
     who,
     lr,

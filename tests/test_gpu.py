@@ -440,8 +440,8 @@ def test_a_changed_injected_layout_argument_fails_on_the_gpu():
 
 
 def test_flax_fused_forms_on_the_gpu():
-  import test_flax
+  import test_fused
 
   with jax.default_device(GPU):
-    test_flax.test_fused_train_state_and_fused_chain()
-    test_flax.test_fused_nnx_optimizer_matches_the_fused_step()
+    test_fused.test_fused_train_state_and_fused_chain()
+    test_fused.test_fused_nnx_optimizer_matches_the_fused_step()

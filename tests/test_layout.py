@@ -1,5 +1,5 @@
-"""Sharded updates under jax.jit with NamedSharding params, on 4 and 8 fake
-CPU devices (conftest.py asks XLA for 8)."""
+"""The layout's sharding (_layout.py): sharded updates under jax.jit with
+NamedSharding params, on 4 and 8 fake CPU devices (conftest.py asks XLA for 8)."""
 
 from __future__ import annotations
 
