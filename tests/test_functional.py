@@ -67,6 +67,37 @@ def test_bit_identical_to_paged(dtype, kw, fused):
   op.release(s1)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+def test_many_leaves_in_several_calls_bit_identical_to_paged(fused):
+  # 300 leaves: adamw8bit's update runs as 3 custom calls (ARRAYS_CALL_LEAVES),
+  # the paged one as one; 8-bit and float32 leaves, clipping, donated state.
+  assert op._calls.ARRAYS_CALL_LEAVES < 300
+  shapes = {f"l{i:03d}": ((300 + 37 * i,) if i % 3 else (8, 64 + i)) for i in range(300)}
+  kw = dict(min_8bit_size=1000, percentile_clipping=90)
+  paged, arrays = op.paged_adamw8bit(1e-3, **kw), op.adamw8bit(1e-3, **kw)
+  p1, p2 = tree(1, shapes=shapes), tree(1, shapes=shapes)  # each donated
+  s1, s2 = paged.init(p1), arrays.init(p2)
+
+  def step(tx):
+    if fused:
+      return jax.jit(tx.fused_update, donate_argnums=(1, 2))
+
+    def optax_step(g, s, p):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    return jax.jit(optax_step, donate_argnums=(1, 2))
+
+  step1, step2 = step(paged), step(arrays)
+  for t in range(3):
+    g = grads(20 + t, p1)
+    p1, s1 = step1(g, s1, p1)
+    p2, s2 = step2(g, s2, p2)
+  assert_trees_equal(p1, p2, "params")
+  assert_trees_equal(op.export_state(s1), s2, "state")
+  op.release(s1)
+
+
 def test_state_is_the_export_format_and_imports_into_paged():
   params = tree(1)
   tx = op.adamw8bit(1e-3)

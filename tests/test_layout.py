@@ -216,6 +216,23 @@ def test_percentile_clipping_with_aligned_shards_bit_identical_to_one_device(
     op.release(s2)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+def test_adamw8bit_in_several_calls_with_sharded_clipping_equals_paged_in_one(fused, monkeypatch):
+  # adamw8bit runs one custom call per ARRAYS_CALL_LEAVES leaves; with 1 each
+  # leaf's call takes its own rows of the rings and its own gathered norms.
+  monkeypatch.setattr(op._calls, "ARRAYS_CALL_LEAVES", 1)
+  m = mesh((4,), ("x",))
+  shapes, specs = ALIGNED_SHAPES, ALIGNED_SPECS
+  params, grads = make(shapes, 0), growing_grads(shapes, 4)
+  kw = dict(min_8bit_size=1000, weight_decay=1e-2, percentile_clipping=80)
+  p1, s1 = run(op.paged_adamw8bit(1e-3, **kw), params, grads, fused)
+  sharded_grads = [place(g, m, specs) for g in grads]
+  p2, s2 = run(op.adamw8bit(1e-3, **kw), place(params, m, specs), sharded_grads, fused)
+  assert_same(p1, s1, p2, s2)
+  assert_bit_equal(np.asarray(s2.gnorm_vec), np.asarray(s1.gnorm_vec), "clipping rings")
+  op.release(s1)
+
+
 def test_percentile_clipping_on_a_two_dimensional_mesh_and_a_misaligned_leaf():
   m = mesh((2, 4), ("data", "model"))
   shapes = {"qkv": (512, 1024), "proj": (1024, 512), "odd": (40, 20), "b": (1024,)}
