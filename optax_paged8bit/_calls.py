@@ -40,7 +40,11 @@ _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 # cost little memory. Large leaves are aliased: with the step's inputs
 # donated, a result that is not gets copied into the donated buffer
 # afterwards, one copy per array (measured on an H200: the fused step on
-# 1152 LoRA leaves of 65536 elements 17.9 ms instead of 10.9 ms).
+# 1152 LoRA leaves of 65536 elements 17.9 ms instead of 10.9 ms); an aliased
+# operand that is not donated is copied before the call instead. adamw8bit's
+# calls hold at most ARRAYS_CALL_LEAVES leaves each, which keeps aliasing
+# cheap to compile; whether all its arrays should be aliased is for a GPU
+# measurement of both cases to decide.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
 STATE_ALIAS_MIN_ELEMENTS = 1 << 20  # four per leaf
 
