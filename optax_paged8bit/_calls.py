@@ -194,7 +194,7 @@ def update(
 # XLA's compile time grows with the square of one call's operands and aliases
 # (CPU, 1000 leaves of 512 elements: one call 13.8 s, 78 s with every state
 # array aliased; ten calls 4.5 s and 3.4 s), and the leaves are independent.
-ARRAYS_CALL_LEAVES = 128
+ARRAYS_CALL_LEAVES = 256
 
 
 def update_arrays(

@@ -69,7 +69,7 @@ def test_bit_identical_to_paged(dtype, kw, fused):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
 def test_many_leaves_in_several_calls_bit_identical_to_paged(fused):
-  # 300 leaves: adamw8bit's update runs as 3 custom calls (ARRAYS_CALL_LEAVES),
+  # 300 leaves: adamw8bit's update runs as 2 custom calls (ARRAYS_CALL_LEAVES),
   # the paged one as one; 8-bit and float32 leaves, clipping, donated state.
   assert op._calls.ARRAYS_CALL_LEAVES < 300
   shapes = {f"l{i:03d}": ((300 + 37 * i,) if i % 3 else (8, 64 + i)) for i in range(300)}
