@@ -3,7 +3,6 @@
 //
 // update:  args   handle u32[], count s32[], structure s32[5 or 0],
 //                 hyper f32[5], qmaps f32[2,256], rings f32[L or 0, 100],
-//                 grads x L, params x L
 //                 norms u32[B, 2] (or [0, 2]), grads x L, params x L
 //          rets   handle u32[], count s32[], rings, out x L (updates, or new
 //                 params when write_params)

@@ -5,6 +5,7 @@ import. With sharded params each runs inside jax.shard_map, one registry slot
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from typing import Any
@@ -228,8 +229,8 @@ def update_arrays(
     for lo in range(0, max(n, 1), ARRAYS_CALL_LEAVES):
       hi = min(n, lo + ARRAYS_CALL_LEAVES)
       m = hi - lo
-      # The state arrays of leaves lo..hi, as positions in `present`.
-      own = [j for j, k in enumerate(present) if lo <= k // 4 < hi]
+      # The state arrays of leaves lo..hi: a run of `present` (ordered by leaf).
+      own = range(bisect.bisect_left(present, 4 * lo), bisect.bisect_left(present, 4 * hi))
       part_rings = rings[lo:hi] if layout.clipping else rings
       part_norms, part_blocks = norms, norm_blocks
       if len(norm_blocks):
