@@ -5,7 +5,8 @@
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [same_size] [trace]
 #                                 [ncu] [diag] [cpu]
 # gpu: tests/test_gpu.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
-# the GPUs (2 on nvidia-h100-x2); bench: benchmarks/bench_adamw.py; pressure:
+# the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
+# one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
 # capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
@@ -40,7 +41,9 @@ for step in $steps; do
              > "$OUT/multi_tests.log" 2>&1 || status=1
            python3 examples/pjit_sharded.py --steps 100 --model-axis 2 --plot /tmp/pjit_gpu.png \
              >> "$OUT/multi_tests.log" 2>&1 || status=1
-           tail -14 "$OUT/multi_tests.log" ;;
+           python3 examples/launch.py -n 2 --one-gpu-each examples/pjit_sharded.py --steps 100 \
+             --model-axis 2 --plot /tmp/pjit_gpu_2proc.png >> "$OUT/multi_tests.log" 2>&1 || status=1
+           tail -24 "$OUT/multi_tests.log" ;;
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;
