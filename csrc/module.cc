@@ -8,6 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "cpu_ops.h"
 #include "ffi_common.h"
 #include "registry.h"
@@ -109,20 +112,23 @@ PYBIND11_MODULE(_ops, m) {
       "Handles that hold memory now.");
   m.def("slot_info", &SlotInfo, "Per-slot bytes and step of a handle.");
   m.def(
-      "check_update",
-      [](uint32_t handle_bits, int64_t layout_key, const std::string& platform, int device,
-         int64_t count, const std::vector<int64_t>& sizes, const std::vector<int32_t>& flags,
-         bool block_wise) {
+      "check_call",
+      [](const std::string& call, uint32_t handle_bits, int64_t layout_key,
+         const std::string& platform, int device, int64_t count, const std::vector<int64_t>& sizes,
+         const std::vector<int32_t>& flags, bool block_wise) {
         std::vector<LeafSpec> layout;
         for (size_t i = 0; i < sizes.size(); ++i) {
           bool is_8bit = (flags[i] & kLeaf8bit) != 0;
           layout.push_back(LeafSpec{sizes[i], is_8bit, NumScales(sizes[i], is_8bit, block_wise)});
         }
         Platform p = platform == "cpu" ? Platform::kCpu : Platform::kCuda;
-        return Registry::Global().CheckUpdate(
-            MakeRequest(handle_bits, layout_key, p, device, layout), count);
+        Registry::Request request = MakeRequest(handle_bits, layout_key, p, device, layout);
+        if (call == "update") return Registry::Global().CheckUpdate(request, count);
+        if (call == "export") return Registry::Global().CheckRead(request, count);
+        throw std::invalid_argument("check_call: call must be 'update' or 'export', got " + call);
       },
-      "The error an update of this state would fail with, or '' (host-side pre-check).");
+      "The error an update or export of this state would fail with, or '' (host-side "
+      "pre-check).");
   m.def(
       "total_bytes", [] { return Registry::Global().TotalBytes(); },
       "Bytes held by all live slots.");

@@ -334,9 +334,8 @@ std::string Registry::AcquireForUpdate(const Request& request, int64_t count, Al
   return CreateSlotLocked(request, allocator, slot, handle_out);
 }
 
-std::string Registry::AcquireForRead(const Request& request, int64_t count,
-                                     std::shared_ptr<Slot>* slot, int64_t* step_out) {
-  std::lock_guard<std::mutex> lock(mu_);
+std::string Registry::FindForReadLocked(const Request& request, int64_t count,
+                                        std::shared_ptr<Slot>* slot, int64_t* step_out) const {
   slot->reset();
   *step_out = 0;
   if (IsFreshToken(request.handle_bits)) return CheckFreshToken(request, count, ".");
@@ -352,10 +351,24 @@ std::string Registry::AcquireForRead(const Request& request, int64_t count,
         << "; export the opt_state returned by the latest update.";
     return msg.str();
   }
-  TouchLocked(*found);
   *slot = found;
   *step_out = step;
   return "";
+}
+
+std::string Registry::CheckRead(const Request& request, int64_t count) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::shared_ptr<Slot> unused;
+  int64_t step = 0;
+  return FindForReadLocked(request, count, &unused, &step);
+}
+
+std::string Registry::AcquireForRead(const Request& request, int64_t count,
+                                     std::shared_ptr<Slot>* slot, int64_t* step_out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string error = FindForReadLocked(request, count, slot, step_out);
+  if (error.empty() && *slot) TouchLocked(**slot);
+  return error;
 }
 
 std::string Registry::AcquireForImport(const Request& request, Allocator& allocator,

@@ -184,6 +184,12 @@ class Registry {
   std::string AcquireForRead(const Request& request, int64_t count, std::shared_ptr<Slot>* slot,
                              int64_t* step_out);
 
+  // What AcquireForRead would fail with ("" when it would succeed): an eager
+  // export is checked on the host before its call is issued. A failed call
+  // with side effects leaves JAX's runtime token of its device in error, so
+  // every later jax.effects_barrier() would raise the same error again.
+  std::string CheckRead(const Request& request, int64_t count);
+
   // A new handle and a slot (with `layout`) to fill with imported state.
   // Importing never reuses the target state's slot, so no older state object
   // can step on moments that are not its own.
@@ -209,6 +215,8 @@ class Registry {
   std::string CheckHandleLocked(int32_t handle) const;
   std::string FindForUpdateLocked(const Request& request, int64_t count,
                                   std::shared_ptr<Slot>* slot);
+  std::string FindForReadLocked(const Request& request, int64_t count, std::shared_ptr<Slot>* slot,
+                                int64_t* step_out) const;
   std::string CreateSlotLocked(const Request& request, Allocator& allocator,
                                std::shared_ptr<Slot>* slot, int32_t* handle_out);
   // The reason a live handle has no slot here: collected, or made on another

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 import sys
 import threading
@@ -82,26 +81,31 @@ def is_released(handle: int) -> bool:
   return bool(_ops.is_released(int(handle)))
 
 
-def check_update(handle, count, layout) -> None:
-  """Raises the error an update of a concrete state would fail with, before the
-  call is issued (under jit the custom call itself checks)."""
-  device = next(iter(handle.devices()))
-  platform = "cpu" if device.platform == "cpu" else "cuda"
-  ordinal = getattr(device, "local_hardware_id", None)
-  ordinal = device.id if ordinal is None else ordinal
-  sizes = [math.prod(shape) for shape in layout.shapes]
-  error = _ops.check_update(
-    int(handle),
-    layout.key,
-    platform,
-    int(ordinal),
-    int(count),
-    sizes,
-    list(layout.leaf_flags),
-    layout.block_wise,
-  )
-  if error:
-    raise ValueError(error)
+def check_call(call: str, handle: jax.Array, count: jax.Array, layout) -> None:
+  """Raises the error an eager `call` ("update" or "export") of a concrete
+  state would fail with, before the call is issued: on each of this
+  process's devices, the registry checks its own handle value. Under jit the
+  custom call itself checks."""
+  sizes = [int(n) for n in layout.leaf_sizes()]
+  for shard in handle.addressable_shards:
+    device = shard.device
+    # The device a custom call sees (XLA's device ordinal): a CPU device's
+    # global id (2048 and up in process 1 of a multi-process run), a GPU's
+    # index among this process's GPUs.
+    cpu = device.platform == "cpu"
+    error = _ops.check_call(
+      call,
+      int(np.asarray(shard.data)),
+      layout.key,
+      "cpu" if cpu else "cuda",
+      int(device.id if cpu else device.local_hardware_id),
+      int(count),
+      sizes,
+      list(layout.leaf_flags),
+      layout.block_wise,
+    )
+    if error:
+      raise ValueError(error)
 
 
 def slot_info(handle: int) -> list[dict]:

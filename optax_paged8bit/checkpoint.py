@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_paged8bit import _calls
+from optax_paged8bit import _calls, _ffi
 from optax_paged8bit._layout import (
   MOMENT_FIELDS,
   RING_SIZE,
@@ -59,6 +59,10 @@ def _export_one(state: PagedAdamW8bitState) -> Adam8bitState:
   if any(isinstance(x, jax.core.Tracer) for x in (state.handle, state.count)):
     step, flat = _calls.export_split(layout, state.handle, state.count)
   else:
+    # Fail before the call: a failed export (a call with side effects) would
+    # leave JAX's runtime token in error, raised again by every later
+    # jax.effects_barrier() (release, page_out, ...).
+    _ffi.check_call("export", state.handle, state.count, layout)
     step, codes, floats = _calls.export_flat(layout, state.handle, state.count)
     flat = _calls.export_arrays(layout, codes, floats)
   if not isinstance(step, jax.core.Tracer):

@@ -188,7 +188,7 @@ def paged_adamw8bit(
       for x in (state.handle, state.count)
     )
     if concrete and layout.mesh is None:
-      _ffi.check_update(state.handle, state.count, layout)  # eager: fail before the call
+      _ffi.check_call("update", state.handle, state.count, layout)  # eager: fail before the call
     handle, count, rings, outs = _calls.update(
       layout,
       state.handle,

@@ -238,9 +238,35 @@ def test_a_state_restored_without_its_moments_names_the_right_way_to_save(tmp_pa
   foreign = state._replace(handle=jax.numpy.uint32(3))
   with pytest.raises(Exception, match=r"not created in this process.*save_checkpoint"):
     jax.block_until_ready(jax.jit(tx.fused_update)(make(100), foreign, make(0)))
-  with pytest.raises(Exception, match=r"not created in this process.*save_checkpoint"):
+  with pytest.raises(ValueError, match=r"not created in this process.*save_checkpoint"):
     op.export_state(foreign)
   op.release(state)
+
+
+def test_a_refused_export_is_refused_before_its_call_and_leaves_no_error_behind():
+  """Exports of a stale, a released and a foreign state raise ValueError from
+  the host check, before any call is issued: a failed export call (it has side
+  effects) would leave JAX's runtime token in error on a GPU, and every later
+  jax.effects_barrier() (release, page_out, collect) would raise it again."""
+  tx = optimizer("paged")
+  params, state = train(tx, tx.init(make(0)), make(0), 1, 0)
+  params, newer = train(tx, state, params, 2, 1)  # `state` is now two steps behind
+  gone = tx.init(make(0))
+  _, gone = train(tx, gone, make(0), 1, 0)
+  op.release(gone)
+  refused = [
+    (state, r"stale optimizer state.*export the opt_state returned by the latest"),
+    (gone, r"released"),
+    (newer._replace(handle=jax.numpy.uint32(3)), r"not created in this process"),
+  ]
+  for bad, match in refused:
+    with pytest.raises(ValueError, match=match):
+      op.export_state(bad)
+    jax.effects_barrier()  # nothing left in error
+  exported = op.export_state(newer)
+  assert int(exported.count) == 3
+  op.release(newer)
+  jax.effects_barrier()
 
 
 def test_checkpoint_manager_loop_keeps_the_last_k_and_resumes_from_the_latest(tmp_path):

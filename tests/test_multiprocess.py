@@ -75,15 +75,20 @@ def launch(n: int, out: pathlib.Path, *args: str) -> dict[str, np.ndarray]:
     )
     for i in range(n)
   ]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=240)[0])
-  finally:
-    for p in procs:
-      p.kill()
+  logs, timed_out = [], False
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=150)[0])
+    except subprocess.TimeoutExpired:
+      # One process waiting for another that failed: kill them all and show every log.
+      timed_out = True
+      for q in procs:
+        q.kill()
+      logs.append(p.communicate()[0])
   for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} of {n} failed:\n{logs[i][-4000:]}"
+    why = "timed out (killed after 150 s)" if timed_out else "failed"
+    tails = "\n".join(f"--- process {j}:\n{log[-3000:]}" for j, log in enumerate(logs))
+    assert p.returncode == 0 and not timed_out, f"process {i} of {n} {why}:\n{tails}"
   with np.load(out / "result.npz") as f:
     return dict(f)
 
