@@ -132,8 +132,22 @@ _scanning = threading.Lock()
 _platforms: list[str] = []  # set by the first scan outside the garbage collector
 
 
+def _backend_platforms() -> list[str]:
+  """The platforms whose arrays may hold handles: the default backend's, and
+  the CPU's when JAX has one (JAX_PLATFORMS=cuda leaves it out)."""
+  platforms = {d.platform for d in jax.devices()}
+  with contextlib.suppress(RuntimeError):  # "Unknown backend cpu"
+    jax.devices("cpu")
+    platforms.add("cpu")
+  return sorted(platforms)
+
+
 def _live_arrays() -> list[jax.Array]:
-  return [x for platform in _platforms for x in jax.live_arrays(platform)]
+  arrays = []
+  for platform in _platforms:
+    with contextlib.suppress(RuntimeError):  # a platform this process has no backend for
+      arrays += jax.live_arrays(platform)
+  return arrays
 
 
 def _held_handles(arrays: list[jax.Array]) -> set[int]:
@@ -177,7 +191,7 @@ def scan_for_unheld_states(*, wait: bool, from_gc: bool = False) -> tuple[int, i
     return 0, 0
   try:
     if not _platforms:
-      _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
+      _platforms.extend(_backend_platforms())
     with_slots = set(_ops.handles_with_slots())
     if not with_slots:
       return 0, 0
