@@ -68,6 +68,14 @@ def test_uint32_arrays_that_are_no_handle_do_not_disturb_the_collector():
   del strays
 
 
+def test_the_collector_skips_a_platform_this_process_has_no_backend_for(monkeypatch):
+  """JAX_PLATFORMS=cuda leaves out the CPU backend, and asking for its arrays
+  raises 'Unknown backend cpu': a scan (every tx.init once a state exists)
+  must look only where JAX has a backend. "tpu" stands for it here."""
+  monkeypatch.setattr(op._ffi, "_platforms", [*op._ffi._backend_platforms(), "tpu"])
+  check_collect_frees_dropped_and_keeps_held()
+
+
 def check_collect_frees_dropped_and_keeps_held():
   tx = op.paged_adamw8bit()
   before = settled_registry_bytes()
