@@ -62,6 +62,24 @@ def test_pjit_sharded_runs_as_two_processes(tmp_path):
   assert (tmp_path / "loss.png").exists()
 
 
+def test_launch_gives_each_process_its_own_gpu_and_its_arguments(tmp_path):
+  """launch.py --one-gpu-each, checked with a script that writes what it got
+  (the 2-GPU run of pjit_sharded.py is in benchmarks/RESULTS.md)."""
+  script = tmp_path / "show.py"
+  script.write_text(
+    "import os, sys\n"
+    "i = sys.argv[sys.argv.index('--process-id') + 1]\n"
+    "with open(f'got_{i}.txt', 'w') as f:\n"
+    "  f.write(os.environ.get('CUDA_VISIBLE_DEVICES', '-') + ' ' + ' '.join(sys.argv[1:]))\n"
+  )
+  run_example(tmp_path, "launch.py", "-n", "3", "--one-gpu-each", str(script), "--steps", "5")
+  for i in range(3):
+    visible, *args = (tmp_path / f"got_{i}.txt").read_text().split()
+    assert visible == str(i)
+    assert args[:6] == ["--steps", "5", "--num-processes", "3", "--process-id", str(i)]
+    assert args[6] == "--coordinator" and args[7].startswith("127.0.0.1:")
+
+
 def test_lora_finetune_trains_only_the_adapters(tmp_path):
   args = ["--base-steps", "40", "--steps", "30", "--base", str(tmp_path / "base.msgpack")]
   args += ["--plot", str(tmp_path / "lora.png")]
