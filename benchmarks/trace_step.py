@@ -4,8 +4,9 @@ the largest total time per step.
 
     python benchmarks/trace_step.py 2 --out trace_dir   # case 2: GPT-2 medium
 
-Traces optax.adamw and the paged fused step of the same case. The perfetto
-trace (json.gz) stays in --out for a closer look.
+Traces optax.adamw and the paged fused step of the same case (--methods picks
+others: "paged optax path", "adamw8bit optax path", "adamw8bit fused"). The
+perfetto trace (json.gz) stays in --out for a closer look.
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ def main():
   parser.add_argument("--out", default="trace_out")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--methods", default="optax.adamw,paged fused", help="comma-separated")
   args = parser.parse_args()
   name, (shapes, dtype) = list(CASES.items())[args.case]
   params = make_tree(shapes, dtype, jax.random.PRNGKey(0))
   grads = make_tree(shapes, dtype, jax.random.PRNGKey(1))
   print(f"{name} on {jax.devices()[0].device_kind}, jax {jax.__version__}")
-  for method in ("optax.adamw", "paged fused"):
-    fused = method == "paged fused"
-    tx = op.paged_adamw8bit(LR) if fused else optax.adamw(LR, weight_decay=1e-2)
+  for method in args.methods.split(","):
+    fused = method.endswith("fused")
+    if method == "optax.adamw":
+      tx = optax.adamw(LR, weight_decay=1e-2)
+    else:
+      tx = (op.adamw8bit if method.startswith("adamw8bit") else op.paged_adamw8bit)(LR)
     step = jitted_step(tx, fused)
     state = tx.init(params)
     for _ in range(3):
