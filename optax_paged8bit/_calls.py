@@ -42,10 +42,11 @@ _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 # donated, a result that is not gets copied into the donated buffer
 # afterwards, one copy per array (measured on an H200: the fused step on
 # 1152 LoRA leaves of 65536 elements 17.9 ms instead of 10.9 ms); an aliased
-# operand that is not donated is copied before the call instead. adamw8bit's
-# calls hold at most ARRAYS_CALL_LEAVES leaves each, which keeps aliasing
-# cheap to compile; whether all its arrays should be aliased is for a GPU
-# measurement of both cases to decide.
+# operand that is not donated is copied before the call instead. Aliasing
+# every adamw8bit state array was measured on an H200 (1152 LoRA leaves,
+# donated): it removes 4609 small copies (5.4 ms of GPU time) but not the
+# step's time, which JAX's host dispatch of its ~6900 arrays bounds
+# (benchmarks/RESULTS.md, ninth session); so it stays at large arrays.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
 STATE_ALIAS_MIN_ELEMENTS = 1 << 20  # four per leaf
 
@@ -54,8 +55,13 @@ def _large(layout: Layout, i: int, threshold: int = PARAM_ALIAS_MIN_ELEMENTS) ->
   return math.prod(layout.local_shapes[i]) >= threshold
 
 
-def _param_aliases(layout: Layout, first_param: int, first_out: int) -> dict[int, int]:
-  return {first_param + i: first_out + i for i in range(layout.num_leaves) if _large(layout, i)}
+def _param_aliases(
+  layout: Layout, first_param: int, first_out: int, leaves: range | None = None
+) -> dict[int, int]:
+  """Aliases of the large params among `leaves` (all by default), the call's
+  params and results numbered from first_param and first_out."""
+  leaves = range(layout.num_leaves) if leaves is None else leaves
+  return {first_param + t: first_out + t for t, i in enumerate(leaves) if _large(layout, i)}
 
 
 _HANDLE = jax.ShapeDtypeStruct((), HANDLE_DTYPE)
@@ -253,7 +259,7 @@ def update_arrays(
         }
       )
       if write_params:
-        aliases.update({6 + m + i: 2 + i for i in range(m) if _large(layout, lo + i)})
+        aliases.update(_param_aliases(layout, 6 + m, 2, range(lo, hi)))
       call = jax.ffi.ffi_call(
         _ffi.UPDATE_ARRAYS_TARGET,
         out_types,

@@ -86,7 +86,7 @@ def check_call(call: str, handle: jax.Array, count: jax.Array, layout) -> None:
   state would fail with, before the call is issued: on each of this
   process's devices, the registry checks its own handle value. Under jit the
   custom call itself checks."""
-  sizes = [int(n) for n in layout.leaf_sizes()]
+  sizes, flags = [int(n) for n in layout.leaf_sizes()], list(layout.leaf_flags)
   for shard in handle.addressable_shards:
     device = shard.device
     # The device a custom call sees (XLA's device ordinal): a CPU device's
@@ -101,7 +101,7 @@ def check_call(call: str, handle: jax.Array, count: jax.Array, layout) -> None:
       int(device.id if cpu else device.local_hardware_id),
       int(count),
       sizes,
-      list(layout.leaf_flags),
+      flags,
       layout.block_wise,
     )
     if error:
@@ -132,20 +132,12 @@ _scanning = threading.Lock()
 _platforms: list[str] = []  # set by the first scan outside the garbage collector
 
 
-def _backend_platforms() -> list[str]:
-  """The platforms whose arrays may hold handles: the default backend's, and
-  the CPU's when JAX has one (JAX_PLATFORMS=cuda leaves it out)."""
-  platforms = {d.platform for d in jax.devices()}
-  with contextlib.suppress(RuntimeError):  # "Unknown backend cpu"
-    jax.devices("cpu")
-    platforms.add("cpu")
-  return sorted(platforms)
-
-
 def _live_arrays() -> list[jax.Array]:
   arrays = []
   for platform in _platforms:
-    with contextlib.suppress(RuntimeError):  # a platform this process has no backend for
+    # A platform this process has no backend for holds no arrays: with
+    # JAX_PLATFORMS=cuda, jax.live_arrays("cpu") raises "Unknown backend cpu".
+    with contextlib.suppress(RuntimeError):
       arrays += jax.live_arrays(platform)
   return arrays
 
@@ -191,7 +183,7 @@ def scan_for_unheld_states(*, wait: bool, from_gc: bool = False) -> tuple[int, i
     return 0, 0
   try:
     if not _platforms:
-      _platforms.extend(_backend_platforms())
+      _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
     with_slots = set(_ops.handles_with_slots())
     if not with_slots:
       return 0, 0
