@@ -3,7 +3,7 @@
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [same_size] [trace]
-#                                 [ncu] [diag] [cpu]
+#                                 [ncu] [stalls] [diag] [cpu]
 # gpu: tests/test_gpu.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; pressure:
@@ -11,7 +11,8 @@
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
 # capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
 # XLA's temporary memory at one model size; trace: where
-# a GPT-2 step's time goes (benchmarks/trace_step.py); cpu: the whole suite on the
+# a GPT-2 step's time goes (benchmarks/trace_step.py); stalls: Nsight Compute's full set on the
+# fused update kernel of NCU_CASES (default 0 1), with the per-SASS-instruction stall samples; cpu: the whole suite on the
 # machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -74,6 +75,17 @@ for step in $steps; do
            > "$OUT/ncu.log" 2>&1 || status=1
          grep -E "Duration|Throughput|Memory \[%\]|Registers|Achieved Occupancy|Executed Ipc|Executed Instructions " \
            "$OUT/ncu.log" | head -20 ;;
+    stalls) for c in ${NCU_CASES:-0 1}; do
+              (cd benchmarks && ncu -k regex:UpdateKernel -s 2 -c 1 --set full --clock-control none \
+                 --import-source no -f -o "$OUT/ncu_case$c" python3 profile_step.py "$c") \
+                 > "$OUT/stalls_case$c.log" 2>&1 || status=1
+              ncu -i "$OUT/ncu_case$c.ncu-rep" --page details --print-details all \
+                >> "$OUT/stalls_case$c.log" 2>&1
+              ncu -i "$OUT/ncu_case$c.ncu-rep" --page source --csv --print-source sass 2>&1 \
+                | gzip > "$OUT/sass_case$c.csv.gz"
+              grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall|Bank|Executed Ipc A" \
+                "$OUT/stalls_case$c.log" | head -40
+            done ;;
     cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
            > "$OUT/cpu_tests.log" 2>&1 || status=1
          tail -8 "$OUT/cpu_tests.log" ;;
