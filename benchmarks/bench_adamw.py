@@ -148,7 +148,17 @@ def traffic_per_param(dtype, method):
   return b + b + b + 4 + scales + 3 * b
 
 
-def bench_case(name, shapes, dtype, iters, bandwidth, key):
+METHODS = (
+  "optax.adamw",
+  "paged optax path",
+  "paged fused",
+  "paged fused, paged out",
+  "adamw8bit optax path",
+  "adamw8bit fused",
+)
+
+
+def bench_case(name, shapes, dtype, iters, bandwidth, key, methods=METHODS):
   params = make_tree(shapes, dtype, key)
   grads = make_tree(shapes, dtype, jax.random.fold_in(key, 1))
   n = sum(int(np.prod(s)) for s in shapes.values())
@@ -156,6 +166,8 @@ def bench_case(name, shapes, dtype, iters, bandwidth, key):
 
   def run(method, tx, fused=False, paged_out=False):
     nonlocal params
+    if method not in methods:
+      return
     state = tx.init(params)
     jstep = jitted_step(tx, fused)
     step = lambda p, s: jstep(p, s, grads)
@@ -203,11 +215,11 @@ def bench_case(name, shapes, dtype, iters, bandwidth, key):
   run("paged fused, paged out", op.paged_adamw8bit(LR), fused=True, paged_out=True)
   run("adamw8bit optax path", op.adamw8bit(LR))
   run("adamw8bit fused", op.adamw8bit(LR), fused=True)
-  base, base_pipelined = rows[0]["ms"], rows[0]["pipelined_ms"]
+  base = next((r for r in rows if r["method"] == "optax.adamw"), None)
   for r in rows:
-    r["speedup_vs_adamw"] = base / r["ms"]
-    if r["pipelined_ms"] is not None:
-      r["pipelined_speedup_vs_adamw"] = base_pipelined / r["pipelined_ms"]
+    r["speedup_vs_adamw"] = base["ms"] / r["ms"] if base else None
+    if r["pipelined_ms"] is not None and base:
+      r["pipelined_speedup_vs_adamw"] = base["pipelined_ms"] / r["pipelined_ms"]
     r["vs_floor"] = r["ms"] / r["floor_ms"]
   return rows
 
@@ -229,11 +241,18 @@ def sync_cost(iters):
   return out
 
 
+def ratio(x):
+  return "-" if x is None else f"{x:.2f}x"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--json", default=None, help="write the rows here")
   parser.add_argument("--cases", default=None, help="comma-separated case numbers (0-based)")
+  parser.add_argument(
+    "--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}"
+  )
   args = parser.parse_args()
   dev = jax.devices()[0]
   bandwidth = copy_bandwidth()
@@ -241,9 +260,20 @@ def main():
   key = jax.random.PRNGKey(0)
   rows = []
   selected = [int(c) for c in args.cases.split(",")] if args.cases else range(len(CASES))
+  methods = []
+  for m in (m.strip() for m in args.methods.split(",")):
+    if m == "paged out" and methods:  # the comma inside "paged fused, paged out"
+      methods[-1] += ", paged out"
+    else:
+      methods.append(m)
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
   for i, (name, (shapes, dtype)) in enumerate(CASES.items()):
     if i in selected:
-      rows += bench_case(name, shapes, dtype, args.iters, bandwidth, jax.random.fold_in(key, i))
+      rows += bench_case(
+        name, shapes, dtype, args.iters, bandwidth, jax.random.fold_in(key, i), methods
+      )
   sync = sync_cost(args.iters)
   print(
     f"device: {dev.device_kind}, jax {jax.__version__}, copy bandwidth "
@@ -256,11 +286,10 @@ def main():
   print(header)
   for r in rows:
     pipelined = "-" if r["pipelined_ms"] is None else f"{r['pipelined_ms']:.2f}"
-    pipelined_ratio = r.get("pipelined_speedup_vs_adamw")
-    pipelined_ratio = "-" if pipelined_ratio is None else f"{pipelined_ratio:.2f}x"
+    pipelined_ratio = ratio(r.get("pipelined_speedup_vs_adamw"))
     print(
       f"{r['case']:32} {r['method']:24} {r['ms']:8.2f} {r['gbps']:7.0f} "
-      f"{r['speedup_vs_adamw']:8.2f}x {r['floor_ms']:9.2f} {r['vs_floor']:7.2f}x "
+      f"{ratio(r.get('speedup_vs_adamw')):>9} {r['floor_ms']:9.2f} {r['vs_floor']:7.2f}x "
       f"{r['state_bytes_per_param']:14.3f} {pipelined:>13} {pipelined_ratio:>9}"
     )
   for r in rows:

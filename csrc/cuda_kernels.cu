@@ -52,36 +52,55 @@ __device__ __forceinline__ bool Aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// A lane's 8 elements of dtype T as they lie in memory: two 16-byte words of
+// float32, one of 16-bit values. Loaded as raw words first and unpacked
+// afterwards, so that a caller can issue all of a block's loads before it
+// uses any (UnpackLane).
+template <int32_t T>
+struct LaneWords {
+  uint4 w[T == kF32 ? 2 : 1];
+};
+
+// For 16-byte aligned data of a full lane.
+template <int32_t T>
+__device__ __forceinline__ LaneWords<T> LoadLaneWords(const void* data, int64_t start) {
+  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
+  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const char*>(data) + start * kBytes);
+  LaneWords<T> words;
+#pragma unroll
+  for (int k = 0; k < (T == kF32 ? 2 : 1); ++k) words.w[k] = __ldcs(p + k);
+  return words;
+}
+
+template <int32_t T>
+__device__ __forceinline__ void UnpackLane(const LaneWords<T>& words, float out[kLaneElems]) {
+  if constexpr (T == kF32) {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      out[4 * k] = BitsFloat(words.w[k].x), out[4 * k + 1] = BitsFloat(words.w[k].y);
+      out[4 * k + 2] = BitsFloat(words.w[k].z), out[4 * k + 3] = BitsFloat(words.w[k].w);
+    }
+  } else {
+    uint32_t w[4] = {words.w[0].x, words.w[0].y, words.w[0].z, words.w[0].w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      uint16_t lo = static_cast<uint16_t>(w[k] & 0xffffu);
+      uint16_t hi = static_cast<uint16_t>(w[k] >> 16);
+      out[2 * k] = T == kBF16 ? Bf16ToFloat(lo) : F16ToFloat(lo);
+      out[2 * k + 1] = T == kBF16 ? Bf16ToFloat(hi) : F16ToFloat(hi);
+    }
+  }
+}
+
 // Loads a lane's elements [start, start + valid) of dtype T as float; the
 // rest are 0.
 template <int32_t T>
 __device__ __forceinline__ void LoadLane(const void* data, int64_t start, int valid,
                                          float out[kLaneElems]) {
-  if (valid == kLaneElems) {
-    if constexpr (T == kF32) {
-      const float* p = static_cast<const float*>(data) + start;
-      if (Aligned16(p)) {
-        float4 a = __ldcs(reinterpret_cast<const float4*>(p));
-        float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
-        out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
-        out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-        return;
-      }
-    } else {
-      const uint16_t* p = static_cast<const uint16_t*>(data) + start;
-      if (Aligned16(p)) {
-        uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
-        uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          uint16_t lo = static_cast<uint16_t>(words[k] & 0xffffu);
-          uint16_t hi = static_cast<uint16_t>(words[k] >> 16);
-          out[2 * k] = T == kBF16 ? Bf16ToFloat(lo) : F16ToFloat(lo);
-          out[2 * k + 1] = T == kBF16 ? Bf16ToFloat(hi) : F16ToFloat(hi);
-        }
-        return;
-      }
-    }
+  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
+  if (valid == kLaneElems && Aligned16(static_cast<const char*>(data) + start * kBytes)) {
+    UnpackLane<T>(LoadLaneWords<T>(data, start), out);
+    return;
   }
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, T, start + k) : 0.0f;
@@ -124,17 +143,21 @@ __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
   }
 }
 
-// 8 codes of a lane, each in the low byte of a word (byte extraction by
-// __byte_perm, one instruction each); padded lanes get `pad`.
+// A lane's 8 codes from their 8 bytes, each into the low byte of a word (byte
+// extraction by __byte_perm, one instruction each).
+__device__ __forceinline__ void UnpackCodes(uint2 raw, uint32_t out[kLaneElems]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[k] = __byte_perm(raw.x, 0, 0x4440 + k);
+    out[4 + k] = __byte_perm(raw.y, 0, 0x4440 + k);
+  }
+}
+
+// A lane's codes; padded lanes get `pad`.
 __device__ __forceinline__ void LoadCodes(const uint8_t* codes, int64_t start, int valid,
                                           uint8_t pad, uint32_t out[kLaneElems]) {
   if (valid == kLaneElems) {
-    uint2 raw = *reinterpret_cast<const uint2*>(codes + start);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      out[k] = __byte_perm(raw.x, 0, 0x4440 + k);
-      out[4 + k] = __byte_perm(raw.y, 0, 0x4440 + k);
-    }
+    UnpackCodes(*reinterpret_cast<const uint2*>(codes + start), out);
     return;
   }
 #pragma unroll
@@ -171,22 +194,51 @@ __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {
   return rest <= 0 ? 0 : (rest >= kLaneElems ? kLaneElems : static_cast<int>(rest));
 }
 
-// Dequantized moments of a lane (SPEC 3.2 step 2). Padded lanes take part
-// with block scales (`pad`); with whole-leaf scales they count as zeros. Bit k
-// of `finite` is set where gf is finite: the moments are computed for every
-// element and fixed afterwards only in a lane that has a non-finite gf (a NaN
-// probe finds one: 0 * gf is NaN exactly for infinite and NaN gf).
+// A lane's grads and both moments' codes of an 8-bit leaf's block (padded
+// elements: grad 0, the codes LaneMoments expects), and, when `params` is
+// given, its params. A full lane of aligned data issues every load before it
+// unpacks any, so that its warp waits for memory once per block: the codes'
+// loads and the params' used to wait for their predecessors' first use (three
+// round trips per block; Nsight Compute put 42% of the float32 fused step's
+// stall samples on those three uses).
 template <int32_t T>
-__device__ __forceinline__ void LaneMoments(const LeafDesc& leaf, const QuantTables& qt,
-                                            const StepScalars& s, int64_t start, int valid,
-                                            float a1, float a2, float scale, bool pad,
-                                            float m[kLaneElems], float v[kLaneElems],
-                                            unsigned* finite) {
-  float g[kLaneElems];
-  uint32_t c1[kLaneElems], c2[kLaneElems];
+__device__ __forceinline__ void LoadLane8bit(const LeafDesc& leaf, int64_t start, int valid,
+                                             float g[kLaneElems], uint32_t c1[kLaneElems],
+                                             uint32_t c2[kLaneElems], float* params) {
+  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
+  const uint8_t* codes1 = static_cast<const uint8_t*>(leaf.state1_in);
+  const uint8_t* codes2 = static_cast<const uint8_t*>(leaf.state2_in);
+  if (valid == kLaneElems && Aligned16(static_cast<const char*>(leaf.grad) + start * kBytes) &&
+      (params == nullptr || Aligned16(static_cast<const char*>(leaf.param) + start * kBytes))) {
+    LaneWords<T> graw = LoadLaneWords<T>(leaf.grad, start);
+    uint2 raw1 = __ldcs(reinterpret_cast<const uint2*>(codes1 + start));
+    uint2 raw2 = __ldcs(reinterpret_cast<const uint2*>(codes2 + start));
+    LaneWords<T> praw;
+    if (params != nullptr) praw = LoadLaneWords<T>(leaf.param, start);
+    UnpackLane<T>(graw, g);
+    UnpackCodes(raw1, c1);
+    UnpackCodes(raw2, c2);
+    if (params != nullptr) UnpackLane<T>(praw, params);
+    return;
+  }
   LoadLane<T>(leaf.grad, start, valid, g);
-  LoadCodes(static_cast<const uint8_t*>(leaf.state1_in), start, valid, kPadCode1, c1);
-  LoadCodes(static_cast<const uint8_t*>(leaf.state2_in), start, valid, 0, c2);
+  LoadCodes(codes1, start, valid, kPadCode1, c1);
+  LoadCodes(codes2, start, valid, 0, c2);
+  if (params != nullptr) LoadLane<T>(leaf.param, start, valid, params);
+}
+
+// Dequantized moments of a lane (SPEC 3.2 step 2) from its grads and codes.
+// Padded lanes take part with block scales (`pad`); with whole-leaf scales
+// they count as zeros. Bit k of `finite` is set where gf is finite: the
+// moments are computed for every element and fixed afterwards only in a lane
+// that has a non-finite gf (a NaN probe finds one: 0 * gf is NaN exactly for
+// infinite and NaN gf).
+__device__ __forceinline__ void LaneMoments(const QuantTables& qt, const StepScalars& s,
+                                            const float g[kLaneElems],
+                                            const uint32_t c1[kLaneElems],
+                                            const uint32_t c2[kLaneElems], int valid, float a1,
+                                            float a2, float scale, bool pad, float m[kLaneElems],
+                                            float v[kLaneElems], unsigned* finite) {
   float probe = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -358,10 +410,12 @@ template <int32_t T>
 __device__ __forceinline__ void LaneWholeMax(const LeafDesc& leaf, const QuantTables& qt,
                                              const StepScalars& s, int64_t start, int valid,
                                              float scale, float* max1, float* max2) {
-  float m[kLaneElems], v[kLaneElems];
+  float g[kLaneElems], m[kLaneElems], v[kLaneElems];
+  uint32_t c1[kLaneElems], c2[kLaneElems];
   unsigned finite;
-  LaneMoments<T>(leaf, qt, s, start, valid, leaf.absmax1_in[0], leaf.absmax2_in[0], scale, false, m,
-                 v, &finite);
+  LoadLane8bit<T>(leaf, start, valid, g, c1, c2, nullptr);
+  LaneMoments(qt, s, g, c1, c2, valid, leaf.absmax1_in[0], leaf.absmax2_in[0], scale, false, m, v,
+              &finite);
   *max1 = 0.0f, *max2 = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -428,9 +482,11 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   bool whole = (leaf.flags & kLeafWhole) != 0;
   bool decay = (leaf.flags & kLeafDecay) != 0;
   float old1 = leaf.absmax1_in[whole ? 0 : j], old2 = leaf.absmax2_in[whole ? 0 : j];
-  float m[kLaneElems], v[kLaneElems];
+  float g[kLaneElems], p[kLaneElems], m[kLaneElems], v[kLaneElems];
+  uint32_t c1[kLaneElems], c2[kLaneElems];  // the old codes, then the new ones
   unsigned finite;
-  LaneMoments<T>(leaf, qt, s, start, valid, old1, old2, scale, !whole, m, v, &finite);
+  LoadLane8bit<T>(leaf, start, valid, g, c1, c2, p);
+  LaneMoments(qt, s, g, c1, c2, valid, old1, old2, scale, !whole, m, v, &finite);
   float absmax1, absmax2;
   if (whole) {
     absmax1 = args.whole_absmax[2 * leaf.index];
@@ -445,8 +501,7 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
     absmax1 = WarpMax(absmax1);
     absmax2 = WarpMax(absmax2);
   }
-  float p[kLaneElems], out[kLaneElems];
-  LoadLane<T>(leaf.param, start, valid, p);
+  float out[kLaneElems];
   float root[kLaneElems];
   SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
@@ -466,7 +521,6 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
     }
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
-  uint32_t c1[kLaneElems], c2[kLaneElems];
   // The warp's usual case: both scales positive normal floats, so that no
   // moment of the block is NaN or infinite and |m| <= absmax1, v <= absmax2.
   if (qt.fast && d1.fast && d2.fast) {
@@ -528,9 +582,11 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_
 
 // Asks L2 for a lane's share of the block that its warp takes next (grads,
 // params, both codes), so that that block's loads wait on L2, not on DRAM.
-// Done for 16-bit params only: measured on an H100 (benchmarks/RESULTS.md),
-// it speeds up the bfloat16 step (whose DRAM traffic is half-used) by 5% and
-// slows down the float32 step (near its memory floor) by 8%.
+// On an H100 it slowed the float32 step by 8% while each block's loads waited
+// for one another; since they are issued together (LoadLane8bit) it speeds up
+// the float32 step on an H200 by 2-3% and leaves bfloat16 as it was
+// (benchmarks/RESULTS.md, tenth session). Carrying the next block's loads in
+// registers instead was slower (80 registers, 3 CTAs per SM).
 __device__ __forceinline__ void PrefetchLane8bit(const LeafDesc& leaf, int64_t start) {
   int64_t bytes = leaf.type == kF32 ? 4 : 2;
   const char* addresses[4] = {
@@ -570,8 +626,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, valid, lane);
       });
     } else if (leaf.flags & kLeaf8bit) {
-      if (leaf.type != kF32 && b + 1 < last && b + 1 < cursor.end &&
-          start + kBlockSize < leaf.size) {
+      if (b + 1 < last && b + 1 < cursor.end && start + kBlockSize < leaf.size) {
         PrefetchLane8bit(leaf, start + kBlockSize);
       }
       WithElemType(leaf.type, [&](auto t) {
