@@ -279,12 +279,16 @@ __device__ __forceinline__ void LoadQuantTables(const QuantTables* global, Quant
 
 // Blocks [begin, end) of the launch handled by this warp: a contiguous range,
 // so that a warp (and its neighbours) stays within one leaf for long runs.
-__device__ __forceinline__ void WarpRange(int64_t num_blocks, int64_t* begin, int64_t* end) {
+// Block indices are 32-bit (launches check BlockIndicesFit): with 64-bit loop
+// bounds the update kernel spilled them to local memory, and their reloads
+// took 10% of the float32 step's stall samples on an H200.
+__device__ __forceinline__ void WarpRange(int64_t num_blocks, int32_t* begin, int32_t* end) {
   int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
   int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kLanes;
   int64_t per_warp = (num_blocks + num_warps - 1) / num_warps;
-  *begin = warp * per_warp;
-  *end = *begin + per_warp < num_blocks ? *begin + per_warp : num_blocks;
+  int64_t first = warp * per_warp < num_blocks ? warp * per_warp : num_blocks;
+  *begin = static_cast<int32_t>(first);
+  *end = static_cast<int32_t>(first + per_warp < num_blocks ? first + per_warp : num_blocks);
 }
 
 // Follows a warp's blocks through the leaves. On crossing into a leaf it copies
@@ -294,7 +298,7 @@ __device__ __forceinline__ void WarpRange(int64_t num_blocks, int64_t* begin, in
 struct LeafCursor {
   LeafDesc* slot;  // this warp's shared-memory copy
   int index = -1;
-  int64_t begin = 0, end = 0;
+  int32_t begin = 0, end = 0;
 
   __device__ __forceinline__ const LeafDesc& At(const LeafTable& table, int64_t block) {
     if (index < 0 || block < begin || block >= end) {
@@ -308,8 +312,8 @@ struct LeafCursor {
             reinterpret_cast<const uint32_t*>(&table.leaves[index])[lane];
       }
       __syncwarp();
-      begin = slot->block_begin;
-      end = begin + (slot->size + kBlockSize - 1) / kBlockSize;
+      begin = static_cast<int32_t>(slot->block_begin);
+      end = static_cast<int32_t>(begin + (slot->size + kBlockSize - 1) / kBlockSize);
     }
     return *slot;
   }
@@ -367,12 +371,12 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     BlockNormSqKernel(const __grid_constant__ LeafTable table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t first, last;
+  int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
   LeafCursor cursor{WarpLeafSlot()};
-  for (int64_t b = first; b < last; ++b) {
+  for (int32_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
-    int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
+    int64_t start = static_cast<int64_t>(b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float g[kLaneElems];
     WithElemType(leaf.type,
@@ -430,13 +434,13 @@ __global__ void __launch_bounds__(kThreads)
   LoadQuantTables(args.quant, &quant, /*maps_only=*/true);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t first, last;
+  int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
   LeafCursor cursor{WarpLeafSlot()};
-  for (int64_t b = first; b < last; ++b) {
+  for (int32_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     if (!(leaf.flags & kLeafWhole)) continue;
-    int64_t start = (b - cursor.begin) * kBlockSize + lane * kLaneElems;
+    int64_t start = static_cast<int64_t>(b - cursor.begin) * kBlockSize + lane * kLaneElems;
     int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
     float max1, max2;
@@ -612,10 +616,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     if (args.handle_out != nullptr) *args.handle_out = args.handle_value;
   }
   int lane = threadIdx.x & (kLanes - 1);
-  int64_t first, last;
+  int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
   LeafCursor cursor{WarpLeafSlot()};
-  for (int64_t b = first; b < last; ++b) {
+  for (int32_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t j = b - cursor.begin;
     int64_t start = j * kBlockSize + lane * kLaneElems;
@@ -690,6 +694,9 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
   cycles[chunk] = static_cast<uint32_t>(min(stop - start, 0xffffffffLL));
 }
 
+// 2^31 blocks are 5.5e11 elements, more than any device holds.
+bool BlockIndicesFit(const LeafTable& table) { return table.num_blocks <= INT32_MAX; }
+
 int GridFor(int64_t num_blocks, int num_sms) {
   int64_t ctas = (num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
   int64_t cap = static_cast<int64_t>(num_sms) * 4;  // one resident wave (4 CTAs per SM)
@@ -700,6 +707,7 @@ int GridFor(int64_t num_blocks, int num_sms) {
 
 cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,
                               cudaStream_t stream) {
+  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
   BlockNormSqKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, partials);
   return cudaGetLastError();
 }
@@ -714,6 +722,7 @@ cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, floa
 
 cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
                                cudaStream_t stream) {
+  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
   WholeLeafMaxKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, args);
   return cudaGetLastError();
 }
@@ -728,6 +737,7 @@ cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cuda
 
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
                          cudaStream_t stream) {
+  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
   int grid = GridFor(table.num_blocks, num_sms);
   if (args.write_params) {
     UpdateKernel<true><<<grid, kThreads, 0, stream>>>(table, args);
