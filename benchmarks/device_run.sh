@@ -12,7 +12,8 @@
 # capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
 # XLA's temporary memory at one model size; trace: where
 # a GPT-2 step's time goes (benchmarks/trace_step.py); stalls: Nsight Compute's full set on the
-# fused update kernel of NCU_CASES (default 0 1), with the per-SASS-instruction stall samples; cpu: the whole suite on the
+# fused update kernel of NCU_CASES (default 0 1), with the per-SASS-instruction stall samples
+# (benchmarks/ncu_sass.py reads them); cpu: the whole suite on the
 # machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -85,6 +86,7 @@ for step in $steps; do
                 | gzip > "$OUT/sass_case$c.csv.gz"
               grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall|Bank|Executed Ipc A" \
                 "$OUT/stalls_case$c.log" | head -40
+              python3 benchmarks/ncu_sass.py "$OUT/sass_case$c.csv.gz" --top 8 | head -12
             done ;;
     cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
            > "$OUT/cpu_tests.log" 2>&1 || status=1
