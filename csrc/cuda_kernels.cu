@@ -61,11 +61,16 @@ struct LaneWords {
   uint4 w[T == kF32 ? 2 : 1];
 };
 
-// For 16-byte aligned data of a full lane.
+// Element `start` of data of dtype T.
+template <int32_t T>
+__device__ __forceinline__ const char* ElementAt(const void* data, int64_t start) {
+  return static_cast<const char*>(data) + start * (T == kF32 ? 4 : 2);
+}
+
+// For 16-byte aligned data of a full lane (Aligned16(ElementAt<T>(data, start))).
 template <int32_t T>
 __device__ __forceinline__ LaneWords<T> LoadLaneWords(const void* data, int64_t start) {
-  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
-  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const char*>(data) + start * kBytes);
+  const uint4* p = reinterpret_cast<const uint4*>(ElementAt<T>(data, start));
   LaneWords<T> words;
 #pragma unroll
   for (int k = 0; k < (T == kF32 ? 2 : 1); ++k) words.w[k] = __ldcs(p + k);
@@ -97,8 +102,7 @@ __device__ __forceinline__ void UnpackLane(const LaneWords<T>& words, float out[
 template <int32_t T>
 __device__ __forceinline__ void LoadLane(const void* data, int64_t start, int valid,
                                          float out[kLaneElems]) {
-  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
-  if (valid == kLaneElems && Aligned16(static_cast<const char*>(data) + start * kBytes)) {
+  if (valid == kLaneElems && Aligned16(ElementAt<T>(data, start))) {
     UnpackLane<T>(LoadLaneWords<T>(data, start), out);
     return;
   }
@@ -205,11 +209,10 @@ template <int32_t T>
 __device__ __forceinline__ void LoadLane8bit(const LeafDesc& leaf, int64_t start, int valid,
                                              float g[kLaneElems], uint32_t c1[kLaneElems],
                                              uint32_t c2[kLaneElems], float* params) {
-  constexpr int64_t kBytes = T == kF32 ? 4 : 2;
   const uint8_t* codes1 = static_cast<const uint8_t*>(leaf.state1_in);
   const uint8_t* codes2 = static_cast<const uint8_t*>(leaf.state2_in);
-  if (valid == kLaneElems && Aligned16(static_cast<const char*>(leaf.grad) + start * kBytes) &&
-      (params == nullptr || Aligned16(static_cast<const char*>(leaf.param) + start * kBytes))) {
+  if (valid == kLaneElems && Aligned16(ElementAt<T>(leaf.grad, start)) &&
+      (params == nullptr || Aligned16(ElementAt<T>(leaf.param, start)))) {
     LaneWords<T> graw = LoadLaneWords<T>(leaf.grad, start);
     uint2 raw1 = __ldcs(reinterpret_cast<const uint2*>(codes1 + start));
     uint2 raw2 = __ldcs(reinterpret_cast<const uint2*>(codes2 + start));
