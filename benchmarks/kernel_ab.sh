@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# A/B of variants of the CUDA kernels in one device call. Each NAME=FILE
-# builds this tree with FILE as csrc/cuda_kernels.cu into its own directory;
-# then benchmarks/bench_adamw.py runs once per variant per round, the variants
-# alternating within each round, so that a drift of the machine shows as a
-# spread between rounds rather than as a difference between variants.
+# A/B of variants of the CUDA sources in one device call. Each
+# NAME=FILE[:FILE...] builds this tree with each FILE replacing the file of
+# its name in csrc/ (cuda_kernels.cu, adam8bit.h, ...) into its own directory
+# (the variants build in parallel); then benchmarks/bench_adamw.py runs once
+# per variant per round, the variants alternating within each round, so that a
+# drift of the machine shows as a spread between rounds rather than as a
+# difference between variants.
 # Usage (repo root, on the device):
-#   bash benchmarks/kernel_ab.sh NAME=FILE [NAME=FILE ...]
+#   bash benchmarks/kernel_ab.sh NAME=FILE[:FILE...] [NAME=FILE[:FILE...] ...]
 # AB_CASES (default 0,1), AB_METHODS (bench_adamw.py --methods; default
-# "optax.adamw,paged optax path,paged fused"), AB_ROUNDS (2), AB_ITERS (15).
+# "optax.adamw,paged optax path,paged fused"), AB_ROUNDS (2), AB_ITERS (15),
+# AB_NCU (benchmark cases, e.g. "1": Nsight Compute counts each variant's
+# fused update kernel's executed instructions there, printed per param).
 # Logs and JSON rows go to $OUT/ab_results.tgz; the last lines printed are a
 # table of every variant's times by round.
 set -u
@@ -18,19 +22,37 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 cases=${AB_CASES:-0,1}
 methods=${AB_METHODS:-optax.adamw,paged optax path,paged fused}
 names=()
+t0=$(date +%s)
 for spec in "$@"; do
   name=${spec%%=*}
-  file=${spec#*=}
+  files=${spec#*=}
   names+=("$name")
   src=/tmp/ab_src_$name
   rm -rf "$src" "/tmp/ab_$name" && mkdir -p "$src"
   tar -cf - --exclude=./.git --exclude=./out --exclude=./benchmarks/results . | tar -xf - -C "$src"
-  cp "$file" "$src/csrc/cuda_kernels.cu"
-  t0=$(date +%s)
+  for file in ${files//:/ }; do cp "$file" "$src/csrc/$(basename "$file")"; done
   (cd "$src" && OPTAX_PAGED8BIT_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q \
      --target "/tmp/ab_$name" -C cmake.define.OPTAX_PAGED8BIT_CUDA_ARCHITECTURES=90-real .) \
-    > "$res/build_$name.log" 2>&1 || { tail -30 "$res/build_$name.log"; exit 1; }
-  echo "built $name from $file in $(( $(date +%s) - t0 )) s"
+    > "$res/build_$name.log" 2>&1 &
+done
+for name in "${names[@]}"; do
+  wait -n || { tail -30 "$res"/build_*.log; exit 1; }
+done
+echo "built ${names[*]} in $(( $(date +%s) - t0 )) s"
+for c in ${AB_NCU//,/ }; do
+  for name in "${names[@]}"; do
+    (cd benchmarks && PYTHONPATH=/tmp/ab_$name ncu -k regex:UpdateKernel -s 2 -c 1 \
+       --metrics smsp__inst_executed.sum,gpu__time_duration.sum python3 profile_step.py "$c") \
+      > "$res/ncu_${name}_case$c.log" 2>&1 || { tail -20 "$res/ncu_${name}_case$c.log"; exit 1; }
+    python3 - "$res/ncu_${name}_case$c.log" "$name" "$c" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+inst = float(re.search(r"smsp__inst_executed.sum\s+\S*\s+([\d,.]+)", text).group(1).replace(",", ""))
+time = re.search(r"gpu__time_duration.sum\s+(\S+)\s+([\d,.]+)", text)
+print(f"ncu case {sys.argv[3]} {sys.argv[2]}: {inst * 32 / 2**30:.1f} instructions per param "
+      f"(2^30 params), kernel {time.group(2)} {time.group(1)}")
+EOF
+  done
 done
 for round in $(seq "${AB_ROUNDS:-2}"); do
   for name in "${names[@]}"; do

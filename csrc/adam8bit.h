@@ -374,8 +374,10 @@ __device__ __forceinline__ float SqrtFastPath(float v) {
 }
 #endif
 
+// Returns whether the roots came from SqrtFastPath (so that each lies in
+// [2^-50.5, 2^64); never on the host).
 template <int n>
-OP8_HD void SqrtEach(const float v[n], float root[n]) {
+OP8_HD bool SqrtEach(const float v[n], float root[n]) {
 #if defined(__CUDA_ARCH__)
   bool fast = true;
 #pragma unroll
@@ -383,14 +385,39 @@ OP8_HD void SqrtEach(const float v[n], float root[n]) {
   if (fast) {
 #pragma unroll
     for (int k = 0; k < n; ++k) root[k] = SqrtFastPath(v[k]);
-    return;
+    return true;
   }
 #pragma unroll
   for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
 #else
   for (int k = 0; k < n; ++k) root[k] = Sqrt(v[k]);
 #endif
+  return false;
 }
+
+// The step's quotient m / (root + eps_hat) (StepUnrounded) on the GPU without
+// __fdiv_rn's check and branch per quotient: its fast path (the hardware
+// reciprocal refined once, a product, one fma correction, the sequence nvcc
+// emits for __fdiv_rn), for a divisor in [2^-51, 2^65) and |a| in
+// [2^-59, 2^75], where no intermediate is subnormal or overflows (quotients
+// lie in [2^-124, 2^126)). A lane takes it when its roots came from
+// SqrtFastPath and eps_hat <= 2^60 (so root + eps_hat is in that range) and
+// every |m| is (DivFastDomain): one minimum per element instead of a branch
+// (a convergence region) per element. tests/native/fast_path_check.cu
+// compares it with __fdiv_rn on the GPU for every divisor significand.
+OP8_HD bool DivFastDomain(float min_abs_a, float max_abs_a, float eps_hat) {
+  return min_abs_a >= 0x1p-59f && max_abs_a <= 0x1p75f && eps_hat <= 0x1p60f;
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ float DivFastPath(float a, float b) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  r = __fmaf_rn(r, __fmaf_rn(-b, r, 1.0f), r);
+  float q = __fmul_rn(a, r);
+  return __fmaf_rn(r, __fmaf_rn(-b, q, a), q);
+}
+#endif
 
 // The optax path returns u = T(p_new - p), so that optax.apply_updates lands
 // on T(p + u) == p_new whenever that is representable: always, except where
@@ -443,15 +470,32 @@ OP8_HD void RoundedEach(const float x[n], Finish finish, float out[n]) {
   for (int k = 0; k < n; ++k) out[k] = finish(x[k], TypeRounding{T});
 }
 
-// StepParamWithRoot and UpdateFor for n elements.
+// StepParamWithRoot for n elements. `roots_fast`: SqrtEach's result;
+// `max_abs_m` is at least every |m[k]| that is not NaN (the block's scale).
+// A NaN m takes the fast division too when its neighbours let it (a minimum
+// skips NaN): its quotient is NaN either way, and the step's fma makes that
+// the canonical NaN (the GPU returns no other).
 template <int32_t T, int n>
 OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[n],
-                           const StepScalars& s, bool decay, float out[n]) {
+                           const StepScalars& s, bool decay, bool roots_fast, float max_abs_m,
+                           float out[n]) {
   float x[n];
 #if defined(__CUDA_ARCH__)
+  float min_abs_m = fabsf(m[0]);
 #pragma unroll
-#endif
+  for (int k = 1; k < n; ++k) min_abs_m = fminf(min_abs_m, fabsf(m[k]));
+  if (roots_fast && DivFastDomain(min_abs_m, max_abs_m, s.eps_hat)) {
+#pragma unroll
+    for (int k = 0; k < n; ++k) {
+      x[k] = Fma(s.step_size, DivFastPath(m[k], Add(root[k], s.eps_hat)), p[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < n; ++k) x[k] = StepUnrounded(p[k], m[k], root[k], s);
+  }
+#else
   for (int k = 0; k < n; ++k) x[k] = StepUnrounded(p[k], m[k], root[k], s);
+#endif
   RoundedEach<T, n>(x, StepFinish{s, decay}, out);
 }
 

@@ -67,10 +67,10 @@ __device__ __forceinline__ const char* ElementAt(const void* data, int64_t start
   return static_cast<const char*>(data) + start * (T == kF32 ? 4 : 2);
 }
 
-// For 16-byte aligned data of a full lane (Aligned16(ElementAt<T>(data, start))).
+// A full lane of dtype T at 16-byte aligned `at` (ElementAt<T>(data, start)).
 template <int32_t T>
-__device__ __forceinline__ LaneWords<T> LoadLaneWords(const void* data, int64_t start) {
-  const uint4* p = reinterpret_cast<const uint4*>(ElementAt<T>(data, start));
+__device__ __forceinline__ LaneWords<T> LoadLaneWords(const char* at) {
+  const uint4* p = reinterpret_cast<const uint4*>(at);
   LaneWords<T> words;
 #pragma unroll
   for (int k = 0; k < (T == kF32 ? 2 : 1); ++k) words.w[k] = __ldcs(p + k);
@@ -103,43 +103,47 @@ template <int32_t T>
 __device__ __forceinline__ void LoadLane(const void* data, int64_t start, int valid,
                                          float out[kLaneElems]) {
   if (valid == kLaneElems && Aligned16(ElementAt<T>(data, start))) {
-    UnpackLane<T>(LoadLaneWords<T>(data, start), out);
+    UnpackLane<T>(LoadLaneWords<T>(ElementAt<T>(data, start)), out);
     return;
   }
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, T, start + k) : 0.0f;
 }
 
-// Stores a lane's elements [start, start + valid) in dtype T. They are values
-// of T already (RoundToType), so a bfloat16 is the high half of its float.
+// Stores a full lane of dtype T at 16-byte aligned ElementAt<T>(data, start)
+// in 16-byte words (a plain assignment compiles to 8 scalar stores). The
+// values are of T already (RoundToType), so a bfloat16 is the high half of
+// its float.
+template <int32_t T>
+__device__ __forceinline__ void StoreLaneWords(void* data, int64_t start,
+                                               const float in[kLaneElems]) {
+  if constexpr (T == kF32) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(data) + start);
+    __stcs(p, make_float4(in[0], in[1], in[2], in[3]));
+    __stcs(p + 1, make_float4(in[4], in[5], in[6], in[7]));
+  } else {
+    uint32_t words[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (T == kBF16) {
+        words[k] = __byte_perm(FloatBits(in[2 * k]), FloatBits(in[2 * k + 1]), 0x7632);
+      } else {
+        words[k] = static_cast<uint32_t>(FloatToF16(in[2 * k])) |
+                   (static_cast<uint32_t>(FloatToF16(in[2 * k + 1])) << 16);
+      }
+    }
+    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(data) + start),
+           make_uint4(words[0], words[1], words[2], words[3]));
+  }
+}
+
+// Stores a lane's elements [start, start + valid) in dtype T (values of T).
 template <int32_t T>
 __device__ __forceinline__ void StoreLane(void* data, int64_t start, int valid,
                                           const float in[kLaneElems]) {
-  if (valid == kLaneElems) {
-    if constexpr (T == kF32) {
-      float* p = static_cast<float*>(data) + start;
-      if (Aligned16(p)) {  // (a plain assignment compiles to 8 scalar stores)
-        __stcs(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
-        __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(in[4], in[5], in[6], in[7]));
-        return;
-      }
-    } else {
-      uint16_t* p = static_cast<uint16_t*>(data) + start;
-      if (Aligned16(p)) {
-        uint32_t words[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if constexpr (T == kBF16) {
-            words[k] = __byte_perm(FloatBits(in[2 * k]), FloatBits(in[2 * k + 1]), 0x7632);
-          } else {
-            words[k] = static_cast<uint32_t>(FloatToF16(in[2 * k])) |
-                       (static_cast<uint32_t>(FloatToF16(in[2 * k + 1])) << 16);
-          }
-        }
-        __stcs(reinterpret_cast<uint4*>(p), make_uint4(words[0], words[1], words[2], words[3]));
-        return;
-      }
-    }
+  if (valid == kLaneElems && Aligned16(ElementAt<T>(data, start))) {
+    StoreLaneWords<T>(data, start, in);
+    return;
   }
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
@@ -198,13 +202,53 @@ __device__ __forceinline__ int LaneValid(int64_t size, int64_t start) {
   return rest <= 0 ? 0 : (rest >= kLaneElems ? kLaneElems : static_cast<int>(rest));
 }
 
-// A lane's grads and both moments' codes of an 8-bit leaf's block (padded
-// elements: grad 0, the codes LaneMoments expects), and, when `params` is
-// given, its params. A full lane of aligned data issues every load before it
-// unpacks any, so that its warp waits for memory once per block: the codes'
-// loads and the params' used to wait for their predecessors' first use (three
-// round trips per block; Nsight Compute put 42% of the float32 fused step's
-// stall samples on those three uses).
+__device__ __forceinline__ void PrefetchL2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// A full lane of an 8-bit leaf's block, with its data aligned (the leaf's
+// kLeafAligned): its grads, both moments' codes and, when `params` is given,
+// its params. Every load is issued before any is used, so that its warp waits
+// for memory once per block: the codes' loads and the params' used to wait
+// for their predecessors' first use (three round trips per block; Nsight
+// Compute put 42% of the float32 fused step's stall samples on those three
+// uses). With `prefetch_next`, it then asks L2 for the same lane of the next
+// block (which must be a full block of the leaf), so that that block's loads
+// wait on L2, not on DRAM: the addresses are the loads' plus a constant. (On
+// an H100 the prefetch slowed the float32 step by 8% while each block's loads
+// waited for one another; since they are issued together it speeds up the
+// float32 step on an H200 by 2-3%, benchmarks/RESULTS.md, tenth session.
+// Carrying the next block's loads in registers instead was slower: 80
+// registers, 3 CTAs per SM.)
+template <int32_t T>
+__device__ __forceinline__ void LoadFullLane8bit(const LeafDesc& leaf, int64_t start,
+                                                 bool prefetch_next, float g[kLaneElems],
+                                                 uint32_t c1[kLaneElems], uint32_t c2[kLaneElems],
+                                                 float* params) {
+  constexpr int kNextBlock = kBlockSize * (T == kF32 ? 4 : 2);  // bytes to the next block
+  const char* grads = ElementAt<T>(leaf.grad, start);
+  const char* codes1 = static_cast<const char*>(leaf.state1_in) + start;
+  const char* codes2 = static_cast<const char*>(leaf.state2_in) + start;
+  const char* at_params = params != nullptr ? ElementAt<T>(leaf.param, start) : nullptr;
+  LaneWords<T> graw = LoadLaneWords<T>(grads);
+  uint2 raw1 = __ldcs(reinterpret_cast<const uint2*>(codes1));
+  uint2 raw2 = __ldcs(reinterpret_cast<const uint2*>(codes2));
+  LaneWords<T> praw;
+  if (params != nullptr) praw = LoadLaneWords<T>(at_params);
+  if (prefetch_next) {
+    PrefetchL2(grads + kNextBlock);
+    PrefetchL2(codes1 + kBlockSize);
+    PrefetchL2(codes2 + kBlockSize);
+    if (params != nullptr) PrefetchL2(at_params + kNextBlock);
+  }
+  UnpackLane<T>(graw, g);
+  UnpackCodes(raw1, c1);
+  UnpackCodes(raw2, c2);
+  if (params != nullptr) UnpackLane<T>(praw, params);
+}
+
+// The same for any lane of an 8-bit leaf's block (padded elements: grad 0,
+// the codes LaneMoments expects).
 template <int32_t T>
 __device__ __forceinline__ void LoadLane8bit(const LeafDesc& leaf, int64_t start, int valid,
                                              float g[kLaneElems], uint32_t c1[kLaneElems],
@@ -213,15 +257,7 @@ __device__ __forceinline__ void LoadLane8bit(const LeafDesc& leaf, int64_t start
   const uint8_t* codes2 = static_cast<const uint8_t*>(leaf.state2_in);
   if (valid == kLaneElems && Aligned16(ElementAt<T>(leaf.grad, start)) &&
       (params == nullptr || Aligned16(ElementAt<T>(leaf.param, start)))) {
-    LaneWords<T> graw = LoadLaneWords<T>(leaf.grad, start);
-    uint2 raw1 = __ldcs(reinterpret_cast<const uint2*>(codes1 + start));
-    uint2 raw2 = __ldcs(reinterpret_cast<const uint2*>(codes2 + start));
-    LaneWords<T> praw;
-    if (params != nullptr) praw = LoadLaneWords<T>(leaf.param, start);
-    UnpackLane<T>(graw, g);
-    UnpackCodes(raw1, c1);
-    UnpackCodes(raw2, c2);
-    if (params != nullptr) UnpackLane<T>(praw, params);
+    LoadFullLane8bit<T>(leaf, start, false, g, c1, c2, params);
     return;
   }
   LoadLane<T>(leaf.grad, start, valid, g);
@@ -230,30 +266,39 @@ __device__ __forceinline__ void LoadLane8bit(const LeafDesc& leaf, int64_t start
   if (params != nullptr) LoadLane<T>(leaf.param, start, valid, params);
 }
 
-// Dequantized moments of a lane (SPEC 3.2 step 2) from its grads and codes.
-// Padded lanes take part with block scales (`pad`); with whole-leaf scales
-// they count as zeros. Bit k of `finite` is set where gf is finite: the
-// moments are computed for every element and fixed afterwards only in a lane
-// that has a non-finite gf (a NaN probe finds one: 0 * gf is NaN exactly for
-// infinite and NaN gf).
+// A lane's clipped grads gf = g * scale (SPEC 3.5), in place. Without
+// clipping (`clip` false, scale 1) the product is skipped: g * 1 is g, but
+// for a NaN's payload, which no result keeps (a non-finite gf only zeroes
+// moments and keeps its param).
+__device__ __forceinline__ void ClipLane(bool clip, float scale, float g[kLaneElems]) {
+  if (!clip) return;
+#pragma unroll
+  for (int k = 0; k < kLaneElems; ++k) g[k] = Mul(g[k], scale);
+}
+
+// Dequantized moments of a lane (SPEC 3.2 step 2) from its clipped grads
+// (ClipLane) and codes. Padded lanes take part with block scales (`pad`);
+// with whole-leaf scales they count as zeros. Bit k of `finite` is set where
+// gf is finite: the moments are computed for every element and fixed
+// afterwards only in a lane that has a non-finite gf (a NaN probe finds one:
+// 0 * gf is NaN exactly for infinite and NaN gf).
 __device__ __forceinline__ void LaneMoments(const QuantTables& qt, const StepScalars& s,
-                                            const float g[kLaneElems],
+                                            const float gf[kLaneElems],
                                             const uint32_t c1[kLaneElems],
                                             const uint32_t c2[kLaneElems], int valid, float a1,
-                                            float a2, float scale, bool pad, float m[kLaneElems],
+                                            float a2, bool pad, float m[kLaneElems],
                                             float v[kLaneElems], unsigned* finite) {
   float probe = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    float gf = Mul(g[k], scale);  // 0 in padded lanes
-    probe = Fma(gf, 0.0f, probe);
-    FiniteBlockwiseMoments(gf, qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
+    probe = Fma(gf[k], 0.0f, probe);  // gf is 0 in padded lanes
+    FiniteBlockwiseMoments(gf[k], qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
   }
   *finite = (1u << kLaneElems) - 1;
   if (IsNan(probe)) {
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      if (!IsFinite(Mul(g[k], scale))) {
+      if (!IsFinite(gf[k])) {
         m[k] = v[k] = 0.0f;
         *finite &= ~(1u << k);
       }
@@ -294,18 +339,20 @@ __device__ __forceinline__ void WarpRange(int64_t num_blocks, int32_t* begin, in
   *end = static_cast<int32_t>(first + per_warp < num_blocks ? first + per_warp : num_blocks);
 }
 
-// Follows a warp's blocks through the leaves. On crossing into a leaf it copies
-// the leaf's descriptor from the kernel parameters (constant memory, whose
-// small cache thrashes when warps sit in many different leaves) into this
-// warp's shared-memory slot; later reads are shared-memory broadcasts.
+// Follows a warp's blocks, taken in ascending order, through the leaves. On
+// crossing into a leaf it copies the leaf's descriptor from the kernel
+// parameters (constant memory, whose small cache thrashes when warps sit in
+// many different leaves) into this warp's shared-memory slot; later reads are
+// shared-memory broadcasts. Ascending blocks leave a leaf only past its end,
+// so that is the one bound checked per block.
 struct LeafCursor {
-  LeafDesc* slot;  // this warp's shared-memory copy
-  int index = -1;
-  int32_t begin = 0, end = 0;
+  LeafDesc* slot;              // this warp's shared-memory copy
+  int32_t begin = 0, end = 0;  // the leaf's blocks: [begin, end)
+  int32_t full_end = 0;        // [begin, full_end) hold 256 elements each
 
-  __device__ __forceinline__ const LeafDesc& At(const LeafTable& table, int64_t block) {
-    if (index < 0 || block < begin || block >= end) {
-      index = FindLeaf(table, block);
+  __device__ __forceinline__ const LeafDesc& At(const LeafTable& table, int32_t block) {
+    if (block >= end) {
+      int index = FindLeaf(table, block);
       constexpr int kWords = sizeof(LeafDesc) / sizeof(uint32_t);
       static_assert(kWords <= kLanes, "a leaf descriptor is copied one word per lane");
       int lane = threadIdx.x & (kLanes - 1);
@@ -317,6 +364,7 @@ struct LeafCursor {
       __syncwarp();
       begin = static_cast<int32_t>(slot->block_begin);
       end = static_cast<int32_t>(begin + (slot->size + kBlockSize - 1) / kBlockSize);
+      full_end = static_cast<int32_t>(begin + slot->size / kBlockSize);
     }
     return *slot;
   }
@@ -421,7 +469,8 @@ __device__ __forceinline__ void LaneWholeMax(const LeafDesc& leaf, const QuantTa
   uint32_t c1[kLaneElems], c2[kLaneElems];
   unsigned finite;
   LoadLane8bit<T>(leaf, start, valid, g, c1, c2, nullptr);
-  LaneMoments(qt, s, g, c1, c2, valid, leaf.absmax1_in[0], leaf.absmax2_in[0], scale, false, m, v,
+  ClipLane(true, scale, g);
+  LaneMoments(qt, s, g, c1, c2, valid, leaf.absmax1_in[0], leaf.absmax2_in[0], false, m, v,
               &finite);
   *max1 = 0.0f, *max2 = 0.0f;
 #pragma unroll
@@ -482,18 +531,28 @@ __device__ __forceinline__ void LaneFloat32(const LeafDesc& leaf, const StepScal
 }
 
 // SPEC 3.2 (3.4 with whole-leaf scales): a lane of an 8-bit leaf's block j.
-template <int32_t T, bool kWriteParams>
+// kFull: a full lane of a kLeafAligned leaf (`valid` is kLaneElems), whose
+// loads and stores take whole words unchecked, and which may prefetch
+// (LoadFullLane8bit); otherwise any lane.
+template <int32_t T, bool kWriteParams, bool kFull>
 __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables& qt,
                                          const StepScalars& s, const StepArgs& args, int64_t j,
-                                         int64_t start, int valid, float scale, int lane) {
+                                         int64_t start, int valid, float scale, int lane,
+                                         bool prefetch_next) {
+  if constexpr (kFull) valid = kLaneElems;
   bool whole = (leaf.flags & kLeafWhole) != 0;
   bool decay = (leaf.flags & kLeafDecay) != 0;
   float old1 = leaf.absmax1_in[whole ? 0 : j], old2 = leaf.absmax2_in[whole ? 0 : j];
   float g[kLaneElems], p[kLaneElems], m[kLaneElems], v[kLaneElems];
   uint32_t c1[kLaneElems], c2[kLaneElems];  // the old codes, then the new ones
   unsigned finite;
-  LoadLane8bit<T>(leaf, start, valid, g, c1, c2, p);
-  LaneMoments(qt, s, g, c1, c2, valid, old1, old2, scale, !whole, m, v, &finite);
+  if constexpr (kFull) {
+    LoadFullLane8bit<T>(leaf, start, prefetch_next, g, c1, c2, p);
+  } else {
+    LoadLane8bit<T>(leaf, start, valid, g, c1, c2, p);
+  }
+  ClipLane(args.clip_scale != nullptr, scale, g);
+  LaneMoments(qt, s, g, c1, c2, valid, old1, old2, !whole, m, v, &finite);
   float absmax1, absmax2;
   if (whole) {
     absmax1 = args.whole_absmax[2 * leaf.index];
@@ -510,13 +569,13 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   }
   float out[kLaneElems];
   float root[kLaneElems];
-  SqrtEach<kLaneElems>(v, root);
+  bool roots_fast = SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
     if constexpr (kWriteParams) {
-      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, out);
+      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, roots_fast, absmax1, out);
     } else {
       float p_new[kLaneElems];
-      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, p_new);
+      StepParamsEach<T, kLaneElems>(p, m, root, s, decay, roots_fast, absmax1, p_new);
       UpdatesEach<T, kLaneElems>(p, p_new, out);
     }
   } else {  // a non-finite grad leaves its param unchanged (a NaN made quiet, as on the host)
@@ -543,7 +602,11 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
       c2[k] = Code2(qt, d2.Divide(v[k]));
     }
   }
-  StoreLane<T>(leaf.out, start, valid, out);
+  if constexpr (kFull) {
+    StoreLaneWords<T>(leaf.out, start, out);
+  } else {
+    StoreLane<T>(leaf.out, start, valid, out);
+  }
   StoreCodes(static_cast<uint8_t*>(leaf.state1), start, valid, c1);
   StoreCodes(static_cast<uint8_t*>(leaf.state2), start, valid, c2);
   if (!whole && lane == 0) {
@@ -587,23 +650,21 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_
   }
 }
 
-// Asks L2 for a lane's share of the block that its warp takes next (grads,
-// params, both codes), so that that block's loads wait on L2, not on DRAM.
-// On an H100 it slowed the float32 step by 8% while each block's loads waited
-// for one another; since they are issued together (LoadLane8bit) it speeds up
-// the float32 step on an H200 by 2-3% and leaves bfloat16 as it was
-// (benchmarks/RESULTS.md, tenth session). Carrying the next block's loads in
-// registers instead was slower (80 registers, 3 CTAs per SM).
-__device__ __forceinline__ void PrefetchLane8bit(const LeafDesc& leaf, int64_t start) {
-  int64_t bytes = leaf.type == kF32 ? 4 : 2;
-  const char* addresses[4] = {
-      static_cast<const char*>(leaf.grad) + start * bytes,
-      static_cast<const char*>(leaf.param) + start * bytes,
-      static_cast<const char*>(leaf.state1_in) + start,
-      static_cast<const char*>(leaf.state2_in) + start,
-  };
-#pragma unroll
-  for (const char* a : addresses) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+// A step that SkipLane's every lane of the launch (its own loop, so that the
+// update's loop carries no check of it per block).
+template <bool kWriteParams>
+__device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
+  int32_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor{WarpLeafSlot()};
+  for (int32_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t j = b - cursor.begin;
+    int64_t start = j * kBlockSize + lane * kLaneElems;
+    WithElemType(leaf.type, [&](auto t) {
+      SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start), lane);
+    });
+  }
 }
 
 // The update; kWriteParams: the fused step (new params) rather than the optax
@@ -619,6 +680,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     if (args.handle_out != nullptr) *args.handle_out = args.handle_value;
   }
   int lane = threadIdx.x & (kLanes - 1);
+  if (!s.valid) {
+    SkipBlocks<kWriteParams>(table, lane);
+    return;
+  }
   int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
   LeafCursor cursor{WarpLeafSlot()};
@@ -626,23 +691,27 @@ __global__ void __launch_bounds__(kThreads, 4)
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t j = b - cursor.begin;
     int64_t start = j * kBlockSize + lane * kLaneElems;
-    int valid = LaneValid(leaf.size, start);
     float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-    if (!s.valid) {
-      WithElemType(leaf.type, [&](auto t) {
-        SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, valid, lane);
-      });
-    } else if (leaf.flags & kLeaf8bit) {
-      if (b + 1 < last && b + 1 < cursor.end && start + kBlockSize < leaf.size) {
-        PrefetchLane8bit(leaf, start + kBlockSize);
+    if (leaf.flags & kLeaf8bit) {
+      // The usual block: full, of an aligned leaf. Such a block's lanes check
+      // nothing per element or address (a third of the bfloat16 step's
+      // instructions went to per-block work on an H200, RESULTS.md).
+      if (b < cursor.full_end && (leaf.flags & kLeafAligned)) {
+        bool prefetch_next = b + 1 < last && b + 1 < cursor.full_end;
+        WithElemType(leaf.type, [&](auto t) {
+          Lane8bit<decltype(t)::value, kWriteParams, true>(leaf, quant, s, args, j, start,
+                                                           kLaneElems, scale, lane, prefetch_next);
+        });
+      } else {
+        WithElemType(leaf.type, [&](auto t) {
+          Lane8bit<decltype(t)::value, kWriteParams, false>(
+              leaf, quant, s, args, j, start, LaneValid(leaf.size, start), scale, lane, false);
+        });
       }
-      WithElemType(leaf.type, [&](auto t) {
-        Lane8bit<decltype(t)::value, kWriteParams>(leaf, quant, s, args, j, start, valid, scale,
-                                                   lane);
-      });
     } else {
       WithElemType(leaf.type, [&](auto t) {
-        LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start, valid, scale);
+        LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start, LaneValid(leaf.size, start),
+                                                      scale);
       });
     }
   }

@@ -13,9 +13,11 @@
 
 namespace optax_paged8bit {
 
-// Extra flag of a launch's leaf: an 8-bit leaf with one scale for the whole
-// leaf (block_wise=False).
+// Extra flags of a launch's leaf: an 8-bit leaf with one scale for the whole
+// leaf (block_wise=False); a leaf whose every full lane can move in whole
+// words (AlignmentFlag).
 constexpr int32_t kLeafWhole = 4;
+constexpr int32_t kLeafAligned = 8;
 
 struct LeafDesc {
   const void* grad;
@@ -32,9 +34,23 @@ struct LeafDesc {
   int64_t size;         // elements
   int64_t block_begin;  // index of the leaf's first block among the launch's blocks
   int32_t type;         // ElemType
-  int32_t flags;        // LeafFlag bits | kLeafWhole
+  int32_t flags;        // LeafFlag bits | kLeafWhole | kLeafAligned
   int32_t index;        // leaf index in the call (clip scales, whole-leaf scales)
 };
+
+// kLeafAligned when grad, param and out start on 16 bytes and an 8-bit leaf's
+// codes (read and written) on 8: then every lane of 8 elements (which starts
+// 16 or 32 bytes after the previous one) loads and stores in 16- and 8-byte
+// words, and the update kernel checks no address per block.
+inline int32_t AlignmentFlag(const LeafDesc& d) {
+  auto aligned = [](const void* p, uintptr_t bytes) {
+    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+  };
+  bool words = aligned(d.grad, 16) && aligned(d.param, 16) && aligned(d.out, 16);
+  bool codes = !(d.flags & kLeaf8bit) || (aligned(d.state1, 8) && aligned(d.state2, 8) &&
+                                          aligned(d.state1_in, 8) && aligned(d.state2_in, 8));
+  return words && codes ? kLeafAligned : 0;
+}
 
 // Leaves per launch: the table must fit the 32 KiB kernel-parameter limit.
 constexpr int kMaxLeavesPerLaunch = 256;

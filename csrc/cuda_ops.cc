@@ -400,6 +400,7 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
     d.block_begin = table.num_blocks;
     d.type = call.type;
     d.flags = call.flags | (layout[i].is_8bit && !block_wise ? kLeafWhole : 0);
+    d.flags |= AlignmentFlag(d);
     d.index = static_cast<int32_t>(i);
     int64_t blocks = (call.size + kBlockSize - 1) / kBlockSize;
     table.num_blocks += blocks;

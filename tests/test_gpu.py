@@ -381,7 +381,10 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   # step's square roots take __fsqrt_rn's fast path for a whole lane
   # (SqrtEach): every float32 of its domain against __fsqrt_rn. bfloat16
   # params round by the hardware conversion (StepParamsEach): every float32 but
-  # NaN against RoundToType.
+  # NaN against RoundToType. The step's divisions take __fdiv_rn's fast path
+  # for a whole lane (StepParamsEach, DivFastDomain): every divisor
+  # significand at 10 exponents of [2^-51, 2^65), 64 dividends of [2^-59,
+  # 2^75] each, against __fdiv_rn bit for bit.
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
   words = run_native_check(
@@ -396,6 +399,7 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   assert words[8:12] == ["sqrt", str(domain), "sqrt_mismatches", "0"], words
   not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
   assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], words
+  assert words[16:20] == ["div", str(10 * (1 << 23) * 64), "div_mismatches", "0"], words
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])

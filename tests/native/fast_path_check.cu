@@ -14,9 +14,14 @@
 //    SqrtFastDomain, which must hold no value outside [2^-101, 2^128).
 // 3. Bf16HardwareRounding against RoundToType(x, kBF16) on every float32 bit
 //    pattern but NaN.
+// 4. DivFastPath, the step's division, against __fdiv_rn: every divisor
+//    significand at exponents across [2^-51, 2^65) (both ends included), each
+//    against per_divisor / 4 dividends with |a| in [2^-59, 2^75]
+//    (pseudo-random significands and exponents, both signs, the range's ends),
+//    bit for bit.
 //   fast_path_check [per_divisor]
 //     ->  prints "pairs N mismatches M tiny T route R sqrt S sqrt_mismatches Q
-//                 bf16 B bf16_mismatches C"
+//                 bf16 B bf16_mismatches C div D div_mismatches E"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -38,8 +43,8 @@ __device__ uint32_t Hash(uint32_t x) {
 
 struct Counts {
   unsigned long long pairs, mismatches, tiny, route_errors, sqrt_checked, sqrt_mismatches;
-  unsigned long long bf16_checked, bf16_mismatches;
-  uint32_t example[2];
+  unsigned long long bf16_checked, bf16_mismatches, div_checked, div_mismatches;
+  uint32_t example[2], div_example[2];
 };
 
 __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) {
@@ -128,6 +133,39 @@ __global__ void Bf16Kernel(Counts* counts) {
   CheckEveryFloat(check, &counts->bf16_checked, &counts->bf16_mismatches);
 }
 
+__global__ void DivisionKernel(uint32_t exponent, int per_divisor, Counts* counts) {
+  uint32_t mantissa = blockIdx.x * blockDim.x + threadIdx.x;
+  if (mantissa >= (1u << 23)) return;
+  float b = BitsFloat((exponent << 23) | mantissa);
+  unsigned long long n = 0, bad = 0;
+  for (int k = 0; k < per_divisor; ++k) {
+    uint32_t h = Hash(mantissa * 2246822519u + k * 3266489917u + exponent);
+    float a;
+    if (k == 0) {
+      a = 0x1p-59f;
+    } else if (k == 1) {
+      a = 0x1p75f;
+    } else if (k == 2) {
+      a = BitsFloat(FloatBits(0x1p75f) - 1);
+    } else if (k == 3) {
+      a = b;
+    } else {  // biased exponents 68 (2^-59) to 201, any significand; 2^75 itself above
+      uint32_t e = 68u + Hash(h) % 134u;
+      a = BitsFloat((e << 23) | (h & 0x7fffffu));
+    }
+    if (h & 0x80000000u) a = -a;
+    ++n;
+    float fast = DivFastPath(a, b), exact = __fdiv_rn(a, b);
+    if (FloatBits(fast) != FloatBits(exact)) {
+      ++bad;
+      counts->div_example[0] = FloatBits(a);
+      counts->div_example[1] = FloatBits(b);
+    }
+  }
+  atomicAdd(&counts->div_checked, n);
+  if (bad) atomicAdd(&counts->div_mismatches, bad);
+}
+
 int main(int argc, char** argv) {
   int per_divisor = argc > 1 ? std::atoi(argv[1]) : 256;
   Counts* counts;
@@ -141,6 +179,12 @@ int main(int argc, char** argv) {
   }
   SqrtKernel<<<4096, 256>>>(counts);
   Bf16Kernel<<<4096, 256>>>(counts);
+  // Divisor exponents (biased): 76 (2^-51) to 191 (below 2^65), the ends and
+  // between.
+  const uint32_t div_exponents[] = {76, 77, 90, 110, 127, 128, 150, 170, 190, 191};
+  for (uint32_t e : div_exponents) {
+    DivisionKernel<<<(1u << 23) / 256, 256>>>(e, per_divisor / 4, counts);
+  }
   cudaError_t error = cudaDeviceSynchronize();
   if (error != cudaSuccess) {
     std::printf("CUDA error: %s\n", cudaGetErrorString(error));
@@ -148,13 +192,18 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "pairs %llu mismatches %llu tiny %llu route %llu sqrt %llu sqrt_mismatches %llu bf16 %llu "
-      "bf16_mismatches %llu\n",
+      "bf16_mismatches %llu div %llu div_mismatches %llu\n",
       counts->pairs, counts->mismatches, counts->tiny, counts->route_errors, counts->sqrt_checked,
-      counts->sqrt_mismatches, counts->bf16_checked, counts->bf16_mismatches);
+      counts->sqrt_mismatches, counts->bf16_checked, counts->bf16_mismatches, counts->div_checked,
+      counts->div_mismatches);
   if (counts->mismatches) {
     std::printf("example a=0x%08x b=0x%08x\n", counts->example[0], counts->example[1]);
   }
+  if (counts->div_mismatches) {
+    std::printf("division example a=0x%08x b=0x%08x\n", counts->div_example[0],
+                counts->div_example[1]);
+  }
   bool ok = counts->mismatches == 0 && counts->route_errors == 0 && counts->sqrt_mismatches == 0 &&
-            counts->bf16_mismatches == 0;
+            counts->bf16_mismatches == 0 && counts->div_mismatches == 0;
   return ok ? 0 : 1;
 }
