@@ -14,6 +14,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerCta = kThreads / kLanes;
+// The update kernel runs one CTA of 1024 threads per SM (64 registers each:
+// the whole register file) rather than 4 of 256: an SM then holds one copy of
+// the quantizer tables (46 KB) instead of 4, which made the bfloat16 step 6%
+// faster on an H200 (float32 1%; benchmarks/RESULTS.md, eleventh session).
+// Staging the next block's float32 loads in the freed shared memory with
+// cp.async made float32 24% slower there.
+constexpr int kUpdateThreads = 1024;
+constexpr int kUpdateWarps = kUpdateThreads / kLanes;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // The leaf that owns the launch's block `block` (the last leaf starting at or
@@ -370,8 +378,9 @@ struct LeafCursor {
   }
 };
 
+template <int kWarps = kWarpsPerCta>
 __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
-  __shared__ LeafDesc slots[kWarpsPerCta];
+  __shared__ LeafDesc slots[kWarps];
   return &slots[threadIdx.x / kLanes];
 }
 
@@ -656,7 +665,7 @@ template <bool kWriteParams>
 __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
   int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor{WarpLeafSlot()};
+  LeafCursor cursor{WarpLeafSlot<kUpdateWarps>()};
   for (int32_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t j = b - cursor.begin;
@@ -670,7 +679,7 @@ __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
 // The update; kWriteParams: the fused step (new params) rather than the optax
 // path (updates).
 template <bool kWriteParams>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kUpdateThreads, 1)
     UpdateKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
   __shared__ QuantTables quant;
   LoadQuantTables(args.quant, &quant, /*maps_only=*/false);
@@ -686,7 +695,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
   int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor{WarpLeafSlot()};
+  LeafCursor cursor{WarpLeafSlot<kUpdateWarps>()};
   for (int32_t b = first; b < last; ++b) {
     const LeafDesc& leaf = cursor.At(table, b);
     int64_t j = b - cursor.begin;
@@ -769,9 +778,11 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
 // 2^31 blocks are 5.5e11 elements, more than any device holds.
 bool BlockIndicesFit(const LeafTable& table) { return table.num_blocks <= INT32_MAX; }
 
-int GridFor(int64_t num_blocks, int num_sms) {
-  int64_t ctas = (num_blocks + kWarpsPerCta - 1) / kWarpsPerCta;
-  int64_t cap = static_cast<int64_t>(num_sms) * 4;  // one resident wave (4 CTAs per SM)
+// CTAs of `warps` warps for num_blocks blocks: at most one resident wave of
+// `per_sm` CTAs per SM.
+int GridFor(int64_t num_blocks, int num_sms, int warps = kWarpsPerCta, int per_sm = 4) {
+  int64_t ctas = (num_blocks + warps - 1) / warps;
+  int64_t cap = static_cast<int64_t>(num_sms) * per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min(ctas, cap)));
 }
 
@@ -810,11 +821,11 @@ cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cuda
 cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
                          cudaStream_t stream) {
   if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
-  int grid = GridFor(table.num_blocks, num_sms);
+  int grid = GridFor(table.num_blocks, num_sms, kUpdateWarps, 1);
   if (args.write_params) {
-    UpdateKernel<true><<<grid, kThreads, 0, stream>>>(table, args);
+    UpdateKernel<true><<<grid, kUpdateThreads, 0, stream>>>(table, args);
   } else {
-    UpdateKernel<false><<<grid, kThreads, 0, stream>>>(table, args);
+    UpdateKernel<false><<<grid, kUpdateThreads, 0, stream>>>(table, args);
   }
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
