@@ -121,12 +121,19 @@ def time_pipelined(step, carry, iters):
   return (time.perf_counter() - t0) / iters, carry
 
 
-def copy_bandwidth(nbytes=4 << 30):
-  """Device copy bandwidth (bytes read + written per second)."""
+def copy_bandwidth(nbytes=4 << 30, rounds=3):
+  """Device copy bandwidth (bytes read + written per second): the best of
+  `rounds` runs of 20 in-place `x + 1` steps dispatched back to back (donated,
+  so that no step allocates; back to back, so that no step waits for the
+  host). One awaited step of a fresh output measured 3.2-3.9 TB/s between
+  processes on an H200 (tenth session)."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(lambda x: x + 1.0)  # reads and writes every element once
-  sec, _ = time_steps(lambda x: (f(x),), (x,), iters=20)
-  return 2 * nbytes / sec
+  f = jax.jit(lambda x: x + 1.0, donate_argnums=0)  # reads and writes every element once
+  best = float("inf")
+  for _ in range(rounds):
+    sec, (x,) = time_pipelined(lambda x: (f(x),), (x,), iters=20)
+    best = min(best, sec)
+  return 2 * nbytes / best
 
 
 def state_device_bytes(state) -> int:
