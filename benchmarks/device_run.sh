@@ -86,7 +86,7 @@ for step in $steps; do
                 | gzip > "$OUT/sass_case$c.csv.gz"
               grep -E "Duration|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall|Bank|Executed Ipc A" \
                 "$OUT/stalls_case$c.log" | head -40
-              python3 benchmarks/ncu_sass.py "$OUT/sass_case$c.csv.gz" --top 8 | head -12
+              python3 benchmarks/ncu_sass.py "$OUT/sass_case$c.csv.gz" --top 8 --opcodes 0
             done ;;
     cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
            > "$OUT/cpu_tests.log" 2>&1 || status=1

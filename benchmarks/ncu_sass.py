@@ -26,6 +26,7 @@ def main():
   parser.add_argument("csv", help="the gzipped source page of one kernel")
   parser.add_argument("--params", type=int, default=1 << 30, help="params the kernel updated")
   parser.add_argument("--top", type=int, default=12, help="stall sites to list")
+  parser.add_argument("--opcodes", type=int, default=24, help="opcodes to list (0: none)")
   args = parser.parse_args()
   with gzip.open(args.csv, "rt") as f:
     rows = list(csv.reader(f))
@@ -55,8 +56,9 @@ def main():
       continue
     opcode = words[1] if words[0].startswith("@") else words[0]
     by_opcode[opcode.split(".")[0]] += number(r[executed])
-  print("executed instructions per param by opcode:")
-  for opcode, count in by_opcode.most_common(24):
+  if args.opcodes > 0:
+    print("executed instructions per param by opcode:")
+  for opcode, count in by_opcode.most_common(args.opcodes):
     print(f"  {opcode:8} {count * 32 / args.params:6.2f}")
 
 
