@@ -5,8 +5,10 @@ the largest total time per step.
     python benchmarks/trace_step.py 2 --out trace_dir   # case 2: GPT-2 medium
 
 Traces optax.adamw and the paged fused step of the same case (--methods picks
-others: "paged optax path", "adamw8bit optax path", "adamw8bit fused"). The
-perfetto trace (json.gz) stays in --out for a closer look.
+others: "paged optax path", "adamw8bit optax path", "adamw8bit fused"), each
+step awaited, or with --back-to-back dispatched without waiting (where the
+device idles between steps shows there). The perfetto trace (json.gz) stays
+in --out for a closer look.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--methods", default="optax.adamw,paged fused", help="comma-separated")
+  parser.add_argument(
+    "--back-to-back",
+    action="store_true",
+    help="dispatch the traced steps without awaiting each (as a training loop runs them)",
+  )
   args = parser.parse_args()
   name, (shapes, dtype) = list(CASES.items())[args.case]
   params = make_tree(shapes, dtype, jax.random.PRNGKey(0))
@@ -76,7 +83,9 @@ def main():
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
         params, state = step(params, state, grads)
-        jax.block_until_ready(params)
+        if not args.back_to_back:
+          jax.block_until_ready(params)
+      jax.block_until_ready(params)
     print(method)
     print("\n".join(summarize(trace_dir, args.steps, args.top)), flush=True)
     if isinstance(tx, op.PagedGradientTransformation):
