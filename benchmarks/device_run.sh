@@ -11,7 +11,8 @@
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
 # capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
 # XLA's temporary memory at one model size; trace: where
-# a GPT-2 step's time goes (benchmarks/trace_step.py); stalls: Nsight Compute's full set on the
+# a GPT-2 step's time goes (benchmarks/trace_step.py; TRACE_CASE, TRACE_ARGS such as
+# --back-to-back); stalls: Nsight Compute's full set on the
 # fused update kernel of NCU_CASES (default 0 1), with the per-SASS-instruction stall samples
 # (benchmarks/ncu_sass.py reads them); cpu: the whole suite on the
 # machine's JAX with JAX_PLATFORMS=cpu.
@@ -49,7 +50,7 @@ for step in $steps; do
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;
-    trace) (cd benchmarks && python3 trace_step.py ${TRACE_CASE:-2} --out /tmp/trace) \
+    trace) (cd benchmarks && python3 trace_step.py ${TRACE_CASE:-2} ${TRACE_ARGS:-} --out /tmp/trace) \
              > "$OUT/trace.log" 2>&1 || status=1
            cat "$OUT/trace.log" ;;
     pressure) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
