@@ -424,42 +424,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Calls body(leaf, cursor, b, last, j, start) for each of this warp's blocks
-// b < last in order (WarpRange), with the block's leaf (LeafCursor, a slot
-// per warp of a CTA of kWarps), its index j in the leaf and the lane's first
-// element there. Every kernel below walks its blocks so; only the body
-// differs. (The update kernel's SASS is the one the eleventh session's
-// profiles measured with the loop written out in it, instruction for
-// instruction, but for one comparison's operand order and the registers of
-// the partial-lane path.)
-template <int kWarps, typename Body>
-__device__ __forceinline__ void ForEachBlock(const LeafTable& table, int lane, Body&& body) {
-  int32_t first, last;
-  WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor{WarpLeafSlot<kWarps>()};
-  for (int32_t b = first; b < last; ++b) {
-    const LeafDesc& leaf = cursor.At(table, b);
-    int64_t j = b - cursor.begin;
-    body(leaf, cursor, b, last, j, j * kBlockSize + lane * kLaneElems);
-  }
-}
-
+// Every kernel below walks its warp's blocks alike (WarpRange, LeafCursor,
+// the lane's elements); only the body differs. The loop is written out in each
+// rather than shared through a device lambda, to keep the update kernel's
+// code what the profiles measured.
 __global__ void __launch_bounds__(kThreads)
     BlockNormSqKernel(const __grid_constant__ LeafTable table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
-  ForEachBlock<kWarpsPerCta>(
-      table, lane,
-      [&](const LeafDesc& leaf, const LeafCursor&, int32_t b, int32_t, int64_t, int64_t start) {
-        int valid = LaneValid(leaf.size, start);
-        float g[kLaneElems];
-        WithElemType(leaf.type,
-                     [&](auto t) { LoadLane<decltype(t)::value>(leaf.grad, start, valid, g); });
-        double sum = LaneNormSq(g, valid);
+  int32_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor{WarpLeafSlot()};
+  for (int32_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t start = static_cast<int64_t>(b - cursor.begin) * kBlockSize + lane * kLaneElems;
+    int valid = LaneValid(leaf.size, start);
+    float g[kLaneElems];
+    WithElemType(leaf.type,
+                 [&](auto t) { LoadLane<decltype(t)::value>(leaf.grad, start, valid, g); });
+    double sum = LaneNormSq(g, valid);
 #pragma unroll
-        for (int d = kLanes / 2; d >= 1; d >>= 1)
-          sum = AddD(sum, __shfl_xor_sync(kFullMask, sum, d));
-        if (lane == 0) partials[b] = sum;
-      });
+    for (int d = kLanes / 2; d >= 1; d >>= 1) sum = AddD(sum, __shfl_xor_sync(kFullMask, sum, d));
+    if (lane == 0) partials[b] = sum;
+  }
 }
 
 __global__ void __launch_bounds__(kNormThreads)
@@ -509,25 +495,28 @@ __global__ void __launch_bounds__(kThreads)
   LoadQuantTables(args.quant, &quant, /*maps_only=*/true);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   int lane = threadIdx.x & (kLanes - 1);
-  ForEachBlock<kWarpsPerCta>(
-      table, lane,
-      [&](const LeafDesc& leaf, const LeafCursor&, int32_t, int32_t, int64_t, int64_t start) {
-        if (!(leaf.flags & kLeafWhole)) return;
-        int valid = LaneValid(leaf.size, start);
-        float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-        float max1, max2;
-        WithElemType(leaf.type, [&](auto t) {
-          LaneWholeMax<decltype(t)::value>(leaf, quant, s, start, valid, scale, &max1, &max2);
-        });
-        max1 = WarpMax(max1);
-        max2 = WarpMax(max2);
-        if (lane == 0) {
-          // Non-negative floats order like their bit patterns.
-          auto* out = reinterpret_cast<unsigned*>(args.whole_absmax + 2 * leaf.index);
-          atomicMax(out, FloatBits(max1));
-          atomicMax(out + 1, FloatBits(max2));
-        }
-      });
+  int32_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor{WarpLeafSlot()};
+  for (int32_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    if (!(leaf.flags & kLeafWhole)) continue;
+    int64_t start = static_cast<int64_t>(b - cursor.begin) * kBlockSize + lane * kLaneElems;
+    int valid = LaneValid(leaf.size, start);
+    float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
+    float max1, max2;
+    WithElemType(leaf.type, [&](auto t) {
+      LaneWholeMax<decltype(t)::value>(leaf, quant, s, start, valid, scale, &max1, &max2);
+    });
+    max1 = WarpMax(max1);
+    max2 = WarpMax(max2);
+    if (lane == 0) {
+      // Non-negative floats order like their bit patterns.
+      auto* out = reinterpret_cast<unsigned*>(args.whole_absmax + 2 * leaf.index);
+      atomicMax(out, FloatBits(max1));
+      atomicMax(out + 1, FloatBits(max2));
+    }
+  }
 }
 
 // SPEC 3.3: a lane of a leaf with float32 moments.
@@ -674,14 +663,17 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_
 // update's loop carries no check of it per block).
 template <bool kWriteParams>
 __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
-  ForEachBlock<kUpdateWarps>(
-      table, lane,
-      [&](const LeafDesc& leaf, const LeafCursor&, int32_t, int32_t, int64_t j, int64_t start) {
-        WithElemType(leaf.type, [&](auto t) {
-          SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start),
-                                                     lane);
-        });
-      });
+  int32_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor{WarpLeafSlot<kUpdateWarps>()};
+  for (int32_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t j = b - cursor.begin;
+    int64_t start = j * kBlockSize + lane * kLaneElems;
+    WithElemType(leaf.type, [&](auto t) {
+      SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start), lane);
+    });
+  }
 }
 
 // The update; kWriteParams: the fused step (new params) rather than the optax
@@ -701,34 +693,37 @@ __global__ void __launch_bounds__(kUpdateThreads, 1)
     SkipBlocks<kWriteParams>(table, lane);
     return;
   }
-  ForEachBlock<kUpdateWarps>(
-      table, lane,
-      [&](const LeafDesc& leaf, const LeafCursor& cursor, int32_t b, int32_t last, int64_t j,
-          int64_t start) {
-        float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
-        if (leaf.flags & kLeaf8bit) {
-          // The usual block: full, of an aligned leaf. Such a block's lanes check
-          // nothing per element or address (a third of the bfloat16 step's
-          // instructions went to per-block work on an H200, RESULTS.md).
-          if (b < cursor.full_end && (leaf.flags & kLeafAligned)) {
-            bool prefetch_next = b + 1 < last && b + 1 < cursor.full_end;
-            WithElemType(leaf.type, [&](auto t) {
-              Lane8bit<decltype(t)::value, kWriteParams, true>(
-                  leaf, quant, s, args, j, start, kLaneElems, scale, lane, prefetch_next);
-            });
-          } else {
-            WithElemType(leaf.type, [&](auto t) {
-              Lane8bit<decltype(t)::value, kWriteParams, false>(
-                  leaf, quant, s, args, j, start, LaneValid(leaf.size, start), scale, lane, false);
-            });
-          }
-        } else {
-          WithElemType(leaf.type, [&](auto t) {
-            LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start,
-                                                          LaneValid(leaf.size, start), scale);
-          });
-        }
+  int32_t first, last;
+  WarpRange(table.num_blocks, &first, &last);
+  LeafCursor cursor{WarpLeafSlot<kUpdateWarps>()};
+  for (int32_t b = first; b < last; ++b) {
+    const LeafDesc& leaf = cursor.At(table, b);
+    int64_t j = b - cursor.begin;
+    int64_t start = j * kBlockSize + lane * kLaneElems;
+    float scale = args.clip_scale ? args.clip_scale[leaf.index] : 1.0f;
+    if (leaf.flags & kLeaf8bit) {
+      // The usual block: full, of an aligned leaf. Such a block's lanes check
+      // nothing per element or address (a third of the bfloat16 step's
+      // instructions went to per-block work on an H200, RESULTS.md).
+      if (b < cursor.full_end && (leaf.flags & kLeafAligned)) {
+        bool prefetch_next = b + 1 < last && b + 1 < cursor.full_end;
+        WithElemType(leaf.type, [&](auto t) {
+          Lane8bit<decltype(t)::value, kWriteParams, true>(leaf, quant, s, args, j, start,
+                                                           kLaneElems, scale, lane, prefetch_next);
+        });
+      } else {
+        WithElemType(leaf.type, [&](auto t) {
+          Lane8bit<decltype(t)::value, kWriteParams, false>(
+              leaf, quant, s, args, j, start, LaneValid(leaf.size, start), scale, lane, false);
+        });
+      }
+    } else {
+      WithElemType(leaf.type, [&](auto t) {
+        LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start, LaneValid(leaf.size, start),
+                                                      scale);
       });
+    }
+  }
 }
 
 // After the update: the whole-leaf scales replace the old ones (unless the
