@@ -217,19 +217,40 @@ OP8_HD float RoundToType(float x, int32_t type) {
 }
 
 // The rounding functors of the step (FinishStep): RoundToType, and on the GPU
-// the hardware conversion to bfloat16 (round to nearest even), which gives
-// RoundToType's result for every float but NaN (it returns the canonical NaN,
-// not x's payload): tests/native/fast_path_check.cu compares the two on every
-// float32.
+// the hardware conversion of two floats to bfloat16 at once (round to nearest
+// even; one instruction where two single conversions take two), which gives
+// RoundToType's result for every float but NaN in either half (it returns the
+// canonical NaN, not x's payload): tests/native/fast_path_check.cu compares
+// the two on every float32.
 struct TypeRounding {
   int32_t type;
   OP8_HD float operator()(float x) const { return RoundToType(x, type); }
 };
 
 #if defined(__CUDACC__)
-struct Bf16HardwareRounding {
-  __device__ __forceinline__ float operator()(float x) const {
-    return __bfloat162float(__float2bfloat16_rn(x));
+// The word of two bfloat16 values (the high halves of lo and hi; lo in its
+// low half), as memory holds them.
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  return (FloatBits(lo) >> 16) | (FloatBits(hi) & 0xffff0000u);
+}
+
+// Two values of a lane, rounded together (Bf16PairRounding): lo and hi, and
+// after a rounding also their packed word.
+struct Bf16Pair {
+  float lo, hi;
+  uint32_t word;
+};
+
+__device__ __forceinline__ Bf16Pair Mul(float a, Bf16Pair x) {
+  return {Mul(a, x.lo), Mul(a, x.hi), 0u};
+}
+
+struct Bf16PairRounding {
+  __device__ __forceinline__ Bf16Pair operator()(Bf16Pair x) const {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x.lo, x.hi);  // lo in the low half
+    uint32_t word;
+    memcpy(&word, &h, sizeof(word));
+    return {BitsFloat(word << 16), BitsFloat(word & 0xffff0000u), word};
   }
 };
 #endif
@@ -327,9 +348,10 @@ OP8_HD float StepUnrounded(float p, float m, float root, const StepScalars& s) {
   return Fma(s.step_size, Div(m, Add(root, s.eps_hat)), p);
 }
 
-template <typename Round>
-OP8_HD float FinishStep(float x, const StepScalars& s, bool decay, Round round) {
-  float p1 = round(x);
+// V: a float, or on the GPU a Bf16Pair with Bf16PairRounding.
+template <typename V, typename Round>
+OP8_HD V FinishStep(V x, const StepScalars& s, bool decay, Round round) {
+  V p1 = round(x);
   if (decay && s.weight_decay_on) return round(Mul(s.decay, p1));
   return p1;
 }
@@ -435,50 +457,78 @@ OP8_HD float UpdateFor(float p, float p_new, int32_t type) {
 struct StepFinish {
   const StepScalars& s;
   bool decay;
-  template <typename Round>
-  OP8_HD float operator()(float x, Round round) const {
+  template <typename V, typename Round>
+  OP8_HD V operator()(V x, Round round) const {
     return FinishStep(x, s, decay, round);
   }
 };
 
 struct OneRounding {
-  template <typename Round>
-  OP8_HD float operator()(float x, Round round) const {
+  template <typename V, typename Round>
+  OP8_HD V operator()(V x, Round round) const {
     return round(x);
   }
 };
 
-// out[k] = finish(x[k], rounding to T). On the GPU, bfloat16 rounds by the
-// hardware conversion when no x is NaN or infinite (a NaN probe: 0 * x is NaN
+#if defined(__CUDA_ARCH__)
+// Rounded to bfloat16 on the GPU: words[i] = PackBf16(finish(x[2i]),
+// finish(x[2i + 1])), as a store writes them. The hardware conversion rounds
+// two values at once when no x is NaN or infinite (a NaN probe: 0 * x is NaN
 // exactly then); then no rounding sees a NaN: the step's second rounding gets
 // the decay (finite) times a bfloat16 value (finite).
+template <int32_t T, int n, typename Finish>
+__device__ __forceinline__ void RoundedEach(const float x[n], Finish finish,
+                                            uint32_t words[n / 2]) {
+  static_assert(T == kBF16 && n % 2 == 0, "pairs of bfloat16 values");
+  float probe = 0.0f;
+#pragma unroll
+  for (int k = 0; k < n; ++k) probe = Fma(x[k], 0.0f, probe);
+  if (!IsNan(probe)) {
+#pragma unroll
+    for (int k = 0; k < n; k += 2) {
+      words[k / 2] = finish(Bf16Pair{x[k], x[k + 1], 0u}, Bf16PairRounding{}).word;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < n; k += 2) {
+      words[k / 2] = PackBf16(finish(x[k], TypeRounding{T}), finish(x[k + 1], TypeRounding{T}));
+    }
+  }
+}
+#endif
+
+// out[k] = finish(x[k], rounding to T) (bfloat16 on the GPU: through the
+// words above).
 template <int32_t T, int n, typename Finish>
 OP8_HD void RoundedEach(const float x[n], Finish finish, float out[n]) {
 #if defined(__CUDA_ARCH__)
   if constexpr (T == kBF16) {
-    float probe = 0.0f;
+    uint32_t words[n / 2];
+    RoundedEach<T, n>(x, finish, words);
 #pragma unroll
-    for (int k = 0; k < n; ++k) probe = Fma(x[k], 0.0f, probe);
-    if (!IsNan(probe)) {
-#pragma unroll
-      for (int k = 0; k < n; ++k) out[k] = finish(x[k], Bf16HardwareRounding{});
-      return;
+    for (int k = 0; k < n; k += 2) {
+      out[k] = BitsFloat(words[k / 2] << 16);
+      out[k + 1] = BitsFloat(words[k / 2] & 0xffff0000u);
     }
-  }
+  } else {
 #pragma unroll
-#endif
+    for (int k = 0; k < n; ++k) out[k] = finish(x[k], TypeRounding{T});
+  }
+#else
   for (int k = 0; k < n; ++k) out[k] = finish(x[k], TypeRounding{T});
+#endif
 }
 
-// StepParamWithRoot for n elements. `roots_fast`: SqrtEach's result;
+// StepParamWithRoot for n elements, into out[n] (or on the GPU, for
+// bfloat16, into words[n / 2] as RoundedEach packs them). `roots_fast`: SqrtEach's result;
 // `max_abs_m` is at least every |m[k]| that is not NaN (the block's scale).
 // A NaN m takes the fast division too when its neighbours let it (a minimum
 // skips NaN): its quotient is NaN either way, and the step's fma makes that
 // the canonical NaN (the GPU returns no other).
-template <int32_t T, int n>
+template <int32_t T, int n, typename Out>
 OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[n],
                            const StepScalars& s, bool decay, bool roots_fast, float max_abs_m,
-                           float out[n]) {
+                           Out* out) {
   float x[n];
 #if defined(__CUDA_ARCH__)
   float min_abs_m = fabsf(m[0]);
@@ -499,8 +549,8 @@ OP8_HD void StepParamsEach(const float p[n], const float m[n], const float root[
   RoundedEach<T, n>(x, StepFinish{s, decay}, out);
 }
 
-template <int32_t T, int n>
-OP8_HD void UpdatesEach(const float p[n], const float p_new[n], float out[n]) {
+template <int32_t T, int n, typename Out>
+OP8_HD void UpdatesEach(const float p[n], const float p_new[n], Out* out) {
   float x[n];
 #if defined(__CUDA_ARCH__)
 #pragma unroll

@@ -118,6 +118,14 @@ __device__ __forceinline__ void LoadLane(const void* data, int64_t start, int va
   for (int k = 0; k < kLaneElems; ++k) out[k] = k < valid ? LoadAsFloat(data, T, start + k) : 0.0f;
 }
 
+// Stores a full lane of a 16-bit dtype at 16-byte aligned
+// ElementAt<T>(data, start) from its packed words.
+__device__ __forceinline__ void StoreLaneWords(void* data, int64_t start,
+                                               const uint32_t words[kLaneElems / 2]) {
+  __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(data) + start),
+         make_uint4(words[0], words[1], words[2], words[3]));
+}
+
 // Stores a full lane of dtype T at 16-byte aligned ElementAt<T>(data, start)
 // in 16-byte words (a plain assignment compiles to 8 scalar stores). The
 // values are of T already (RoundToType), so a bfloat16 is the high half of
@@ -130,18 +138,17 @@ __device__ __forceinline__ void StoreLaneWords(void* data, int64_t start,
     __stcs(p, make_float4(in[0], in[1], in[2], in[3]));
     __stcs(p + 1, make_float4(in[4], in[5], in[6], in[7]));
   } else {
-    uint32_t words[4];
+    uint32_t words[kLaneElems / 2];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kLaneElems / 2; ++k) {
       if constexpr (T == kBF16) {
-        words[k] = __byte_perm(FloatBits(in[2 * k]), FloatBits(in[2 * k + 1]), 0x7632);
+        words[k] = PackBf16(in[2 * k], in[2 * k + 1]);
       } else {
         words[k] = static_cast<uint32_t>(FloatToF16(in[2 * k])) |
                    (static_cast<uint32_t>(FloatToF16(in[2 * k + 1])) << 16);
       }
     }
-    __stcs(reinterpret_cast<uint4*>(static_cast<uint16_t*>(data) + start),
-           make_uint4(words[0], words[1], words[2], words[3]));
+    StoreLaneWords(data, start, words);
   }
 }
 
@@ -576,7 +583,10 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
     absmax1 = WarpMax(absmax1);
     absmax2 = WarpMax(absmax2);
   }
-  float out[kLaneElems];
+  // The results (new params, or updates); a full bfloat16 lane keeps them as
+  // the words it stores, as the hardware rounding packs them (RoundedEach).
+  constexpr bool kWords = kFull && T == kBF16;
+  std::conditional_t<kWords, uint32_t, float> out[kWords ? kLaneElems / 2 : kLaneElems];
   float root[kLaneElems];
   bool roots_fast = SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
@@ -588,11 +598,20 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
       UpdatesEach<T, kLaneElems>(p, p_new, out);
     }
   } else {  // a non-finite grad leaves its param unchanged (a NaN made quiet, as on the host)
+    float results[kLaneElems];
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
       float stepped = StepParamWithRoot(p[k], m[k], root[k], s, decay, T);
       float p_new = (finite >> k) & 1u ? stepped : RoundToType(p[k], T);
-      out[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
+      results[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
+    }
+#pragma unroll
+    for (int k = 0; k < kLaneElems; ++k) {
+      if constexpr (kWords) {
+        if (k % 2 == 0) out[k / 2] = PackBf16(results[k], results[k + 1]);
+      } else {
+        out[k] = results[k];
+      }
     }
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
@@ -611,7 +630,9 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
       c2[k] = Code2(qt, d2.Divide(v[k]));
     }
   }
-  if constexpr (kFull) {
+  if constexpr (kWords) {
+    StoreLaneWords(leaf.out, start, out);
+  } else if constexpr (kFull) {
     StoreLaneWords<T>(leaf.out, start, out);
   } else {
     StoreLane<T>(leaf.out, start, valid, out);

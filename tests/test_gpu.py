@@ -4,7 +4,10 @@ release. Marked `gpu`; skipped without a GPU and the CUDA build."""
 from __future__ import annotations
 
 import gc
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -380,8 +383,9 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   # quotient, or both below the magnitude where every code is a zero's. The
   # step's square roots take __fsqrt_rn's fast path for a whole lane
   # (SqrtEach): every float32 of its domain against __fsqrt_rn. bfloat16
-  # params round by the hardware conversion (StepParamsEach): every float32 but
-  # NaN against RoundToType. The step's divisions take __fdiv_rn's fast path
+  # params round by the hardware conversion of two floats at once
+  # (Bf16PairRounding): every float32 but NaN, in either half, against
+  # RoundToType. The step's divisions take __fdiv_rn's fast path
   # for a whole lane (StepParamsEach, DivFastDomain): every divisor
   # significand at 10 exponents of [2^-51, 2^65), 64 dividends of [2^-59,
   # 2^75] each, against __fdiv_rn bit for bit.
@@ -400,6 +404,27 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
   assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], words
   assert words[16:20] == ["div", str(10 * (1 << 23) * 64), "div_mismatches", "0"], words
+
+
+def test_update_kernels_keep_every_value_in_registers():
+  # The update kernels as built here: no stack frame and no local memory, at
+  # most 64 registers a thread (one CTA of 1024 threads per SM). A device
+  # function the compiler does not inline, or spilled registers, would break
+  # this; a lambda per block that the H200's build did not inline made the
+  # fused step 16-35% slower (benchmarks/RESULTS.md, twelfth session).
+  nvcc = shutil.which("nvcc")
+  assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
+  cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc).resolve().parent / "cuobjdump")
+  assert Path(cuobjdump).exists(), "cuobjdump (CUDA toolkit) is needed for this check"
+  out = subprocess.run(
+    [cuobjdump, "-res-usage", op._ffi._ops.__file__], capture_output=True, text=True, check=True
+  ).stdout
+  pattern = r"Function (\S*UpdateKernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) \S+ LOCAL:(\d+)"
+  usage = re.findall(pattern, out)
+  assert {name.split("UpdateKernel")[1][:4] for name, *_ in usage} == {"ILb0", "ILb1"}, out
+  for name, registers, stack, local in usage:
+    resources = (name, registers, stack, local)
+    assert (int(stack), int(local)) == (0, 0) and int(registers) <= 64, resources
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])

@@ -12,8 +12,8 @@
 //    must not take the route.
 // 2. SqrtFastPath against __fsqrt_rn on every float32 bit pattern in
 //    SqrtFastDomain, which must hold no value outside [2^-101, 2^128).
-// 3. Bf16HardwareRounding against RoundToType(x, kBF16) on every float32 bit
-//    pattern but NaN.
+// 3. Bf16PairRounding against RoundToType(x, kBF16) on every float32 bit
+//    pattern but NaN, in either half of the pair.
 // 4. DivFastPath, the step's division, against __fdiv_rn: every divisor
 //    significand at exponents across [2^-51, 2^65) (both ends included), each
 //    against per_divisor / 4 dividends with |a| in [2^-59, 2^75]
@@ -127,7 +127,13 @@ __global__ void SqrtKernel(Counts* counts) {
 __global__ void Bf16Kernel(Counts* counts) {
   auto check = [](float x) {
     if (IsNan(x)) return kSkipped;
-    bool same = FloatBits(Bf16HardwareRounding{}(x)) == FloatBits(RoundToType(x, kBF16));
+    // x in the low half next to -x, then in the high half next to a neighbour.
+    float y = BitsFloat(FloatBits(x) ^ 0x00400001u);
+    Bf16Pair first = Bf16PairRounding{}(Bf16Pair{x, -x});
+    Bf16Pair second = Bf16PairRounding{}(Bf16Pair{IsNan(y) ? x : y, x});
+    uint32_t want = FloatBits(RoundToType(x, kBF16));
+    bool same = FloatBits(first.lo) == want && FloatBits(second.hi) == want &&
+                FloatBits(first.hi) == FloatBits(RoundToType(-x, kBF16));
     return same ? kEqual : kDifferent;
   };
   CheckEveryFloat(check, &counts->bf16_checked, &counts->bf16_mismatches);
