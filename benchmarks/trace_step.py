@@ -45,9 +45,32 @@ def summarize(trace_dir: str, steps: int, top: int) -> list[str]:
   for proc in sorted({k[0] for k in totals}):
     rows = sorted(((v, k[1]) for k, v in totals.items() if k[0] == proc), reverse=True)
     lines.append(f"  [{proc}]")
+    if proc.startswith("/device:"):
+      lines.append("    " + busy_line(events, names, proc, steps))
     for (dur, n), name in rows[:top]:
       lines.append(f"    {dur / steps / 1e3:9.3f} ms/step  x{n / steps:6.1f}/step  {name}")
   return lines
+
+
+def busy_line(events: list, names: dict, proc: str, steps: int) -> str:
+  """How much of the window from the device's first event to its last it was
+  busy (the union of its events, which a kernel can appear in twice: on its
+  stream and as an op); the rest it idled, waiting for the host."""
+  spans = sorted(
+    (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+    for e in events
+    if e.get("ph") == "X" and names.get(e["pid"]) == proc
+  )
+  busy, end = 0.0, float("-inf")
+  for start, stop in spans:
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  window = spans[-1][1] - spans[0][0] if spans else 0.0
+  return (
+    f"busy {busy / steps / 1e3:.3f} ms/step of a {window / steps / 1e3:.3f} ms/step window "
+    f"({100 * busy / window if window else 0:.0f}%)"
+  )
 
 
 def main():
