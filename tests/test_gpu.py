@@ -411,7 +411,7 @@ def test_update_kernels_keep_every_value_in_registers():
   # most 64 registers a thread (one CTA of 1024 threads per SM). A device
   # function the compiler does not inline, or spilled registers, would break
   # this; a lambda per block that the H200's build did not inline made the
-  # fused step 16-35% slower (benchmarks/RESULTS.md, twelfth session).
+  # fused step 16-39% slower (benchmarks/RESULTS.md, twelfth session).
   nvcc = shutil.which("nvcc")
   assert nvcc, "nvcc is needed for this check (the CUDA build needs it too)"
   cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc).resolve().parent / "cuobjdump")
