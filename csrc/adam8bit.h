@@ -520,8 +520,9 @@ OP8_HD void RoundedEach(const float x[n], Finish finish, float out[n]) {
 }
 
 // StepParamWithRoot for n elements, into out[n] (or on the GPU, for
-// bfloat16, into words[n / 2] as RoundedEach packs them). `roots_fast`: SqrtEach's result;
-// `max_abs_m` is at least every |m[k]| that is not NaN (the block's scale).
+// bfloat16, into words[n / 2] as RoundedEach packs them). `roots_fast`:
+// SqrtEach's result; `max_abs_m` is at least every |m[k]| that is not NaN
+// (the block's scale).
 // A NaN m takes the fast division too when its neighbours let it (a minimum
 // skips NaN): its quotient is NaN either way, and the step's fma makes that
 // the canonical NaN (the GPU returns no other).

@@ -433,8 +433,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Every kernel below walks its warp's blocks alike (WarpRange, LeafCursor,
 // the lane's elements); only the body differs. The loop is written out in each
-// rather than shared through a device lambda, to keep the update kernel's
-// code what the profiles measured.
+// rather than shared through a device lambda: the H200's build did not inline
+// such a lambda into the update kernel (a call per block, its state on the
+// stack: the fused step 16-39% slower; benchmarks/RESULTS.md, twelfth
+// session), although this source's build on another machine did.
 __global__ void __launch_bounds__(kThreads)
     BlockNormSqKernel(const __grid_constant__ LeafTable table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
