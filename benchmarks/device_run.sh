@@ -40,10 +40,12 @@ status=0
 for step in $steps; do
   t0=$(date +%s)
   case $step in
-    gpu) (cd tests && python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+    gpu) # -v: one line per test as it ends, so that a run cut short shows where it got to.
+         (cd tests && python3 -m pytest -v -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
            test_gpu.py) \
            > "$OUT/gpu_tests.log" 2>&1 || status=1
-         tail -15 "$OUT/gpu_tests.log" ;;
+         grep -c " PASSED" "$OUT/gpu_tests.log" | sed 's/$/ passed so far/'
+         tail -15 "$OUT/gpu_tests.log" | cut -c1-160 ;;
     multi) (cd tests && OPTAX_PAGED8BIT_TEST_PLATFORM=gpu python3 -m pytest -q -p no:cacheprovider \
              test_functional.py test_layout.py test_checkpoint.py test_migration.py test_multiprocess.py) \
              > "$OUT/multi_tests.log" 2>&1 || status=1
