@@ -24,6 +24,10 @@ steps=${*:-gpu bench}
 {
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__)"
+  # The toolchain: this machine's build of a kernel can differ from another's
+  # (RESULTS.md, twelfth session).
+  for tool in nvcc ptxas; do echo "$tool: $(command -v $tool) $($tool --version | tail -2 | tr '\n' ' ')"; done
+  for tool in g++ cmake; do echo "$tool: $(command -v $tool) $($tool --version | head -1)"; done
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 t0=$(date +%s)
