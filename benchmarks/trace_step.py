@@ -66,7 +66,7 @@ def busy_line(events: list, names: dict, proc: str, steps: int) -> str:
     if stop > end:
       busy += stop - max(start, end)
       end = stop
-  window = spans[-1][1] - spans[0][0] if spans else 0.0
+  window = end - spans[0][0] if spans else 0.0  # to the latest end, not the last start's
   return (
     f"busy {busy / steps / 1e3:.3f} ms/step of a {window / steps / 1e3:.3f} ms/step window "
     f"({100 * busy / window if window else 0:.0f}%)"
