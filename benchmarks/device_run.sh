@@ -35,11 +35,9 @@ OPTAX_PAGED8BIT_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q
   -C cmake.define.OPTAX_PAGED8BIT_CUDA_ARCHITECTURES=90-real . > "$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-# The update kernels as this machine's compiler built them (registers, stack,
-# local memory: tests/test_gpu.py checks them too).
-so=$(cd /tmp && python3 -c "import optax_paged8bit._ops as m; print(m.__file__)")
-cuobjdump -res-usage "$so" | grep -A1 UpdateKernel \
-  | grep -o 'REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*' | sort | uniq -c
+# The update kernels as this machine's compiler built them.
+bash benchmarks/kernel_resources.sh \
+  "$(cd /tmp && python3 -c "import optax_paged8bit._ops as m; print(m.__file__)")"
 status=0
 for step in $steps; do
   t0=$(date +%s)

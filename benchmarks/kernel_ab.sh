@@ -39,15 +39,9 @@ for name in "${names[@]}"; do
   wait -n || { tail -30 "$res"/build_*.log; exit 1; }
 done
 echo "built ${names[*]} in $(( $(date +%s) - t0 )) s"
-# What this machine's compiler made of each variant (its SASS can differ from
-# a build of the same source elsewhere): the update kernels' registers, stack
-# and local memory, and the fused one's SASS instruction count.
+# What this machine's compiler made of each variant.
 for name in "${names[@]}"; do
-  so=$(ls /tmp/ab_$name/optax_paged8bit/_ops*.so)
-  echo "$name: $(cuobjdump -res-usage "$so" | grep -A1 UpdateKernel \
-    | grep -o 'REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*' | sort -u | tr '\n' ' ')" \
-    "fused kernel $(cuobjdump -sass "$so" | awk '/Function :/{f=($0 ~ /UpdateKernelILb1/)} f' \
-    | grep -c '^        /\*[0-9a-f]*\*/') SASS instructions"
+  echo "$name: $(bash benchmarks/kernel_resources.sh /tmp/ab_$name/optax_paged8bit/_ops*.so)"
 done
 for c in ${AB_NCU//,/ }; do
   for name in "${names[@]}"; do
