@@ -708,10 +708,17 @@ OP8_HD uint32_t FastCode1(const QuantTables& t, float m, float x1) {
 }
 
 // code2 = Q(q2, v / absmax2), for x2 = v / absmax2 in [+0, 1] (or -0).
+// FastCode2 of an x2 whose sign bit is clear (a -0 would index past start2):
+// the GPU's DivideForCode of a second moment, which is +0 or positive
+// (tests/native/fast_path_check.cu checks that such a quotient's sign bit
+// stays clear).
+OP8_HD uint32_t FastCode2OfUnsigned(const QuantTables& t, float x2) {
+  uint32_t s = t.start2[FloatBits(x2) >> kUnsignedShift];
+  return s + (t.edge2[s] < x2 ? 1u : 0u);
+}
+
 OP8_HD uint32_t FastCode2(const QuantTables& t, float x2) {
-  uint32_t u = FloatBits(x2) & 0x7fffffffu;
-  uint32_t s = t.start2[u >> kUnsignedShift];
-  return s + (t.edge2[s] < BitsFloat(u) ? 1u : 0u);
+  return FastCode2OfUnsigned(t, BitsFloat(FloatBits(x2) & 0x7fffffffu));
 }
 
 OP8_HD float Clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }

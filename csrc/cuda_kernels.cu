@@ -623,7 +623,7 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
       c1[k] = FastCode1(qt, m[k], d1.DivideForCode(m[k]));
-      c2[k] = FastCode2(qt, d2.DivideForCode(v[k]));
+      c2[k] = FastCode2OfUnsigned(qt, d2.DivideForCode(v[k]));  // v >= +0
     }
   } else {
 #pragma unroll
@@ -683,15 +683,15 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_
 }
 
 // A step that SkipLane's every lane of the launch (its own loop, so that the
-// update's loop carries no check of it per block).
+// update's loop carries no check of it per block). A skipped step is rare:
+// the warps take the blocks in turn and look each one's leaf up.
 template <bool kWriteParams>
 __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
-  int32_t first, last;
-  WarpRange(table.num_blocks, &first, &last);
-  LeafCursor cursor{WarpLeafSlot<kUpdateWarps>()};
-  for (int32_t b = first; b < last; ++b) {
-    const LeafDesc& leaf = cursor.At(table, b);
-    int64_t j = b - cursor.begin;
+  int32_t warps = static_cast<int32_t>(gridDim.x * (blockDim.x / kLanes));
+  for (int32_t b = static_cast<int32_t>((blockIdx.x * blockDim.x + threadIdx.x) / kLanes);
+       b < table.num_blocks; b += warps) {
+    const LeafDesc& leaf = table.leaves[FindLeaf(table, b)];
+    int64_t j = b - leaf.block_begin;
     int64_t start = j * kBlockSize + lane * kLaneElems;
     WithElemType(leaf.type, [&](auto t) {
       SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start), lane);

@@ -404,6 +404,7 @@ def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
   not_nan = (1 << 32) - 2 * ((1 << 23) - 1)
   assert words[12:16] == ["bf16", str(not_nan), "bf16_mismatches", "0"], words
   assert words[16:20] == ["div", str(10 * (1 << 23) * 64), "div_mismatches", "0"], words
+  assert words[20:22] == ["sign_errors", "0"], words  # FastCode2OfUnsigned's premise
 
 
 def test_update_kernels_keep_every_value_in_registers():

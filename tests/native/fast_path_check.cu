@@ -9,7 +9,8 @@
 //    is below 2^-60 in magnitude: there it must be below 2^-47 (such
 //    quotients share one code, FastCode1 taking the sign from m; see
 //    quantizer_check.cc). Divisors that are not normal floats below 2^127
-//    must not take the route.
+//    must not take the route. A dividend whose sign bit is clear must give a
+//    quotient whose sign bit is clear (FastCode2OfUnsigned indexes by it).
 // 2. SqrtFastPath against __fsqrt_rn on every float32 bit pattern in
 //    SqrtFastDomain, which must hold no value outside [2^-101, 2^128).
 // 3. Bf16PairRounding against RoundToType(x, kBF16) on every float32 bit
@@ -21,7 +22,7 @@
 //    bit for bit.
 //   fast_path_check [per_divisor]
 //     ->  prints "pairs N mismatches M tiny T route R sqrt S sqrt_mismatches Q
-//                 bf16 B bf16_mismatches C div D div_mismatches E"
+//                 bf16 B bf16_mismatches C div D div_mismatches E sign_errors F"
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -43,7 +44,7 @@ __device__ uint32_t Hash(uint32_t x) {
 
 struct Counts {
   unsigned long long pairs, mismatches, tiny, route_errors, sqrt_checked, sqrt_mismatches;
-  unsigned long long bf16_checked, bf16_mismatches, div_checked, div_mismatches;
+  unsigned long long bf16_checked, bf16_mismatches, div_checked, div_mismatches, sign_errors;
   uint32_t example[2], div_example[2];
 };
 
@@ -55,7 +56,7 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) 
   bool want_route = exponent >= 1 && exponent <= 253;
   if (divisor.fast != want_route) atomicAdd(&counts->route_errors, 1ull);
   if (!divisor.fast) return;
-  unsigned long long pairs = 0, bad = 0, tiny = 0;
+  unsigned long long pairs = 0, bad = 0, tiny = 0, sign_errors = 0;
   for (int k = 0; k < per_divisor; ++k) {
     float a;
     uint32_t h = Hash(mantissa * 2654435761u + k * 40503u + exponent);
@@ -79,6 +80,7 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) 
     float fast = divisor.DivideForCode(a);
     float exact = __fdiv_rn(a, b);
     ++pairs;
+    sign_errors += !SignBit(a) && SignBit(fast);
     if (FloatBits(fast) == FloatBits(exact) || (fast == 0.0f && exact == 0.0f)) continue;
     if (Abs(exact) < 8.67361737988403547e-19f && Abs(fast) < 7.105427357601002e-15f) {
       ++tiny;  // 2^-60, 2^-47
@@ -91,6 +93,7 @@ __global__ void CheckKernel(uint32_t exponent, int per_divisor, Counts* counts) 
   atomicAdd(&counts->pairs, pairs);
   if (bad) atomicAdd(&counts->mismatches, bad);
   if (tiny) atomicAdd(&counts->tiny, tiny);
+  if (sign_errors) atomicAdd(&counts->sign_errors, sign_errors);
 }
 
 // What a check of one float found.
@@ -198,10 +201,10 @@ int main(int argc, char** argv) {
   }
   std::printf(
       "pairs %llu mismatches %llu tiny %llu route %llu sqrt %llu sqrt_mismatches %llu bf16 %llu "
-      "bf16_mismatches %llu div %llu div_mismatches %llu\n",
+      "bf16_mismatches %llu div %llu div_mismatches %llu sign_errors %llu\n",
       counts->pairs, counts->mismatches, counts->tiny, counts->route_errors, counts->sqrt_checked,
       counts->sqrt_mismatches, counts->bf16_checked, counts->bf16_mismatches, counts->div_checked,
-      counts->div_mismatches);
+      counts->div_mismatches, counts->sign_errors);
   if (counts->mismatches) {
     std::printf("example a=0x%08x b=0x%08x\n", counts->example[0], counts->example[1]);
   }
@@ -210,6 +213,6 @@ int main(int argc, char** argv) {
                 counts->div_example[1]);
   }
   bool ok = counts->mismatches == 0 && counts->route_errors == 0 && counts->sqrt_mismatches == 0 &&
-            counts->bf16_mismatches == 0 && counts->div_mismatches == 0;
+            counts->bf16_mismatches == 0 && counts->div_mismatches == 0 && counts->sign_errors == 0;
   return ok ? 0 : 1;
 }
