@@ -38,16 +38,23 @@ _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 # for each fusion candidate next to it, so aliasing thousands of small leaves
 # makes compiling quadratic in the leaves (46 s for 3000 leaves of a fused
 # step, 83 s for 1000 leaves of adamw8bit on a 2-core CPU), while their copies
-# cost little memory. Large leaves are aliased: with the step's inputs
-# donated, a result that is not gets copied into the donated buffer
-# afterwards, one copy per array (measured on an H200: the fused step on
-# 1152 LoRA leaves of 65536 elements 17.9 ms instead of 10.9 ms); an aliased
-# operand that is not donated is copied before the call instead. Aliasing
+# cost little memory. Large leaves are aliased, and every leaf of a call of
+# at most PARAM_ALIAS_ALL_LEAVES leaves (which bounds that quadratic term; a
+# cap on the small aliases alone did not, since each alias costs per fusion
+# candidate: 10000 leaves with 512 small ones aliased took 32.5 s to compile
+# instead of 19.4 s): with the step's inputs donated, a result that is not
+# aliased gets copied into the donated buffer afterwards, one copy per array
+# (measured on an H200: the fused step on 1152 LoRA leaves of 65536 elements
+# 17.9 ms instead of 10.9 ms; on GPT-2 medium's 292 leaves, 196 of them
+# small, 3.88 ms instead of 3.45 ms; benchmarks/RESULTS.md, thirteenth
+# session); an aliased operand that is not donated is copied before the call
+# instead. Aliasing
 # every adamw8bit state array was measured on an H200 (1152 LoRA leaves,
 # donated): it removes 4609 small copies (5.4 ms of GPU time) but not the
 # step's time, which JAX's host dispatch of its ~6900 arrays bounds
 # (benchmarks/RESULTS.md, ninth session); so it stays at large arrays.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
+PARAM_ALIAS_ALL_LEAVES = 512  # a call with at most this many leaves aliases all
 STATE_ALIAS_MIN_ELEMENTS = 1 << 20  # four per leaf
 
 
@@ -58,10 +65,14 @@ def _large(layout: Layout, i: int, threshold: int = PARAM_ALIAS_MIN_ELEMENTS) ->
 def _param_aliases(
   layout: Layout, first_param: int, first_out: int, leaves: range | None = None
 ) -> dict[int, int]:
-  """Aliases of the large params among `leaves` (all by default), the call's
+  """Aliases of the params among `leaves` (all by default): every one if
+  they are at most PARAM_ALIAS_ALL_LEAVES, else the large ones; the call's
   params and results numbered from first_param and first_out."""
   leaves = range(layout.num_leaves) if leaves is None else leaves
-  return {first_param + t: first_out + t for t, i in enumerate(leaves) if _large(layout, i)}
+  every = len(leaves) <= PARAM_ALIAS_ALL_LEAVES
+  return {
+    first_param + t: first_out + t for t, i in enumerate(leaves) if every or _large(layout, i)
+  }
 
 
 _HANDLE = jax.ShapeDtypeStruct((), HANDLE_DTYPE)

@@ -196,3 +196,30 @@ def test_adamw8bit_errors_name_it():
   tx = op.adamw8bit()
   with pytest.raises(TypeError, match="expected the opt_state returned by adamw8bit's init"):
     tx.update(grads(0, tree(0)), op.paged_adamw8bit().init(tree(0)), tree(0))
+
+
+@pytest.mark.parametrize("make", [op.paged_adamw8bit, op.adamw8bit], ids=["paged", "arrays"])
+def test_a_donated_fused_step_writes_small_params_in_place(make, monkeypatch):
+  # A call of at most _calls.PARAM_ALIAS_ALL_LEAVES leaves aliases every
+  # param to its result; a larger one only its large params, the small ones
+  # written to new buffers that XLA copies into the donated ones. Either way
+  # the step's results are the same.
+  from optax_paged8bit import _calls
+
+  # bfloat16, so that a param's copy is told apart from one of a small leaf's
+  # float32 moments (adamw8bit's state arrays under STATE_ALIAS_MIN_ELEMENTS).
+  params = {f"s{i}": jnp.full((7, 3), 0.1 * i, jnp.bfloat16) for i in range(5)}
+  params["big"] = jnp.full((256, 256), 0.5, jnp.bfloat16)
+  g = jax.tree.map(lambda p: p * 0.01 + 0.001, params)
+  results = {}
+  for cap, copies in ((512, 0), (6, 0), (5, 5)):
+    monkeypatch.setattr(_calls, "PARAM_ALIAS_ALL_LEAVES", cap)
+    tx = make(1e-2)
+    step = jax.jit(tx.fused_update, donate_argnums=(1, 2))
+    hlo = step.lower(g, tx.init(params), params).compile().as_text()
+    assert hlo.count("bf16[7,3]{1,0} copy(") == copies, cap
+    p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+    for _ in range(3):
+      p, s = step(g, s, p)
+    results[cap] = p
+  assert_trees_equal(results[6], results[5], "params")
