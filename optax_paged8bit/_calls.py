@@ -33,26 +33,24 @@ from optax_paged8bit.quantization import BLOCK_SIZE, QMAPS
 _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 
 # A call writes a leaf's new params (fused step) and adamw8bit's new state
-# arrays into the operands' buffers (donated) when the leaf is large, and into
-# new buffers otherwise. XLA's fusion pass checks every aliased pair of a call
-# for each fusion candidate next to it, so aliasing thousands of small leaves
-# makes compiling quadratic in the leaves (46 s for 3000 leaves of a fused
-# step, 83 s for 1000 leaves of adamw8bit on a 2-core CPU), while their copies
-# cost little memory. Large leaves are aliased, and every leaf of a call of
-# at most PARAM_ALIAS_ALL_LEAVES leaves (which bounds that quadratic term; a
-# cap on the small aliases alone did not, since each alias costs per fusion
-# candidate: 10000 leaves with 512 small ones aliased took 32.5 s to compile
-# instead of 19.4 s): with the step's inputs donated, a result that is not
-# aliased gets copied into the donated buffer afterwards, one copy per array
-# (measured on an H200: the fused step on 1152 LoRA leaves of 65536 elements
-# 17.9 ms instead of 10.9 ms; on GPT-2 medium's 292 leaves, 196 of them
-# small, 3.88 ms instead of 3.45 ms; benchmarks/RESULTS.md, thirteenth
-# session); an aliased operand that is not donated is copied before the call
-# instead. Aliasing
-# every adamw8bit state array was measured on an H200 (1152 LoRA leaves,
-# donated): it removes 4609 small copies (5.4 ms of GPU time) but not the
-# step's time, which JAX's host dispatch of its ~6900 arrays bounds
-# (benchmarks/RESULTS.md, ninth session); so it stays at large arrays.
+# arrays into the operands' buffers (aliased; donated by the caller) or into
+# new buffers. With the step's inputs donated, a result that is not aliased
+# is copied into the donated buffer after the call, one copy per array; an
+# aliased operand that is not donated is copied before the call instead.
+# Measured on an H200 (benchmarks/RESULTS.md): the fused step on 1152 LoRA
+# leaves took 17.9 ms with the copies and 10.9 ms aliased; on GPT-2 medium's
+# 292 leaves (196 of them small) 3.88 ms and 3.45 ms.
+# But XLA's fusion pass checks every aliased pair of a call for each fusion
+# candidate next to it, so aliases cost compile time in proportion to the
+# whole program: aliasing thousands of small leaves makes compiling quadratic
+# (46 s for 3000 leaves of a fused step, 83 s for 1000 leaves of adamw8bit on
+# a 2-core CPU), and even a cap of 512 small aliases took 10000 leaves from
+# 19.4 s to 32.5 s. So a call of at most PARAM_ALIAS_ALL_LEAVES leaves aliases
+# every param (a step with one such call is a small program), and a larger
+# one only its large params. Aliasing every adamw8bit state array was measured on an H200
+# (1152 LoRA leaves, donated): it removes 4609 small copies (5.4 ms of GPU
+# time) but not the step's time, which JAX's host dispatch of its ~6900
+# arrays bounds (ninth session); so it stays at large arrays.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
 PARAM_ALIAS_ALL_LEAVES = 512  # a call with at most this many leaves aliases all
 STATE_ALIAS_MIN_ELEMENTS = 1 << 20  # four per leaf
