@@ -222,4 +222,10 @@ def test_a_donated_fused_step_writes_small_params_in_place(make, monkeypatch):
     for _ in range(3):
       p, s = step(g, s, p)
     results[cap] = p
+    # Not donated, the params passed in come out unchanged (XLA copies them
+    # before the call that writes its results over them).
+    p = jax.tree.map(jnp.copy, params)
+    new_p, _ = jax.jit(tx.fused_update)(g, tx.init(params), p)
+    assert_trees_equal(p, params, "params passed in")
+    assert_trees_equal(new_p, jax.jit(tx.fused_update)(g, tx.init(params), params)[0], "again")
   assert_trees_equal(results[6], results[5], "params")

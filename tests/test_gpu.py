@@ -64,14 +64,19 @@ def inputs(dtype, seed=0):
 
 def run_on(device, tx, params, grads, fused, donate=False):
   # donate: a fused step's params are donated, so that the call writes them in
-  # place (_calls.PARAM_ALIAS_*); otherwise XLA copies them before the call.
+  # place (_calls.PARAM_ALIAS_*); otherwise XLA copies them before the call,
+  # and the params passed in must come out of the step unchanged.
   with jax.default_device(device):
     params = jax.device_put(params, device)
     state = tx.init(params)
     step = jax.jit(tx.fused_update if fused else tx.update, donate_argnums=(2,) if donate else ())
     outs = []
-    for g in grads:
+    for t, g in enumerate(grads):
+      before = None if donate else jax.tree.map(np.asarray, params)
       out, state = step(jax.device_put(g, device), state, params)
+      if before is not None:
+        for k in before:
+          assert_bit_equal(params[k], before[k], f"step {t}: param {k} passed in, after the step")
       params = out if fused else optax.apply_updates(params, out)
       outs.append(jax.tree.map(np.asarray, out))
     exported = jax.tree.map(np.asarray, op.export_state(state))
