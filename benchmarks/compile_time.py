@@ -7,7 +7,9 @@ paged_adamw8bit and adamw8bit, and of paged_adamw8bit's fused step
 save_checkpoint and restore_checkpoint, and the process's peak RSS. Each
 measurement runs in a fresh process (no warm caches, its own RSS).
 A bare jitted SGD step (p - lr * g) over the same leaves is the floor of any
-per-leaf update on XLA's CPU backend.
+per-leaf update on XLA's CPU backend; ffi_results is one custom call with N
+results (lowered and compiled only), XLA's cost of the paged call's result
+per leaf. The first call is timed in parts: lowering, XLA's compile, the run.
 
     python benchmarks/compile_time.py --leaves 300,1000,3000,10000 --json out.json
 """
@@ -28,10 +30,24 @@ n, kind = int(sys.argv[1]), sys.argv[2]
 params = {f"l{i:05d}": jnp.full((3,), 0.1, jnp.float32) for i in range(n)}
 grads = jax.tree.map(lambda p: p * 0.01, params)
 out = {"leaves": n, "kind": kind}
+def first_call(step, *args):  # the first call's work: lowering, XLA's compile, the run
+  t0 = time.perf_counter(); lowered = step.lower(*args)
+  t1 = time.perf_counter(); compiled = lowered.compile()
+  t2 = time.perf_counter(); result = jax.block_until_ready(compiled(*args))
+  t3 = time.perf_counter()
+  out.update(first_step_s=t3 - t0, lower_s=t1 - t0, compile_s=t2 - t1, run_s=t3 - t2)
+  return result
 if kind == "sgd":
-  step = jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 1e-3 * b, p, g))
-  t0 = time.perf_counter(); jax.block_until_ready(step(params, grads))
-  out["first_step_s"] = time.perf_counter() - t0
+  first_call(jax.jit(lambda p, g: jax.tree.map(lambda a, b: a - 1e-3 * b, p, g)), params, grads)
+elif kind == "ffi_results":
+  # XLA's own cost of one custom call with n results (lowered and compiled,
+  # not run): the paged transform's call has one result per leaf.
+  from optax_paged8bit import _ffi
+  shapes = [jax.ShapeDtypeStruct((3,), jnp.float32)] * n
+  call = jax.jit(lambda x: jax.ffi.ffi_call(_ffi.BLOCK_NORMS_TARGET, shapes)(x))
+  t0 = time.perf_counter(); lowered = call.lower(params["l00000"])
+  t1 = time.perf_counter(); lowered.compile(); t2 = time.perf_counter()
+  out.update(first_step_s=t2 - t0, lower_s=t1 - t0, compile_s=t2 - t1)
 else:
   tx = {"optax.adamw": optax.adamw(1e-3), "paged_adamw8bit": op.paged_adamw8bit(1e-3),
         "paged_fused": op.paged_adamw8bit(1e-3), "adamw8bit": op.adamw8bit(1e-3)}[kind]
@@ -42,8 +58,7 @@ else:
       return tx.fused_update(g, s, p)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
-  t0 = time.perf_counter(); params, state = step(params, state, grads)
-  jax.block_until_ready(state); out["first_step_s"] = time.perf_counter() - t0
+  params, state = first_call(step, params, state, grads)
   if kind == "paged_adamw8bit":
     for name in ("export", "export_again"):
       t0 = time.perf_counter(); jax.block_until_ready(op.export_state(state))
@@ -57,7 +72,7 @@ out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 print(json.dumps(out))
 """
 
-KINDS = ("sgd", "optax.adamw", "paged_adamw8bit", "paged_fused", "adamw8bit")
+KINDS = ("sgd", "optax.adamw", "paged_adamw8bit", "paged_fused", "adamw8bit", "ffi_results")
 
 
 def main() -> None:
@@ -91,6 +106,8 @@ def main() -> None:
       )
       first = row["first_step_s"]
       first = f"{first:.2f} s" if first is not None else f"> {args.timeout:.0f} s"
+      if row.get("compile_s") is not None:
+        first += f" (XLA compile {row['compile_s']:.2f} s)"
       rss = row.get("peak_rss_gb")
       rss = f", peak RSS {rss:.2f} GB" if rss else ""
       print(f"{n:6d} leaves  {kind:16} first step {first}{extra}{rss}", flush=True)
