@@ -47,10 +47,11 @@ _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 # a 2-core CPU), and even a cap of 512 small aliases took 10000 leaves from
 # 19.4 s to 32.5 s. So a call of at most PARAM_ALIAS_ALL_LEAVES leaves aliases
 # every param (a step with one such call is a small program), and a larger
-# one only its large params. Aliasing every adamw8bit state array was measured on an H200
-# (1152 LoRA leaves, donated): it removes 4609 small copies (5.4 ms of GPU
-# time) but not the step's time, which JAX's host dispatch of its ~6900
-# arrays bounds (ninth session); so it stays at large arrays.
+# one only its large params. Aliasing every adamw8bit state array was
+# measured on an H200 (1152 LoRA leaves, donated): it removes 4609 small
+# copies (5.4 ms of GPU time) but not the step's time, which JAX's host
+# dispatch of its ~6900 arrays bounds (ninth session); so it stays at large
+# arrays.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
 PARAM_ALIAS_ALL_LEAVES = 512  # a call with at most this many leaves aliases all
 STATE_ALIAS_MIN_ELEMENTS = 1 << 20  # four per leaf
