@@ -2,11 +2,14 @@
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [pressure] [capacity] [same_size] [trace]
-#                                 [ncu] [stalls] [diag] [cpu]
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [count] [pressure] [capacity]
+#                                 [same_size] [trace] [ncu] [stalls] [diag] [cpu]
 # gpu: tests/test_gpu.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
-# one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; pressure:
+# one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
+# same, one process per case of BENCH_CASES (default 0 1 2 3) while time is left of RUN_LIMIT
+# seconds (default 570); count: Nsight Compute's instructions per param of the fused update
+# kernel on NCU_CASES (benchmarks/ncu_count.sh); pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
 # capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
@@ -21,6 +24,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
 steps=${*:-gpu bench}
+started=$(date +%s)
 {
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__)"
@@ -59,6 +63,19 @@ for step in $steps; do
     bench) python3 benchmarks/bench_adamw.py --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1 \
              || status=1
            tail -20 "$OUT/bench.log" ;;
+    cases) # One process per case (a process's host speed moves the host-bound cases), each
+           # started only while BENCH_NEED seconds remain of RUN_LIMIT.
+           for c in ${BENCH_CASES:-0 1 2 3}; do
+             left=$(( ${RUN_LIMIT:-570} - ($(date +%s) - started) ))
+             if [ "$left" -lt "${BENCH_NEED:-80}" ]; then echo "case $c not run: $left s left"; continue; fi
+             timeout "$left" python3 benchmarks/bench_adamw.py --cases "$c" --iters 15 \
+               --json "$OUT/bench_case$c.json" > "$OUT/bench_case$c.log" 2>&1 || status=1
+             grep -v "^[WEI][0-9]" "$OUT/bench_case$c.log" | tail -9
+           done ;;
+    count) for c in ${NCU_CASES:-0 1}; do
+             bash benchmarks/ncu_count.sh "$c" "${NCU_LABEL:-build}" \
+               "$OUT/ncu_count_case$c.log" || status=1
+           done ;;
     trace) (cd benchmarks && python3 trace_step.py ${TRACE_CASE:-2} ${TRACE_ARGS:-} --out /tmp/trace) \
              > "$OUT/trace.log" 2>&1 || status=1
            cat "$OUT/trace.log" ;;

@@ -45,17 +45,8 @@ for name in "${names[@]}"; do
 done
 for c in ${AB_NCU//,/ }; do
   for name in "${names[@]}"; do
-    (cd benchmarks && PYTHONPATH=/tmp/ab_$name ncu -k regex:UpdateKernel -s 2 -c 1 \
-       --metrics smsp__inst_executed.sum,gpu__time_duration.sum python3 profile_step.py "$c") \
-      > "$res/ncu_${name}_case$c.log" 2>&1 || { tail -20 "$res/ncu_${name}_case$c.log"; exit 1; }
-    python3 - "$res/ncu_${name}_case$c.log" "$name" "$c" <<'EOF'
-import re, sys
-text = open(sys.argv[1]).read()
-inst = float(re.search(r"smsp__inst_executed.sum\s+\S*\s+([\d,.]+)", text).group(1).replace(",", ""))
-time = re.search(r"gpu__time_duration.sum\s+(\S+)\s+([\d,.]+)", text)
-print(f"ncu case {sys.argv[3]} {sys.argv[2]}: {inst * 32 / 2**30:.1f} instructions per param "
-      f"(2^30 params), kernel {time.group(2)} {time.group(1)}")
-EOF
+    PYTHONPATH=/tmp/ab_$name bash benchmarks/ncu_count.sh "$c" "$name" "$res/ncu_${name}_case$c.log" \
+      || exit 1
   done
 done
 for round in $(seq "${AB_ROUNDS:-2}"); do
