@@ -607,13 +607,13 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
       float p_new = (finite >> k) & 1u ? stepped : RoundToType(p[k], T);
       results[k] = kWriteParams ? p_new : UpdateFor(p[k], p_new, T);
     }
+    if constexpr (kWords) {
 #pragma unroll
-    for (int k = 0; k < kLaneElems; ++k) {
-      if constexpr (kWords) {
-        if (k % 2 == 0) out[k / 2] = PackBf16(results[k], results[k + 1]);
-      } else {
-        out[k] = results[k];
-      }
+      for (int k = 0; k < kLaneElems / 2; ++k)
+        out[k] = PackBf16(results[2 * k], results[2 * k + 1]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kLaneElems; ++k) out[k] = results[k];
     }
   }
   ScaleDivisor d1(absmax1), d2(absmax2);
