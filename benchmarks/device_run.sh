@@ -4,7 +4,7 @@
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [count] [pressure] [capacity]
 #                                 [same_size] [trace] [ncu] [stalls] [diag] [cpu]
-# gpu: tests/test_gpu.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
+# gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
 # same, one process per case of BENCH_CASES (default 0 1 2 3) while time is left of RUN_LIMIT
@@ -47,8 +47,9 @@ for step in $steps; do
   t0=$(date +%s)
   case $step in
     gpu) # -v: one line per test as it ends, so that a run cut short shows where it got to.
-         (cd tests && python3 -m pytest -v -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
-           test_gpu.py) \
+         # test_chunked_step.py runs on the default device, the GPU.
+         (cd tests && python3 -m pytest -v -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+           test_gpu.py test_chunked_step.py) \
            > "$OUT/gpu_tests.log" 2>&1 || status=1
          grep -c " PASSED" "$OUT/gpu_tests.log" | sed 's/$/ passed so far/'
          tail -15 "$OUT/gpu_tests.log" | cut -c1-160 ;;

@@ -290,38 +290,59 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
                      ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                      bool write_params, int32_t optim_bits, int64_t min_8bit_size,
-                     ffi::Span<const int64_t> norm_blocks, int64_t layout_key) {
+                     ffi::Span<const int64_t> norm_blocks, int64_t layout_key, int64_t first_leaf,
+                     ffi::Span<const int64_t> chunk_starts, ffi::Span<const int32_t> layout_flags,
+                     ffi::Span<const int64_t> layout_sizes) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
-                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call);
+  StepChunk chunk;
+  if (auto e = DecodeChunkAttrs(op, first_leaf, chunk_starts, layout_flags, layout_sizes,
+                                block_wise, &chunk);
       e.failure()) {
     return e;
   }
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call,
+                            chunk.staged_args(), chunk.staged_rets());
+      e.failure()) {
+    return e;
+  }
+  StagedMoments staged;
+  if (auto e = MatchChunkLeaves(op, call.layout, &chunk); e.failure()) return e;
+  if (auto e = DecodeStaged(op, chunk, leaf_args, leaf_rets, &staged); e.failure()) return e;
   int64_t step = 0;
   if (auto e = CheckHostScalars(op, count, structure,
                                 {optim_bits, min_8bit_size, percentile, block_wise}, &step);
       e.failure()) {
     return e;
   }
+  uint32_t handle_bits = handle.typed_data()[0];
+  if (auto e = CheckChunkHandle(op, chunk, handle_bits); e.failure()) return e;
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForUpdate(
-      MakeRequest(handle.typed_data()[0], layout_key, Platform::kCpu, device, call.layout), step,
-      allocator, &slot, &handle_value);
+      MakeRequest(handle_bits, layout_key, Platform::kCpu, device, chunk.layout), step, allocator,
+      &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle_value));
   }
-  RunStep(call.leaves, call.layout, SlotStates(*slot), hyper.typed_data(), qmaps.typed_data(),
-          rings, rings_out->typed_data(), call.norms, step + 1, percentile, block_wise,
-          write_params);
-  slot->step = step + 1;
-  count_out->typed_data()[0] = static_cast<int32_t>(step + 1);
+  RunStep(call.leaves, call.layout, SlotStates(*slot, chunk.first, chunk.leaves, staged.out),
+          hyper.typed_data(), qmaps.typed_data(), rings, rings_out->typed_data(), call.norms,
+          step + 1, percentile, block_wise, write_params);
+  if (chunk.commit) {
+    for (size_t k = 0; k < staged.in.size(); ++k) {
+      size_t at = slot->offsets[chunk.starts[k]];
+      size_t bytes = slot->offsets[chunk.starts[k + 1]] - at;
+      if (bytes > 0) std::memcpy(slot->arena + at, staged.in[k], bytes);
+    }
+    slot->step = step + 1;
+  }
+  count_out->typed_data()[0] = static_cast<int32_t>(chunk.commit ? step + 1 : step);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
   return ffi::Error::Success();
 }

@@ -708,7 +708,7 @@ __global__ void __launch_bounds__(kUpdateThreads, 1)
   LoadQuantTables(args.quant, &quant, /*maps_only=*/false);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
   if (args.write_count && blockIdx.x == 0 && threadIdx.x == 0) {
-    *args.count_out = static_cast<int32_t>(args.t);
+    *args.count_out = args.count_value;
     if (args.handle_out != nullptr) *args.handle_out = args.handle_value;
   }
   int lane = threadIdx.x & (kLanes - 1);

@@ -68,7 +68,8 @@ struct StepArgs {
   const QuantTables* quant;  // the maps and their tables (LaunchBuildQuantTables)
   const float* clip_scale;   // float32[num leaves in the call] or null (no clipping)
   float* whole_absmax;       // float32[2 * leaves]: new scales of whole-leaf leaves
-  int32_t* count_out;        // written with t by the launch that has write_count
+  int32_t* count_out;        // written with count_value by the launch that has write_count
+  int32_t count_value;       // t, or t - 1 for a stage of a chunked step (ffi_common.h)
   uint32_t* handle_out;      // written with handle_value by that launch (null: no handle)
   uint32_t handle_value;
   int64_t t;  // 1-based step

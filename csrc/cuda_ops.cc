@@ -430,8 +430,8 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
                       const std::vector<LeafSpec>& layout, const std::vector<StepState>& states,
                       const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
                       const ffi::Buffer<ffi::F32>& rings, float* ring, const GivenNorms& norms,
-                      int32_t* count_out, HandleWrite handle, int64_t t, int32_t percentile,
-                      bool block_wise, bool write_params) {
+                      int32_t* count_out, int32_t count_value, HandleWrite handle, int64_t t,
+                      int32_t percentile, bool block_wise, bool write_params) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
     RETURN_IF_LAUNCH_FAILED(
         op, "copying the clipping rings",
@@ -450,6 +450,7 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   StepArgs args = {};
   args.hyper = hyper.typed_data();
   args.count_out = count_out;
+  args.count_value = count_value;
   args.handle_out = handle.out;
   args.handle_value = handle.value;
   args.t = t;
@@ -536,15 +537,27 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       ffi::Result<ffi::Buffer<ffi::F32>> rings_out, ffi::RemainingRets leaf_rets,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int32_t percentile,
                       bool write_params, int32_t optim_bits, int64_t min_8bit_size,
-                      ffi::Span<const int64_t> norm_blocks, int64_t layout_key) {
+                      ffi::Span<const int64_t> norm_blocks, int64_t layout_key, int64_t first_leaf,
+                      ffi::Span<const int64_t> chunk_starts, ffi::Span<const int32_t> layout_flags,
+                      ffi::Span<const int64_t> layout_sizes) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
-                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call);
+  StepChunk chunk;
+  if (auto e = DecodeChunkAttrs(op, first_leaf, chunk_starts, layout_flags, layout_sizes,
+                                block_wise, &chunk);
       e.failure()) {
     return e;
   }
+  DecodedUpdate call;
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call,
+                            chunk.staged_args(), chunk.staged_rets());
+      e.failure()) {
+    return e;
+  }
+  StagedMoments staged;
+  if (auto e = MatchChunkLeaves(op, call.layout, &chunk); e.failure()) return e;
+  if (auto e = DecodeStaged(op, chunk, leaf_args, leaf_rets, &staged); e.failure()) return e;
   DeviceScope scope(device);
   HostScalars host;
   if (auto e = ReadUpdateScalars(op, stream, handle.untyped_data(), count, structure,
@@ -552,11 +565,12 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
       e.failure()) {
     return e;
   }
+  if (auto e = CheckChunkHandle(op, chunk, host.handle); e.failure()) return e;
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForUpdate(
-      MakeRequest(host.handle, layout_key, Platform::kCuda, device, call.layout), host.count,
+      MakeRequest(host.handle, layout_key, Platform::kCuda, device, chunk.layout), host.count,
       allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
@@ -567,12 +581,22 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
-  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout, SlotStates(*slot),
-                          hyper, qmaps, rings, rings_out->typed_data(), call.norms,
-                          count_out->typed_data(), handle_write, t, percentile, block_wise,
-                          write_params);
+  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout,
+                          SlotStates(*slot, chunk.first, chunk.leaves, staged.out), hyper, qmaps,
+                          rings, rings_out->typed_data(), call.norms, count_out->typed_data(),
+                          static_cast<int32_t>(chunk.commit ? t : t - 1), handle_write, t,
+                          percentile, block_wise, write_params);
       e.failure()) {
     return e;
+  }
+  if (!chunk.commit) return ffi::Error::Success();
+  for (size_t k = 0; k < staged.in.size(); ++k) {
+    size_t at = slot->offsets[chunk.starts[k]];
+    size_t bytes = slot->offsets[chunk.starts[k + 1]] - at;
+    if (bytes == 0) continue;
+    RETURN_IF_LAUNCH_FAILED(
+        op, "copying the staged moments in",
+        cudaMemcpyAsync(slot->arena + at, staged.in[k], bytes, cudaMemcpyDefault, stream));
   }
   slot->step = t;
   return ffi::Error::Success();
@@ -604,9 +628,10 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
       e.failure()) {
     return e;
   }
+  int64_t t = static_cast<int64_t>(host.count) + 1;
   return LaunchStep(op, stream, device, scratch, call.leaves, call.layout, ArrayStates(call), hyper,
                     qmaps, rings, rings_out->typed_data(), call.norms, count_out->typed_data(),
-                    HandleWrite{}, static_cast<int64_t>(host.count) + 1, percentile, block_wise,
+                    static_cast<int32_t>(t), HandleWrite{}, t, percentile, block_wise,
                     write_params);
 }
 

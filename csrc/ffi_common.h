@@ -8,7 +8,20 @@
 //                 params when write_params)
 //          attrs  leaf_flags i32[L], block_wise, percentile, write_params,
 //                 optim_bits, min_8bit_size, norm_blocks i64[L or 0],
-//                 layout_key
+//                 layout_key, first_leaf, chunk_starts i64[K],
+//                 layout_flags i32[N or 0], layout_sizes i64[N or 0]
+//          A step of a state's N leaves is K calls of L leaves each
+//          (StepChunk below), leaves chunk_starts[k].. in call k; K = 1 (the
+//          usual step: chunk_starts [0], the layout is the call's leaves)
+//          or more, chained by handle and count. Every call but the last is
+//          a stage: it reads the slot and writes its leaves' new moments to
+//          one more result, u8[arena bytes of its leaves], instead of the
+//          slot, and returns the count unchanged. The last call commits: it
+//          takes the stages' results as K - 1 more operands, steps its own
+//          leaves in the slot, copies the staged moments in and advances the
+//          count. So the slot changes only in the last call, after every
+//          check: a step cut short (a failing call or operation between
+//          them, a dropped result) leaves the state as it was.
 // update_arrays (adamw8bit: the state as arrays, no registry):
 //          args   count, structure, hyper, qmaps, rings, norms, grads x L,
 //                 params x L, the state arrays (below)
@@ -44,6 +57,7 @@
 #ifndef OPTAX_PAGED8BIT_FFI_COMMON_H_
 #define OPTAX_PAGED8BIT_FFI_COMMON_H_
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -172,16 +186,19 @@ inline ffi::Error CheckStructure(const char* op, const int32_t* values, size_t n
 
 // Decodes the variadic grads/params/outputs of an update; the arrays-state
 // variant has 4 state arrays per leaf after them, as operands and results.
+// `extra_args` and `extra_rets` follow them: the state arrays, or a chunked
+// step's staged moments (StepChunk).
 inline ffi::Error DecodeUpdateLeaves(const char* op, ffi::RemainingArgs args,
                                      ffi::RemainingRets rets, ffi::Span<const int32_t> flags,
-                                     bool block_wise, size_t state_arrays,
+                                     bool block_wise, size_t extra_args, size_t extra_rets,
                                      std::vector<LeafCall>* leaves, std::vector<LeafSpec>* layout) {
   size_t num_leaves = flags.size();
-  if (args.size() != 2 * num_leaves + state_arrays || rets.size() != num_leaves + state_arrays) {
+  if (args.size() != 2 * num_leaves + extra_args || rets.size() != num_leaves + extra_rets) {
     Message msg;
-    msg << "expected " << num_leaves << " grads, " << num_leaves << " params"
-        << (state_arrays ? " and their state arrays" : "") << " and matching outputs (one "
-        << "per leaf flag), got " << args.size() << " operands and " << rets.size() << " results";
+    msg << "expected " << num_leaves << " grads, " << num_leaves << " params and " << num_leaves
+        << " outputs (one per leaf flag), plus " << extra_args << " operands and " << extra_rets
+        << " results after them, got " << args.size() << " operands and " << rets.size()
+        << " results";
     return InvalidArgument(op, msg.str());
   }
   leaves->resize(num_leaves);
@@ -408,7 +425,11 @@ auto BindUpdate(Binding binding) {
   return BindUpdateArrays(std::move(binding)
                               .template Arg<HandleBuffer>()   // handle
                               .template Ret<HandleBuffer>())  // handle (new when fresh)
-      .template Attr<int64_t>("layout_key");
+      .template Attr<int64_t>("layout_key")
+      .template Attr<int64_t>("first_leaf")
+      .template Attr<ffi::Span<const int64_t>>("chunk_starts")
+      .template Attr<ffi::Span<const int32_t>>("layout_flags")
+      .template Attr<ffi::Span<const int64_t>>("layout_sizes");
 }
 
 // Export and import list their operands in opposite directions (the same
@@ -545,7 +566,7 @@ inline ffi::Error DecodeUpdate(
     const ffi::Buffer<ffi::F32>& rings, const ffi::Buffer<ffi::U32>& norms,
     ffi::Span<const int64_t> norm_blocks, ffi::RemainingArgs args, ffi::RemainingRets rets,
     ffi::Span<const int32_t> flags, bool block_wise, int32_t percentile, bool state_arrays,
-    DecodedUpdate* out) {
+    DecodedUpdate* out, size_t staged_args = 0, size_t staged_rets = 0) {
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   if (structure.element_count() != 0 && structure.element_count() != kStructureValues) {
     return InvalidArgument(op, "structure must be int32[5] or empty");
@@ -558,8 +579,8 @@ inline ffi::Error DecodeUpdate(
     return e;
   }
   size_t num_state = state_arrays ? NumStateArrays(flags) : 0;
-  if (auto e = DecodeUpdateLeaves(op, args, rets, flags, block_wise, num_state, &out->leaves,
-                                  &out->layout);
+  if (auto e = DecodeUpdateLeaves(op, args, rets, flags, block_wise, num_state + staged_args,
+                                  num_state + staged_rets, &out->leaves, &out->layout);
       e.failure()) {
     return e;
   }
@@ -606,10 +627,148 @@ inline std::vector<StepState> ArrayStates(const DecodedUpdate& call) {
   return states;
 }
 
-inline std::vector<StepState> SlotStates(const Slot& slot) {
-  std::vector<StepState> states(slot.leaves.size());
-  for (size_t i = 0; i < states.size(); ++i) states[i] = StepState{slot.leaves[i], slot.leaves[i]};
+// The slot's leaves first.. of a call with `count` leaves, updated in place,
+// or (`staged` not null) read from the slot and written to `staged`, which
+// holds those leaves as the arena does (StepChunk).
+inline std::vector<StepState> SlotStates(const Slot& slot, int64_t first, size_t count,
+                                         void* staged = nullptr) {
+  std::vector<StepState> states(count);
+  const char* base = slot.arena + (slot.arena ? slot.offsets[first] : 0);
+  auto moved = [&](void* p) -> void* {
+    if (staged == nullptr || p == nullptr) return p;
+    return static_cast<char*>(staged) + (static_cast<const char*>(p) - base);
+  };
+  for (size_t i = 0; i < count; ++i) {
+    const LeafState& in = slot.leaves[first + i];
+    LeafState out{moved(in.state1), moved(in.state2), static_cast<float*>(moved(in.absmax1)),
+                  static_cast<float*>(moved(in.absmax2))};
+    states[i] = StepState{in, out};
+  }
   return states;
+}
+
+// One call of a paged step (see update above): which leaves it steps, and
+// whether it stages their moments or commits the step.
+struct StepChunk {
+  std::vector<LeafSpec> layout;  // the state's, every leaf
+  std::vector<int64_t> starts;   // the first leaf of each call of the step
+  int64_t first = 0;             // this call's first leaf
+  size_t leaves = 0;             // this call's number of leaves
+  bool commit = true;            // the step's last call
+
+  size_t staged_args() const { return commit ? starts.size() - 1 : 0; }
+  size_t staged_rets() const { return commit ? 0 : 1; }
+  // Arena bytes of leaves begin..end.
+  size_t Bytes(int64_t begin, int64_t end) const {
+    size_t bytes = 0;
+    for (int64_t i = begin; i < end; ++i) bytes += LeafArenaBytes(layout[i]);
+    return bytes;
+  }
+};
+
+// Reads the chunk attributes; the layout is filled by MatchChunkLeaves once
+// the call's leaves are decoded.
+inline ffi::Error DecodeChunkAttrs(const char* op, int64_t first_leaf,
+                                   ffi::Span<const int64_t> chunk_starts,
+                                   ffi::Span<const int32_t> layout_flags,
+                                   ffi::Span<const int64_t> layout_sizes, bool block_wise,
+                                   StepChunk* out) {
+  out->starts.assign(chunk_starts.begin(), chunk_starts.end());
+  out->first = first_leaf;
+  if (layout_flags.size() != layout_sizes.size()) {
+    return InvalidArgument(op, "layout_flags and layout_sizes must have one entry per leaf");
+  }
+  size_t n = layout_flags.size();
+  out->layout.clear();
+  for (size_t i = 0; i < n; ++i) {
+    if (layout_sizes[i] < 0) return InvalidArgument(op, "negative leaf size in layout_sizes");
+    bool is_8bit = (layout_flags[i] & kLeaf8bit) != 0;
+    out->layout.push_back(
+        LeafSpec{layout_sizes[i], is_8bit, NumScales(layout_sizes[i], is_8bit, block_wise)});
+  }
+  const std::vector<int64_t>& s = out->starts;
+  bool ordered = !s.empty() && s[0] == 0;
+  for (size_t k = 1; ordered && k < s.size(); ++k) {
+    ordered = s[k] > s[k - 1] && s[k] < static_cast<int64_t>(n);
+  }
+  auto at = std::find(s.begin(), s.end(), first_leaf);
+  if (!ordered || at == s.end() || (s.size() == 1) != (n == 0)) {
+    return InvalidArgument(op,
+                           "chunk_starts must be 0 then increasing leaf indices below the number "
+                           "of leaves (one call: [0] with empty layout_flags and layout_sizes), "
+                           "and first_leaf one of them");
+  }
+  out->commit = at + 1 == s.end();
+  return ffi::Error::Success();
+}
+
+// Checks the call's leaves against its place in the state's layout (a step
+// of one call: its leaves are the layout).
+inline ffi::Error MatchChunkLeaves(const char* op, const std::vector<LeafSpec>& call_layout,
+                                   StepChunk* chunk) {
+  chunk->leaves = call_layout.size();
+  if (chunk->starts.size() == 1) {
+    chunk->layout = call_layout;
+    return ffi::Error::Success();
+  }
+  size_t k =
+      std::find(chunk->starts.begin(), chunk->starts.end(), chunk->first) - chunk->starts.begin();
+  int64_t end = k + 1 < chunk->starts.size() ? chunk->starts[k + 1]
+                                             : static_cast<int64_t>(chunk->layout.size());
+  std::vector<LeafSpec> expected(chunk->layout.begin() + chunk->first, chunk->layout.begin() + end);
+  std::string mismatch = DescribeLayoutMismatch(expected, call_layout);
+  if (!mismatch.empty()) {
+    return InvalidArgument(op, "the call's leaves do not fit leaves " +
+                                   std::to_string(chunk->first) +
+                                   ".. of layout_flags and "
+                                   "layout_sizes: " +
+                                   mismatch);
+  }
+  return ffi::Error::Success();
+}
+
+// Only the first call of a step may meet a fresh token (and make the slot);
+// the later ones get the handle it returned.
+inline ffi::Error CheckChunkHandle(const char* op, const StepChunk& chunk, uint32_t handle_bits) {
+  if (chunk.first == 0 || !IsFreshToken(handle_bits)) return ffi::Error::Success();
+  return InvalidArgument(op, "a step's call for leaves " + std::to_string(chunk.first) +
+                                 ".. got a fresh handle: it must get the handle that the call "
+                                 "for leaves 0.. returned");
+}
+
+// A chunked step's staged moments: the one a stage writes, or those the
+// commit copies in (from the k-th stage, for its leaves starts[k]..).
+struct StagedMoments {
+  void* out = nullptr;
+  std::vector<const void*> in;
+};
+
+inline ffi::Error DecodeStaged(const char* op, const StepChunk& chunk, ffi::RemainingArgs args,
+                               ffi::RemainingRets rets, StagedMoments* out) {
+  size_t m = chunk.leaves;
+  auto check = [&](const ffi::AnyBuffer& b, int64_t begin, int64_t end) {
+    size_t want = chunk.Bytes(begin, end);
+    if (b.element_type() == ffi::DataType::U8 && b.size_bytes() == want) return std::string();
+    return "the staged moments of leaves " + std::to_string(begin) + ".." + std::to_string(end) +
+           " must be uint8[" + std::to_string(want) + "], got " + std::to_string(b.size_bytes()) +
+           " bytes";
+  };
+  if (!chunk.commit) {
+    auto b = rets.get<ffi::AnyBuffer>(m);
+    if (!b.has_value()) return InvalidArgument(op, "the staged moments result is not a buffer");
+    std::string e = check(**b, chunk.first, chunk.first + static_cast<int64_t>(m));
+    if (!e.empty()) return InvalidArgument(op, e);
+    out->out = (*b)->untyped_data();
+    return ffi::Error::Success();
+  }
+  for (size_t k = 0; k + 1 < chunk.starts.size(); ++k) {
+    auto b = args.get<ffi::AnyBuffer>(2 * m + k);
+    if (!b.has_value()) return InvalidArgument(op, "a staged moments operand is not a buffer");
+    std::string e = check(*b, chunk.starts[k], chunk.starts[k + 1]);
+    if (!e.empty()) return InvalidArgument(op, e);
+    out->in.push_back(b->untyped_data());
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace optax_paged8bit

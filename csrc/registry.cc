@@ -194,14 +194,12 @@ std::string Registry::CreateSlotLocked(const Request& request, Allocator& alloca
   slot->layout_key = request.layout_key;
   slot->leaves.resize(layout.size());
   // One allocation (arena) per slot: one prefetch or advice call moves it all.
-  constexpr size_t kAlign = 256;
-  auto round_up = [](size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
-  size_t total = 0;
+  slot->offsets.assign(1, 0);
   for (const LeafSpec& spec : layout) {
-    total += 2 * round_up(spec.state_bytes()) + 2 * round_up(spec.scale_bytes());
+    slot->offsets.push_back(slot->offsets.back() + LeafArenaBytes(spec));
   }
+  size_t total = slot->offsets.back();
   std::string error;
-  char* arena = nullptr;
   if (total > 0) {
     Memory m = allocator.Allocate(total, &error);
     if (m.data == nullptr) {
@@ -211,12 +209,13 @@ std::string Registry::CreateSlotLocked(const Request& request, Allocator& alloca
       return msg.str();
     }
     slot->memory.push_back(m);
-    arena = static_cast<char*>(m.data);
+    slot->arena = static_cast<char*>(m.data);
   }
+  char* next = slot->arena;
   auto carve = [&](size_t bytes) -> void* {
     if (bytes == 0) return nullptr;
-    void* p = arena;
-    arena += round_up(bytes);
+    void* p = next;
+    next += ArenaRound(bytes);
     return p;
   };
   for (size_t i = 0; i < layout.size(); ++i) {

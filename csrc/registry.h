@@ -84,6 +84,18 @@ struct LeafSpec {
   size_t scale_bytes() const { return static_cast<size_t>(num_scales) * sizeof(float); }
 };
 
+// A slot's leaves lie in one arena, leaf after leaf: state1, state2, absmax1,
+// absmax2, each rounded up to kArenaAlign bytes (an empty array takes none).
+// The staged moments of a step split into several calls (ffi_common.h's
+// StepChunk) have the same layout, so that one copy moves a call's leaves.
+constexpr size_t kArenaAlign = 256;
+inline size_t ArenaRound(size_t bytes) {
+  return (bytes + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+}
+inline size_t LeafArenaBytes(const LeafSpec& spec) {
+  return 2 * ArenaRound(spec.state_bytes()) + 2 * ArenaRound(spec.scale_bytes());
+}
+
 // One allocation owned by a slot. `free_fn` is the backend's deallocator.
 struct Memory {
   void* data = nullptr;
@@ -116,6 +128,8 @@ struct Slot {
   std::vector<LeafSpec> layout;
   std::vector<LeafState> leaves;
   std::vector<Memory> memory;
+  char* arena = nullptr;        // the leaves' memory (null when every leaf is empty)
+  std::vector<size_t> offsets;  // arena bytes before leaf i's arrays; [num leaves] = all
   // CUDA: free device memory (cudaMemGetInfo) when the slot last ran; a rise
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;

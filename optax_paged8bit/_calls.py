@@ -143,6 +143,29 @@ def _block_norms(layout: Layout, grads: list[jax.Array]) -> tuple[jax.Array, np.
   return jnp.concatenate(parts), np.asarray([p.shape[0] for p in parts], np.int64)
 
 
+# A paged step of more than UPDATE_ONE_CALL_LEAVES leaves runs as calls of at
+# most UPDATE_CALL_LEAVES leaves (more than PARAM_ALIAS_ALL_LEAVES each, so
+# that only large params are aliased), chained by handle and count: XLA's
+# compile time grows with the square of one call's operands and results. On
+# a 2-core CPU the first fused step of 10000 leaves of 3 elements took 19.3 s
+# as one call and 9.3-9.9 s as 10 (benchmarks/RESULTS.md, fourteenth
+# session). The calls before the last stage their leaves' new moments in a
+# buffer that the last call copies into the slot, so that the state changes
+# only once every call has run (csrc/ffi_common.h); the buffers hold the
+# state's bytes of those leaves for the step's duration, and on a GPU each
+# call reads its handle and count to the host. Trees of up to
+# UPDATE_ONE_CALL_LEAVES leaves (GPT-2's 292, 1152 LoRA adapters) keep one call.
+UPDATE_ONE_CALL_LEAVES = 2048
+UPDATE_CALL_LEAVES = 1024
+
+
+def update_chunks(n: int) -> list[int]:
+  """The first leaf of each call of a step of n leaves (calls of about
+  equal size)."""
+  calls = 1 if n <= UPDATE_ONE_CALL_LEAVES else -(-n // UPDATE_CALL_LEAVES)
+  return [n * k // calls for k in range(calls)]
+
+
 def update(
   layout: Layout,
   handle: jax.Array,
@@ -162,39 +185,80 @@ def update(
   buffer holds that device's handle (registry.h).
   """
   n = layout.num_leaves
+  starts = update_chunks(n)
+  ends = [*starts[1:], n]
+  flags = layout.call_attributes()["leaf_flags"]
+  chunked = len(starts) > 1
+  whole_layout = dict(
+    layout_flags=flags if chunked else np.zeros(0, np.int32),
+    layout_sizes=layout.leaf_sizes() if chunked else np.zeros(0, np.int64),
+  )
 
   def local(handle, count, structure, hyper, qmaps, rings, *leaves):
-    out_types = [
-      _HANDLE,
-      _SCALAR,
-      jax.ShapeDtypeStruct(rings.shape, jnp.float32),
-      *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n:]),
-    ]
     norms, norm_blocks = _block_norms(layout, list(leaves[:n]))
-    aliases = {5: 2}  # the clipping ring is updated in place
-    if write_params:
-      aliases.update(_param_aliases(layout, 7 + n, 3))
-    # No has_side_effect, unlike SPEC 5.2: the JAX effect it adds turns off
-    # jit's C++ dispatch path (about 25 us per leaf per step; 13 ms on the
-    # GPT-2 tree). The count operand and result order the updates of a state;
-    # XLA drops the call only when none of its results is used (the state then
-    # does not advance either), and may merge two calls only if they have the
-    # same operands (the same state updated twice with the same grads in one
-    # program, which with the flag would fail as stale).
-    call = jax.ffi.ffi_call(_ffi.UPDATE_TARGET, out_types, input_output_aliases=aliases)
-    return tuple(
-      _refuse_vmap(
-        lambda *operands: tuple(
-          call(
-            *operands,
-            **layout.call_attributes(),
-            **layout.structure_attributes(),
-            write_params=write_params,
-            norm_blocks=norm_blocks,
-          )
-        )
-      )(handle, count, structure, hyper, qmaps, rings, norms, *leaves)
+    return _refuse_vmap(functools.partial(calls, norm_blocks))(
+      handle, count, structure, hyper, qmaps, rings, norms, *leaves
     )
+
+  def calls(norm_blocks, handle, count, structure, hyper, qmaps, rings, norms, *leaves):
+    norm_at = np.concatenate([[0], np.cumsum(norm_blocks)]).astype(int)
+    new_rings, outs, staged = [], [], []
+    for lo, hi in zip(starts, ends, strict=True):
+      m, commit = hi - lo, hi == n
+      part_rings = rings[lo:hi] if layout.clipping and chunked else rings
+      part_norms, part_blocks = norms, norm_blocks
+      if len(norm_blocks):
+        part_norms = norms[norm_at[lo] : norm_at[hi]]
+        part_blocks = norm_blocks[lo:hi]
+      out_types = [
+        _HANDLE,
+        _SCALAR,
+        jax.ShapeDtypeStruct(part_rings.shape, jnp.float32),
+        *(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in leaves[n + lo : n + hi]),
+      ]
+      if not commit:
+        out_types.append(jax.ShapeDtypeStruct((layout.arena_bytes(lo, hi),), jnp.uint8))
+      aliases = {5: 2}  # the clipping ring is updated in place
+      if write_params:
+        aliases.update(_param_aliases(layout, 7 + m, 3, range(lo, hi)))
+      # No has_side_effect, unlike SPEC 5.2: the JAX effect it adds turns off
+      # jit's C++ dispatch path (about 25 us per leaf per step; 13 ms on the
+      # GPT-2 tree). The count operand and result order the updates of a state;
+      # XLA drops a call only when none of its results is used (the state then
+      # does not advance either), and may merge two calls only if they have the
+      # same operands (the same state updated twice with the same grads in one
+      # program, which with the flag would fail as stale).
+      call = jax.ffi.ffi_call(_ffi.UPDATE_TARGET, out_types, input_output_aliases=aliases)
+      attributes = dict(
+        layout.call_attributes(),
+        leaf_flags=flags[lo:hi],
+        **layout.structure_attributes(),
+        write_params=write_params,
+        norm_blocks=part_blocks,
+        first_leaf=np.int64(lo),
+        chunk_starts=np.asarray(starts, np.int64),
+        **whole_layout,
+      )
+      results = call(
+        handle,
+        count,
+        structure,
+        hyper,
+        qmaps,
+        part_rings,
+        part_norms,
+        *leaves[lo:hi],
+        *leaves[n + lo : n + hi],
+        *(staged if commit else ()),
+        **attributes,
+      )
+      handle, count = results[0], results[1]
+      new_rings.append(results[2])
+      outs += results[3 : 3 + m]
+      if not commit:
+        staged.append(results[3 + m])
+    rings_out = new_rings[0] if len(new_rings) == 1 else jnp.concatenate(new_rings)
+    return (handle, count, rings_out, *outs)
 
   operands = (handle, count, structure, hyper, jnp.asarray(QMAPS), rings)
   replicated = (PartitionSpec(),) * len(operands)

@@ -131,13 +131,18 @@ class Layout:
     return normalized_paths(self.treedef.unflatten([0] * self.treedef.num_leaves))
 
   def state_nbytes(self) -> int:
-    """Bytes of the moments this layout keeps in the registry on each device:
-    one arena per slot, each array 256-byte aligned (as csrc/registry.cc
-    allocates it)."""
+    """Bytes of the moments this layout keeps in the registry on each device
+    (one arena per slot)."""
+    return self.arena_bytes(0, self.num_leaves)
+
+  def arena_bytes(self, lo: int, hi: int) -> int:
+    """Bytes of leaves lo..hi-1 in a slot's arena, each array 256-byte
+    aligned (csrc/registry.h's LeafArenaBytes): also a chunked step's staged
+    moments of those leaves (_calls.update)."""
     pad = lambda n: -(-n // 256) * 256
     total = 0
-    for i, shape in enumerate(self.local_shapes):
-      size = math.prod(shape)
+    for i in range(lo, hi):
+      size = math.prod(self.local_shapes[i])
       if self.is_8bit(i):
         scales = num_blocks(size) if self.block_wise else 1
         total += 2 * pad(size) + 2 * pad(4 * scales)

@@ -368,9 +368,17 @@ def test_release_frees_and_100_cycles_leave_memory_where_it_started():
   assert _rss_bytes() - rss0 < 64 << 20, (rss0, _rss_bytes())
 
 
+@pytest.mark.parametrize("calls", [1, 3], ids=["one_call", "three_calls"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
-def test_more_leaves_than_one_launch_holds(fused):
-  """700 leaves need three launch tables (256 leaves each): still one result."""
+def test_more_leaves_than_one_launch_holds(fused, calls, monkeypatch):
+  """700 leaves need three launch tables (256 leaves each): still one result.
+  three_calls: the step split into 3 custom calls (_calls.update_chunks), two
+  staging their moments and the last committing them, the fused params
+  donated."""
+  if calls > 1:
+    monkeypatch.setattr(op._calls, "UPDATE_ONE_CALL_LEAVES", 256)
+    monkeypatch.setattr(op._calls, "UPDATE_CALL_LEAVES", 256)
+    assert len(op._calls.update_chunks(700)) == calls
   rng = np.random.default_rng(7)
   params = {
     f"l{i:03d}": (rng.standard_normal(300 + 37 * i) * 0.1).astype(np.float32) for i in range(700)
@@ -380,7 +388,7 @@ def test_more_leaves_than_one_launch_holds(fused):
     for _ in range(3)
   ]
   kwargs = dict(min_8bit_size=4096, percentile_clipping=90)
-  assert_backends_agree(params, grads, kwargs, fused)
+  assert_backends_agree(params, grads, kwargs, fused, donate=fused and calls > 1)
 
 
 def test_fast_paths_match_correctly_rounded_intrinsics(tmp_path):
