@@ -2,13 +2,14 @@
 # One device-machine session: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [count] [pressure] [capacity]
+#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
 #                                 [same_size] [trace] [ncu] [stalls] [diag] [cpu]
 # gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
 # same, one process per case of BENCH_CASES (default 0 1 2 3) while time is left of RUN_LIMIT
-# seconds (default 570); count: Nsight Compute's instructions per param of the fused update
+# seconds (default 570); chunked: benchmarks/chunked_step.py (a step in several calls
+# against one, 3000 leaves); count: Nsight Compute's instructions per param of the fused update
 # kernel on NCU_CASES (benchmarks/ncu_count.sh); pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
@@ -73,6 +74,11 @@ for step in $steps; do
                --json "$OUT/bench_case$c.json" > "$OUT/bench_case$c.log" 2>&1 || status=1
              grep -v "^[WEI][0-9]" "$OUT/bench_case$c.log" | tail -9
            done ;;
+    chunked) # A step split into several calls against one call (3000 leaves).
+             for size in 4096 65536; do
+               python3 benchmarks/chunked_step.py --leaves 3000 --size $size \
+                 --json "$OUT/chunked_step_$size.json" 2>&1 | grep -v "^[WEI][0-9]" || status=1
+             done ;;
     count) for c in ${NCU_CASES:-0 1}; do
              bash benchmarks/ncu_count.sh "$c" "${NCU_LABEL:-build}" \
                "$OUT/ncu_count_case$c.log" || status=1
