@@ -168,6 +168,25 @@ def update_chunks(n: int) -> list[int]:
   return [n * k // calls for k in range(calls)]
 
 
+def _leaves_part(
+  layout: Layout,
+  rings: jax.Array,
+  norms: jax.Array,
+  norm_blocks: np.ndarray,
+  lo: int,
+  hi: int,
+  slice_rings: bool = True,
+) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  """The clipping rings, given block norms and norm_blocks of leaves lo..hi-1,
+  the operands of one call of a step that runs as several (the whole rings
+  when not slice_rings or without clipping)."""
+  part_rings = rings[lo:hi] if layout.clipping and slice_rings else rings
+  if not len(norm_blocks):
+    return part_rings, norms, norm_blocks
+  at = np.concatenate([[0], np.cumsum(norm_blocks)]).astype(int)
+  return part_rings, norms[at[lo] : at[hi]], norm_blocks[lo:hi]
+
+
 def update(
   layout: Layout,
   handle: jax.Array,
@@ -203,15 +222,12 @@ def update(
     )
 
   def calls(norm_blocks, handle, count, structure, hyper, qmaps, rings, norms, *leaves):
-    norm_at = np.concatenate([[0], np.cumsum(norm_blocks)]).astype(int)
     new_rings, outs, staged = [], [], []
     for lo, hi in zip(starts, ends, strict=True):
       m, commit = hi - lo, hi == n
-      part_rings = rings[lo:hi] if layout.clipping and chunked else rings
-      part_norms, part_blocks = norms, norm_blocks
-      if len(norm_blocks):
-        part_norms = norms[norm_at[lo] : norm_at[hi]]
-        part_blocks = norm_blocks[lo:hi]
+      part_rings, part_norms, part_blocks = _leaves_part(
+        layout, rings, norms, norm_blocks, lo, hi, slice_rings=chunked
+      )
       out_types = [
         _HANDLE,
         _SCALAR,
@@ -241,19 +257,9 @@ def update(
         chunk_starts=np.asarray(starts, np.int64),
         **whole_layout,
       )
-      results = call(
-        handle,
-        count,
-        structure,
-        hyper,
-        qmaps,
-        part_rings,
-        part_norms,
-        *leaves[lo:hi],
-        *leaves[n + lo : n + hi],
-        *(staged if commit else ()),
-        **attributes,
-      )
+      scalars = (handle, count, structure, hyper, qmaps, part_rings, part_norms)
+      grads_params = (*leaves[lo:hi], *leaves[n + lo : n + hi])
+      results = call(*scalars, *grads_params, *(staged if commit else ()), **attributes)
       handle, count = results[0], results[1]
       new_rings.append(results[2])
       outs += results[3 : 3 + m]
@@ -306,18 +312,13 @@ def update_arrays(
 
   def local(count, structure, hyper, qmaps, rings, *leaves):
     norms, norm_blocks = _block_norms(layout, list(leaves[:n]))
-    norm_at = np.concatenate([[0], np.cumsum(norm_blocks)]).astype(int)
     new_count, new_rings, outs, new_moments = None, [], [], []
     for lo in range(0, max(n, 1), ARRAYS_CALL_LEAVES):
       hi = min(n, lo + ARRAYS_CALL_LEAVES)
       m = hi - lo
       # The state arrays of leaves lo..hi: a run of `present` (ordered by leaf).
       own = range(bisect.bisect_left(present, 4 * lo), bisect.bisect_left(present, 4 * hi))
-      part_rings = rings[lo:hi] if layout.clipping else rings
-      part_norms, part_blocks = norms, norm_blocks
-      if len(norm_blocks):
-        part_norms = norms[norm_at[lo] : norm_at[hi]]
-        part_blocks = norm_blocks[lo:hi]
+      part_rings, part_norms, part_blocks = _leaves_part(layout, rings, norms, norm_blocks, lo, hi)
       out_types = [
         _SCALAR,
         jax.ShapeDtypeStruct(part_rings.shape, jnp.float32),
