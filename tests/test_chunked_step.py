@@ -70,7 +70,11 @@ def test_update_chunks_split_only_large_trees_into_about_equal_calls():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
-@pytest.mark.parametrize("kw", [{}, dict(block_wise=False)], ids=["blockwise", "whole"])
+@pytest.mark.parametrize(
+  "kw",
+  [{}, dict(block_wise=False), dict(percentile_clipping=100)],
+  ids=["blockwise", "whole", "no_clipping"],
+)
 def test_a_step_in_several_calls_is_bit_identical_to_one_call(monkeypatch, fused, kw):
   p1, s1 = run(3, fused, **kw)
   split(monkeypatch)
