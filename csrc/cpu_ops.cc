@@ -281,7 +281,7 @@ ffi::Error CheckHostScalars(const char* op, const ffi::Buffer<ffi::S32>& count,
 // The update handlers' signatures repeat their binding (ffi_common.h's
 // BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
 // into the handler's parameters; what they do with them is shared
-// (DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
+// (DecodePagedUpdate or DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
 ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_out,
                      ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                      ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
@@ -295,22 +295,13 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
                      ffi::Span<const int64_t> layout_sizes) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  StepChunk chunk;
-  if (auto e = DecodeChunkAttrs(op, first_leaf, chunk_starts, layout_flags, layout_sizes,
-                                block_wise, &chunk);
+  DecodedPagedUpdate u;
+  if (auto e = DecodePagedUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                                 leaf_args, leaf_rets, leaf_flags, block_wise, percentile,
+                                 first_leaf, chunk_starts, layout_flags, layout_sizes, &u);
       e.failure()) {
     return e;
   }
-  DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
-                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call,
-                            chunk.staged_args(), chunk.staged_rets());
-      e.failure()) {
-    return e;
-  }
-  StagedMoments staged;
-  if (auto e = MatchChunkLeaves(op, call.layout, &chunk); e.failure()) return e;
-  if (auto e = DecodeStaged(op, chunk, leaf_args, leaf_rets, &staged); e.failure()) return e;
   int64_t step = 0;
   if (auto e = CheckHostScalars(op, count, structure,
                                 {optim_bits, min_8bit_size, percentile, block_wise}, &step);
@@ -318,31 +309,27 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
     return e;
   }
   uint32_t handle_bits = handle.typed_data()[0];
-  if (auto e = CheckChunkHandle(op, chunk, handle_bits); e.failure()) return e;
+  if (auto e = CheckChunkHandle(op, u.chunk, handle_bits); e.failure()) return e;
   HostAllocator allocator;
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForUpdate(
-      MakeRequest(handle_bits, layout_key, Platform::kCpu, device, chunk.layout), step, allocator,
-      &slot, &handle_value);
+      MakeRequest(handle_bits, layout_key, Platform::kCpu, device, u.state_layout()), step,
+      allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
   if (slot->step != step) {  // another call advanced it since the lookup
     return ffi::Error::InvalidArgument("stale optimizer state: concurrent updates of handle " +
                                        std::to_string(handle_value));
   }
-  RunStep(call.leaves, call.layout, SlotStates(*slot, chunk.first, chunk.leaves, staged.out),
-          hyper.typed_data(), qmaps.typed_data(), rings, rings_out->typed_data(), call.norms,
-          step + 1, percentile, block_wise, write_params);
-  if (chunk.commit) {
-    for (size_t k = 0; k < staged.in.size(); ++k) {
-      size_t at = slot->offsets[chunk.starts[k]];
-      size_t bytes = slot->offsets[chunk.starts[k + 1]] - at;
-      if (bytes > 0) std::memcpy(slot->arena + at, staged.in[k], bytes);
-    }
+  RunStep(u.call.leaves, u.call.layout, CallStates(*slot, u), hyper.typed_data(),
+          qmaps.typed_data(), rings, rings_out->typed_data(), u.call.norms, step + 1, percentile,
+          block_wise, write_params);
+  if (u.chunk.commit()) {
+    for (const ArenaCopy& c : StagedCopies(*slot, u)) std::memcpy(c.to, c.from, c.bytes);
     slot->step = step + 1;
   }
-  count_out->typed_data()[0] = static_cast<int32_t>(chunk.commit ? step + 1 : step);
+  count_out->typed_data()[0] = static_cast<int32_t>(u.chunk.commit() ? step + 1 : step);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
   return ffi::Error::Success();
 }

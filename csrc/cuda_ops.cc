@@ -527,7 +527,7 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
 // The update handlers' signatures repeat their binding (ffi_common.h's
 // BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
 // into the handler's parameters; what they do with them is shared
-// (DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
+// (DecodePagedUpdate or DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
 ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
                       HandleBuffer handle, HandleResult handle_out, ffi::Buffer<ffi::S32> count,
                       ffi::Buffer<ffi::S32> structure, ffi::Buffer<ffi::F32> hyper,
@@ -542,22 +542,13 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       ffi::Span<const int64_t> layout_sizes) {
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
-  StepChunk chunk;
-  if (auto e = DecodeChunkAttrs(op, first_leaf, chunk_starts, layout_flags, layout_sizes,
-                                block_wise, &chunk);
+  DecodedPagedUpdate u;
+  if (auto e = DecodePagedUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
+                                 leaf_args, leaf_rets, leaf_flags, block_wise, percentile,
+                                 first_leaf, chunk_starts, layout_flags, layout_sizes, &u);
       e.failure()) {
     return e;
   }
-  DecodedUpdate call;
-  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
-                            leaf_args, leaf_rets, leaf_flags, block_wise, percentile, false, &call,
-                            chunk.staged_args(), chunk.staged_rets());
-      e.failure()) {
-    return e;
-  }
-  StagedMoments staged;
-  if (auto e = MatchChunkLeaves(op, call.layout, &chunk); e.failure()) return e;
-  if (auto e = DecodeStaged(op, chunk, leaf_args, leaf_rets, &staged); e.failure()) return e;
   DeviceScope scope(device);
   HostScalars host;
   if (auto e = ReadUpdateScalars(op, stream, handle.untyped_data(), count, structure,
@@ -565,12 +556,12 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
       e.failure()) {
     return e;
   }
-  if (auto e = CheckChunkHandle(op, chunk, host.handle); e.failure()) return e;
+  if (auto e = CheckChunkHandle(op, u.chunk, host.handle); e.failure()) return e;
   ManagedAllocator allocator(device, stream);
   std::shared_ptr<Slot> slot;
   int32_t handle_value = 0;
   std::string error = Registry::Global().AcquireForUpdate(
-      MakeRequest(host.handle, layout_key, Platform::kCuda, device, chunk.layout), host.count,
+      MakeRequest(host.handle, layout_key, Platform::kCuda, device, u.state_layout()), host.count,
       allocator, &slot, &handle_value);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(slot->mu);
@@ -581,22 +572,18 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
-  if (auto e = LaunchStep(op, stream, device, scratch, call.leaves, call.layout,
-                          SlotStates(*slot, chunk.first, chunk.leaves, staged.out), hyper, qmaps,
-                          rings, rings_out->typed_data(), call.norms, count_out->typed_data(),
-                          static_cast<int32_t>(chunk.commit ? t : t - 1), handle_write, t,
+  if (auto e = LaunchStep(op, stream, device, scratch, u.call.leaves, u.call.layout,
+                          CallStates(*slot, u), hyper, qmaps, rings, rings_out->typed_data(),
+                          u.call.norms, count_out->typed_data(),
+                          static_cast<int32_t>(u.chunk.commit() ? t : t - 1), handle_write, t,
                           percentile, block_wise, write_params);
       e.failure()) {
     return e;
   }
-  if (!chunk.commit) return ffi::Error::Success();
-  for (size_t k = 0; k < staged.in.size(); ++k) {
-    size_t at = slot->offsets[chunk.starts[k]];
-    size_t bytes = slot->offsets[chunk.starts[k + 1]] - at;
-    if (bytes == 0) continue;
-    RETURN_IF_LAUNCH_FAILED(
-        op, "copying the staged moments in",
-        cudaMemcpyAsync(slot->arena + at, staged.in[k], bytes, cudaMemcpyDefault, stream));
+  if (!u.chunk.commit()) return ffi::Error::Success();
+  for (const ArenaCopy& c : StagedCopies(*slot, u)) {
+    RETURN_IF_LAUNCH_FAILED(op, "copying the staged moments in",
+                            cudaMemcpyAsync(c.to, c.from, c.bytes, cudaMemcpyDefault, stream));
   }
   slot->step = t;
   return ffi::Error::Success();

@@ -650,14 +650,19 @@ inline std::vector<StepState> SlotStates(const Slot& slot, int64_t first, size_t
 // One call of a paged step (see update above): which leaves it steps, and
 // whether it stages their moments or commits the step.
 struct StepChunk {
-  std::vector<LeafSpec> layout;  // the state's, every leaf
+  std::vector<LeafSpec> layout;  // every leaf, for a step of several calls (else empty)
   std::vector<int64_t> starts;   // the first leaf of each call of the step
-  int64_t first = 0;             // this call's first leaf
+  size_t index = 0;              // this call's place in starts
   size_t leaves = 0;             // this call's number of leaves
-  bool commit = true;            // the step's last call
 
-  size_t staged_args() const { return commit ? starts.size() - 1 : 0; }
-  size_t staged_rets() const { return commit ? 0 : 1; }
+  int64_t first() const { return starts[index]; }
+  bool commit() const { return index + 1 == starts.size(); }
+  // The leaf after call k's last (a step of several calls).
+  int64_t end(size_t k) const {
+    return k + 1 < starts.size() ? starts[k + 1] : static_cast<int64_t>(layout.size());
+  }
+  size_t staged_args() const { return commit() ? starts.size() - 1 : 0; }
+  size_t staged_rets() const { return commit() ? 0 : 1; }
   // Arena bytes of leaves begin..end.
   size_t Bytes(int64_t begin, int64_t end) const {
     size_t bytes = 0;
@@ -666,15 +671,14 @@ struct StepChunk {
   }
 };
 
-// Reads the chunk attributes; the layout is filled by MatchChunkLeaves once
-// the call's leaves are decoded.
+// Reads the chunk attributes; `leaves` is set by MatchChunkLeaves once the
+// call's leaves are decoded.
 inline ffi::Error DecodeChunkAttrs(const char* op, int64_t first_leaf,
                                    ffi::Span<const int64_t> chunk_starts,
                                    ffi::Span<const int32_t> layout_flags,
                                    ffi::Span<const int64_t> layout_sizes, bool block_wise,
                                    StepChunk* out) {
   out->starts.assign(chunk_starts.begin(), chunk_starts.end());
-  out->first = first_leaf;
   if (layout_flags.size() != layout_sizes.size()) {
     return InvalidArgument(op, "layout_flags and layout_sizes must have one entry per leaf");
   }
@@ -698,7 +702,7 @@ inline ffi::Error DecodeChunkAttrs(const char* op, int64_t first_leaf,
                            "of leaves (one call: [0] with empty layout_flags and layout_sizes), "
                            "and first_leaf one of them");
   }
-  out->commit = at + 1 == s.end();
+  out->index = at - s.begin();
   return ffi::Error::Success();
 }
 
@@ -707,19 +711,13 @@ inline ffi::Error DecodeChunkAttrs(const char* op, int64_t first_leaf,
 inline ffi::Error MatchChunkLeaves(const char* op, const std::vector<LeafSpec>& call_layout,
                                    StepChunk* chunk) {
   chunk->leaves = call_layout.size();
-  if (chunk->starts.size() == 1) {
-    chunk->layout = call_layout;
-    return ffi::Error::Success();
-  }
-  size_t k =
-      std::find(chunk->starts.begin(), chunk->starts.end(), chunk->first) - chunk->starts.begin();
-  int64_t end = k + 1 < chunk->starts.size() ? chunk->starts[k + 1]
-                                             : static_cast<int64_t>(chunk->layout.size());
-  std::vector<LeafSpec> expected(chunk->layout.begin() + chunk->first, chunk->layout.begin() + end);
+  if (chunk->starts.size() == 1) return ffi::Error::Success();
+  std::vector<LeafSpec> expected(chunk->layout.begin() + chunk->first(),
+                                 chunk->layout.begin() + chunk->end(chunk->index));
   std::string mismatch = DescribeLayoutMismatch(expected, call_layout);
   if (!mismatch.empty()) {
     return InvalidArgument(op, "the call's leaves do not fit leaves " +
-                                   std::to_string(chunk->first) +
+                                   std::to_string(chunk->first()) +
                                    ".. of layout_flags and "
                                    "layout_sizes: " +
                                    mismatch);
@@ -730,21 +728,30 @@ inline ffi::Error MatchChunkLeaves(const char* op, const std::vector<LeafSpec>& 
 // Only the first call of a step may meet a fresh token (and make the slot);
 // the later ones get the handle it returned.
 inline ffi::Error CheckChunkHandle(const char* op, const StepChunk& chunk, uint32_t handle_bits) {
-  if (chunk.first == 0 || !IsFreshToken(handle_bits)) return ffi::Error::Success();
-  return InvalidArgument(op, "a step's call for leaves " + std::to_string(chunk.first) +
+  if (chunk.first() == 0 || !IsFreshToken(handle_bits)) return ffi::Error::Success();
+  return InvalidArgument(op, "a step's call for leaves " + std::to_string(chunk.first()) +
                                  ".. got a fresh handle: it must get the handle that the call "
                                  "for leaves 0.. returned");
 }
 
-// A chunked step's staged moments: the one a stage writes, or those the
-// commit copies in (from the k-th stage, for its leaves starts[k]..).
-struct StagedMoments {
-  void* out = nullptr;
-  std::vector<const void*> in;
+// What a paged update call decodes: the call (DecodeUpdate), its place in the
+// step, and a chunked step's staged moments: the one a stage writes, or those
+// the commit copies in (from the k-th stage, for its leaves starts[k]..).
+struct DecodedPagedUpdate {
+  DecodedUpdate call;
+  StepChunk chunk;
+  void* staged_out = nullptr;
+  std::vector<const void*> staged_in;
+
+  // The slot's layout: every leaf of the state.
+  const std::vector<LeafSpec>& state_layout() const {
+    return chunk.starts.size() == 1 ? call.layout : chunk.layout;
+  }
 };
 
-inline ffi::Error DecodeStaged(const char* op, const StepChunk& chunk, ffi::RemainingArgs args,
-                               ffi::RemainingRets rets, StagedMoments* out) {
+inline ffi::Error DecodeStaged(const char* op, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                               DecodedPagedUpdate* out) {
+  const StepChunk& chunk = out->chunk;
   size_t m = chunk.leaves;
   auto check = [&](const ffi::AnyBuffer& b, int64_t begin, int64_t end) {
     size_t want = chunk.Bytes(begin, end);
@@ -753,22 +760,72 @@ inline ffi::Error DecodeStaged(const char* op, const StepChunk& chunk, ffi::Rema
            " must be uint8[" + std::to_string(want) + "], got " + std::to_string(b.size_bytes()) +
            " bytes";
   };
-  if (!chunk.commit) {
+  if (!chunk.commit()) {
     auto b = rets.get<ffi::AnyBuffer>(m);
     if (!b.has_value()) return InvalidArgument(op, "the staged moments result is not a buffer");
-    std::string e = check(**b, chunk.first, chunk.first + static_cast<int64_t>(m));
+    std::string e = check(**b, chunk.first(), chunk.end(chunk.index));
     if (!e.empty()) return InvalidArgument(op, e);
-    out->out = (*b)->untyped_data();
+    out->staged_out = (*b)->untyped_data();
     return ffi::Error::Success();
   }
   for (size_t k = 0; k + 1 < chunk.starts.size(); ++k) {
     auto b = args.get<ffi::AnyBuffer>(2 * m + k);
     if (!b.has_value()) return InvalidArgument(op, "a staged moments operand is not a buffer");
-    std::string e = check(*b, chunk.starts[k], chunk.starts[k + 1]);
+    std::string e = check(*b, chunk.starts[k], chunk.end(k));
     if (!e.empty()) return InvalidArgument(op, e);
-    out->in.push_back(b->untyped_data());
+    out->staged_in.push_back(b->untyped_data());
   }
   return ffi::Error::Success();
+}
+
+// Both backends' paged update handlers start here: DecodeUpdate of the call's
+// leaves (and its staged operands or result), checked against the chunk
+// attributes.
+inline ffi::Error DecodePagedUpdate(
+    const char* op, const ffi::Buffer<ffi::S32>& count, const ffi::Buffer<ffi::S32>& structure,
+    const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
+    const ffi::Buffer<ffi::F32>& rings, const ffi::Buffer<ffi::U32>& norms,
+    ffi::Span<const int64_t> norm_blocks, ffi::RemainingArgs args, ffi::RemainingRets rets,
+    ffi::Span<const int32_t> flags, bool block_wise, int32_t percentile, int64_t first_leaf,
+    ffi::Span<const int64_t> chunk_starts, ffi::Span<const int32_t> layout_flags,
+    ffi::Span<const int64_t> layout_sizes, DecodedPagedUpdate* out) {
+  if (auto e = DecodeChunkAttrs(op, first_leaf, chunk_starts, layout_flags, layout_sizes,
+                                block_wise, &out->chunk);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks, args,
+                            rets, flags, block_wise, percentile, false, &out->call,
+                            out->chunk.staged_args(), out->chunk.staged_rets());
+      e.failure()) {
+    return e;
+  }
+  if (auto e = MatchChunkLeaves(op, out->call.layout, &out->chunk); e.failure()) return e;
+  return DecodeStaged(op, args, rets, out);
+}
+
+// The step's states: the slot's leaves of the call, written in place, or by
+// a stage to its staged result.
+inline std::vector<StepState> CallStates(const Slot& slot, const DecodedPagedUpdate& u) {
+  return SlotStates(slot, u.chunk.first(), u.chunk.leaves, u.staged_out);
+}
+
+// The commit's copies into the slot: stage k's moments to its leaves' bytes
+// of the arena.
+struct ArenaCopy {
+  char* to;
+  const void* from;
+  size_t bytes;
+};
+
+inline std::vector<ArenaCopy> StagedCopies(const Slot& slot, const DecodedPagedUpdate& u) {
+  std::vector<ArenaCopy> copies;
+  for (size_t k = 0; k < u.staged_in.size(); ++k) {
+    size_t at = slot.offsets[u.chunk.starts[k]];
+    size_t bytes = slot.offsets[u.chunk.end(k)] - at;
+    if (bytes > 0) copies.push_back({slot.arena + at, u.staged_in[k], bytes});
+  }
+  return copies;
 }
 
 }  // namespace optax_paged8bit

@@ -208,9 +208,16 @@ def update(
   n = layout.num_leaves
   starts = update_chunks(n)
   ends = [*starts[1:], n]
-  flags = layout.call_attributes()["leaf_flags"]
   chunked = len(starts) > 1
-  whole_layout = dict(
+  # The attributes of every call of the step (each adds its own leaves').
+  common = dict(
+    layout.call_attributes(),
+    **layout.structure_attributes(),
+    write_params=write_params,
+    chunk_starts=np.asarray(starts, np.int64),
+  )
+  flags = common["leaf_flags"]
+  common.update(
     layout_flags=flags if chunked else np.zeros(0, np.int32),
     layout_sizes=layout.leaf_sizes() if chunked else np.zeros(0, np.int64),
   )
@@ -248,14 +255,7 @@ def update(
       # program, which with the flag would fail as stale).
       call = jax.ffi.ffi_call(_ffi.UPDATE_TARGET, out_types, input_output_aliases=aliases)
       attributes = dict(
-        layout.call_attributes(),
-        leaf_flags=flags[lo:hi],
-        **layout.structure_attributes(),
-        write_params=write_params,
-        norm_blocks=part_blocks,
-        first_leaf=np.int64(lo),
-        chunk_starts=np.asarray(starts, np.int64),
-        **whole_layout,
+        common, leaf_flags=flags[lo:hi], norm_blocks=part_blocks, first_leaf=np.int64(lo)
       )
       scalars = (handle, count, structure, hyper, qmaps, part_rings, part_norms)
       grads_params = (*leaves[lo:hi], *leaves[n + lo : n + hi])
