@@ -245,12 +245,17 @@ __device__ __forceinline__ Bf16Pair Mul(float a, Bf16Pair x) {
   return {Mul(a, x.lo), Mul(a, x.hi), 0u};
 }
 
+// The two values of a word of two bfloat16 values (PackBf16's inverse).
+__device__ __forceinline__ Bf16Pair UnpackBf16(uint32_t word) {
+  return {BitsFloat(word << 16), BitsFloat(word & 0xffff0000u), word};
+}
+
 struct Bf16PairRounding {
   __device__ __forceinline__ Bf16Pair operator()(Bf16Pair x) const {
     __nv_bfloat162 h = __floats2bfloat162_rn(x.lo, x.hi);  // lo in the low half
     uint32_t word;
     memcpy(&word, &h, sizeof(word));
-    return {BitsFloat(word << 16), BitsFloat(word & 0xffff0000u), word};
+    return UnpackBf16(word);
   }
 };
 #endif
@@ -507,8 +512,9 @@ OP8_HD void RoundedEach(const float x[n], Finish finish, float out[n]) {
     RoundedEach<T, n>(x, finish, words);
 #pragma unroll
     for (int k = 0; k < n; k += 2) {
-      out[k] = BitsFloat(words[k / 2] << 16);
-      out[k + 1] = BitsFloat(words[k / 2] & 0xffff0000u);
+      Bf16Pair pair = UnpackBf16(words[k / 2]);
+      out[k] = pair.lo;
+      out[k + 1] = pair.hi;
     }
   } else {
 #pragma unroll
