@@ -98,9 +98,10 @@ def adamw8bit(
   bit for bit; the codes and scales live in the optax state (an
   :class:`Adam8bitState`, the format `export_state` returns) instead of the
   registry. The update is a pure function, so it works where a paged state
-  cannot: ``optax.MultiSteps``, ``optax.apply_if_finite``, ``jnp.where``
-  selection between states, re-running a step, ``jax.vmap`` over an ensemble
-  (each member exactly as in a separate run). The state arrays shard like
+  cannot: ``optax.MultiSteps``, ``jnp.where`` selection between states,
+  re-running a step, ``jax.vmap`` over an ensemble (each member exactly as in
+  a separate run). (``optax.apply_if_finite`` works with both: it runs the
+  inner update in a ``lax.cond``.) The state arrays shard like
   the params (see `export_state`), ``optax.tree.map_params`` maps the codes
   as params, and orbax saves the state as it is.
 

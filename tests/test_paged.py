@@ -328,6 +328,35 @@ def test_optax_multisteps_is_refused_before_any_update():
     tx.update(grads_like(params, 0), state, params)
 
 
+def test_apply_if_finite_skips_a_nan_step_and_gives_up_after_its_limit():
+  # optax.apply_if_finite runs the inner update in a lax.cond, so a rejected
+  # step never reaches the paged state: it steps on as if the step never came.
+  params = tree()
+  tx = optax.apply_if_finite(op.paged_adamw8bit(1e-3), max_consecutive_errors=1)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  state = tx.init(params)
+  bad = grads_like(params, 101)
+  bad["emb"] = bad["emb"].at[7].set(jnp.nan)  # an 8-bit leaf
+  seen = []
+  for g in (grads_like(params, 100), bad, grads_like(params, 102), bad, bad):
+    u, state = step(g, state, params)
+    params = optax.apply_updates(params, u)
+    seen.append((int(state.notfinite_count), int(state.inner_state.count)))
+  # Rejected: the first bad step; the second in a row exceeds the limit and
+  # the inner update runs (its NaN element resets its moments, keeps its param).
+  assert seen == [(0, 1), (1, 1), (0, 2), (1, 2), (2, 3)]
+  ref_tx = op.paged_adamw8bit(1e-3)
+  ref_step = jax.jit(ref_tx.update)
+  ref_params, ref_state = tree(), ref_tx.init(tree())
+  for g in (grads_like(ref_params, 100), grads_like(ref_params, 102), bad):
+    u, ref_state = ref_step(g, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, u)
+  assert_trees_bit_equal(params, ref_params, "params")
+  assert_trees_bit_equal(
+    exported_moments(state.inner_state), exported_moments(ref_state), "state"
+  )
+
+
 def test_accumulate_gradients_matches_accumulating_by_hand():
   params = tree(dtype=jnp.bfloat16)
   k = 3
