@@ -352,9 +352,7 @@ def test_apply_if_finite_skips_a_nan_step_and_gives_up_after_its_limit():
     u, ref_state = ref_step(g, ref_state, ref_params)
     ref_params = optax.apply_updates(ref_params, u)
   assert_trees_bit_equal(params, ref_params, "params")
-  assert_trees_bit_equal(
-    exported_moments(state.inner_state), exported_moments(ref_state), "state"
-  )
+  assert_trees_bit_equal(exported_moments(state.inner_state), exported_moments(ref_state), "state")
 
 
 def test_accumulate_gradients_matches_accumulating_by_hand():
