@@ -8,10 +8,12 @@ collection, paging), `migration` (from and to optax.adamw), `accumulation`,
 `quantization`; and the internal `_contract` (arguments and their checks),
 `_layout` (the static layout, tree checks, sharding), `_calls` (the custom
 calls), `_transform` (what both transforms share), `_states` (finding paged
-states in any pytree), `_orbax_guard` and `_ffi` (the extension).
+states in any pytree), `_orbax_guard` and `_flax_serialization` (what orbax
+and flax.serialization do with the states; `_import_hooks` installs them), and
+`_ffi` (the extension).
 """
 
-from optax_paged8bit import _orbax_guard
+from optax_paged8bit import _flax_serialization, _orbax_guard
 from optax_paged8bit._layout import Layout
 from optax_paged8bit._transform import PagedGradientTransformation
 from optax_paged8bit.accumulation import AccumulateGradientsState, accumulate_gradients
@@ -40,6 +42,7 @@ from optax_paged8bit.paged import PagedAdamW8bitState, paged_adamw8bit
 from optax_paged8bit.quantization import QMAP_SIGNED, QMAP_UNSIGNED, dynamic_map
 
 _orbax_guard.install()
+_flax_serialization.install()
 
 
 def __getattr__(name: str):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.abc
 import inspect
 import logging
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import jax
 
-from optax_paged8bit import _ffi
+from optax_paged8bit import _ffi, _import_hooks
 
 _PACKAGE = "orbax.checkpoint"
 _installed = False
@@ -42,13 +41,15 @@ MESSAGE = (
 def _live_handle(x: Any) -> bool:
   if not isinstance(x, jax.Array) or x.dtype != _ffi.HANDLE_DTYPE or x.shape != ():
     return False
-  with_slots = set(_ffi._ops.handles_with_slots())
-  if not with_slots:
-    return False
   try:
+    # The values first: reading them waits for the update that returns the
+    # handle, which makes the slot of a state's first step. Listed before it
+    # ran, that slot was missing and the save went through without the
+    # moments (seen when a save directly followed an nnx step).
     values = _ffi.handle_values(x)
   except RuntimeError:  # deleted: orbax fails on it by itself
     return False
+  with_slots = set(_ffi._ops.handles_with_slots())
   return any(_ffi.registry_key(v) in with_slots for v in values)
 
 
@@ -103,35 +104,5 @@ def _install_now() -> None:
     absl.setLevel(level)
 
 
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-  """Installs the guard right after orbax.checkpoint has been imported."""
-
-  def find_spec(self, fullname, path, target=None):
-    if fullname != _PACKAGE:
-      return None
-    for finder in sys.meta_path:
-      if finder is self or not hasattr(finder, "find_spec"):
-        continue
-      spec = finder.find_spec(fullname, path, target)
-      if spec is not None:
-        break
-    else:
-      return None
-    loader = spec.loader
-    if loader is None or not hasattr(loader, "exec_module"):
-      return spec
-    exec_module = loader.exec_module
-
-    def exec_then_install(module):
-      exec_module(module)
-      _install_now()
-
-    loader.exec_module = exec_then_install
-    return spec
-
-
 def install() -> None:
-  if _PACKAGE in sys.modules:
-    _install_now()
-  elif not any(isinstance(f, _InstallOnImport) for f in sys.meta_path):
-    sys.meta_path.insert(0, _InstallOnImport())
+  _import_hooks.after_import(_PACKAGE, _install_now)

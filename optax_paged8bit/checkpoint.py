@@ -305,7 +305,7 @@ def _verify(where: str, tree: Any, saved: Any) -> None:
 # -- orbax ----------------------------------------------------------------------
 
 
-def _abstract_export(state: PagedAdamW8bitState | Adam8bitState) -> Adam8bitState:
+def abstract_export(state: PagedAdamW8bitState | Adam8bitState) -> Adam8bitState:
   """ShapeDtypeStructs (with shardings) of what export_state returns for this
   state: the target orbax restores into, without computing the export."""
   layout = state.layout
@@ -342,7 +342,7 @@ def _abstract(target: Any) -> Any:
 
   def one(x):
     if is_paged(x):
-      return _abstract_export(view(x))
+      return abstract_export(view(x))
     return jax.tree.map(leaf, x)
 
   return jax.tree.map(one, target, is_leaf=_is_state)
