@@ -2,15 +2,19 @@
 (_calls.update_chunks): the fused step on N leaves as one call and as calls of
 at most _calls.UPDATE_CALL_LEAVES, alternating in one process, with
 optax.adamw as the baseline of the same run. Prints ms per step (awaited,
-median; back to back, mean) and the ratios.
+median; back to back, mean) and the ratios. With --trace DIR, then traces 5
+awaited steps of each variant with the JAX profiler and prints where their
+time goes (benchmarks/trace_step.py's summary: per device stream and host
+thread, the events with the largest total time per step).
 
-    python benchmarks/chunked_step.py --leaves 3000 --size 4096
+    python benchmarks/chunked_step.py --leaves 3000 --size 4096 [--trace DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -46,6 +50,7 @@ def main() -> None:
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--json", default=None)
+  parser.add_argument("--trace", default=None, help="a folder for the profiler's traces")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   base = {
@@ -93,6 +98,17 @@ def main() -> None:
       f"  back to back {b:8.2f} ms ({base_b / b:.2f}x)"
     )
     out["rows"][name] = {"calls": calls, "awaited_ms": a, "b2b_ms": b, "rounds": values}
+  if args.trace:
+    from trace_step import summarize
+
+    for name, entry in steps.items():
+      trace_dir = os.path.join(args.trace, name.replace(" ", "_"))
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(5):
+          entry[1], entry[2] = entry[0](grads, entry[2], entry[1])
+          jax.block_until_ready((entry[1], entry[2]))
+      print(f"{name}, {entry[3]} call(s)")
+      print("\n".join(summarize(trace_dir, 5, 14)), flush=True)
   for entry in steps.values():
     op.release(entry[2])
   if args.json:
