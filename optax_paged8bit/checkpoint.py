@@ -446,8 +446,17 @@ def restore_checkpoint(where: Any, target: Any, *, step: int | None = None) -> A
       except Exception:
         raise first from None
   except Exception as e:  # orbax's and tensorstore's own errors, passed on with context
+    hint = ""
+    if "structure" in str(e):  # orbax: the target's tree is not the saved one's
+      hint = (
+        "\nThe target must have the saved tree's structure: the same optimizers, each from "
+        "init on params like the saved ones (restore_checkpoint takes no partial_restore). To "
+        "change optimizers, restore into the form that was saved and convert: "
+        "op.to_optax_adamw / op.from_optax_adamw."
+      )
     raise ValueError(
-      f"restore_checkpoint: could not read the checkpoint at {described}: {type(e).__name__}: {e}"
+      f"restore_checkpoint: could not read the checkpoint at {described}: {type(e).__name__}: "
+      f"{e}{hint}"
     ) from e
   _verify(described, restored["tree"], restored["checksums"])
   return import_state(target, restored["tree"])

@@ -257,6 +257,18 @@ def test_a_plain_orbax_save_while_the_first_step_is_in_flight_fails(tmp_path):
   op.release(state)
 
 
+def test_restoring_into_another_optimizer_names_the_place_and_the_conversion(tmp_path):
+  import optax
+  from flax.training import train_state
+
+  op.save_checkpoint(
+    str(tmp_path / "ckpt"), train_state_steps(flax_train_state("paged", make(0)), 1, 0)
+  )
+  adamw = train_state.TrainState.create(apply_fn=None, params=make(0), tx=optax.adamw(1e-3))
+  with pytest.raises(ValueError, match=r"(?s)opt_state.*the same optimizers.*from_optax_adamw"):
+    op.restore_checkpoint(str(tmp_path / "ckpt"), adamw)
+
+
 def test_a_state_restored_without_its_moments_names_the_right_way_to_save(tmp_path):
   tx = optimizer("paged")
   _, state = train(tx, tx.init(make(0)), make(0), 2, 0)
