@@ -398,6 +398,43 @@ def test_flax_state_dict_of_a_chain_with_clipping_round_trips():
   op.release((s2, full_s))
 
 
+@pytest.mark.parametrize("how", ["save_checkpoint", "flax.serialization"])
+def test_a_checkpoint_in_the_middle_of_gradient_accumulation_resumes_exactly(tmp_path, how):
+  import optax
+  from flax import serialization
+
+  def tx():
+    return op.accumulate_gradients(op.paged_adamw8bit(1e-3, min_8bit_size=1000), 4)
+
+  def micro_steps(t, params, state, first, n):
+    step = jax.jit(lambda g, s, p: t.update(g, s, p))
+    for k in range(first, first + n):
+      updates, state = step(make(100 + k), state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  t = tx()
+  full_p, full_s = micro_steps(t, make(0), t.init(make(0)), 0, 12)
+  p, s = micro_steps(t, make(0), t.init(make(0)), 0, 6)  # 1 step, then 2 of 4 grads summed
+  if how == "save_checkpoint":
+    op.save_checkpoint(str(tmp_path / "ckpt"), {"params": p, "opt_state": s})
+  else:
+    data = serialization.to_bytes({"params": p, "opt_state": s})
+  op.release(s)
+  t2 = tx()
+  target = {"params": make(3), "opt_state": t2.init(make(3))}
+  if how == "save_checkpoint":
+    tree = op.restore_checkpoint(str(tmp_path / "ckpt"), target)
+  else:
+    tree = serialization.from_bytes(target, data)
+  p2, s2 = micro_steps(t2, tree["params"], tree["opt_state"], 6, 6)
+  for k in full_p:
+    assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
+  for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
+    assert_bit_equal(a, b, "state")
+  op.release((s2, full_s))
+
+
 def test_flax_from_state_dict_checks_like_an_import():
   from flax import serialization
 
