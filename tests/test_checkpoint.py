@@ -230,6 +230,43 @@ def test_a_plain_orbax_save_of_a_live_paged_state_fails_at_save_time(tmp_path, w
     checkpointer.save(str(tmp_path / "fresh"), fresh)
 
 
+@pytest.mark.parametrize("first", ["optax_paged8bit", "orbax and flax"])
+def test_the_orbax_guard_and_flax_serialization_whichever_is_imported_first(tmp_path, first):
+  imports = {
+    "optax_paged8bit": ["optax_paged8bit as op", "orbax.checkpoint as ocp"],
+    "orbax and flax": ["orbax.checkpoint as ocp", "optax_paged8bit as op"],
+  }[first]
+  flax_line = "from flax import serialization"
+  lines = [f"import {m}" for m in imports]
+  lines.insert(0 if first == "orbax and flax" else 2, flax_line)
+  body = textwrap.dedent(
+    """
+    import os, jax, jax.numpy as jnp, numpy as np
+    tx = op.paged_adamw8bit(1e-3)
+    params = {"w": jnp.ones((64, 80))}
+    _, state = jax.jit(tx.fused_update)({"w": jnp.full((64, 80), 0.01)}, tx.init(params), params)
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath("plain"), {"opt_state": state})
+    except ValueError as e:
+      assert "live paged_adamw8bit state" in str(e), e
+    else:
+      raise SystemExit("a plain orbax save went through without the moments")
+    restored = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+    for a, b in zip(
+      jax.tree.leaves(op.export_state(restored)), jax.tree.leaves(op.export_state(state))
+    ):
+      assert np.array_equal(a, b)
+    """
+  )
+  script = tmp_path / "imports.py"
+  script.write_text("\n".join(lines) + "\n" + body)
+  done = subprocess.run(
+    [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_a_plain_orbax_save_while_the_first_step_is_in_flight_fails(tmp_path):
   # The first step makes the state's slot when its call runs. A save issued
   # while that call still waits behind other work must see the state as live
