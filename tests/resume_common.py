@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,9 +23,15 @@ def make(seed, mesh=None):
   return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
 
 
-def train(tx, state, params, steps, first, mesh=None):
-  """Steps first .. first + steps - 1, each with its own grads."""
-  step = jax.jit(tx.fused_update)
+def train(tx, state, params, steps, first, mesh=None, fused=True):
+  """Steps first .. first + steps - 1, each with its own grads: tx's fused
+  step, or (not fused) its update, then optax.apply_updates."""
+
+  def optax_path(grads, state, params):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(tx.fused_update if fused else optax_path)
   for t in range(first, first + steps):
     params, state = step(make(100 + t, mesh), state, params)
   return params, state

@@ -401,16 +401,9 @@ def test_flax_state_dict_of_a_chain_with_clipping_round_trips():
       op.paged_adamw8bit(1e-3, min_8bit_size=1000, percentile_clipping=90),
     )
 
-  def steps(t, params, state, first):
-    step = jax.jit(lambda g, s, p: t.update(g, s, p))
-    for k in range(first, first + 3):
-      updates, state = step(make(100 + k), state, params)
-      params = optax.apply_updates(params, updates)
-    return params, state
-
   t = tx()
-  full_p, full_s = steps(t, *steps(t, make(0), t.init(make(0)), 0), 3)
-  p, s = steps(t, make(0), t.init(make(0)), 0)
+  full_p, full_s = train(t, t.init(make(0)), make(0), 6, 0, fused=False)
+  p, s = train(t, t.init(make(0)), make(0), 3, 0, fused=False)
   saved = serialization.msgpack_restore(
     serialization.msgpack_serialize(serialization.to_state_dict({"params": p, "opt_state": s}))
   )
@@ -427,7 +420,7 @@ def test_flax_state_dict_of_a_chain_with_clipping_round_trips():
   op.release(s)
   t2 = tx()
   tree = serialization.from_state_dict({"params": make(5), "opt_state": t2.init(make(5))}, saved)
-  p2, s2 = steps(t2, tree["params"], tree["opt_state"], 3)
+  p2, s2 = train(t2, tree["opt_state"], tree["params"], 3, 3, fused=False)
   for k in full_p:
     assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
   for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
@@ -437,22 +430,14 @@ def test_flax_state_dict_of_a_chain_with_clipping_round_trips():
 
 @pytest.mark.parametrize("how", ["save_checkpoint", "flax.serialization"])
 def test_a_checkpoint_in_the_middle_of_gradient_accumulation_resumes_exactly(tmp_path, how):
-  import optax
   from flax import serialization
 
   def tx():
     return op.accumulate_gradients(op.paged_adamw8bit(1e-3, min_8bit_size=1000), 4)
 
-  def micro_steps(t, params, state, first, n):
-    step = jax.jit(lambda g, s, p: t.update(g, s, p))
-    for k in range(first, first + n):
-      updates, state = step(make(100 + k), state, params)
-      params = optax.apply_updates(params, updates)
-    return params, state
-
   t = tx()
-  full_p, full_s = micro_steps(t, make(0), t.init(make(0)), 0, 12)
-  p, s = micro_steps(t, make(0), t.init(make(0)), 0, 6)  # 1 step, then 2 of 4 grads summed
+  full_p, full_s = train(t, t.init(make(0)), make(0), 12, 0, fused=False)
+  p, s = train(t, t.init(make(0)), make(0), 6, 0, fused=False)  # 1 step, then 2 of 4 summed
   if how == "save_checkpoint":
     op.save_checkpoint(str(tmp_path / "ckpt"), {"params": p, "opt_state": s})
   else:
@@ -464,7 +449,7 @@ def test_a_checkpoint_in_the_middle_of_gradient_accumulation_resumes_exactly(tmp
     tree = op.restore_checkpoint(str(tmp_path / "ckpt"), target)
   else:
     tree = serialization.from_bytes(target, data)
-  p2, s2 = micro_steps(t2, tree["params"], tree["opt_state"], 6, 6)
+  p2, s2 = train(t2, tree["opt_state"], tree["params"], 6, 6, fused=False)
   for k in full_p:
     assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
   for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
