@@ -154,9 +154,10 @@ def _block_norms(layout: Layout, grads: list[jax.Array]) -> tuple[jax.Array, np.
 # only once every call has run (csrc/ffi_common.h); the buffers hold the
 # state's bytes of those leaves for the step's duration, and on a GPU each
 # call reads its handle and count to the host. On an H200 a step of 3000
-# leaves was 5-6% slower as 3 calls than as one, while one call compiles in
-# 2 s there on the CPU: so trees of up to UPDATE_ONE_CALL_LEAVES leaves keep
-# one call.
+# leaves as 3 calls ran within 7% of one call (5-6% slower in the fourteenth
+# session, 4-7% faster in the fifteenth: the step is bound by the host's
+# dispatch), while one call of 3000 leaves compiles in 2 s on the CPU: so
+# trees of up to UPDATE_ONE_CALL_LEAVES leaves keep one call.
 UPDATE_ONE_CALL_LEAVES = 4096
 UPDATE_CALL_LEAVES = 1024
 
