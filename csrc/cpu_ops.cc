@@ -329,7 +329,7 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
     for (const ArenaCopy& c : StagedCopies(*slot, u)) std::memcpy(c.to, c.from, c.bytes);
     slot->step = step + 1;
   }
-  count_out->typed_data()[0] = static_cast<int32_t>(u.chunk.commit() ? step + 1 : step);
+  count_out->typed_data()[0] = u.chunk.CountAfter(step);
   handle_out->typed_data()[0] = static_cast<uint32_t>(handle_value);
   return ffi::Error::Success();
 }

@@ -574,9 +574,8 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
   if (auto e = LaunchStep(op, stream, device, scratch, u.call.leaves, u.call.layout,
                           CallStates(*slot, u), hyper, qmaps, rings, rings_out->typed_data(),
-                          u.call.norms, count_out->typed_data(),
-                          static_cast<int32_t>(u.chunk.commit() ? t : t - 1), handle_write, t,
-                          percentile, block_wise, write_params);
+                          u.call.norms, count_out->typed_data(), u.chunk.CountAfter(host.count),
+                          handle_write, t, percentile, block_wise, write_params);
       e.failure()) {
     return e;
   }

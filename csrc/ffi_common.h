@@ -661,6 +661,11 @@ struct StepChunk {
   int64_t end(size_t k) const {
     return k + 1 < starts.size() ? starts[k + 1] : static_cast<int64_t>(layout.size());
   }
+  // The count the call returns after step `count` + 1: advanced by the
+  // commit only (a stage returns it unchanged).
+  int32_t CountAfter(int64_t count) const {
+    return static_cast<int32_t>(commit() ? count + 1 : count);
+  }
   size_t staged_args() const { return commit() ? starts.size() - 1 : 0; }
   size_t staged_rets() const { return commit() ? 0 : 1; }
   // Arena bytes of leaves begin..end.
