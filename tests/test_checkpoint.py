@@ -37,6 +37,14 @@ def exported_leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(op.export_state(state))]
 
 
+def assert_same_run(params, state, full_params, full_state):
+  """A resumed run's params and exported state equal the uninterrupted run's, bit for bit."""
+  for k in full_params:
+    assert_bit_equal(np.asarray(params[k]), np.asarray(full_params[k]), k)
+  for a, b in zip(exported_leaves(state), exported_leaves(full_state), strict=True):
+    assert_bit_equal(a, b, "state")
+
+
 @pytest.mark.parametrize("kind", ["paged", "arrays"])
 def test_save_restore_continues_bit_identically(tmp_path, kind):
   full_p, full_s = train(optimizer(kind), optimizer(kind).init(make(0)), make(0), 6, 0)
@@ -47,10 +55,7 @@ def test_save_restore_continues_bit_identically(tmp_path, kind):
   s2 = op.restore_checkpoint(str(tmp_path / "ckpt"), tx2.init(p))
   assert int(s2.count) == 3
   p2, s2 = train(tx2, s2, p, 3, 3)
-  for k in full_p:
-    assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
-  for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
-    assert_bit_equal(a, b, "state")
+  assert_same_run(p2, s2, full_p, full_s)
   op.release((s, s2, full_s))
 
 
@@ -137,10 +142,7 @@ def test_restore_onto_another_mesh(tmp_path, saved_on, restored_on):
   s2 = op.restore_checkpoint(str(tmp_path / "ckpt"), tx2.init(p2))
   assert s2.layout.mesh == m2
   p2, s2 = train(tx2, s2, p2, 3, 3, m2)
-  for k in full_p:
-    assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
-  for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
-    assert_bit_equal(a, b, "state")
+  assert_same_run(p2, s2, full_p, full_s)
   op.release((s, s2, full_s))
 
 
@@ -421,10 +423,7 @@ def test_flax_state_dict_of_a_chain_with_clipping_round_trips():
   t2 = tx()
   tree = serialization.from_state_dict({"params": make(5), "opt_state": t2.init(make(5))}, saved)
   p2, s2 = train(t2, tree["opt_state"], tree["params"], 3, 3, fused=False)
-  for k in full_p:
-    assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
-  for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
-    assert_bit_equal(a, b, "state")
+  assert_same_run(p2, s2, full_p, full_s)
   op.release((s2, full_s))
 
 
@@ -450,10 +449,7 @@ def test_a_checkpoint_in_the_middle_of_gradient_accumulation_resumes_exactly(tmp
   else:
     tree = serialization.from_bytes(target, data)
   p2, s2 = train(t2, tree["opt_state"], tree["params"], 6, 6, fused=False)
-  for k in full_p:
-    assert_bit_equal(np.asarray(p2[k]), np.asarray(full_p[k]), k)
-  for a, b in zip(exported_leaves(s2), exported_leaves(full_s), strict=True):
-    assert_bit_equal(a, b, "state")
+  assert_same_run(p2, s2, full_p, full_s)
   op.release((s2, full_s))
 
 
