@@ -293,6 +293,7 @@ ffi::Error UpdateCpu(int32_t device, HandleBuffer handle, HandleResult handle_ou
                      ffi::Span<const int64_t> norm_blocks, int64_t layout_key, int64_t first_leaf,
                      ffi::Span<const int64_t> chunk_starts, ffi::Span<const int32_t> layout_flags,
                      ffi::Span<const int64_t> layout_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedPagedUpdate u;
@@ -385,6 +386,7 @@ ffi::Error ExportCpu(int32_t device, HandleBuffer handle, ffi::Buffer<ffi::S32> 
                      ffi::Result<ffi::Buffer<ffi::U8>> codes,
                      ffi::Result<ffi::Buffer<ffi::F32>> floats, ffi::Span<const int32_t> leaf_flags,
                      bool block_wise, int64_t layout_key, ffi::Span<const int64_t> leaf_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   if (auto e = CheckScalarOperands(kExportTarget, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
@@ -428,6 +430,7 @@ ffi::Error ImportCpu(int32_t device, ffi::Buffer<ffi::S32> count, ffi::Buffer<ff
                      ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                      ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key,
                      ffi::Span<const int64_t> leaf_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kImportTarget;
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   int64_t step = count.typed_data()[0];

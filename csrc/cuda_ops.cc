@@ -540,6 +540,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       ffi::Span<const int64_t> norm_blocks, int64_t layout_key, int64_t first_leaf,
                       ffi::Span<const int64_t> chunk_starts, ffi::Span<const int32_t> layout_flags,
                       ffi::Span<const int64_t> layout_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kUpdateTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedPagedUpdate u;
@@ -679,6 +680,7 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
                       ffi::Result<ffi::Buffer<ffi::F32>> floats,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key,
                       ffi::Span<const int64_t> leaf_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kExportTarget;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
@@ -721,6 +723,7 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
                       HandleResult handle_out, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key,
                       ffi::Span<const int64_t> leaf_sizes) {
+  CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kImportTarget;
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   std::vector<LeafArrays> leaves;
@@ -770,10 +773,11 @@ cudaStream_t PagingStream(int device) {
   return streams[device];
 }
 
-// Moves every CUDA slot of `handle` to the host (to_host) or back.
-size_t Move(int32_t handle, bool to_host, std::string* error) {
+// Moves every CUDA slot of `handle` to the host (to_host) or back; `touch`
+// counts it as a use of the state (a user's page_out or page_in).
+size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true) {
   std::vector<std::shared_ptr<Slot>> slots;
-  *error = Registry::Global().SlotsOf(handle, &slots);
+  *error = Registry::Global().SlotsOf(handle, &slots, touch);
   if (!error->empty()) return 0;
   size_t moved = 0;
   for (auto& slot : slots) {
@@ -846,6 +850,7 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
 
 size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }
 size_t PageIn(int32_t handle, std::string* error) { return Move(handle, false, error); }
+size_t Retire(int32_t handle, std::string* error) { return Move(handle, true, error, false); }
 
 // Plain device allocations that tests and benchmarks hold to make a memory
 // spike (FillDeviceMemory).

@@ -20,6 +20,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kBlockNormsCuda);
 // bytes moved, and set *error (leaving the rest in place) on failure.
 size_t PageOut(int32_t handle, std::string* error);
 size_t PageIn(int32_t handle, std::string* error);
+// The collector's page_out of a retired state: not a use of it.
+size_t Retire(int32_t handle, std::string* error);
 
 // Where a handle's CUDA slots really are: one load per kProbeChunk (2 MiB, the
 // driver's migration unit) timed on the GPU and compared with loads of device

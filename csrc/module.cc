@@ -92,7 +92,11 @@ PYBIND11_MODULE(_ops, m) {
   m.attr("built_with_cuda") = false;
 #endif
   m.def(
-      "release", [](int32_t handle) { return Registry::Global().Release(handle); },
+      "release",
+      [](int32_t handle) {
+        py::gil_scoped_release unlocked;  // waits for a call using the state
+        return Registry::Global().Release(handle);
+      },
       "Frees every slot of a handle and tombstones it; returns the bytes freed.");
   m.def("is_released", [](int32_t handle) { return Registry::Global().IsReleased(handle); });
   m.def(
@@ -100,13 +104,52 @@ PYBIND11_MODULE(_ops, m) {
       "Marks the start of the collector's scan for held handles.");
   m.def(
       "collect",
-      [](const std::vector<int32_t>& held, uint64_t mark) {
-        size_t busy = 0;
-        size_t freed = Registry::Global().Collect(held, mark, &busy);
-        return py::make_tuple(freed, busy);
+      [](const std::vector<int32_t>& held, const std::vector<int32_t>& candidates, uint64_t mark,
+         int mode, double grace_min_s, double grace_intervals) {
+        Registry::Outcome outcome;
+        {
+          py::gil_scoped_release unlocked;  // freeing waits for calls using the slots
+          Registry::Decision decision{static_cast<Registry::Mode>(mode), grace_min_s,
+                                      grace_intervals};
+          outcome = Registry::Global().Collect(held, candidates, mark, decision);
+        }
+        return py::make_tuple(outcome.freed, outcome.busy, outcome.retired, outcome.due,
+                              outcome.calls_running);
       },
-      "Frees slots whose handle two scans found unheld; returns (bytes freed, unheld handles "
-      "used since the previous scan).");
+      "Decides on the candidate handles that are not held (mode 0: free them; 1: retire "
+      "them; 2: retire them and free the retired ones whose grace is over); returns (bytes "
+      "freed, candidates in use, handles newly retired, retired handles due, whether a call "
+      "was in progress).");
+  m.def(
+      "idle_handles",
+      [](double idle_s, double idle_intervals, double recheck_s, double grace_min_s,
+         double grace_intervals) {
+        double next_s = -1;
+        Registry::Decision decision{Registry::Mode::kRetire, grace_min_s, grace_intervals};
+        std::vector<int32_t> idle =
+            Registry::Global().IdleHandles(idle_s, idle_intervals, recheck_s, decision, &next_s);
+        return py::make_tuple(idle, next_s);
+      },
+      "(handles worth a scan now, seconds until another one is or -1).");
+  m.def(
+      "call_begins", [] { return Registry::Global().CallBegins(); },
+      "Marks a call in progress (tests; handlers use CallScope).");
+  m.def(
+      "call_ends", [](uint64_t begun) { Registry::Global().CallEnds(begun); },
+      "Ends what call_begins marked.");
+  m.def(
+      "is_retired", [](int32_t handle) { return Registry::Global().IsRetired(handle); },
+      "Whether the collector retired a handle (found unheld, not yet freed).");
+  m.def(
+      "request_scan", [] { Registry::Global().RequestScan(); },
+      "Wakes the collector's thread (safe from a garbage-collector callback).");
+  m.def(
+      "wait_for_scan_request",
+      [](double timeout_s) {
+        py::gil_scoped_release unlocked;
+        return Registry::Global().WaitForScanRequest(timeout_s);
+      },
+      "Waits for request_scan or the timeout (forever when negative); returns whether asked.");
   m.def(
       "handles_with_slots", [] { return Registry::Global().HandlesWithSlots(); },
       "Handles that hold memory now.");
@@ -148,6 +191,8 @@ PYBIND11_MODULE(_ops, m) {
   m.def("page_out", paging(&PageOut), "Moves a handle's GPU slots to host RAM; returns bytes.");
   m.def("page_in", paging(&PageIn),
         "Moves a handle's GPU slots back to their GPUs; returns bytes.");
+  m.def("retire", paging(&Retire),
+        "The collector's page_out of a retired handle (not a use of it); returns bytes.");
   m.def(
       "measure_residency",
       [](int32_t handle) {

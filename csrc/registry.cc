@@ -102,39 +102,154 @@ std::vector<int32_t> Registry::HandlesWithSlots() {
   return handles;
 }
 
-size_t Registry::Collect(const std::vector<int32_t>& held, uint64_t mark, size_t* busy) {
+std::map<int32_t, Registry::Use> Registry::LastUsesLocked() const {
+  std::map<int32_t, Use> uses;
+  for (auto& [key, slot] : slots_) {
+    Use& use = uses[std::get<0>(key)];
+    if (slot->last_use >= use.epoch) {
+      use.epoch = slot->last_use;
+      use.time = slot->last_use_time;
+      use.interval_s = slot->use_interval_s;
+    }
+  }
+  return uses;
+}
+
+double Registry::GraceLocked(const Use& use, const Decision& decision) const {
+  return std::max(decision.grace_min_s, decision.grace_intervals * use.interval_s);
+}
+
+namespace {
+
+double SecondsBetween(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+Registry::Outcome Registry::Collect(const std::vector<int32_t>& held,
+                                    const std::vector<int32_t>& candidates, uint64_t mark,
+                                    const Decision& decision) {
   std::set<int32_t> held_set(held.begin(), held.end());
   std::vector<std::shared_ptr<Slot>> doomed;
-  size_t used_while_unheld = 0;
+  Outcome outcome;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    // The latest use of each handle's slots.
-    std::map<int32_t, uint64_t> last_use;
-    for (auto& [key, slot] : slots_) {
-      uint64_t& latest = last_use[std::get<0>(key)];
-      latest = std::max(latest, slot->last_use);
+    Clock::time_point now = Clock::now();
+    std::map<int32_t, Use> uses = LastUsesLocked();
+    for (int32_t handle : held_set) {
+      HandleInfo* info = InfoLocked(handle);
+      if (info == nullptr || uses.count(handle) == 0) continue;
+      info->seen_held = mark;
+      info->seen_held_time = now;
+      info->retired = false;
     }
     std::set<int32_t> freeing;
-    for (auto [handle, latest] : last_use) {
-      uint64_t& since = InfoLocked(handle)->unheld_since;
-      if (held_set.count(handle) != 0) {
-        since = 0;
-      } else if (since != 0 && since < mark && latest < since) {
-        freeing.insert(handle);  // unheld at two scans and not used in between
-      } else {
-        if (since != 0 && latest >= since) ++used_while_unheld;
-        if (latest < mark) since = mark;  // unheld for the first time (or used since the last scan)
+    for (int32_t handle : candidates) {
+      auto it = uses.find(handle);
+      if (it == uses.end() || held_set.count(handle) != 0) continue;
+      const Use& use = it->second;
+      HandleInfo* info = InfoLocked(handle);
+      if (use.epoch >= mark || (info->retired && use.epoch >= info->retired_mark)) {
+        ++outcome.busy;  // a call ran while the scan looked, or since its retirement
+        info->retired = false;
+      } else if (decision.mode == Mode::kFreeNow) {
+        freeing.insert(handle);
+      } else if (!info->retired) {
+        info->retired = true;
+        info->retired_mark = mark;
+        info->unheld_scans = 0;
+        outcome.retired.push_back(handle);
+      } else if (++info->unheld_scans >= 2 &&
+                 SecondsBetween(use.time, now) >= GraceLocked(use, decision) &&
+                 (calls_begun_.empty() || *calls_begun_.begin() > info->retired_mark)) {
+        ++outcome.due;
+        if (decision.mode == Mode::kRetireAndFree) freeing.insert(handle);
       }
     }
     for (int32_t handle : freeing) {
       HandleInfo* info = InfoLocked(handle);
       info->fate = Fate::kCollected;
-      info->unheld_since = 0;
+      info->retired = false;
     }
     doomed = TakeSlotsLocked([&freeing](int32_t h) { return freeing.count(h) != 0; });
+    outcome.calls_running = !calls_begun_.empty();
   }
-  if (busy != nullptr) *busy = used_while_unheld;
-  return BytesOnceUnused(doomed);
+  outcome.freed = BytesOnceUnused(doomed);
+  return outcome;
+}
+
+std::vector<int32_t> Registry::IdleHandles(double idle_s, double idle_intervals, double recheck_s,
+                                           const Decision& decision, double* next_s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Clock::time_point now = Clock::now();
+  std::vector<int32_t> idle;
+  double next = -1;
+  auto wait = [&next](double s) { next = next < 0 ? s : std::min(next, s); };
+  for (auto& [handle, use] : LastUsesLocked()) {
+    double unused_for = SecondsBetween(use.time, now);
+    double quiet = std::max(idle_s, idle_intervals * use.interval_s);
+    if (unused_for < quiet) {
+      wait(quiet - unused_for);
+      continue;
+    }
+    const HandleInfo* info = InfoLocked(handle);
+    if (info->retired) {
+      idle.push_back(handle);  // looked at until freed or revived
+      wait(std::max(0.0, GraceLocked(use, decision) - unused_for));
+      continue;
+    }
+    if (info->seen_held > use.epoch) {  // found held since its last use
+      double seen_ago = SecondsBetween(info->seen_held_time, now);
+      if (seen_ago < recheck_s) {
+        wait(recheck_s - seen_ago);
+        continue;
+      }
+    }
+    idle.push_back(handle);
+  }
+  *next_s = next;
+  return idle;
+}
+
+uint64_t Registry::CallBegins() {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t begun = ++epoch_;
+  calls_begun_.insert(begun);
+  return begun;
+}
+
+void Registry::CallEnds(uint64_t begun) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = calls_begun_.find(begun);
+  if (it != calls_begun_.end()) calls_begun_.erase(it);
+}
+
+bool Registry::IsRetired(int32_t handle) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const HandleInfo* info = InfoLocked(handle);
+  return info != nullptr && info->retired;
+}
+
+void Registry::RequestScan() {
+  {
+    std::lock_guard<std::mutex> lock(scan_mu_);
+    scan_requested_ = true;
+  }
+  scan_cv_.notify_all();
+}
+
+bool Registry::WaitForScanRequest(double timeout_s) {
+  std::unique_lock<std::mutex> lock(scan_mu_);
+  auto requested = [this] { return scan_requested_; };
+  if (timeout_s < 0) {
+    scan_cv_.wait(lock, requested);
+  } else {
+    scan_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), requested);
+  }
+  bool was = scan_requested_;
+  scan_requested_ = false;
+  return was;
 }
 
 namespace {
@@ -232,6 +347,7 @@ std::string Registry::CreateSlotLocked(const Request& request, Allocator& alloca
   slots_[Key{handle, static_cast<int>(request.platform), request.device}] = slot;
   *out = std::move(slot);
   *handle_out = handle;
+  RequestScan();  // a new state's memory: a good time to look for dropped ones
   return "";
 }
 
@@ -376,13 +492,14 @@ std::string Registry::AcquireForImport(const Request& request, Allocator& alloca
   return CreateSlotLocked(request, allocator, slot, handle_out);
 }
 
-std::string Registry::SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots) {
+std::string Registry::SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots,
+                              bool touch) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string error = CheckHandleLocked(handle);
   if (!error.empty()) return error;
   for (auto& [key, slot] : slots_) {
     if (std::get<0>(key) != handle) continue;
-    TouchLocked(*slot);
+    if (touch) TouchLocked(*slot);
     slots->push_back(slot);
   }
   return "";

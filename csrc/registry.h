@@ -16,20 +16,23 @@
 // Live handles of a process start at a random base, so that a handle saved
 // by another process (a checkpoint of the opt_state itself, without its
 // moments) is almost never mistaken for one of this process. Released handles
-// are tombstoned. Slots whose handle no live jax.Array holds any more are
-// freed by Collect, which the Python side's collector drives
-// (optax_paged8bit/_ffi.py).
+// are tombstoned. Slots whose handle no jax.Array holds any more are freed by
+// Collect, which the Python side's collector drives
+// (optax_paged8bit/_collector.py says how it knows).
 //
 // The registry knows nothing about CUDA: each backend passes the allocator
 // that places its memory (host memory on the CPU, managed memory on a GPU).
 #ifndef OPTAX_PAGED8BIT_REGISTRY_H_
 #define OPTAX_PAGED8BIT_REGISTRY_H_
 
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -119,9 +122,13 @@ struct LeafState {
   float* absmax2 = nullptr;  // [num_scales]
 };
 
+using Clock = std::chrono::steady_clock;
+
 struct Slot {
-  int64_t step = 0;       // the count of the state that may update it next
-  uint64_t last_use = 0;  // the registry's epoch when a call last acquired it
+  int64_t step = 0;                 // the count of the state that may update it next
+  uint64_t last_use = 0;            // the registry's epoch when a call last acquired it
+  Clock::time_point last_use_time;  // and when
+  double use_interval_s = 0;        // between the last two acquisitions
   Platform platform = Platform::kCpu;
   int device = 0;
   uint32_t layout_key = 0;  // the Python layout the slot was made for
@@ -149,20 +156,68 @@ class Registry {
   size_t Release(int32_t handle);
   bool IsReleased(int32_t handle);
 
-  // The collector's two calls. Epoch() marks the start of a scan for the
-  // handles that live arrays hold; every acquisition after it is newer.
-  // Collect(held, mark) then frees the slots of a handle that is not in
-  // `held` when an earlier scan had already found it unheld (at mark m) and no
-  // call has acquired it since m; a handle found unheld for the first time is
-  // only marked. Two scans are needed because a step being dispatched on
-  // another thread has deleted its donated input before it creates its output:
-  // for that moment no array holds the handle, but the step acquires the slot
-  // before a second scan can begin. Returns the bytes freed; *busy (when not
-  // null) is set to the number of unheld handles that a call used since the
-  // previous scan (steps of a dropped state still in flight). Using a
-  // collected handle is an error that names the collector.
+  // The collector's calls (optax_paged8bit/_collector.py says when it may
+  // free at once and why it otherwise retires first).
+  //
+  // Epoch() marks the start of a scan: every acquisition after it is newer.
+  // Collect(held, candidates, mark, ...) decides on each candidate handle
+  // with slots that is not in `held` (the handles the scan found in live
+  // jax.Arrays):
+  //  - a call acquired it since `mark`, or since it was retired: it is in use
+  //    (counted in Outcome::busy, so the caller looks again), and live;
+  //  - with kFreeNow, its slots are freed;
+  //  - otherwise it is retired, if it was not: listed in Outcome::retired
+  //    (the caller pages its memory out). A retired handle that a call
+  //    acquires again, or a scan finds held, is live again;
+  //  - a retired handle is due once it stayed unheld and unused for the
+  //    grace: 2 more scans, and max(grace_min_s, grace_intervals x the time
+  //    between its slots' last two uses) seconds since its last use. kRetire
+  //    counts the due ones (Outcome::due); kRetireAndFree frees them.
+  // Every held handle is recorded as seen held at `mark`. Using a collected
+  // handle is an error that names the collector.
+  enum class Mode : int { kFreeNow = 0, kRetire = 1, kRetireAndFree = 2 };
+  struct Decision {
+    Mode mode = Mode::kRetire;
+    double grace_min_s = 0;
+    double grace_intervals = 0;
+  };
+  struct Outcome {
+    size_t freed = 0;  // bytes
+    size_t busy = 0;
+    size_t due = 0;
+    std::vector<int32_t> retired;
+    bool calls_running = false;  // a call was in progress (see CallBegins)
+  };
   uint64_t Epoch();
-  size_t Collect(const std::vector<int32_t>& held, uint64_t mark, size_t* busy = nullptr);
+  Outcome Collect(const std::vector<int32_t>& held, const std::vector<int32_t>& candidates,
+                  uint64_t mark, const Decision& decision);
+  // The handles worth a scan now: those none of whose slots a call acquired
+  // for max(idle_s, idle_intervals x the time between their last two uses)
+  // seconds (a state being stepped is held, and between two of its steps it
+  // may be in the hands of a dispatch that donated it), leaving out those a
+  // scan found held after their last use, less than `recheck_s` seconds ago.
+  // Retired handles stay candidates. *next_s is the time until another handle
+  // qualifies or a retired one's grace ends (-1 when none will without a
+  // call).
+  std::vector<int32_t> IdleHandles(double idle_s, double idle_intervals, double recheck_s,
+                                   const Decision& decision, double* next_s);
+  // Whether a handle is retired (tests and slot_info).
+  bool IsRetired(int32_t handle);
+  // Calls that read or write states (update, export, import) say when they
+  // begin, before they read the handle (on a GPU that read waits for the
+  // work queued before the call: the forward and backward pass of a step
+  // that was given its state with donation), and when they end. A retired
+  // handle is not due while a call that began before its retirement runs.
+  // CallScope does both.
+  uint64_t CallBegins();
+  void CallEnds(uint64_t begun);
+  // Wakes the collector's thread (a slot was made, a full garbage collection
+  // ran, a state was created). It never touches the registry's lock, so the
+  // garbage collector's callback may call it at any time.
+  void RequestScan();
+  // Waits until RequestScan is called or `timeout_s` passes (forever when
+  // negative); returns whether it was called, and clears the request.
+  bool WaitForScanRequest(double timeout_s);
   // Handles that have at least one slot.
   std::vector<int32_t> HandlesWithSlots();
 
@@ -210,8 +265,9 @@ class Registry {
   std::string AcquireForImport(const Request& request, Allocator& allocator,
                                std::shared_ptr<Slot>* slot, int32_t* handle_out);
 
-  // Every slot of a handle (for paging and residency queries).
-  std::string SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots);
+  // Every slot of a handle (for paging and residency queries). `touch`
+  // counts as a use (the collector's own paging of a retired handle does not).
+  std::string SlotsOf(int32_t handle, std::vector<std::shared_ptr<Slot>>* slots, bool touch = true);
 
   // Bytes held by all live slots.
   size_t TotalBytes();
@@ -222,8 +278,20 @@ class Registry {
   enum class Fate : uint8_t { kLive, kReleased, kCollected };
   struct HandleInfo {
     Fate fate = Fate::kLive;
-    uint64_t unheld_since = 0;  // mark of the scan that first found it unheld, 0 while held
+    uint64_t seen_held = 0;  // mark of the latest scan that found it held (0: none)
+    Clock::time_point seen_held_time;
+    bool retired = false;       // found unheld; its memory paged out, not freed
+    uint64_t retired_mark = 0;  // the mark of the scan that retired it
+    int unheld_scans = 0;       // scans since then that found it unheld and unused
   };
+  // The latest use of each handle's slots, and the interval before it.
+  struct Use {
+    uint64_t epoch = 0;
+    Clock::time_point time;
+    double interval_s = 0;
+  };
+  std::map<int32_t, Use> LastUsesLocked() const;
+  double GraceLocked(const Use& use, const Decision& decision) const;
   HandleInfo* InfoLocked(int32_t handle);
   const HandleInfo* InfoLocked(int32_t handle) const;
   std::string CheckHandleLocked(int32_t handle) const;
@@ -241,7 +309,14 @@ class Registry {
   // for params of other shapes).
   std::string FindSlotLocked(const Request& request, int64_t count,
                              std::shared_ptr<Slot>* slot) const;
-  void TouchLocked(Slot& slot) { slot.last_use = ++epoch_; }
+  void TouchLocked(Slot& slot) {
+    Clock::time_point now = Clock::now();
+    if (slot.last_use != 0) {
+      slot.use_interval_s = std::chrono::duration<double>(now - slot.last_use_time).count();
+    }
+    slot.last_use = ++epoch_;
+    slot.last_use_time = now;
+  }
   // Moves the slots of the handles `doomed_handle` accepts out of the map.
   template <typename Pred>
   std::vector<std::shared_ptr<Slot>> TakeSlotsLocked(Pred doomed_handle);
@@ -255,6 +330,25 @@ class Registry {
   uint64_t epoch_ = 0;
   std::vector<HandleInfo> handles_;  // indexed by handle - first_handle_
   std::map<Key, std::shared_ptr<Slot>> slots_;
+
+  std::multiset<uint64_t> calls_begun_;  // the epoch at which each running call began
+
+  // RequestScan's flag, under its own lock (never held with mu_ taken after).
+  std::mutex scan_mu_;
+  std::condition_variable scan_cv_;
+  bool scan_requested_ = false;
+};
+
+// Marks a handler's run as a call in progress (Registry::CallBegins).
+class CallScope {
+ public:
+  CallScope() : begun_(Registry::Global().CallBegins()) {}
+  ~CallScope() { Registry::Global().CallEnds(begun_); }
+  CallScope(const CallScope&) = delete;
+  CallScope& operator=(const CallScope&) = delete;
+
+ private:
+  uint64_t begun_;
 };
 
 // Human-readable description of a layout difference, or "" when equal.

@@ -3,12 +3,6 @@ targets with JAX and wraps the registry's host-side controls."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
-import sys
-import threading
-
 import jax
 import numpy as np
 
@@ -55,7 +49,7 @@ def check_backend(platform: str) -> None:
 
 
 # A state's handle leaf is uint32 (so that the collector can tell handles from
-# the int32 step counts among the live arrays): a fresh token (the top bit
+# the int32 step counts among the arrays): a fresh token (the top bit
 # set) until the first update, then a registry key (csrc/registry.h).
 HANDLE_DTYPE = np.dtype(np.uint32)
 _FRESH_BIT = 0x80000000
@@ -114,110 +108,3 @@ def slot_info(handle: int) -> list[dict]:
 
 def total_bytes() -> int:
   return int(_ops.total_bytes())
-
-
-# The collector. A paged state's memory lives in the registry, outside JAX, so
-# nothing frees it when the state's arrays go away. No Python object lives
-# exactly as long as a state either: after each jitted step the handle is a
-# new array (and the donated old one is deleted), so a weakref.finalize on one
-# would fire after the first step. The collector asks instead which handles
-# are still held: a handle is held while a live jax.Array of its dtype and
-# shape (uint32[]) holds its value. Registry::Collect frees the slots of a
-# handle that two scans found unheld with no call using it in between
-# (csrc/registry.h says why two). Scans run when a state is created (an eager
-# tx.init), after each full garbage collection, and from
-# optax_paged8bit.collect().
-
-_scanning = threading.Lock()
-_platforms: list[str] = []  # set by the first scan outside the garbage collector
-
-
-def _live_arrays() -> list[jax.Array]:
-  arrays = []
-  for platform in _platforms:
-    # A platform this process has no backend for holds no arrays: with
-    # JAX_PLATFORMS=cuda, jax.live_arrays("cpu") raises "Unknown backend cpu".
-    with contextlib.suppress(RuntimeError):
-      arrays += jax.live_arrays(platform)
-  return arrays
-
-
-def _held_handles(arrays: list[jax.Array]) -> set[int]:
-  """Values of the handle-typed arrays among `arrays`, on every device (each
-  holds its own key). One that cannot be read holds nothing: a failed
-  computation's output (its state is unusable anyway), or one deleted by
-  another thread since the listing (that thread's step is what the second
-  look is for)."""
-  held = set()
-  for x in arrays:
-    if x.dtype != HANDLE_DTYPE or x.shape != ():
-      continue
-    with contextlib.suppress(RuntimeError):
-      held.update(handle_values(x))
-  return {h for h in held if not h & _FRESH_BIT}
-
-
-def _is_ready(x: jax.Array) -> bool:
-  try:
-    return x.is_ready()
-  except RuntimeError:  # deleted by another thread since the listing
-    return False
-
-
-def scan_for_unheld_states(*, wait: bool, from_gc: bool = False) -> tuple[int, int]:
-  """One collector scan; returns the bytes it freed, and how many unheld
-  handles a call used since the previous scan (steps of a dropped state
-  still in flight: collect() looks again once they are done).
-
-  With `wait`, computations in flight are waited for (they may be about to use
-  a state whose arrays are gone); without it, the scan gives up when anything
-  is in flight (the garbage collector's and init's scans: they must not
-  block). The garbage collector's scans run only once another scan has found
-  the platforms in use (they must not be the first to touch JAX's backends).
-  """
-  if from_gc and (not _platforms or sys.is_finalizing()):
-    return 0, 0
-  # A waiting scan waits for one running on another thread; the garbage
-  # collector's gives up (one may be running below it in this thread).
-  if not _scanning.acquire(blocking=wait):
-    return 0, 0
-  try:
-    if not _platforms:
-      _platforms.extend(sorted({"cpu"} | {d.platform for d in jax.devices()}))
-    with_slots = set(_ops.handles_with_slots())
-    if not with_slots:
-      return 0, 0
-    mark = _ops.epoch()
-    arrays = _live_arrays()
-    ready = [_is_ready(x) for x in arrays]
-    pending = [x for x, r in zip(arrays, ready, strict=True) if not r]
-    if pending:
-      held = _held_handles([x for x, r in zip(arrays, ready, strict=True) if r])
-      if with_slots <= held:
-        return _collect(held, mark)  # all held: nothing to wait for
-      if not wait:
-        return 0, 0
-      for x in pending:
-        with contextlib.suppress(RuntimeError):  # failed or deleted: _held_handles decides
-          x.block_until_ready()
-    return _collect(_held_handles(arrays), mark)
-  finally:
-    _scanning.release()
-
-
-def _collect(held: set[int], mark: int) -> tuple[int, int]:
-  freed, busy = _ops.collect(sorted(held), mark)
-  return int(freed), int(busy)
-
-
-_PID = os.getpid()
-
-
-def _scan_after_full_collection(phase: str, info: dict) -> None:
-  # Not in a forked child: it shares no device with the parent, and touching
-  # the parent's JAX runtime there can hang.
-  if phase == "stop" and info.get("generation") == 2 and os.getpid() == _PID:
-    scan_for_unheld_states(wait=False, from_gc=True)
-
-
-gc.callbacks.append(_scan_after_full_collection)

@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_paged8bit import _calls, _ffi
+from optax_paged8bit import _calls, _collector, _ffi
 from optax_paged8bit._layout import (
   MOMENT_FIELDS,
   RING_SIZE,
@@ -220,6 +220,9 @@ def import_state(target: Any, exported: Any) -> Any:
     0..2**31-2), with errors that name the leaf. The next update continues
     exactly where the exported run stopped.
   """
+
+  _collector.ensure_started()
+  _collector.look_now()  # restoring in a loop frees the states restored before
 
   def one(t, e):
     if is_paged(t):

@@ -10,11 +10,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from optax_paged8bit import _ffi
+from optax_paged8bit import _collector, _ffi
 from optax_paged8bit._states import paged_states, registry_keys, wait_for
 
-# collect() looks again while a dropped state's steps are still running, up
-# to this long.
+# collect() looks again while a dropped state's steps are still running, or
+# its grace runs, up to this long.
 _COLLECT_PATIENCE_S = 60.0
 
 
@@ -33,32 +33,42 @@ def release(tree: Any) -> int:
 
 
 def collect() -> int:
-  """Frees the registry memory of every paged state that is gone.
+  """Frees the registry memory of every paged state that is gone, now.
 
-  A state is gone when no live `jax.Array` holds its handle any more: it was
+  A state is gone when no `jax.Array` holds its handle any more: it was
   dropped, or kept only as a host copy (`jax.device_get`, pickle; save states
-  with `save_checkpoint` or `export_state` instead). The same collection also
-  runs by itself when a state is created (`tx.init`) and after each full
-  garbage collection (`gc.collect()`); those free a state on their second
-  look, to stay safe against steps being dispatched on other threads.
-  `collect()` waits for the computations in flight, including the steps of
-  states that were dropped while they ran, and looks until it has freed what
-  is gone. Returns the bytes freed; `release(tree)` frees given states now.
+  with `save_checkpoint` or `export_state` instead). The collector also frees
+  such states by itself, in a thread of its own, with no call: soon after a
+  state is dropped, a new one made, or a full garbage collection ran.
+
+  `collect()` first waits for the computations in flight whose results are
+  held (a step or an export of a dropped state may be among them). In a
+  process whose only Python thread is the caller's (besides the collector's),
+  what no array holds is then gone and is freed at once. With other threads,
+  one of them may be dispatching a step that was given its state with
+  donation (the state's old arrays deleted, its new ones not made yet), so a
+  state that no array holds is first retired (on a GPU its memory is paged
+  out to host RAM) and freed after a grace period of a few seconds, or
+  several of its steps, in which no array held it and no call used it;
+  `collect()` waits for that, up to a minute. Returns the bytes freed;
+  `release(tree)` frees given states at once.
   """
-  freed, looks = 0, 0
-  deadline = time.monotonic() + _COLLECT_PATIENCE_S
+  _collector.ensure_started()
+  # A step in flight may make the slot of a state that is already dropped.
+  _collector.wait_for_work_in_flight()
+  freed = 0
+  start = time.monotonic()
   pause = 1e-3
   while True:
-    bytes_, busy = _ffi.scan_for_unheld_states(wait=True)
-    freed += bytes_
-    looks += 1
-    if looks >= 2 and busy == 0:
+    scan = _collector.scan(in_caller=True)
+    freed += scan.freed
+    retired = any(_ffi._ops.is_retired(h) for h in _ffi._ops.handles_with_slots())
+    if not (scan.busy or scan.blocked or retired):
       return freed
-    if busy and time.monotonic() > deadline:
+    if time.monotonic() - start > _COLLECT_PATIENCE_S:
       return freed
-    if busy:
-      time.sleep(pause)  # a dropped state's steps are still running
-      pause = min(2 * pause, 0.05)
+    time.sleep(pause)  # a dropped state's steps are still running, or its grace
+    pause = min(2 * pause, 0.05)
 
 
 def state_nbytes(tree: Any) -> int:

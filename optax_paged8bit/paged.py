@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_paged8bit import _calls, _ffi
+from optax_paged8bit import _calls, _collector, _ffi
 from optax_paged8bit._contract import build_layout, check_state_layout, validate
 from optax_paged8bit._layout import (
   HANDLE_DTYPE,
@@ -163,16 +163,18 @@ def paged_adamw8bit(
         jnp.zeros([], jnp.int32), jnp.zeros([], HANDLE_DTYPE), rings, NotParams()
       )
     layout = build_layout(who, config, mask, params)
+    _collector.ensure_started()
     if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
-      # An eager init reclaims the states that are gone, waiting for the
-      # computations in flight (a state whose arrays are gone may be in use).
-      _ffi.scan_for_unheld_states(wait=True)
+      # An eager init frees the states that are gone (it dispatches nothing
+      # while it looks, so it can see every state being stepped).
+      _collector.look_now()
     return fresh_state(layout)
 
   def step(updates, state, params, write_params):
     layout = check_state_layout(
       who, config, state, PagedAdamW8bitState, {"count": jnp.int32, "handle": HANDLE_DTYPE}
     )
+    _collector.ensure_started()
     if inside_optax_multisteps():
       raise ValueError(
         "paged_adamw8bit cannot run inside optax.MultiSteps: MultiSteps runs the inner update on "
