@@ -3,7 +3,7 @@
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
-#                                 [same_size] [trace] [ncu] [stalls] [diag] [cpu]
+#                                 [same_size] [trace] [ncu] [stalls] [diag] [collector] [cpu]
 # gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
@@ -18,7 +18,9 @@
 # a GPT-2 step's time goes (benchmarks/trace_step.py; TRACE_CASE, TRACE_ARGS such as
 # --back-to-back); stalls: Nsight Compute's full set on the
 # fused update kernel of NCU_CASES (default 0 1), with the per-SASS-instruction stall samples
-# (benchmarks/ncu_sass.py reads them); cpu: the whole suite on the
+# (benchmarks/ncu_sass.py reads them); collector: tests/test_collector.py on the GPU, the
+# collector's stress runs (4 donated threads with 1024 x 1024 params, COLLECTOR_REPEAT times; a
+# jitted sweep of a 268M-param model) and benchmarks/collector_cost.py; cpu: the whole suite on the
 # machine's JAX with JAX_PLATFORMS=cpu.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -122,6 +124,22 @@ for step in $steps; do
                 "$OUT/stalls_case$c.log" | head -40
               python3 benchmarks/ncu_sass.py "$OUT/sass_case$c.csv.gz" --top 8 --opcodes 0
             done ;;
+    collector) # Fresh processes each take their own GPU memory: none preallocates.
+         export XLA_PYTHON_CLIENT_PREALLOCATE=false
+         (cd tests && python3 -m pytest -v -p no:cacheprovider test_collector.py) \
+           > "$OUT/collector_tests.log" 2>&1 || status=1
+         tail -6 "$OUT/collector_tests.log" | cut -c1-200
+         python3 tests/collector_stress.py donated-threads --size 1024 --steps 200 \
+           --repeat "${COLLECTOR_REPEAT:-3}" --look-at-everything > "$OUT/collector_threads.json" \
+           2> "$OUT/collector_threads.log" || status=1
+         cut -c1-400 "$OUT/collector_threads.json"
+         python3 tests/collector_stress.py sweep linen --size 16384 --runs 10 \
+           > "$OUT/collector_sweep.json" 2> "$OUT/collector_sweep.log" || status=1
+         cat "$OUT/collector_sweep.json"
+         python3 benchmarks/collector_cost.py --json "$OUT/collector_cost.json" \
+           > "$OUT/collector_cost.log" 2>&1 || status=1
+         tail -30 "$OUT/collector_cost.log"
+         unset XLA_PYTHON_CLIENT_PREALLOCATE ;;
     cpu) (cd tests && JAX_PLATFORMS=cpu python3 -m pytest -q -p no:cacheprovider -n 8 .) \
            > "$OUT/cpu_tests.log" 2>&1 || status=1
          tail -8 "$OUT/cpu_tests.log" ;;

@@ -245,13 +245,16 @@ def look_now() -> None:
   """A look in the calling thread at a point where it dispatches nothing (an
   eager init or import): frees or retires what is unheld, never waits to
   retry."""
-  if _usable():
+  if _automatic():
     scan(in_caller=True)
 
 
 # -- the thread -----------------------------------------------------------------------
 
 _PID = os.getpid()
+# OPTAX_PAGED8BIT_AUTO_COLLECT=0 turns the automatic path off (the thread and
+# the looks at init and import); release() and collect() still free.
+AUTOMATIC = os.environ.get("OPTAX_PAGED8BIT_AUTO_COLLECT", "1") != "0"
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _thread_id: int | None = None
@@ -262,11 +265,15 @@ def _usable() -> bool:
   return os.getpid() == _PID and not _stopping and not sys.is_finalizing()
 
 
+def _automatic() -> bool:
+  return AUTOMATIC and _usable()
+
+
 def ensure_started() -> None:
   """Starts the collector's thread (once per process; not in a forked child,
   which shares no device with its parent)."""
   global _thread
-  if _thread is not None or not _usable():
+  if _thread is not None or not _automatic():
     return
   with _lock:
     if _thread is None:

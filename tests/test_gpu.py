@@ -4,9 +4,12 @@ release. Marked `gpu`; skipped without a GPU and the CUDA build."""
 from __future__ import annotations
 
 import gc
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -312,6 +315,47 @@ def test_collector_frees_dropped_gpu_states_and_keeps_held_ones():
   assert op.collect() == 3 * nbytes
   assert ops.managed_device_bytes(GPU.id) == placed0
   assert op._ffi.total_bytes() == registry0
+
+
+def test_a_retired_state_is_paged_out_and_its_next_step_brings_it_back_exactly():
+  """The collector's thread retires a state that no array holds before it
+  frees it: its GPU memory goes to host RAM at once. A state retired by
+  mistake (its step was in flight) is paged back in by that step."""
+  ops = op._ffi._ops
+  tx = op.paged_adamw8bit(1e-3)
+  params, state = steps(tx, tx.init(small_tree()), small_tree(), 1)
+  p_ref, s_ref = steps(tx, tx.init(small_tree()), small_tree(), 3)
+  jax.block_until_ready(state)
+  [handle] = op._ffi.handle_values(state.handle)
+  nbytes = state.layout.state_nbytes()
+  free_before = ops.device_memory_info(GPU.id)[0]
+  freed, busy, retired, *_ = ops.collect([], [handle], ops.epoch(), 1, 3600.0, 0.0)
+  assert (freed, busy, retired) == (0, 0, [handle])
+  assert ops.retire(handle) == nbytes
+  assert op.residency(state) == {"bytes_on_device": 0, "bytes_on_host": nbytes}
+  # The driver frees device memory in 2 MiB pages.
+  assert ops.device_memory_info(GPU.id)[0] - free_before >= nbytes - (2 << 20)
+  params, state = steps(tx, state, params, 2)  # the step after retirement brings it back
+  assert op.residency(state)["bytes_on_host"] == 0
+  assert_same_results(params, state, p_ref, s_ref)
+  op.release((state, s_ref))
+
+
+def test_a_jitted_sweep_holds_at_most_two_states_on_the_device():
+  """A jitted create_train_state and a jitted, donated step per run, no
+  release or collect (tests/collector_stress.py sweep, run on this GPU)."""
+  script = str(Path(__file__).parent / "collector_stress.py")
+  out = subprocess.run(
+    [sys.executable, script, "sweep", "linen", "--runs", "6", "--size", "8192"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    # This process holds its share of the GPU: the child takes what it uses.
+    env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+  )
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["platform"] == "gpu" and max(result["device_states_at_run_end"]) <= 2, result
 
 
 def test_100_cycles_without_release_hold_at_most_two_states_on_the_device():
