@@ -326,21 +326,31 @@ OP8_HD StepScalars ComputeStepScalars(const float* hyper, int64_t t) {
 // Moments and the param step.
 // ---------------------------------------------------------------------------
 
-// 8-bit path, SPEC 3.2 step 2, for a finite gf.
-OP8_HD void FiniteBlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
-                                   const StepScalars& s, float* m, float* v) {
+// The guard of SPEC 3.2 step 2 and 3.3: an element steps only where both new
+// moments are finite. That is false for a NaN or infinite gf, and for a finite
+// gf whose moment overflows (a spike: (1 - b2) * gf * gf beyond float32's
+// range). Such an element's moments are reset to 0 and its param is left as
+// it is, so the state never holds Inf or NaN.
+OP8_HD bool MomentsFinite(float m, float v) { return IsFinite(m) && IsFinite(v); }
+
+// 8-bit path, SPEC 3.2 step 2, before the guard.
+OP8_HD void UnguardedBlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
+                                      const StepScalars& s, float* m, float* v) {
   *m = Fma(gf, s.one_minus_beta1, Mul(Mul(q1, absmax1), s.beta1));
   *v = Fma(gf, Mul(s.one_minus_beta2, gf), Mul(Mul(q2, absmax2), s.beta2));
 }
 
-// The same for any gf: a non-finite gf zeroes both moments.
-OP8_HD void BlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
+// With the guard: returns whether the element steps (its moments are reset
+// otherwise).
+OP8_HD bool BlockwiseMoments(float gf, float q1, float absmax1, float q2, float absmax2,
                              const StepScalars& s, float* m, float* v) {
-  FiniteBlockwiseMoments(gf, q1, absmax1, q2, absmax2, s, m, v);
-  if (!IsFinite(gf)) *m = *v = 0.0f;
+  UnguardedBlockwiseMoments(gf, q1, absmax1, q2, absmax2, s, m, v);
+  if (MomentsFinite(*m, *v)) return true;
+  *m = *v = 0.0f;
+  return false;
 }
 
-// float32 path, SPEC 3.3.
+// float32 path, SPEC 3.3, before the guard.
 OP8_HD void Float32Moments(float g, const StepScalars& s, float* m, float* v) {
   *m = Fma(*m, s.beta1, Mul(g, s.one_minus_beta1));
   *v = Fma(*v, s.beta2, Mul(s.one_minus_beta2, Mul(g, g)));
@@ -370,16 +380,17 @@ OP8_HD float StepParam(float p, float m, float v, const StepScalars& s, bool dec
   return StepParamWithRoot(p, m, Sqrt(v), s, decay, type);
 }
 
-// SPEC 3.3 for one element of a leaf with float32 moments: the new param. A
-// non-finite g resets both moments and leaves the param unchanged, as on the
-// 8-bit path (bitsandbytes' 32-bit kernel lets the NaN through instead).
+// SPEC 3.3 for one element of a leaf with float32 moments: the new param.
+// The guard (MomentsFinite) as on the 8-bit path: a non-finite g, or a
+// finite one whose moment overflows, resets both moments and leaves the param
+// unchanged (bitsandbytes' 32-bit kernel lets the NaN or Inf through instead).
 OP8_HD float Float32Step(float g, float p, float* m, float* v, const StepScalars& s, bool decay,
                          int32_t type) {
-  if (!IsFinite(g)) {
+  Float32Moments(g, s, m, v);
+  if (!MomentsFinite(*m, *v)) {
     *m = *v = 0.0f;
     return RoundToType(p, type);
   }
-  Float32Moments(g, s, m, v);
   return StepParam(p, *m, *v, s, decay, type);
 }
 
@@ -878,8 +889,16 @@ inline double LeafNormSq(const double* partials, int64_t num_blocks, double* scr
 // NaN sorts last, as in torch.sort.
 OP8_HD bool RingLess(float a, float b) { return a < b || (!IsNan(a) && IsNan(b)); }
 
-// Writes this step's squared norm into the ring and returns gnorm_scale.
+// The largest finite float32.
+constexpr uint32_t kFloatMaxBits = 0x7f7fffffu;
+
+// Writes this step's squared norm into the ring and returns gnorm_scale. A
+// NaN or infinite squared norm (a NaN grad, or a finite spike whose square
+// overflows) counts as the largest finite float: the ring stays finite (a
+// state that can be saved and restored), and the step's grads are scaled
+// down by the percentile's clip over that.
 OP8_HD float UpdateRingAndScale(float* ring, float norm_sq, int64_t t, int percentile) {
+  if (!IsFinite(norm_sq)) norm_sq = BitsFloat(kFloatMaxBits);
   if (t == 1) {
     for (int i = 0; i < kRingSize; ++i) ring[i] = norm_sq;
   } else {

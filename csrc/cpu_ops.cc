@@ -119,8 +119,7 @@ void UpdateBlockwise(const LeafCall& leaf, const StepState& state, const Maps& m
         c1 = codes1[begin + e];
         c2 = codes2[begin + e];
       }
-      finite[e] = IsFinite(gf);
-      BlockwiseMoments(gf, maps.q1()[c1], old1, maps.q2()[c2], old2, s, &m[e], &v[e]);
+      finite[e] = BlockwiseMoments(gf, maps.q1()[c1], old1, maps.q2()[c2], old2, s, &m[e], &v[e]);
       absmax1 = MaxAbs(absmax1, m[e]);
       absmax2 = MaxAbs(absmax2, v[e]);
     }
@@ -146,22 +145,23 @@ void UpdateWholeLeaf(const LeafCall& leaf, const StepState& state, const Maps& m
   auto* new_codes2 = static_cast<uint8_t*>(state.out.state2);
   bool decay = (leaf.flags & kLeafDecay) != 0;
   float old1 = state.in.absmax1[0], old2 = state.in.absmax2[0];
-  auto moments = [&](int64_t i, float* gf, float* m, float* v) {
-    *gf = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
-    BlockwiseMoments(*gf, maps.q1()[codes1[i]], old1, maps.q2()[codes2[i]], old2, s, m, v);
+  // Whether the element steps (BlockwiseMoments), and its moments.
+  auto moments = [&](int64_t i, float* m, float* v) {
+    float gf = Mul(LoadAsFloat(leaf.grad, leaf.type, i), scale);
+    return BlockwiseMoments(gf, maps.q1()[codes1[i]], old1, maps.q2()[codes2[i]], old2, s, m, v);
   };
   float absmax1 = 0.0f, absmax2 = 0.0f;
   for (int64_t i = 0; i < leaf.size; ++i) {
-    float gf, m, v;
-    moments(i, &gf, &m, &v);
+    float m, v;
+    moments(i, &m, &v);
     absmax1 = MaxAbs(absmax1, m);
     absmax2 = MaxAbs(absmax2, v);
   }
   for (int64_t i = 0; i < leaf.size; ++i) {
-    float gf, m, v;
-    moments(i, &gf, &m, &v);
+    float m, v;
+    bool steps = moments(i, &m, &v);
     float p = LoadAsFloat(leaf.param, leaf.type, i);
-    float p_new = IsFinite(gf) ? StepParam(p, m, v, s, decay, leaf.type) : p;
+    float p_new = steps ? StepParam(p, m, v, s, decay, leaf.type) : p;
     WriteOut(leaf, i, p, p_new, write_params);
     new_codes1[i] = maps.Code1(m, absmax1);
     new_codes2[i] = maps.Code2(v, absmax2);

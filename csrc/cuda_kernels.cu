@@ -294,9 +294,11 @@ __device__ __forceinline__ void ClipLane(bool clip, float scale, float g[kLaneEl
 // Dequantized moments of a lane (SPEC 3.2 step 2) from its clipped grads
 // (ClipLane) and codes. Padded lanes take part with block scales (`pad`);
 // with whole-leaf scales they count as zeros. Bit k of `finite` is set where
-// gf is finite: the moments are computed for every element and fixed
-// afterwards only in a lane that has a non-finite gf (a NaN probe finds one:
-// 0 * gf is NaN exactly for infinite and NaN gf).
+// the element steps (MomentsFinite): the moments are computed for every
+// element and fixed afterwards only in a lane where one may not be finite (a
+// NaN probe finds it: 0 * (m + v) is NaN where m or v is infinite or NaN, and
+// where finite m and v overflow in the sum, which the exact check then lets
+// pass).
 __device__ __forceinline__ void LaneMoments(const QuantTables& qt, const StepScalars& s,
                                             const float gf[kLaneElems],
                                             const uint32_t c1[kLaneElems],
@@ -306,14 +308,14 @@ __device__ __forceinline__ void LaneMoments(const QuantTables& qt, const StepSca
   float probe = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLaneElems; ++k) {
-    probe = Fma(gf[k], 0.0f, probe);  // gf is 0 in padded lanes
-    FiniteBlockwiseMoments(gf[k], qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
+    UnguardedBlockwiseMoments(gf[k], qt.q1[c1[k]], a1, qt.q2[c2[k]], a2, s, &m[k], &v[k]);
+    probe = Fma(Add(m[k], v[k]), 0.0f, probe);  // gf is 0 in padded lanes
   }
   *finite = (1u << kLaneElems) - 1;
   if (IsNan(probe)) {
 #pragma unroll
     for (int k = 0; k < kLaneElems; ++k) {
-      if (!IsFinite(gf[k])) {
+      if (!MomentsFinite(m[k], v[k])) {
         m[k] = v[k] = 0.0f;
         *finite &= ~(1u << k);
       }

@@ -156,7 +156,10 @@ class Oracle:
   def clip_scale(self, leaf, g32: np.ndarray) -> np.float32:
     if self.percentile >= 100:
       return F32(1.0)
-    n2 = F32(np.sum(g32.astype(np.float64) ** 2))
+    with np.errstate(over="ignore", invalid="ignore"):
+      n2 = F32(np.sum(g32.astype(np.float64) ** 2))
+    if not np.isfinite(n2):  # a NaN grad or a spike: the largest finite float
+      n2 = np.finfo(F32).max
     ring = leaf["ring"]
     if self.t == 1:
       ring[:] = n2
@@ -188,13 +191,14 @@ class Oracle:
       if not self.runnable():
         new = p32  # the step is skipped: params and moments stay, the count advances
       elif not leaf["is_8bit"]:
-        # SPEC 3.3, with the 8-bit path's rule for non-finite grads (unlike
-        # bitsandbytes' 32-bit kernel): their moments reset, their params stay.
+        # SPEC 3.3, with the 8-bit path's guard (unlike bitsandbytes' 32-bit
+        # kernel): where a new moment is not finite (a NaN or infinite grad,
+        # or a finite spike that overflows), both reset and the param stays.
         b1, b2 = self.b1, self.b2
-        finite = np.isfinite(gf)
-        g = np.where(finite, gf, F32(0))
-        m = fma32(leaf["state1"], b1, g * (F32(1) - b1))
-        v = fma32(leaf["state2"], b2, (F32(1) - b2) * (g * g))
+        with np.errstate(over="ignore", invalid="ignore"):
+          m = fma32(leaf["state1"], b1, gf * (F32(1) - b1))
+          v = fma32(leaf["state2"], b2, (F32(1) - b2) * (gf * gf))
+        finite = np.isfinite(m) & np.isfinite(v)
         leaf["state1"] = np.where(finite, m, F32(0))
         leaf["state2"] = np.where(finite, v, F32(0))
         stepped = self.step_param(p32, leaf["state1"], leaf["state2"], decays, dtype)
@@ -207,12 +211,14 @@ class Oracle:
     return out
 
   def _moments(self, gf, c1, c2, a1, a2):
+    """The new moments, and where the element steps: SPEC 3.2 step 2's guard
+    resets both moments where one is not finite (a NaN or infinite grad, or
+    a finite spike whose moment overflows)."""
     b1, b2 = self.b1, self.b2
-    finite = np.isfinite(gf)
-    g = np.where(finite, gf, F32(0))
     with np.errstate(over="ignore", invalid="ignore"):
-      m = fma32(g, F32(1) - b1, (self.q1[c1] * a1) * b1)
-      v = fma32(g, (F32(1) - b2) * g, (self.q2[c2] * a2) * b2)
+      m = fma32(gf, F32(1) - b1, (self.q1[c1] * a1) * b1)
+      v = fma32(gf, (F32(1) - b2) * gf, (self.q2[c2] * a2) * b2)
+    finite = np.isfinite(m) & np.isfinite(v)
     m = np.where(finite, m, F32(0))
     v = np.where(finite, v, F32(0))
     return m, v, finite

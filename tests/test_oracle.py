@@ -48,13 +48,31 @@ def extreme(g: np.ndarray, rng) -> np.ndarray:
   return g
 
 
-def grads_for(shapes, dtype, rng, step, magnitudes=False):
+# Finite grads whose square (times 1 - b2) overflows float32, from just past
+# the edge up to float32's largest: SPEC 3.2/3.3's guard resets the element.
+SPIKES = np.array([1e19, 3e19, 1e20, 6e20, 1e25, 1e30, 3.4e38], np.float32)
+SPIKE_STEPS = (4, 9)
+SPIKED = {}  # leaf -> the flat indices of its spikes
+
+
+def spike(g: np.ndarray, k: str) -> np.ndarray:
+  """Puts SPIKES (alternating in sign) at fixed elements of g."""
+  flat = g.reshape(-1)
+  idx = np.arange(len(SPIKES)) * (flat.size // len(SPIKES))
+  flat[idx] = SPIKES * np.where(np.arange(len(SPIKES)) % 2, -1, 1).astype(np.float32)
+  SPIKED[k] = idx
+  return g
+
+
+def grads_for(shapes, dtype, rng, step, magnitudes=False, spikes=False):
   grads = {}
   for k, s in shapes.items():
     g = rng.standard_normal(s).astype(np.float32) * np.float32(0.01)
     if magnitudes:
       with np.errstate(over="ignore"):
         g = extreme(g, rng)
+    if spikes and step in SPIKE_STEPS:
+      g = spike(g, k)
     if step in NONFINITE_STEPS:
       flat = g.reshape(-1)
       idx = rng.choice(flat.size, size=min(7, flat.size), replace=False)
@@ -103,7 +121,9 @@ def compare_state(exported, oracle, step):
     assert_bit_equal(np.asarray(exported.gnorm_vec), rings, f"step {step} gnorm_vec")
 
 
-def run_against_oracle(shapes, dtype, *, fused=True, seed=0, magnitudes=False, **kwargs):
+def run_against_oracle(
+  shapes, dtype, *, fused=True, seed=0, magnitudes=False, spikes=False, after_step=None, **kwargs
+):
   lr, wd = kwargs.pop("lr", 1e-3), kwargs.pop("weight_decay", 1e-2)
   tx = op.paged_adamw8bit(lr, weight_decay=wd, **kwargs)  # mask, args go to tx only
   bits_ = 32 if (kwargs.get("args") or {}).get("optim_bits") == 32 else 8
@@ -134,7 +154,7 @@ def run_against_oracle(shapes, dtype, *, fused=True, seed=0, magnitudes=False, *
 
   rng = np.random.default_rng(seed + 1)
   for t in range(1, STEPS + 1):
-    grads = grads_for(shapes, dtype, rng, t, magnitudes)
+    grads = grads_for(shapes, dtype, rng, t, magnitudes, spikes)
     if fused:
       # The fused step is the algorithm itself: params bit-equal, no re-sync.
       params, state = fused_step(grads, state, params)
@@ -153,8 +173,10 @@ def run_against_oracle(shapes, dtype, *, fused=True, seed=0, magnitudes=False, *
         want_u = (want.astype(np.float32) - p.astype(np.float32)).astype(p.dtype)
         assert_bit_equal(u, want_u, f"step {t} leaf {k} updates")
       params = optax.apply_updates(params, updates)
-    if t % 7 == 0 or t == STEPS:
+    if t % 7 == 0 or t == STEPS or (spikes and t in SPIKE_STEPS):
       compare_state(op.export_state(state), oracle, t)
+    if after_step is not None:
+      after_step(t, params, state)
   op.release(state)
 
 
@@ -202,3 +224,39 @@ def test_extreme_magnitudes(fused, block_wise):
   run_against_oracle(
     shapes, np.float32, fused=fused, magnitudes=True, seed=11, block_wise=block_wise
   )
+
+
+@pytest.mark.parametrize("kind", ["8bit", "float32", "clipped", "whole"])
+def test_finite_spikes_reset_their_elements_which_then_train_on(kind):
+  """A finite grad of 1e19 to 3.4e38 overflows its element's second moment:
+  the element's moments reset and its param stays (bit-equal to the oracle),
+  the state stays finite (so that it can be saved and restored), and the
+  element takes Adam steps again from the next step."""
+  kwargs = {
+    "8bit": {},
+    "float32": {"args": {"optim_bits": 32}},
+    "clipped": {"percentile_clipping": 5},
+    "whole": {"block_wise": False},
+  }[kind]
+  shapes = {"a": (8, 1024), "b": (3, 700)}
+  seen = {}
+
+  def after_step(t, params, state):
+    exported = op.export_state(state)
+    for name in ("state1", "state2", "absmax1", "absmax2", "gnorm_vec"):
+      for x in jax.tree.leaves(getattr(exported, name)):
+        assert np.isfinite(np.asarray(x, np.float32)).all(), f"step {t} {name}"
+    flat = {k: np.asarray(p).reshape(-1) for k, p in params.items()}
+    if t == SPIKE_STEPS[-1] + 1 or t == STEPS:
+      seen[t] = {k: flat[k][SPIKED[k]].copy() for k in shapes}
+
+  run_against_oracle(
+    shapes,
+    np.float32,
+    spikes=True,
+    after_step=after_step,
+    seed=13,
+    **{"percentile_clipping": 100, **kwargs},
+  )
+  for k in shapes:  # the spiked elements move again after the spikes
+    assert (seen[SPIKE_STEPS[-1] + 1][k] != seen[STEPS][k]).all(), k
