@@ -325,6 +325,45 @@ def mesh_and_specs(who: str, leaves: list[tuple[str, Any]]) -> tuple[Any, tuple]
   return mesh, tuple(specs)
 
 
+def _mesh_shape(x: Any) -> tuple[tuple[str, int], ...] | None:
+  """The (axis, size) pairs of the mesh of more than one device that `x` is
+  placed on (seen through jax.typeof inside jit); () when it is on one
+  device; None when that cannot be told."""
+  if isinstance(x, jax.core.Tracer):
+    sharding = getattr(jax.typeof(x), "sharding", None)
+  else:
+    sharding = getattr(x, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None:
+    return () if sharding is not None and len(getattr(sharding, "device_set", ())) == 1 else None
+  return _axes(mesh)
+
+
+def _axes(mesh: Any) -> tuple[tuple[str, int], ...]:
+  shape = tuple((str(a), int(n)) for a, n in dict(mesh.shape).items())
+  return shape if math.prod(n for _, n in shape) > 1 else ()
+
+
+def check_placement(who: str, layout: Layout, params: list[Any]) -> None:
+  """Each param lies on the mesh that init saw (or on one device, as init
+  saw it): a state's moments live where init placed them, one slot per
+  device of that mesh."""
+  want = () if layout.mesh is None else _axes(layout.mesh)
+  for path, p in zip(layout.paths, params, strict=True):
+    got = _mesh_shape(p)
+    if got is None or got == want or (got == () and want):
+      continue  # unknown, the same, or a value jit places on the mesh itself
+    where = lambda shape: (
+      "one device" if not shape else "a mesh of " + ", ".join(f"{a}={n}" for a, n in shape)
+    )
+    raise ValueError(
+      f"{who}: param {path} lies on {where(got)}, but this opt_state was made by init for "
+      f"params on {where(want)}, where its moments live. Call tx.init on the params as they are "
+      "placed for the update (init reads their shardings), or place the params as they were "
+      "at init."
+    )
+
+
 def _spec_factors(mesh: Any, spec: PartitionSpec, ndim: int) -> list[int]:
   """How many devices split each dimension under `spec`."""
   entries = [spec[i] if i < len(spec) else None for i in range(ndim)]
@@ -511,6 +550,16 @@ def _is_none(x: Any) -> bool:
   return x is None
 
 
+def _moment_column(layout: Layout, tree: Any) -> list[Any]:
+  """One moment field's leaves in the params' order. A None is a leaf where
+  the params have an array (a float32 leaf's scales) but not where the params
+  themselves hold None (a frozen or absent submodule)."""
+  try:
+    return layout.treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):  # another structure (say, NNX's): the count decides
+    return jax.tree.leaves(tree, is_leaf=_is_none)
+
+
 def moments_trees(layout: Layout, flat: list[Any], like: Any = None) -> dict[str, Any]:
   """The four params-shaped trees (state1, state2, absmax1, absmax2) from the
   4 arrays per leaf of the custom calls; a float32 leaf's scales are None.
@@ -525,7 +574,10 @@ def moments_trees(layout: Layout, flat: list[Any], like: Any = None) -> dict[str
     ]
     treedef = layout.treedef
     if like is not None:
-      treedef = jax.tree.structure(getattr(like, name), is_leaf=_is_none)
+      try:  # the params' structure, whose own Nones are no leaves
+        layout.treedef.flatten_up_to(getattr(like, name))
+      except (ValueError, TypeError):
+        treedef = jax.tree.structure(getattr(like, name), is_leaf=_is_none)
     trees[name] = treedef.unflatten(leaves)
   return trees
 
@@ -534,7 +586,7 @@ def moments_flat(layout: Layout, trees: Any) -> list[Any]:
   """The inverse of moments_trees (None scales become empty arrays); `trees`
   has the four fields as attributes (an Adam8bitState)."""
   empty = jnp.zeros((0,), jnp.float32)
-  columns = [jax.tree.leaves(getattr(trees, name), is_leaf=_is_none) for name in MOMENT_FIELDS]
+  columns = [_moment_column(layout, getattr(trees, name)) for name in MOMENT_FIELDS]
   for name, column in zip(MOMENT_FIELDS, columns, strict=True):
     if len(column) != layout.num_leaves:
       raise ValueError(

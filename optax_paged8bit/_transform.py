@@ -12,7 +12,7 @@ import optax
 
 from optax_paged8bit import _ffi
 from optax_paged8bit._contract import Config, hyperparams, platform_of
-from optax_paged8bit._layout import Layout, check_leaves, flatten_like
+from optax_paged8bit._layout import Layout, check_leaves, check_placement, flatten_like
 
 
 class PagedGradientTransformation(optax.GradientTransformationExtraArgs):
@@ -78,6 +78,7 @@ def step_inputs(
   grads, grads_def = flatten_like(who, layout, updates, "grads")
   param_leaves, params_def = flatten_like(who, layout, params, "params")
   check_leaves(who, layout, grads, param_leaves)
+  check_placement(who, layout, param_leaves)
   hyper = hyperparams(who, lr, count, betas, eps, weight_decay)
   return StepInputs(grads, grads_def, param_leaves, params_def, hyper)
 
