@@ -255,6 +255,23 @@ def _mask_leaves(who: str, mask: Any, params: Any, treedef: Any) -> list[bool]:
   return flags
 
 
+def check_mask(who: str, mask: Any, layout: Layout, param_leaves: list[Any]) -> None:
+  """The optimizer's mask gives each leaf the weight decay the state was made
+  with (the mask is fixed into the state's layout at init)."""
+  params = layout.treedef.unflatten(param_leaves)
+  for path, flags, decays in zip(
+    layout.paths, layout.leaf_flags, _mask_leaves(who, mask, params, layout.treedef), strict=True
+  ):
+    if bool(flags & LEAF_DECAY) != decays:
+      on_off = lambda d: "on" if d else "off"
+      raise ValueError(
+        f"{who}: leaf {path} has weight decay {on_off(not decays)} in this opt_state (the mask "
+        f"of the optimizer whose init made it) but {on_off(decays)} in this optimizer's mask. "
+        "The mask is fixed into the state at init: update the state with the optimizer that "
+        "created it, or build a new state with this optimizer's init."
+      )
+
+
 def platform_of(tree: Any) -> str:
   """Platform of the concrete arrays of a tree, else JAX's default backend."""
   for leaf in jax.tree.leaves(tree):

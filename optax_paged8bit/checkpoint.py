@@ -104,85 +104,151 @@ def export_state(tree: Any) -> Any:
 # -- import ---------------------------------------------------------------------
 
 
-def _bad_values(name: str, path: str, x: Any, ok, rule: str) -> None:
-  """Raises naming the leaf when some element of `x` breaks `rule` (checked
-  on this process's shards)."""
-  shards = x.addressable_shards if isinstance(x, jax.Array) else None
-  parts = [np.asarray(s.data) for s in shards] if shards is not None else [np.asarray(x)]
-  for part in parts:
+# The largest |first moment| a step can produce from finite grads: the guard
+# of SPEC 3.2/3.3 resets an element whose second moment (1 - b2) * g * g
+# overflows, and 1 - b2 >= 2**-24 for any float32 b2 < 1, so a moment that
+# survives has |g| <= sqrt(FLT_MAX * 2**24), and m is an average of such g
+# (rounded: a thousandth of margin).
+MAX_FIRST_MOMENT = float(np.sqrt(np.float64(np.finfo(np.float32).max) * 2.0**24)) * 1.001
+
+
+def _values(x: Any) -> list[np.ndarray]:
+  """The values of `x` this process holds (its shards of a jax.Array)."""
+  if isinstance(x, jax.Array):
+    return [np.asarray(s.data) for s in x.addressable_shards]
+  return [np.asarray(x)]
+
+
+def _bad_values(who: str, name: str, path: str, x: Any, ok, rule: str) -> None:
+  """Raises naming the leaf when some element of `x` breaks `rule`."""
+  for part in _values(x):
     with np.errstate(invalid="ignore"):
       bad = ~ok(part)
     if bad.any():
       where = np.flatnonzero(bad.reshape(-1))
       raise ValueError(
-        f"import_state: leaf {path}: {name} has {where.size} values that are not {rule}, e.g. "
-        f"{part.reshape(-1)[where[0]]!r}; the saved state is corrupt or was edited"
+        f"{who}: leaf {path}: {name} has {where.size} values that are not {rule}, e.g. "
+        f"{part.reshape(-1)[where[0]]!r}; no step produces such a state (it is corrupt or was "
+        "edited)"
       )
 
 
-def _checked_count(count: Any) -> jax.Array:
+def _finite_at_least_zero(a: np.ndarray) -> np.ndarray:
+  return np.isfinite(a) & (a >= 0)
+
+
+def _first_moment(a: np.ndarray) -> np.ndarray:
+  return np.isfinite(a) & (np.abs(a) <= MAX_FIRST_MOMENT)
+
+
+def _checked_count(who: str, count: Any) -> jax.Array:
   array = np.asarray(count)
   if array.shape != ():
-    raise ValueError(f"import_state: count must be a scalar, got shape {array.shape}")
+    raise ValueError(f"{who}: count must be a scalar, got shape {array.shape}")
   value = array.item()
   if array.dtype.kind not in "iu" and not (array.dtype.kind == "f" and float(value).is_integer()):
-    raise ValueError(f"import_state: count must be an integer, got {array.dtype.name} {value!r}")
+    raise ValueError(f"{who}: count must be an integer, got {array.dtype.name} {value!r}")
   if not 0 <= value <= MAX_COUNT:
-    raise ValueError(f"import_state: count must be in 0..{MAX_COUNT}, got {value!r}")
+    raise ValueError(f"{who}: count must be in 0..{MAX_COUNT}, got {value!r}")
   return jnp.asarray(int(value), jnp.int32)
 
 
-def _checked_arrays(layout: Layout, exported: Any) -> tuple[list[Any], jax.Array]:
+def _describe(x: Any) -> str:
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return f"{x.dtype}{list(x.shape)}"
+  return "None" if x is None else f"a {type(x).__name__}"
+
+
+def _checked_arrays(
+  layout: Layout, exported: Any, who: str = "import_state"
+) -> tuple[list[Any], jax.Array]:
   """The 4 arrays of each leaf and the count of `exported`, checked for the
-  layout: types, shapes, dtypes and values."""
+  layout: types, shapes, dtypes and values (what no step produces is
+  refused: non-finite or negative scales and second moments, first moments
+  beyond MAX_FIRST_MOMENT, a clipping ring that is not finite and >= 0)."""
   if not _is_exported(exported):
     raise TypeError(
-      f"import_state: expected an Adam8bitState (from export_state), got {type(exported).__name__}"
+      f"{who}: expected an Adam8bitState (from export_state), got {type(exported).__name__}"
     )
   theirs = exported.layout
+  if not isinstance(theirs, Layout):
+    raise ValueError(
+      f"{who}: the exported state's layout is {_describe(theirs)}, not the Layout that "
+      "export_state (or the optimizer's init) gives it; pass export_state's result, or rebuild "
+      "the state with the target's layout (target.layout)"
+    )
   for name in ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise"):
     if getattr(layout, name) != getattr(theirs, name):
       raise ValueError(
-        f"import_state: the saved state has {name}={getattr(theirs, name)!r}, this optimizer "
+        f"{who}: the saved state has {name}={getattr(theirs, name)!r}, this optimizer "
         f"has {name}={getattr(layout, name)!r}"
       )
   if theirs.treedef != layout.treedef:
     raise ValueError(
-      "import_state: the saved state was made for params of another tree structure:\n"
+      f"{who}: the saved state was made for params of another tree structure:\n"
       f"  saved: {theirs.treedef}\n  this:  {layout.treedef}"
     )
-  if np.shape(exported.qmap1) != (256,) or np.shape(exported.qmap2) != (256,):
-    raise ValueError("import_state: qmap1 and qmap2 must be float32[256]")
+  qmaps = (exported.qmap1, exported.qmap2)
+  if any(not hasattr(q, "shape") or tuple(np.shape(q)) != (256,) for q in qmaps):
+    raise ValueError(f"{who}: qmap1 and qmap2 must be float32[256]")
   if not (
     np.array_equal(np.asarray(exported.qmap1), QMAP_SIGNED)
     and np.array_equal(np.asarray(exported.qmap2), QMAP_UNSIGNED)
   ):
-    raise ValueError("import_state: the saved qmap1/qmap2 differ from this version's maps")
+    raise ValueError(f"{who}: the saved qmap1/qmap2 differ from this version's maps")
   wanted = moment_arrays(layout)
-  columns = [layout.treedef.flatten_up_to(getattr(exported, name)) for name in MOMENT_FIELDS]
+  columns = []
+  for name in MOMENT_FIELDS:
+    try:
+      columns.append(layout.treedef.flatten_up_to(getattr(exported, name)))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{who}: {name} does not have the params' tree structure: {e}") from None
   for i, path in enumerate(layout.paths):
     for k, name in enumerate(MOMENT_FIELDS):
       array, want = columns[k][i], wanted[4 * i + k]
       if array is None and not layout.is_8bit(i) and k >= 2:
         continue  # a float32 leaf has no scales
-      if array is None or tuple(array.shape) != want.shape or array.dtype != want.local.dtype:
-        got = "None" if array is None else f"{array.dtype}{list(array.shape)}"
+      if (
+        not isinstance(array, (jax.Array, np.ndarray))
+        or tuple(array.shape) != want.shape
+        or array.dtype != want.local.dtype
+      ):
         raise ValueError(
-          f"import_state: leaf {path}: {name} must be {want.local.dtype}{list(want.shape)}, got "
-          f"{got}"
+          f"{who}: leaf {path}: {name} must be {want.local.dtype}{list(want.shape)}, got "
+          f"{_describe(array)}"
         )
-      if layout.is_8bit(i) and k >= 2:
-        _bad_values(name, path, array, lambda a: np.isfinite(a) & (a >= 0), "finite and >= 0")
-      elif not layout.is_8bit(i):
-        rule = (lambda a: np.isfinite(a)) if k == 0 else (lambda a: np.isfinite(a) & (a >= 0))
-        _bad_values(name, path, array, rule, "finite" if k == 0 else "finite and >= 0")
+      if layout.is_8bit(i) and k == 2:
+        rule = f"finite, >= 0 and at most {MAX_FIRST_MOMENT:.3g}"
+        _bad_values(who, name, path, array, lambda a: _first_moment(a) & (a >= 0), rule)
+      elif layout.is_8bit(i) and k == 3:
+        _bad_values(who, name, path, array, _finite_at_least_zero, "finite and >= 0")
+      elif not layout.is_8bit(i) and k == 0:
+        rule = f"finite and at most {MAX_FIRST_MOMENT:.3g} in magnitude"
+        _bad_values(who, name, path, array, _first_moment, rule)
+      elif not layout.is_8bit(i) and k == 1:
+        _bad_values(who, name, path, array, _finite_at_least_zero, "finite and >= 0")
   if layout.clipping:
     want_rings = (layout.num_leaves, RING_SIZE)
     rings = exported.gnorm_vec
-    if rings is None or tuple(rings.shape) != want_rings or rings.dtype != jnp.float32:
-      got = None if rings is None else f"{rings.dtype}{list(rings.shape)}"
-      raise ValueError(f"import_state: gnorm_vec must be float32{list(want_rings)}, got {got}")
-  return moments_flat(layout, exported), _checked_count(exported.count)
+    if (
+      not isinstance(rings, (jax.Array, np.ndarray))
+      or tuple(rings.shape) != want_rings
+      or rings.dtype != jnp.float32
+    ):
+      raise ValueError(
+        f"{who}: gnorm_vec must be float32{list(want_rings)}, got {_describe(rings)}"
+      )
+    for part in _values(rings):
+      with np.errstate(invalid="ignore"):
+        bad = ~_finite_at_least_zero(part)
+      if bad.any():
+        leaf = layout.paths[int(np.argwhere(bad)[0][0])]
+        raise ValueError(
+          f"{who}: leaf {leaf}: its clipping ring (gnorm_vec) holds {int(bad.sum())} values that "
+          "are not finite and >= 0 (squared grad norms); no step produces such a state (it is "
+          "corrupt or was edited)"
+        )
+  return moments_flat(layout, exported), _checked_count(who, exported.count)
 
 
 def _import_one(target: PagedAdamW8bitState, exported: Any) -> PagedAdamW8bitState:
@@ -244,32 +310,58 @@ def import_state(target: Any, exported: Any) -> Any:
 # -- checksums ------------------------------------------------------------------
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
+# A checksum is a sum of mixed words of a leaf's bytes and their positions,
+# so that any sharding reduces to the same value, and a changed or moved word
+# changes it but with a chance of 2**-32. jax.Arrays are hashed where they
+# are (with their own dtype: 8-byte values as two words), other values on the
+# host from their own bytes, never through JAX's conversion to 32 bits; both
+# give the same value for the same bytes.
+_GOLDEN = 0x9E3779B1
+
+
+def _word_type(itemsize: int):
+  return {1: np.uint8, 2: np.uint16}.get(itemsize, np.uint32)
+
+
+def _fmix32(h: Any) -> Any:
+  """MurmurHash3's finalizer on uint32 words (JAX or NumPy)."""
   h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
+  h = h * h.dtype.type(0x85EBCA6B)
   h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
+  h = h * h.dtype.type(0xC2B2AE35)
   return h ^ (h >> 16)
 
 
 @jax.jit
 def _checksum_of(x: jax.Array) -> jax.Array:
-  """A uint32 hash of an array's bytes and their positions: a sum of mixed
-  words, so that any sharding reduces to the same value, and a changed or
-  moved word changes it but with a chance of 2**-32."""
   x = jnp.ravel(x)
   if x.dtype == jnp.bool_:
     words = x.astype(jnp.uint32)
   else:
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    unsigned = jnp.dtype(_word_type(x.dtype.itemsize))
     words = jnp.ravel(lax.bitcast_convert_type(x, unsigned)).astype(jnp.uint32)
   index = lax.iota(jnp.uint32, words.size)
-  return jnp.sum(_fmix32(words + index * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)
+  return jnp.sum(_fmix32(words + index * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
+
+
+def _host_checksum(a: np.ndarray) -> np.uint32:
+  a = np.ascontiguousarray(a).reshape(-1)
+  if a.dtype == np.bool_:
+    words = a.astype(np.uint32)
+  else:
+    words = a.view(_word_type(a.dtype.itemsize)).astype(np.uint32)
+  index = np.arange(words.size, dtype=np.uint32)
+  with np.errstate(over="ignore"):
+    return np.sum(_fmix32(words + index * np.uint32(_GOLDEN)), dtype=np.uint32)
 
 
 def _checksum(x: Any) -> np.ndarray:
-  if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+  if isinstance(x, jax.Array):
     return np.asarray(_checksum_of(x), np.uint32)
+  if isinstance(x, (np.ndarray, np.generic, int, float, bool, complex)):
+    a = np.asarray(x)
+    if a.dtype != object:
+      return np.asarray(_host_checksum(a), np.uint32)
   return np.asarray(zlib.crc32(repr(x).encode()), np.uint32)
 
 
@@ -351,6 +443,31 @@ def _abstract(target: Any) -> Any:
   return jax.tree.map(one, target, is_leaf=_is_state)
 
 
+# orbax refuses to write arrays with no elements (an empty param, its
+# moments): each is written as this one-byte stand-in and made again, empty,
+# from the target's leaf at restore. Checksums cover the tree as it was.
+def _stand_in() -> np.ndarray:
+  return np.zeros((), np.uint8)
+
+
+def _is_empty(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) and 0 in tuple(x.shape)
+
+
+def _with_stand_ins(tree: Any) -> Any:
+  return jax.tree.map(lambda x: _stand_in() if _is_empty(x) else x, tree)
+
+
+def _empty_like(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jnp.zeros(x.shape, x.dtype, device=x.sharding)
+  return np.zeros(x.shape, x.dtype)
+
+
+def _without_stand_ins(restored: Any, abstract: Any) -> Any:
+  return jax.tree.map(lambda r, a: _empty_like(a) if _is_empty(a) else r, restored, abstract)
+
+
 def _abstract_checksums(abstract: Any, legacy: bool = False) -> Any:
   """What orbax restores the checksums into: one array, or (checkpoints
   written before that format) one scalar per leaf."""
@@ -376,6 +493,24 @@ def _manager_and_step(where: Any, step: int | None, saving: bool):
   return None, None
 
 
+_INT64 = np.iinfo(np.int64)
+
+
+def _check_savable(exported: Any) -> None:
+  """Refuses, naming the leaf, what restore_checkpoint would refuse (the
+  states' values, as import_state checks them) or orbax cannot write (a
+  Python int beyond int64)."""
+  for x in jax.tree.leaves(exported, is_leaf=_is_exported):
+    if _is_exported(x):
+      _checked_arrays(x.layout, x, who="save_checkpoint")
+  for path, x in jax.tree_util.tree_flatten_with_path(exported)[0]:
+    if isinstance(x, int) and not isinstance(x, bool) and not _INT64.min <= x <= _INT64.max:
+      raise ValueError(
+        f"save_checkpoint: leaf {jax.tree_util.keystr(path)} is the Python int {x}, beyond "
+        "int64, which orbax cannot write; keep it as a string or split it outside the tree"
+      )
+
+
 def save_checkpoint(where: Any, tree: Any, *, step: int | None = None) -> bool:
   """Saves `tree` with orbax: its paged states exported, everything else as
   it is, and a checksum of every leaf that `restore_checkpoint` verifies.
@@ -396,7 +531,8 @@ def save_checkpoint(where: Any, tree: Any, *, step: int | None = None) -> bool:
 
   manager, step = _manager_and_step(where, step, saving=True)
   exported = export_state(tree)
-  payload = {"tree": exported, "checksums": _checksums(exported)}
+  _check_savable(exported)
+  payload = {"tree": _with_stand_ins(exported), "checksums": _checksums(exported)}
   if manager is not None:
     return bool(manager.save(step, args=ocp.args.StandardSave(payload)))
   checkpointer = ocp.StandardCheckpointer()
@@ -428,7 +564,7 @@ def restore_checkpoint(where: Any, target: Any, *, step: int | None = None) -> A
   manager, step = _manager_and_step(where, step, saving=False)
   abstract = _abstract(target)
   forms = [
-    {"tree": abstract, "checksums": _abstract_checksums(abstract, legacy)}
+    {"tree": _with_stand_ins(abstract), "checksums": _abstract_checksums(abstract, legacy)}
     for legacy in (False, True)
   ]
   if manager is not None:
@@ -461,5 +597,6 @@ def restore_checkpoint(where: Any, target: Any, *, step: int | None = None) -> A
       f"restore_checkpoint: could not read the checkpoint at {described}: {type(e).__name__}: "
       f"{e}{hint}"
     ) from e
-  _verify(described, restored["tree"], restored["checksums"])
-  return import_state(target, restored["tree"])
+  tree = _without_stand_ins(restored["tree"], abstract)
+  _verify(described, tree, restored["checksums"])
+  return import_state(target, tree)

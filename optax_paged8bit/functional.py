@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_paged8bit import _calls
-from optax_paged8bit._contract import build_layout, check_state_layout, validate
+from optax_paged8bit._contract import build_layout, check_mask, check_state_layout, validate
 from optax_paged8bit._layout import (
   Layout,
   MomentArray,
@@ -151,6 +151,7 @@ def adamw8bit(
     inputs = step_inputs(
       who, config, layout, updates, params, state.count, lr, betas, eps, weight_decay
     )
+    check_mask(who, mask, layout, inputs.params)
     count, rings, outs, new_moments = _calls.update_arrays(
       layout,
       state.count,

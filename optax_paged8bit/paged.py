@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_paged8bit import _calls, _collector, _ffi
-from optax_paged8bit._contract import build_layout, check_state_layout, validate
+from optax_paged8bit._contract import build_layout, check_mask, check_state_layout, validate
 from optax_paged8bit._layout import (
   HANDLE_DTYPE,
   Layout,
@@ -185,6 +185,7 @@ def paged_adamw8bit(
     inputs = step_inputs(
       who, config, layout, updates, params, state.count, lr, betas, eps, weight_decay
     )
+    check_mask(who, mask, layout, inputs.params)
     concrete = all(
       isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
       for x in (state.handle, state.count)
