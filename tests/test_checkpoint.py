@@ -564,7 +564,7 @@ def exported_after(steps=2):
   [
     (
       lambda e: e._replace(absmax1={**e.absmax1, "w": -e.absmax1["w"] - 1}),
-      r"\['w'\]: absmax1 has \d+ values that are not finite and >= 0",
+      r"\['w'\]: absmax1 has \d+ values that are not finite, >= 0 and at most",
     ),
     (
       lambda e: e._replace(absmax2={**e.absmax2, "u": e.absmax2["u"].at[2].set(np.nan)}),
@@ -609,3 +609,170 @@ def test_an_import_never_lets_an_older_state_object_step():
   p, _ = jax.jit(tx.fused_update)(make(102), imported, make(0))  # the import steps on its own
   p_ref, _ = jax.jit(tx.fused_update)(make(102), state, make(0))
   assert_bit_equal(np.asarray(p["w"]), np.asarray(p_ref["w"]), "imported")
+
+
+@pytest.mark.parametrize(
+  ("edit", "match"),
+  [
+    (
+      lambda e: e._replace(absmax1={**e.absmax1, "w": e.absmax1["w"].at[0].set(3e38)}),
+      r"\['w'\]: absmax1 has 2 values that are not finite, >= 0 and at most 7.56e\+22",
+    ),
+    (
+      lambda e: e._replace(state1={**e.state1, "b": e.state1["b"].at[0].set(-1e30)}),
+      r"\['b'\]: state1 has 1 values that are not finite and at most 7.56e\+22 in magnitude",
+    ),
+    (
+      lambda e: e._replace(gnorm_vec=e.gnorm_vec.at[1, 3].set(np.nan)),
+      r"leaf \['u'\]: its clipping ring \(gnorm_vec\) holds 1 values that are not finite and >= 0",
+    ),
+    (
+      lambda e: e._replace(gnorm_vec=e.gnorm_vec.at[0, 0].set(-1.0)),
+      r"leaf \['b'\]: its clipping ring \(gnorm_vec\) holds 1 values",
+    ),
+    (
+      lambda e: e._replace(gnorm_vec=e.gnorm_vec.at[2, 9].set(np.inf)),
+      r"leaf \['w'\]: its clipping ring \(gnorm_vec\) holds 1 values",
+    ),
+    (lambda e: e._replace(layout=None), r"the exported state's layout is None, not the Layout"),
+    (
+      lambda e: e._replace(state1=list(e.state1.values())),
+      r"state1 does not have the params' tree structure",
+    ),
+    (
+      lambda e: e._replace(state1={**e.state1, "w": {"nested": e.state1["w"]}}),
+      r"leaf \['w'\]: state1 must be uint8\[1024, 512\], got a dict",
+    ),
+    (
+      lambda e: e._replace(state2={**e.state2, "w": np.asarray(e.state2["w"]).tolist()}),
+      r"leaf \['w'\]: state2 must be uint8\[1024, 512\], got a list",
+    ),
+  ],
+  ids=[
+    "huge-scale",
+    "huge-m",
+    "nan-ring",
+    "neg-ring",
+    "inf-ring",
+    "no-layout",
+    "list",
+    "nested",
+    "list-codes",
+  ],
+)
+def test_an_import_refuses_what_no_step_produces_and_containers_that_are_no_arrays(edit, match):
+  tx = op.paged_adamw8bit(1e-3, min_8bit_size=1000, percentile_clipping=5)
+  _, state = train(tx, tx.init(make(0)), make(0), 2, 0)
+  exported = op.export_state(state)
+  with pytest.raises(ValueError, match=match):
+    op.import_state(tx.init(make(0)), edit(exported))
+  op.release(state)
+
+
+def test_a_ring_of_zeros_imports_a_run_of_zero_grads_can_make_it():
+  tx = op.paged_adamw8bit(1e-3, min_8bit_size=1000, percentile_clipping=5)
+  _, state = train(tx, tx.init(make(0)), make(0), 2, 0)
+  exported = op.export_state(state)
+  imported = op.import_state(tx.init(make(0)), exported._replace(gnorm_vec=0 * exported.gnorm_vec))
+  op.release((state, imported))
+
+
+def test_save_refuses_what_restore_would_refuse_naming_the_leaf(tmp_path):
+  tx = op.adamw8bit(1e-3, min_8bit_size=1000)
+  params, state = train(tx, tx.init(make(0)), make(0), 2, 0)
+  edited = state._replace(absmax1={**state.absmax1, "u": state.absmax1["u"].at[0].set(np.inf)})
+  with pytest.raises(ValueError, match=r"save_checkpoint: leaf \['u'\]: absmax1 has 1 values"):
+    op.save_checkpoint(str(tmp_path / "c"), {"params": params, "opt_state": edited})
+  with pytest.raises(
+    ValueError, match=r"leaf \['tokens'\] is the Python int 2361183241434822606848"
+  ):
+    op.save_checkpoint(str(tmp_path / "c"), {"opt_state": state, "tokens": 2**71})
+  assert not (tmp_path / "c").exists()
+
+
+# -- every state the library produces saves and restores ---------------------------
+
+# A tree with every kind of leaf: 8-bit, float32 moments, empty, 0-d, and None
+# (a frozen or absent submodule).
+EVERY_KIND = {"w": (64, 512), "frozen": None, "empty": (0,), "scalar": (), "small": (10,)}
+
+
+def every_kind_params(seed):
+  rng = np.random.default_rng(seed)
+  return {
+    k: None if s is None else jax.numpy.asarray((rng.standard_normal(s) * 0.1).astype(np.float32))
+    for k, s in EVERY_KIND.items()
+  }
+
+
+def spiky_grads(t):
+  """Grads with finite spikes at step 1 that overflow their second moments."""
+  g = every_kind_params(200 + t)
+  if t == 1:
+    g["w"] = g["w"].at[3, 7].set(1e25).at[9, 1].set(-3.4e38)
+    g["small"] = g["small"].at[2].set(2e19)
+    g["scalar"] = jax.numpy.float32(-6e20)
+  return g
+
+
+@pytest.mark.parametrize("via", ["save_checkpoint", "flax.serialization"])
+@pytest.mark.parametrize("kind", ["paged", "arrays"])
+def test_every_state_saves_and_restores_bit_identically(tmp_path, kind, via):
+  from flax import serialization
+
+  factory = {"paged": op.paged_adamw8bit, "arrays": op.adamw8bit}[kind]
+  tx = factory(1e-3, percentile_clipping=5)
+  step = jax.jit(tx.fused_update)
+  params, state = every_kind_params(0), tx.init(every_kind_params(0))
+  for t in range(3):
+    params, state = step(spiky_grads(t), state, params)
+  extra = {"tokens": 5_000_000_000, "ema": np.float64(0.1) + 2e-17, "seen": np.arange(3) + 2**40}
+  tree = {"params": params, "opt_state": state, **extra}
+  target = {"params": every_kind_params(9), "opt_state": tx.init(every_kind_params(9)), **extra}
+  if via == "save_checkpoint":
+    op.save_checkpoint(str(tmp_path / "c"), tree)
+    restored = op.restore_checkpoint(str(tmp_path / "c"), target)
+  else:
+    restored = serialization.from_bytes(target, serialization.to_bytes(tree))
+  assert restored["tokens"] == 5_000_000_000 and restored["ema"] == extra["ema"]
+  a = (params, state)
+  b = (restored["params"], restored["opt_state"])
+  for t in range(3, 5):
+    a = step(spiky_grads(t), a[1], a[0])
+    b = step(spiky_grads(t), b[1], b[0])
+  for x, y in zip(
+    jax.tree.leaves(op.export_state(a)), jax.tree.leaves(op.export_state(b)), strict=True
+  ):
+    assert_bit_equal(np.asarray(x), np.asarray(y), "resumed")
+  if kind == "paged":
+    op.release((a, b, tree))
+
+
+def test_checksums_cover_every_bit_of_64_bit_leaves(tmp_path):
+  """float64 and int64 leaves (x64 on), numpy's 64-bit values and Python
+  ints: a flipped low bit, or a value that differs only above bit 31, is a
+  different checksum."""
+  from optax_paged8bit import checkpoint
+
+  with jax.enable_x64(True):
+    for a, b in [
+      (np.float64(0.2), np.float64(0.2000000000000001)),
+      (np.int64(5), np.int64(5 + 2**32)),
+      (5, 5 + 2**32),
+      (jax.numpy.asarray(0.2), jax.numpy.asarray(0.2000000000000001)),
+      (jax.numpy.asarray([5], jax.numpy.int64), jax.numpy.asarray([5 + 2**32], jax.numpy.int64)),
+    ]:
+      assert int(checkpoint._checksum(a)) != int(checkpoint._checksum(b)), (a, b)
+    # The device and the host give the same checksum for the same bytes.
+    for x in (np.linspace(0, 1, 9), np.arange(7, dtype=np.int64) * 2**40):
+      assert int(checkpoint._checksum(x)) == int(checkpoint._checksum(jax.numpy.asarray(x)))
+    tx = op.paged_adamw8bit(1e-3)
+    params = {"w": jax.numpy.ones((64, 512), jax.numpy.float32)}
+    p, state = tx.fused_update(params, tx.init(params), params)
+    tree = {"params": p, "opt_state": state, "ema": jax.numpy.asarray(0.2, jax.numpy.float64)}
+    op.save_checkpoint(str(tmp_path / "c"), tree)
+    edited = {**tree, "ema": jax.numpy.asarray(0.2000000000000001, jax.numpy.float64)}
+    target = {**edited, "opt_state": tx.init(params)}
+    restored = op.restore_checkpoint(str(tmp_path / "c"), target)
+    assert float(restored["ema"]) == 0.2  # as written, every bit
+    op.release((state, restored))
