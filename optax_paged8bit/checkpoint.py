@@ -8,6 +8,7 @@ moments that are not its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import zlib
@@ -355,14 +356,53 @@ def _host_checksum(a: np.ndarray) -> np.uint32:
     return np.sum(_fmix32(words + index * np.uint32(_GOLDEN)), dtype=np.uint32)
 
 
+def _scalar(x: Any) -> np.ndarray | None:
+  """A number's value in the narrowest of its kind's canonical dtypes that
+  holds it exactly (int32 or int64, float32 or float64), so that the same
+  value hashes alike as a Python scalar, a NumPy scalar or a 0-d array (a
+  TrainState's step is saved as an int32 array and restored into a Python
+  int); None when `x` is no number."""
+  if isinstance(x, jax.Array):
+    if x.ndim != 0:
+      return None
+    x = np.asarray(x)
+  if not isinstance(x, (np.ndarray, np.generic, int, float, bool)) or np.ndim(x) != 0:
+    return None
+  a = np.asarray(x)
+  if a.dtype.kind == "b":
+    return a
+  if a.dtype.kind in "iu":
+    value = int(a)
+    for dtype in (np.int32, np.int64, np.uint64):
+      info = np.iinfo(dtype)
+      if info.min <= value <= info.max:
+        return np.asarray(value, dtype)
+    return None
+  if a.dtype.kind == "f":
+    narrow = a.astype(np.float32)
+    exact = narrow.astype(np.float64) == a.astype(np.float64) or np.isnan(a)
+    return narrow if exact else a.astype(np.float64)
+  return a
+
+
 def _checksum(x: Any) -> np.ndarray:
+  scalar = _scalar(x)
+  if scalar is not None:
+    return np.asarray(_host_checksum(scalar), np.uint32)
   if isinstance(x, jax.Array):
     return np.asarray(_checksum_of(x), np.uint32)
-  if isinstance(x, (np.ndarray, np.generic, int, float, bool, complex)):
-    a = np.asarray(x)
-    if a.dtype != object:
-      return np.asarray(_host_checksum(a), np.uint32)
+  if isinstance(x, (np.ndarray, np.generic)) and x.dtype != object:
+    return np.asarray(_host_checksum(np.asarray(x)), np.uint32)
   return np.asarray(zlib.crc32(repr(x).encode()), np.uint32)
+
+
+def _legacy_checksum(x: Any) -> int | None:
+  """What checkpoints written before the hashes above covered every bit hold
+  for a number (hashed after JAX's conversion to 32 bits)."""
+  if isinstance(x, (np.ndarray, np.generic, int, float, bool)) and np.asarray(x).dtype != object:
+    with contextlib.suppress(Exception):
+      return int(_checksum_of(np.asarray(x)))
+  return None
 
 
 def _checksums(tree: Any) -> np.ndarray:
@@ -388,8 +428,10 @@ def _verify(where: str, tree: Any, saved: Any) -> None:
       f"restore_checkpoint: {where} holds {len(want)} checksums for {len(paths)} leaves: the "
       "checkpoint was corrupted (or changed) after it was written. Restore an earlier checkpoint."
     )
-  for path, value, stored in zip(paths, _checksums(tree), want, strict=True):
-    if int(value) != int(np.asarray(stored)):
+  leaves = jax.tree.leaves(tree)
+  for path, leaf, value, stored in zip(paths, leaves, _checksums(tree), want, strict=True):
+    stored = int(np.asarray(stored))
+    if int(value) != stored and _legacy_checksum(leaf) != stored:
       raise ValueError(
         f"restore_checkpoint: the data of {jax.tree_util.keystr(path)} in {where} do not match "
         "the checksum saved with them: the checkpoint was corrupted (or changed) after it was "
