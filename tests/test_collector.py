@@ -60,15 +60,26 @@ def eventually(condition, timeout=20.0) -> bool:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def slow_zero(iterations: int, dtype) -> jax.Array:
-  """A zero of `dtype` that about a second of work on 2 CPU cores produces
-  (3000 iterations), so that what depends on it waits in flight."""
+def _busy_zero(iterations: int, dtype) -> jax.Array:
   x = jnp.full((256, 256), 1 / 256)
   y = jax.lax.fori_loop(0, iterations, lambda i, a: jnp.tanh(a @ x), x)
   return (y[0, 0] * 0).astype(dtype)
 
 
-A_SECOND = 3000
+def slow_zero(dtype) -> jax.Array:
+  """A zero of `dtype` that about a second of work produces, so that what
+  depends on it waits in flight: on the CPU a loop of 3000 small matrix
+  products on 2 cores (a host callback there runs while the call is
+  dispatched), on a GPU a host callback that sleeps a second (the GPU
+  reaches it after the dispatch has returned)."""
+  if jax.default_backend() == "cpu":
+    return _busy_zero(3000, dtype)
+
+  def sleep():
+    time.sleep(1.0)
+    return np.zeros((), dtype)
+
+  return jax.pure_callback(sleep, jax.ShapeDtypeStruct((), dtype))
 
 
 def run_stress(*args, timeout=600) -> dict:
@@ -292,7 +303,7 @@ def test_a_state_retired_while_its_step_is_in_flight_is_live_again_and_exact(thr
   params, state = stepped(tx)
   jax.block_until_ready(state)
   [handle] = op._ffi.handle_values(state.handle)
-  late = jax.tree.map(lambda x: x + slow_zero(A_SECOND, x.dtype), grads(1))
+  late = jax.tree.map(lambda x: x + slow_zero(x.dtype), grads(1))
   params, state = step(late, state, params)  # waits for `late`
   look = _collector.scan([handle], in_caller=False)
   assert (look.freed, look.retired, look.blocked) == (0, 1, True) and ops.is_retired(handle)
@@ -321,7 +332,7 @@ def test_collect_waits_for_an_export_in_flight_of_a_dropped_state():
   before = settled_registry_bytes()
   _, state = stepped(tx, 2)
   _, reference = stepped(tx, 2)
-  late = state._replace(count=state.count + slow_zero(A_SECOND, state.count.dtype))
+  late = state._replace(count=state.count + slow_zero(state.count.dtype))
   exported = jax.jit(op.export_state)(late)  # waits a second for its count
   del state, late  # the state's arrays are gone; its export is in flight
   assert op.collect() == NBYTES
@@ -337,7 +348,7 @@ def test_collect_accounts_for_a_dropped_state_whose_first_step_is_in_flight():
   tx = op.paged_adamw8bit()
   step = jax.jit(tx.fused_update)
   before = settled_registry_bytes()
-  g = jax.tree.map(lambda x: x + slow_zero(A_SECOND, x.dtype), grads(0))
+  g = jax.tree.map(lambda x: x + slow_zero(x.dtype), grads(0))
   params, state = step(g, tx.init(PARAMS), PARAMS)  # allocates in about a second
   del state
   op.collect()  # waits for the params, and so for the step that allocates
@@ -350,7 +361,7 @@ def test_the_thread_frees_a_dropped_state_whose_first_step_ran_after_it_was_drop
   tx = op.paged_adamw8bit()
   step = jax.jit(tx.fused_update)
   before = settled_registry_bytes()
-  g = jax.tree.map(lambda x: x + slow_zero(A_SECOND, x.dtype), grads(0))
+  g = jax.tree.map(lambda x: x + slow_zero(x.dtype), grads(0))
   step(g, tx.init(PARAMS), PARAMS)  # every result dropped at once
   assert op._ffi.total_bytes() == before  # it has not run yet
   assert eventually(lambda: op._ffi.total_bytes() == before + NBYTES)  # it ran

@@ -181,6 +181,19 @@ def test_state_of_an_optimizer_with_another_layout():
     op.paged_adamw8bit().update(GRADS, state, PARAMS)
 
 
+@pytest.mark.parametrize("factory", [op.paged_adamw8bit, op.adamw8bit])
+@pytest.mark.parametrize("fused", [False, True], ids=["update", "fused_update"])
+def test_a_step_with_another_mask_than_the_states_names_the_leaf(factory, fused):
+  state = factory(mask={"w": True, "b": True}).init(PARAMS)
+  other = factory(mask=lambda p: {"w": True, "b": False})
+  step = other.fused_update if fused else other.update
+  with pytest.raises(ValueError, match=r"leaf \['b'\] has weight decay on in this opt_state"):
+    step(GRADS, state, PARAMS)
+  same = factory(mask=lambda p: jax.tree.map(lambda _: True, p))  # the same mask, as a callable
+  step = same.fused_update if fused else same.update
+  jax.block_until_ready(step(GRADS, state, PARAMS))
+
+
 def test_bad_mask():
   with pytest.raises(ValueError, match="mask must be a pytree of bools"):
     op.paged_adamw8bit(mask={"w": True, "x": True}).init(PARAMS)

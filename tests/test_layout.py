@@ -286,6 +286,30 @@ def test_no_zero_size_array_crosses_the_shard_map():
   op.release(state)
 
 
+@pytest.mark.parametrize("factory", [op.paged_adamw8bit, op.adamw8bit])
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+def test_a_step_on_params_sharded_after_init_names_the_leaf_and_the_fix(factory, jitted):
+  """init on params on one device, steps on params sharded over 4: the state's
+  moments live on one device, so the step fails at once (it used to run as a
+  replicated call with 4 slots, and export failed later)."""
+  m = mesh((4,), ("x",))
+  params = make({"w": (1024, 256), "b": (300,)}, 0)
+  tx = factory(1e-3)
+  state = tx.init(params)
+  placed = place(params, m, {"w": P("x"), "b": P()})
+  step = jax.jit(tx.fused_update) if jitted else tx.fused_update
+  with pytest.raises(
+    ValueError,
+    match=r"param \['b'\] lies on a mesh of x=4, but this opt_state "
+    r"was made by init for params on one device.*Call tx.init on the params",
+  ):
+    step(placed, state, placed)
+  state = tx.init(placed)  # init on the sharded params: the step runs
+  jax.block_until_ready(step(placed, state, placed))
+  if factory is op.paged_adamw8bit:
+    op.release(state)
+
+
 def test_collect_frees_every_device_slot_of_a_dropped_sharded_state():
   m = mesh((4,), ("x",))
   params, grads = aligned_on(m, 5, [50 + t for t in range(2)])
