@@ -31,8 +31,8 @@ for spec in "$@"; do
   rm -rf "$src" "/tmp/ab_$name" && mkdir -p "$src"
   tar -cf - --exclude=./.git --exclude=./out --exclude=./benchmarks/results . | tar -xf - -C "$src"
   for file in ${files//:/ }; do cp "$file" "$src/csrc/$(basename "$file")"; done
-  (cd "$src" && OPTAX_PAGED8BIT_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q \
-     --target "/tmp/ab_$name" -C cmake.define.OPTAX_PAGED8BIT_CUDA_ARCHITECTURES=90-real .) \
+  (cd "$src" && python3 -m pip install --no-build-isolation --no-deps -q \
+     --target "/tmp/ab_$name" .) \
     > "$res/build_$name.log" 2>&1 &
 done
 for name in "${names[@]}"; do

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The update kernels of a built extension as this machine's compiler made them
-# (its SASS can differ from a build of the same source elsewhere;
-# benchmarks/RESULTS.md, twelfth session): each distinct "REG STACK SHARED
-# LOCAL" line with its count of kernels, and the fused kernel's SASS
-# instruction count (summed over the architectures the .so holds: one in the
-# builds of device_run.sh and kernel_ab.sh). tests/test_gpu.py checks the
-# resources too.
-# Usage: bash benchmarks/kernel_resources.sh path/to/_ops*.so
+# The update kernels as NVRTC compiles them on this machine for ARCH (default
+# 90), from the installed extension (compiled now, or found in the kernel
+# cache): each distinct "REG STACK SHARED LOCAL" line with its count of
+# kernels, and the fused kernel's SASS instruction count. tests/test_gpu.py
+# checks the resources too. Needs cuobjdump (a CUDA toolkit, or the
+# nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels).
+# Usage: bash benchmarks/kernel_resources.sh [ARCH]
 set -u
-so=$1
-echo "$(cuobjdump -res-usage "$so" | grep -A1 UpdateKernel \
+arch=${1:-90}
+cubin=$(cd /tmp && python3 -c "import optax_paged8bit as op; print(op._ffi._ops.compile_kernels($arch)[0])")
+echo "$(cuobjdump -res-usage "$cubin" | grep -A1 op8_update \
   | grep -o 'REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*' | sort | uniq -c \
   | sed 's/^ *//' | paste -sd ';')," \
-  "fused kernel $(cuobjdump -sass "$so" | awk '/Function :/{f=($0 ~ /UpdateKernelILb1/)} f' \
+  "fused kernel $(cuobjdump -sass "$cubin" | awk '/Function :/{f=($0 ~ /op8_update_params$/)} f' \
   | grep -c '^        /\*[0-9a-f]*\*/') SASS instructions"

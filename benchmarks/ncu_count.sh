@@ -7,7 +7,7 @@
 # LOG keeps ncu's own output.
 set -u
 case=$1 label=$2 log=$3
-(cd "$(dirname "$0")" && ncu -k regex:UpdateKernel -s 2 -c 1 \
+(cd "$(dirname "$0")" && ncu -k regex:op8_update -s 2 -c 1 \
    --metrics smsp__inst_executed.sum,gpu__time_duration.sum python3 profile_step.py "$case") \
   > "$log" 2>&1 || { tail -20 "$log"; exit 1; }
 python3 - "$log" "$label" "$case" <<'PY'

@@ -99,8 +99,8 @@ def main():
   ap.add_argument("--iters", type=int, default=15)
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
-  if not _ffi.BUILT_WITH_CUDA or jax.default_backend() != "gpu":
-    raise SystemExit("paging_pressure.py needs the CUDA build on a GPU")
+  if jax.default_backend() != "gpu":
+    raise SystemExit("paging_pressure.py needs a GPU")
 
   tx = op.paged_adamw8bit(2e-4)
   params = make_tree(args.leaves, jax.random.PRNGKey(0))

@@ -1,5 +1,5 @@
 """Runs a few fused steps of one benchmark case, for a profiler (ncu) to
-attach to: `ncu -k regex:UpdateKernel -s 2 -c 1 python benchmarks/profile_step.py 0`."""
+attach to: `ncu -k regex:op8_update -s 2 -c 1 python benchmarks/profile_step.py 0`."""
 
 from __future__ import annotations
 

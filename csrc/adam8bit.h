@@ -10,11 +10,25 @@
 #ifndef OPTAX_PAGED8BIT_ADAM8BIT_H_
 #define OPTAX_PAGED8BIT_ADAM8BIT_H_
 
+#if defined(__CUDACC_RTC__)
+// NVRTC compiles the kernels at run time (cuda_kernels.cu) with no system
+// headers at all: the few types and functions this file needs are its own.
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+#define INT32_MAX 2147483647
+#else
 #include <cstdint>
 #include <cstring>
+#endif
 
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
 #define OP8_HD __host__ __device__ __forceinline__
 #else
 #include <cmath>
@@ -119,14 +133,22 @@ OP8_HD float ToFloat(double a) {
 }
 
 OP8_HD uint32_t FloatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   memcpy(&u, &f, sizeof(u));
   return u;
+#endif
 }
 OP8_HD float BitsFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   memcpy(&f, &u, sizeof(f));
   return f;
+#endif
 }
 OP8_HD bool IsFinite(float f) { return (FloatBits(f) & 0x7f800000u) != 0x7f800000u; }
 OP8_HD bool IsNan(float f) { return (FloatBits(f) & 0x7fffffffu) > 0x7f800000u; }
@@ -252,9 +274,8 @@ __device__ __forceinline__ Bf16Pair UnpackBf16(uint32_t word) {
 
 struct Bf16PairRounding {
   __device__ __forceinline__ Bf16Pair operator()(Bf16Pair x) const {
-    __nv_bfloat162 h = __floats2bfloat162_rn(x.lo, x.hi);  // lo in the low half
-    uint32_t word;
-    memcpy(&word, &h, sizeof(word));
+    uint32_t word;  // hi rounded into the high half, lo into the low half (sm_80 and up)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(x.hi), "f"(x.lo));
     return UnpackBf16(word);
   }
 };

@@ -1,18 +1,30 @@
 // CUDA kernels: one warp per 256-element block, lane l owning elements
 // 8l..8l+7 of it, a persistent grid over the blocks of every leaf.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <type_traits>
-
+//
+// This file is device code only. The extension carries it as text and NVRTC
+// compiles it at first use for the GPU at hand (cuda_api.cc), with no system
+// headers: adam8bit.h and cuda_kernels.h come with it. Its entry points are
+// the extern "C" kernels at the end; cuda_api.cc launches them.
 #include "adam8bit.h"
 #include "cuda_kernels.h"
 
 namespace optax_paged8bit {
 namespace {
 
-constexpr int kThreads = 256;
+// The two pieces of <type_traits> the kernels use.
+template <typename T, T v>
+struct IntegralConstant {
+  static constexpr T value = v;
+};
+template <bool kFirst, typename A, typename B>
+struct Conditional {
+  using type = A;
+};
+template <typename A, typename B>
+struct Conditional<false, A, B> {
+  using type = B;
+};
+
 constexpr int kWarpsPerCta = kThreads / kLanes;
 // The update kernel runs one CTA of 1024 threads per SM (64 registers each:
 // the whole register file) rather than 4 of 256: an SM then holds one copy of
@@ -20,7 +32,6 @@ constexpr int kWarpsPerCta = kThreads / kLanes;
 // faster on an H200 (float32 1%; benchmarks/RESULTS.md, eleventh session).
 // Staging the next block's float32 loads in the freed shared memory with
 // cp.async made float32 24% slower there.
-constexpr int kUpdateThreads = 1024;
 constexpr int kUpdateWarps = kUpdateThreads / kLanes;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -40,19 +51,19 @@ __device__ __forceinline__ int FindLeaf(const LeafTable& table, int64_t block) {
 }
 
 // Calls f with the dtype as a compile-time constant
-// (std::integral_constant<int32_t, T>), so that each body is specialised per
+// (IntegralConstant<int32_t, T>), so that each body is specialised per
 // dtype and no element converts through a runtime switch.
 template <typename F>
 __device__ __forceinline__ void WithElemType(int32_t type, F&& f) {
   switch (type) {
     case kBF16:
-      f(std::integral_constant<int32_t, kBF16>{});
+      f(IntegralConstant<int32_t, kBF16>{});
       break;
     case kF16:
-      f(std::integral_constant<int32_t, kF16>{});
+      f(IntegralConstant<int32_t, kF16>{});
       break;
     default:
-      f(std::integral_constant<int32_t, kF32>{});
+      f(IntegralConstant<int32_t, kF32>{});
   }
 }
 
@@ -395,8 +406,7 @@ __device__ __forceinline__ LeafDesc* WarpLeafSlot() {
 
 // The quantizer tables of adam8bit.h, one entry per thread, from the maps
 // staged in shared memory; block 0 also decides whether the fast route holds.
-__global__ void __launch_bounds__(kThreads)
-    BuildQuantTablesKernel(const float* qmaps, QuantTables* t) {
+__device__ __forceinline__ void BuildQuantTablesBody(const float* qmaps, QuantTables* t) {
   static_assert(kThreads >= kMapSize, "one thread per map entry counts the negative prefix");
   __shared__ float maps[2 * kMapSize];
   __shared__ int fast;
@@ -439,8 +449,7 @@ __global__ void __launch_bounds__(kThreads)
 // such a lambda into the update kernel (a call per block, its state on the
 // stack: the fused step 16-39% slower; benchmarks/RESULTS.md, twelfth
 // session), although this source's build on another machine did.
-__global__ void __launch_bounds__(kThreads)
-    BlockNormSqKernel(const __grid_constant__ LeafTable table, double* partials) {
+__device__ __forceinline__ void BlockNormSqBody(const LeafTable& table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
   int32_t first, last;
   WarpRange(table.num_blocks, &first, &last);
@@ -459,9 +468,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kNormThreads)
-    RingScaleKernel(const __grid_constant__ LeafTable table, const double* partials, float* rings,
-                    float* clip_scale, int64_t t, int32_t percentile) {
+__device__ __forceinline__ void RingScaleBody(const LeafTable& table, const double* partials,
+                                              float* rings, float* clip_scale, int64_t t,
+                                              int32_t percentile) {
   __shared__ double sums[kNormThreads];
   const LeafDesc& leaf = table.leaves[blockIdx.x];
   int64_t num_blocks = (leaf.size + kBlockSize - 1) / kBlockSize;
@@ -500,8 +509,7 @@ __device__ __forceinline__ void LaneWholeMax(const LeafDesc& leaf, const QuantTa
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    WholeLeafMaxKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
+__device__ __forceinline__ void WholeLeafMaxBody(const LeafTable& table, const StepArgs& args) {
   __shared__ QuantTables quant;  // only the maps are read
   LoadQuantTables(args.quant, &quant, /*maps_only=*/true);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
@@ -590,7 +598,7 @@ __device__ __forceinline__ void Lane8bit(const LeafDesc& leaf, const QuantTables
   // The results (new params, or updates); a full bfloat16 lane keeps them as
   // the words it stores, as the hardware rounding packs them (RoundedEach).
   constexpr bool kWords = kFull && T == kBF16;
-  std::conditional_t<kWords, uint32_t, float> out[kWords ? kLaneElems / 2 : kLaneElems];
+  typename Conditional<kWords, uint32_t, float>::type out[kWords ? kLaneElems / 2 : kLaneElems];
   float root[kLaneElems];
   bool roots_fast = SqrtEach<kLaneElems>(v, root);
   if (finite == (1u << kLaneElems) - 1) {  // the usual lane
@@ -704,8 +712,7 @@ __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
 // The update; kWriteParams: the fused step (new params) rather than the optax
 // path (updates).
 template <bool kWriteParams>
-__global__ void __launch_bounds__(kUpdateThreads, 1)
-    UpdateKernel(const __grid_constant__ LeafTable table, const StepArgs args) {
+__device__ __forceinline__ void UpdateBody(const LeafTable& table, const StepArgs& args) {
   __shared__ QuantTables quant;
   LoadQuantTables(args.quant, &quant, /*maps_only=*/false);
   StepScalars s = ComputeStepScalars(args.hyper, args.t);
@@ -753,8 +760,7 @@ __global__ void __launch_bounds__(kUpdateThreads, 1)
 
 // After the update: the whole-leaf scales replace the old ones (unless the
 // step was skipped).
-__global__ void StoreWholeScalesKernel(const __grid_constant__ LeafTable table,
-                                       const StepArgs args) {
+__device__ __forceinline__ void StoreWholeScalesBody(const LeafTable& table, const StepArgs& args) {
   const float* whole_absmax = args.whole_absmax;
   if (!ComputeStepScalars(args.hyper, args.t).valid) return;
   for (int i = threadIdx.x; i < table.num_leaves; i += blockDim.x) {
@@ -766,11 +772,12 @@ __global__ void StoreWholeScalesKernel(const __grid_constant__ LeafTable table,
   }
 }
 
-__global__ void StoreWordsKernel(const WordStores stores) {
+__device__ __forceinline__ void StoreWordsBody(const WordStores& stores) {
   for (int i = 0; i < stores.count; ++i) *stores.dst[i] = stores.value[i];
 }
 
-__global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* cycles) {
+__device__ __forceinline__ void LoadLatencyBody(const uint8_t* data, int64_t bytes,
+                                                uint32_t* cycles) {
   __shared__ uint32_t sink;
   int64_t chunk = blockIdx.x;
   int64_t begin = chunk * static_cast<int64_t>(kProbeChunk);
@@ -800,79 +807,56 @@ __global__ void LoadLatencyKernel(const uint8_t* data, int64_t bytes, uint32_t* 
   cycles[chunk] = static_cast<uint32_t>(min(stop - start, 0xffffffffLL));
 }
 
-// 2^31 blocks are 5.5e11 elements, more than any device holds.
-bool BlockIndicesFit(const LeafTable& table) { return table.num_blocks <= INT32_MAX; }
-
-// CTAs of `warps` warps for num_blocks blocks: at most one resident wave of
-// `per_sm` CTAs per SM.
-int GridFor(int64_t num_blocks, int num_sms, int warps = kWarpsPerCta, int per_sm = 4) {
-  int64_t ctas = (num_blocks + warps - 1) / warps;
-  int64_t cap = static_cast<int64_t>(num_sms) * per_sm;
-  return static_cast<int>(std::max<int64_t>(1, std::min(ctas, cap)));
-}
-
 }  // namespace
 
-cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,
-                              cudaStream_t stream) {
-  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
-  BlockNormSqKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, partials);
-  return cudaGetLastError();
+// The entry points (kernel names in cuda_api.cc's KernelName), each a
+// __global__ over its body above. Leaf tables travel as __grid_constant__
+// parameters: read in place, never copied per thread.
+extern "C" {
+
+__global__ void __launch_bounds__(kThreads)
+    op8_build_quant_tables(const float* qmaps, QuantTables* t) {
+  BuildQuantTablesBody(qmaps, t);
 }
 
-cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
-                            float* clip_scale, int64_t t, int32_t percentile, cudaStream_t stream) {
-  if (table.num_leaves == 0) return cudaSuccess;
-  RingScaleKernel<<<table.num_leaves, kNormThreads, 0, stream>>>(table, partials, rings, clip_scale,
-                                                                 t, percentile);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads)
+    op8_block_norm_sq(const __grid_constant__ LeafTable table, double* partials) {
+  BlockNormSqBody(table, partials);
 }
 
-cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
-                               cudaStream_t stream) {
-  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
-  WholeLeafMaxKernel<<<GridFor(table.num_blocks, num_sms), kThreads, 0, stream>>>(table, args);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kNormThreads)
+    op8_ring_scale(const __grid_constant__ LeafTable table, const double* partials, float* rings,
+                   float* clip_scale, int64_t t, int32_t percentile) {
+  RingScaleBody(table, partials, rings, clip_scale, t, percentile);
 }
 
-cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cudaStream_t stream) {
-  constexpr int kEntries =
-      static_cast<int>(std::max(sizeof(QuantTables::start1), sizeof(QuantTables::start2)));
-  BuildQuantTablesKernel<<<(kEntries + kThreads - 1) / kThreads, kThreads, 0, stream>>>(qmaps,
-                                                                                        tables);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads)
+    op8_whole_leaf_max(const __grid_constant__ LeafTable table, const StepArgs args) {
+  WholeLeafMaxBody(table, args);
 }
 
-cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
-                         cudaStream_t stream) {
-  if (!BlockIndicesFit(table)) return cudaErrorInvalidValue;
-  int grid = GridFor(table.num_blocks, num_sms, kUpdateWarps, 1);
-  if (args.write_params) {
-    UpdateKernel<true><<<grid, kUpdateThreads, 0, stream>>>(table, args);
-  } else {
-    UpdateKernel<false><<<grid, kUpdateThreads, 0, stream>>>(table, args);
-  }
-  cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  if (args.whole_absmax != nullptr) {
-    StoreWholeScalesKernel<<<1, kThreads, 0, stream>>>(table, args);
-    error = cudaGetLastError();
-  }
-  return error;
+// The update of the fused step (new params) and of the optax path (updates).
+__global__ void __launch_bounds__(kUpdateThreads, 1)
+    op8_update_params(const __grid_constant__ LeafTable table, const StepArgs args) {
+  UpdateBody<true>(table, args);
 }
 
-cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
-                              cudaStream_t stream) {
-  int64_t chunks = (bytes + static_cast<int64_t>(kProbeChunk) - 1) / kProbeChunk;
-  if (chunks == 0) return cudaSuccess;
-  if (chunks > 0x7fffffff) return cudaErrorInvalidValue;
-  LoadLatencyKernel<<<static_cast<unsigned>(chunks), kLanes, 0, stream>>>(data, bytes, cycles);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kUpdateThreads, 1)
+    op8_update_updates(const __grid_constant__ LeafTable table, const StepArgs args) {
+  UpdateBody<false>(table, args);
 }
 
-cudaError_t LaunchStoreWords(const WordStores& stores, cudaStream_t stream) {
-  StoreWordsKernel<<<1, 1, 0, stream>>>(stores);
-  return cudaGetLastError();
+__global__ void op8_store_whole_scales(const __grid_constant__ LeafTable table,
+                                       const StepArgs args) {
+  StoreWholeScalesBody(table, args);
 }
+
+__global__ void op8_store_words(const WordStores stores) { StoreWordsBody(stores); }
+
+__global__ void op8_load_latency(const uint8_t* data, int64_t bytes, uint32_t* cycles) {
+  LoadLatencyBody(data, bytes, cycles);
+}
+
+}  // extern "C"
 
 }  // namespace optax_paged8bit

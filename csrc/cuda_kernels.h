@@ -1,13 +1,11 @@
-// Kernels of the CUDA backend and their launchers. The math is adam8bit.h's;
-// this file holds the iteration: one warp per 256-element block, 8 elements per
-// lane, every leaf of the tree in one launch (the leaf table travels as a
-// kernel parameter).
+// What the CUDA kernels (cuda_kernels.cu, compiled at run time by NVRTC) and
+// their launchers on the host (cuda_api.cc) share: the kernel parameters and
+// constants. One warp per 256-element block, 8 elements per lane, every leaf
+// of the tree in one launch (the leaf table travels as a kernel parameter).
+// The host compiler and NVRTC lay these structs out alike: plain fields of
+// fixed-size types.
 #ifndef OPTAX_PAGED8BIT_CUDA_KERNELS_H_
 #define OPTAX_PAGED8BIT_CUDA_KERNELS_H_
-
-#include <cuda_runtime.h>
-
-#include <cstdint>
 
 #include "adam8bit.h"
 
@@ -38,20 +36,6 @@ struct LeafDesc {
   int32_t index;        // leaf index in the call (clip scales, whole-leaf scales)
 };
 
-// kLeafAligned when grad, param and out start on 16 bytes and an 8-bit leaf's
-// codes (read and written) on 8: then every lane of 8 elements (which starts
-// 16 or 32 bytes after the previous one) loads and stores in 16- and 8-byte
-// words, and the update kernel checks no address per block.
-inline int32_t AlignmentFlag(const LeafDesc& d) {
-  auto aligned = [](const void* p, uintptr_t bytes) {
-    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
-  };
-  bool words = aligned(d.grad, 16) && aligned(d.param, 16) && aligned(d.out, 16);
-  bool codes = !(d.flags & kLeaf8bit) || (aligned(d.state1, 8) && aligned(d.state2, 8) &&
-                                          aligned(d.state1_in, 8) && aligned(d.state2_in, 8));
-  return words && codes ? kLeafAligned : 0;
-}
-
 // Leaves per launch: the table must fit the 32 KiB kernel-parameter limit.
 constexpr int kMaxLeavesPerLaunch = 256;
 
@@ -77,25 +61,6 @@ struct StepArgs {
   bool write_count;
 };
 
-// Squared grad norm per 256-element block (float64), into partials[block].
-cudaError_t LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,
-                              cudaStream_t stream);
-
-// Per leaf: reduce its partials, update its ring, write its gnorm scale.
-cudaError_t LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
-                            float* clip_scale, int64_t t, int32_t percentile, cudaStream_t stream);
-
-// New scales of whole-leaf 8-bit leaves (max over the leaf, by atomics).
-cudaError_t LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
-                               cudaStream_t stream);
-
-// The quantizer tables of the maps float32[2, 256] (adam8bit.h).
-cudaError_t LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, cudaStream_t stream);
-
-// The update of every leaf of the table.
-cudaError_t LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms,
-                         cudaStream_t stream);
-
 // The residency probe's unit: one timed load per 2 MiB (the unified-memory
 // driver's migration and eviction unit), kProbeOffset bytes into it.
 constexpr size_t kProbeChunk = size_t{2} << 20;
@@ -108,8 +73,6 @@ constexpr size_t kProbeOffset = (size_t{1} << 20) + 128;
 // from HBM or L2, a host-resident one over the bus or through a page fault,
 // several times slower. Touching a chunk that is not mapped for the GPU
 // faults in the pages it touches (and may migrate them back).
-cudaError_t LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles,
-                              cudaStream_t stream);
 
 // Up to 4 words written on the stream (a call's scalar results that the host
 // decided: a new handle, a count), carried in the kernel's parameters.
@@ -118,7 +81,10 @@ struct WordStores {
   uint32_t value[4];
   int count;
 };
-cudaError_t LaunchStoreWords(const WordStores& stores, cudaStream_t stream);
+
+// Threads per CTA of the kernels (the update's: one CTA of 1024 per SM).
+constexpr int kThreads = 256;
+constexpr int kUpdateThreads = 1024;
 
 }  // namespace optax_paged8bit
 

@@ -1,12 +1,11 @@
 // CUDA handlers of the update, export and import custom calls, the managed
 // memory allocator with its oversubscription guard, and paging.
 //
-// Every launch goes on the stream XLA hands the handler and is followed by a
-// check of cudaGetLastError. The one host synchronisation of a step is the read
-// of the 8 bytes of handle and count (SPEC 5.1).
+// Every launch goes on the stream XLA hands the handler, and its result is
+// checked. The one host synchronisation of a step is the read of the 8 bytes
+// of handle and count (SPEC 5.1). The GPU is reached through cuda_api.h: the
+// CUDA driver API and kernels that NVRTC compiles at first use.
 #include "cuda_ops.h"
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "adam8bit.h"
+#include "cuda_api.h"
 #include "cuda_kernels.h"
 #include "ffi_common.h"
 #include "registry.h"
@@ -30,27 +30,39 @@ constexpr int kMaxDevices = 64;
 // Free device memory left alone when placing state (XLA's scratch, the driver).
 constexpr size_t kDeviceReserveBytes = size_t{256} << 20;
 
-std::string CudaMessage(const char* what, cudaError_t error) {
-  return std::string(what) + " failed: " + cudaGetErrorString(error);
-}
+using cu::DeviceLocation;
+using cu::DeviceScope;
+using cu::HostLocation;
 
-ffi::Error CudaError(const char* op, const char* what, cudaError_t error) {
+std::string CudaMessage(const char* what, cu::Result error) { return cu::Message(what, error); }
+
+ffi::Error CudaError(const char* op, const char* what, cu::Result error) {
   return ffi::Error::Internal(std::string(op) + ": " + CudaMessage(what, error));
 }
 
-cudaMemLocation DeviceLocation(int device) {
-  cudaMemLocation loc = {};
-  loc.type = cudaMemLocationTypeDevice;
-  loc.id = device;
-  return loc;
+// The GPU's driver, loaded at the first CUDA call (an error that says why it
+// is not there otherwise).
+ffi::Error CheckDriver(const char* op) {
+  std::string error = cu::Init();
+  if (error.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(op) + ": " + error);
 }
 
-cudaMemLocation HostLocation() {
-  cudaMemLocation loc = {};
-  loc.type = cudaMemLocationTypeHost;
-  loc.id = 0;
-  return loc;
-}
+// A launcher's failure (cuda_api.h), named after the call.
+#define RETURN_IF_LAUNCH_FAILED(op, expr)                                 \
+  do {                                                                    \
+    std::string launch_error = (expr);                                    \
+    if (!launch_error.empty()) {                                          \
+      return ffi::Error::Internal(std::string(op) + ": " + launch_error); \
+    }                                                                     \
+  } while (0)
+
+// A driver call's failure, named after what it did.
+#define RETURN_IF_CUDA_FAILED(op, what, expr)                               \
+  do {                                                                      \
+    cu::Result cuda_error = (expr);                                         \
+    if (cuda_error != cu::kSuccess) return CudaError(op, what, cuda_error); \
+  } while (0)
 
 // Bytes of managed memory placed on each device, and the budget for them.
 std::atomic<int64_t> g_device_bytes[kMaxDevices];
@@ -71,30 +83,13 @@ void ForgetDevicePlacement(void* p) {
 
 void FreeManaged(void* p) {
   ForgetDevicePlacement(p);
-  cudaFree(p);  // waits for work in flight that may still touch it
+  cu::MemFree(p);  // waits for work in flight that may still touch it
 }
-
-// Makes `device` current for the scope (XLA's threads usually have it already).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    cudaGetDevice(&previous_);
-    if (previous_ != device) cudaSetDevice(device);
-  }
-  ~DeviceScope() {
-    int now;
-    cudaGetDevice(&now);
-    if (now != previous_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0;
-};
 
 // Whether free device memory (minus a reserve) can take `bytes` more.
 bool FreeMemoryAllows(size_t bytes) {
   size_t free_bytes = 0, total_bytes = 0;
-  if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return false;
+  if (cu::MemGetInfo(&free_bytes, &total_bytes) != cu::kSuccess) return false;
   return bytes + kDeviceReserveBytes <= free_bytes;
 }
 
@@ -110,7 +105,7 @@ bool FitsOnDevice(int device, size_t bytes) {
 // (preferred location host, mapped for the GPU, read over the bus).
 class ManagedAllocator : public Allocator {
  public:
-  ManagedAllocator(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
+  ManagedAllocator(int device, cu::Stream stream) : device_(device), stream_(stream) {}
 
   Memory Allocate(size_t bytes, std::string* error) override {
     std::lock_guard<std::mutex> lock(g_placement_mu);
@@ -119,22 +114,22 @@ class ManagedAllocator : public Allocator {
     m.free_fn = FreeManaged;
     bool on_device = FitsOnDevice(device_, bytes);
     void* p = nullptr;
-    cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
-    if (e != cudaSuccess) {
-      *error = CudaMessage("cudaMallocManaged", e) + " (" + std::to_string(bytes) + " bytes)";
+    cu::Result e = cu::MemAllocManaged(&p, bytes);
+    if (e != cu::kSuccess) {
+      *error = CudaMessage("cuMemAllocManaged", e) + " (" + std::to_string(bytes) + " bytes)";
       return m;
     }
-    cudaMemLocation home = on_device ? DeviceLocation(device_) : HostLocation();
-    e = cudaMemAdvise(p, bytes, cudaMemAdviseSetPreferredLocation, home);
-    if (e == cudaSuccess) {
-      e = cudaMemAdvise(p, bytes, cudaMemAdviseSetAccessedBy, DeviceLocation(device_));
+    cu::MemLocation home = on_device ? DeviceLocation(device_) : HostLocation();
+    e = cu::MemAdvisePreferredLocation(p, bytes, home);
+    if (e == cu::kSuccess) {
+      e = cu::MemAdviseAccessedBy(p, bytes, DeviceLocation(device_));
     }
-    if (e == cudaSuccess) {
-      e = on_device ? cudaMemsetAsync(p, 0, bytes, stream_)
-                    : (std::memset(p, 0, bytes), cudaSuccess);
+    if (e == cu::kSuccess) {
+      e = on_device ? cu::MemsetAsync(p, 0, bytes, stream_)
+                    : (std::memset(p, 0, bytes), cu::kSuccess);
     }
-    if (e != cudaSuccess) {
-      cudaFree(p);
+    if (e != cu::kSuccess) {
+      cu::MemFree(p);
       *error = CudaMessage("placing managed memory", e);
       return m;
     }
@@ -151,14 +146,14 @@ class ManagedAllocator : public Allocator {
 
  private:
   int device_;
-  cudaStream_t stream_;
+  cu::Stream stream_;
 };
 
 int NumSms(int device) {
   static std::atomic<int> cache[kMaxDevices];
   int n = cache[device].load();
   if (n == 0) {
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    cu::MultiProcessorCount(device, &n);
     cache[device] = n = std::max(n, 1);
   }
   return n;
@@ -175,29 +170,28 @@ struct HostScalars {
 
 // The call's one synchronisation: `handle` (may be null), `count` and
 // `structure` (may be empty) to the host, in one wait.
-ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* handle,
-                           const void* count, const ffi::Buffer<ffi::S32>* structure,
-                           HostScalars* out) {
+ffi::Error ReadHostScalars(const char* op, cu::Stream stream, const void* handle, const void* count,
+                           const ffi::Buffer<ffi::S32>* structure, HostScalars* out) {
   static thread_local int32_t* pinned = nullptr;
   constexpr size_t kWords = 2 + kStructureValues;
   if (pinned == nullptr) {
-    cudaError_t e = cudaMallocHost(&pinned, kWords * sizeof(int32_t));
-    if (e != cudaSuccess) return CudaError(op, "cudaMallocHost", e);
+    cu::Result e = cu::MemAllocHost(reinterpret_cast<void**>(&pinned), kWords * sizeof(int32_t));
+    if (e != cu::kSuccess) return CudaError(op, "cuMemAllocHost", e);
   }
   out->structure_size = structure == nullptr ? 0 : structure->element_count();
-  cudaError_t e = cudaSuccess;
+  cu::Result e = cu::kSuccess;
   if (handle != nullptr) {
-    e = cudaMemcpyAsync(pinned, handle, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+    e = cu::MemcpyAsync(pinned, handle, sizeof(int32_t), stream);
   }
-  if (e == cudaSuccess) {
-    e = cudaMemcpyAsync(pinned + 1, count, sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+  if (e == cu::kSuccess) {
+    e = cu::MemcpyAsync(pinned + 1, count, sizeof(int32_t), stream);
   }
-  if (e == cudaSuccess && out->structure_size > 0) {
-    e = cudaMemcpyAsync(pinned + 2, structure->typed_data(), out->structure_size * sizeof(int32_t),
-                        cudaMemcpyDeviceToHost, stream);
+  if (e == cu::kSuccess && out->structure_size > 0) {
+    e = cu::MemcpyAsync(pinned + 2, structure->typed_data(), out->structure_size * sizeof(int32_t),
+                        stream);
   }
-  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return CudaError(op, "reading the state's handle and count", e);
+  if (e == cu::kSuccess) e = cu::StreamSynchronize(stream);
+  if (e != cu::kSuccess) return CudaError(op, "reading the state's handle and count", e);
   out->handle = handle != nullptr ? static_cast<uint32_t>(pinned[0]) : 0;
   out->count = pinned[1];
   for (size_t i = 0; i < out->structure_size; ++i) out->structure[i] = pinned[2 + i];
@@ -206,7 +200,7 @@ ffi::Error ReadHostScalars(const char* op, cudaStream_t stream, const void* hand
 
 // The update handlers' scalars: read to the host, then checked as a CPU
 // handler checks them where they already are.
-ffi::Error ReadUpdateScalars(const char* op, cudaStream_t stream, const void* handle,
+ffi::Error ReadUpdateScalars(const char* op, cu::Stream stream, const void* handle,
                              const ffi::Buffer<ffi::S32>& count,
                              const ffi::Buffer<ffi::S32>& structure, const StructureAttrs& attrs,
                              HostScalars* out) {
@@ -234,13 +228,17 @@ std::string CalibrationBuffers(int device, Calibration* out) {
   std::lock_guard<std::mutex> lock(mu);
   Calibration& c = buffers[device];
   constexpr size_t kBytes = kProbeChunk * kCalibrationChunks;
-  if (c.device == nullptr && cudaMalloc(&c.device, kBytes) != cudaSuccess) {
-    c.device = nullptr;
-    return CudaMessage("cudaMalloc of the residency probe's reference", cudaGetLastError());
+  if (c.device == nullptr) {
+    if (cu::Result e = cu::MemAlloc(&c.device, kBytes); e != cu::kSuccess) {
+      c.device = nullptr;
+      return CudaMessage("cuMemAlloc of the residency probe's reference", e);
+    }
   }
-  if (c.host == nullptr && cudaMallocHost(&c.host, kBytes) != cudaSuccess) {
-    c.host = nullptr;
-    return CudaMessage("cudaMallocHost of the residency probe's reference", cudaGetLastError());
+  if (c.host == nullptr) {
+    if (cu::Result e = cu::MemAllocHost(&c.host, kBytes); e != cu::kSuccess) {
+      c.host = nullptr;
+      return CudaMessage("cuMemAllocHost of the residency probe's reference", e);
+    }
   }
   *out = c;
   return "";
@@ -265,33 +263,36 @@ struct SlotProbe {
 };
 
 // Probes every Memory of `slot` on `stream` (one synchronisation).
-std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
+std::string ProbeSlot(const Slot& slot, cu::Stream stream, SlotProbe* out) {
   Calibration c;
   if (std::string error = CalibrationBuffers(slot.device, &c); !error.empty()) return error;
   int64_t total = 2 * kCalibrationChunks;
   for (const Memory& m : slot.memory) total += Chunks(m.bytes);
   uint32_t* cycles = nullptr;
-  if (cudaMallocHost(&cycles, total * sizeof(uint32_t)) != cudaSuccess) {
-    return CudaMessage("cudaMallocHost of the residency probe's results", cudaGetLastError());
+  if (cu::Result e = cu::MemAllocHost(reinterpret_cast<void**>(&cycles), total * sizeof(uint32_t));
+      e != cu::kSuccess) {
+    return CudaMessage("cuMemAllocHost of the residency probe's results", e);
   }
-  std::unique_ptr<uint32_t, cudaError_t (*)(void*)> owned(cycles, cudaFreeHost);
+  std::unique_ptr<uint32_t, cu::Result (*)(void*)> owned(cycles, cu::MemFreeHost);
   constexpr int64_t kRefBytes = kProbeChunk * kCalibrationChunks;
-  cudaError_t e =
-      LaunchLoadLatency(static_cast<const uint8_t*>(c.device), kRefBytes, cycles, stream);
-  if (e == cudaSuccess) {
-    e = LaunchLoadLatency(static_cast<const uint8_t*>(c.host), kRefBytes,
-                          cycles + kCalibrationChunks, stream);
+  std::string error =
+      cu::LaunchLoadLatency(static_cast<const uint8_t*>(c.device), kRefBytes, cycles, stream);
+  if (error.empty()) {
+    error = cu::LaunchLoadLatency(static_cast<const uint8_t*>(c.host), kRefBytes,
+                                  cycles + kCalibrationChunks, stream);
   }
   int64_t at = 2 * kCalibrationChunks;
   for (const Memory& m : slot.memory) {
-    if (e == cudaSuccess) {
-      e = LaunchLoadLatency(static_cast<const uint8_t*>(m.data), static_cast<int64_t>(m.bytes),
-                            cycles + at, stream);
+    if (error.empty()) {
+      error = cu::LaunchLoadLatency(static_cast<const uint8_t*>(m.data),
+                                    static_cast<int64_t>(m.bytes), cycles + at, stream);
     }
     at += Chunks(m.bytes);
   }
-  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return CudaMessage("the residency probe", e);
+  if (!error.empty()) return "the residency probe: " + error;
+  if (cu::Result e = cu::StreamSynchronize(stream); e != cu::kSuccess) {
+    return CudaMessage("the residency probe", e);
+  }
   out->device_cycles = Median({cycles, cycles + kCalibrationChunks});
   out->host_cycles = Median({cycles + kCalibrationChunks, cycles + 2 * kCalibrationChunks});
   out->separated = out->host_cycles >= 2 * out->device_cycles;
@@ -323,16 +324,16 @@ std::string ProbeSlot(const Slot& slot, cudaStream_t stream, SlotProbe* out) {
 // (benchmarks/RESULTS.md, issue 13): letting the kernel fault evicted pages
 // back costs 3-5x a step after page_out, and so did a timed probe of the
 // pages; a prefetch every step costs 27% of each resident step, the free
-// memory check one cudaMemGetInfo.
+// memory check one cuMemGetInfo.
 constexpr size_t kEvictionSignMinBytes = size_t{2} << 20;
 
-ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
+ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   size_t free_now = 0, total = 0, placed_on_device = 0;
   for (const Memory& m : slot.memory) {
     if (!m.on_host && !m.host_home) placed_on_device += m.bytes;
   }
   bool evicted = false;
-  if (placed_on_device > 0 && cudaMemGetInfo(&free_now, &total) == cudaSuccess) {
+  if (placed_on_device > 0 && cu::MemGetInfo(&free_now, &total) == cu::kSuccess) {
     size_t sign = std::max(kEvictionSignMinBytes, placed_on_device / 16);
     evicted = slot.device_free_seen > 0 && free_now > slot.device_free_seen + sign;
     slot.evictions_seen += evicted ? 1 : 0;
@@ -340,29 +341,43 @@ ffi::Error MakeResident(const char* op, Slot& slot, cudaStream_t stream) {
   bool paged_in = false;
   for (Memory& m : slot.memory) {
     if (m.host_home) continue;
-    cudaError_t e = cudaSuccess;
+    cu::Result e = cu::kSuccess;
     if (!m.on_host) {
       if (evicted) {
-        e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
+        e = cu::MemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), stream);
       }
     } else {
       std::lock_guard<std::mutex> lock(g_placement_mu);
       if (FreeMemoryAllows(m.bytes)) {
-        e = cudaMemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), 0, stream);
+        e = cu::MemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), stream);
         m.on_host = false;
         paged_in = true;
       } else {
-        e = cudaMemAdvise(m.data, m.bytes, cudaMemAdviseSetPreferredLocation, HostLocation());
+        e = cu::MemAdvisePreferredLocation(m.data, m.bytes, HostLocation());
         ForgetDevicePlacement(m.data);
         m.host_home = true;
       }
     }
-    if (e != cudaSuccess) return CudaError(op, "prefetching state to the device", e);
+    if (e != cu::kSuccess) return CudaError(op, "prefetching state to the device", e);
   }
   // What the next step compares with: free memory while this slot's pages
   // are on the device (taken at the next step when pages moved in this one).
   slot.device_free_seen = evicted || paged_in ? 0 : free_now;
   return ffi::Error::Success();
+}
+
+// kLeafAligned when grad, param and out start on 16 bytes and an 8-bit leaf's
+// codes (read and written) on 8: then every lane of 8 elements (which starts
+// 16 or 32 bytes after the previous one) loads and stores in 16- and 8-byte
+// words, and the update kernel checks no address per block.
+int32_t AlignmentFlag(const LeafDesc& d) {
+  auto aligned = [](const void* p, uintptr_t bytes) {
+    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+  };
+  bool words = aligned(d.grad, 16) && aligned(d.param, 16) && aligned(d.out, 16);
+  bool codes = !(d.flags & kLeaf8bit) || (aligned(d.state1, 8) && aligned(d.state2, 8) &&
+                                          aligned(d.state1_in, 8) && aligned(d.state2_in, 8));
+  return words && codes ? kLeafAligned : 0;
 }
 
 // Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
@@ -409,14 +424,6 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
   return tables;
 }
 
-#define RETURN_IF_LAUNCH_FAILED(op, what, expr) \
-  do {                                          \
-    cudaError_t launch_error = (expr);          \
-    if (launch_error != cudaSuccess) {          \
-      return CudaError(op, what, launch_error); \
-    }                                           \
-  } while (0)
-
 // Where an update writes the state's handle (nowhere for adamw8bit).
 struct HandleWrite {
   uint32_t* out = nullptr;
@@ -425,18 +432,17 @@ struct HandleWrite {
 
 // One step over every leaf on the states given (a registry slot's, or the
 // arrays of an arrays-state call): all launches on `stream`.
-ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
-                      ffi::ScratchAllocator& scratch, const std::vector<LeafCall>& calls,
-                      const std::vector<LeafSpec>& layout, const std::vector<StepState>& states,
-                      const ffi::Buffer<ffi::F32>& hyper, const ffi::Buffer<ffi::F32>& qmaps,
-                      const ffi::Buffer<ffi::F32>& rings, float* ring, const GivenNorms& norms,
-                      int32_t* count_out, int32_t count_value, HandleWrite handle, int64_t t,
-                      int32_t percentile, bool block_wise, bool write_params) {
+ffi::Error LaunchStep(const char* op, cu::Stream stream, int device, ffi::ScratchAllocator& scratch,
+                      const std::vector<LeafCall>& calls, const std::vector<LeafSpec>& layout,
+                      const std::vector<StepState>& states, const ffi::Buffer<ffi::F32>& hyper,
+                      const ffi::Buffer<ffi::F32>& qmaps, const ffi::Buffer<ffi::F32>& rings,
+                      float* ring, const GivenNorms& norms, int32_t* count_out, int32_t count_value,
+                      HandleWrite handle, int64_t t, int32_t percentile, bool block_wise,
+                      bool write_params) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
-    RETURN_IF_LAUNCH_FAILED(
+    RETURN_IF_CUDA_FAILED(
         op, "copying the clipping rings",
-        cudaMemcpyAsync(ring, rings.typed_data(), rings.element_count() * sizeof(float),
-                        cudaMemcpyDeviceToDevice, stream));
+        cu::MemcpyAsync(ring, rings.typed_data(), rings.element_count() * sizeof(float), stream));
   }
   std::vector<int64_t> block_offsets;
   auto tables = BuildTables(calls, layout, states, block_wise, &block_offsets);
@@ -463,8 +469,7 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
   if (quant == nullptr) {
     return ffi::Error::Internal(std::string(op) + ": out of scratch memory");
   }
-  RETURN_IF_LAUNCH_FAILED(op, "BuildQuantTablesKernel",
-                          LaunchBuildQuantTables(qmaps.typed_data(), quant, stream));
+  RETURN_IF_LAUNCH_FAILED(op, cu::LaunchBuildQuantTables(qmaps.typed_data(), quant, stream));
   args.quant = quant;
   if (clipping && norms.data != nullptr) {
     // Given block norms (sharded params): each leaf's run of them stands in
@@ -481,9 +486,8 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
         d.block_begin = norms.offsets[d.index];
         d.size = norms.blocks[d.index] * kBlockSize;
       }
-      RETURN_IF_LAUNCH_FAILED(
-          op, "RingScaleKernel",
-          LaunchRingScale(*given, norms.data, ring, clip_scale, args.t, percentile, stream));
+      RETURN_IF_LAUNCH_FAILED(op, cu::LaunchRingScale(*given, norms.data, ring, clip_scale, args.t,
+                                                      percentile, stream));
     }
     args.clip_scale = clip_scale;
   } else if (clipping) {
@@ -494,13 +498,11 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
     }
     for (size_t k = 0; k < tables.size(); ++k) {
       RETURN_IF_LAUNCH_FAILED(
-          op, "BlockNormSqKernel",
-          LaunchBlockNormSq(*tables[k], partials + block_offsets[k], num_sms, stream));
+          op, cu::LaunchBlockNormSq(*tables[k], partials + block_offsets[k], num_sms, stream));
     }
     for (size_t k = 0; k < tables.size(); ++k) {
-      RETURN_IF_LAUNCH_FAILED(op, "RingScaleKernel",
-                              LaunchRingScale(*tables[k], partials + block_offsets[k], ring,
-                                              clip_scale, args.t, percentile, stream));
+      RETURN_IF_LAUNCH_FAILED(op, cu::LaunchRingScale(*tables[k], partials + block_offsets[k], ring,
+                                                      clip_scale, args.t, percentile, stream));
     }
     args.clip_scale = clip_scale;
   }
@@ -509,17 +511,16 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
     if (args.whole_absmax == nullptr) {
       return ffi::Error::Internal(std::string(op) + ": out of scratch memory");
     }
-    RETURN_IF_LAUNCH_FAILED(
+    RETURN_IF_CUDA_FAILED(
         op, "zeroing scales",
-        cudaMemsetAsync(args.whole_absmax, 0, 2 * num_leaves * sizeof(float), stream));
+        cu::MemsetAsync(args.whole_absmax, 0, 2 * num_leaves * sizeof(float), stream));
     for (const auto& table : tables) {
-      RETURN_IF_LAUNCH_FAILED(op, "WholeLeafMaxKernel",
-                              LaunchWholeLeafMax(*table, args, num_sms, stream));
+      RETURN_IF_LAUNCH_FAILED(op, cu::LaunchWholeLeafMax(*table, args, num_sms, stream));
     }
   }
   for (size_t k = 0; k < tables.size(); ++k) {
     args.write_count = k + 1 == tables.size();
-    RETURN_IF_LAUNCH_FAILED(op, "UpdateKernel", LaunchUpdate(*tables[k], args, num_sms, stream));
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*tables[k], args, num_sms, stream));
   }
   return ffi::Error::Success();
 }
@@ -528,7 +529,7 @@ ffi::Error LaunchStep(const char* op, cudaStream_t stream, int device,
 // BindUpdate and BindUpdateArrays) on each backend, as XLA FFI decodes a call
 // into the handler's parameters; what they do with them is shared
 // (DecodePagedUpdate or DecodeUpdate, CheckUpdateScalars, the registry, the step's math).
-ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+ffi::Error UpdateCuda(cu::Stream stream, int32_t device, ffi::ScratchAllocator scratch,
                       HandleBuffer handle, HandleResult handle_out, ffi::Buffer<ffi::S32> count,
                       ffi::Buffer<ffi::S32> structure, ffi::Buffer<ffi::F32> hyper,
                       ffi::Buffer<ffi::F32> qmaps, ffi::Buffer<ffi::F32> rings,
@@ -542,6 +543,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
                       ffi::Span<const int64_t> layout_sizes) {
   CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kUpdateTarget;
+  if (auto e = CheckDriver(op); e.failure()) return e;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   DecodedPagedUpdate u;
   if (auto e = DecodePagedUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks,
@@ -582,8 +584,8 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
   }
   if (!u.chunk.commit()) return ffi::Error::Success();
   for (const ArenaCopy& c : StagedCopies(*slot, u)) {
-    RETURN_IF_LAUNCH_FAILED(op, "copying the staged moments in",
-                            cudaMemcpyAsync(c.to, c.from, c.bytes, cudaMemcpyDefault, stream));
+    RETURN_IF_CUDA_FAILED(op, "copying the staged moments in",
+                          cu::MemcpyAsync(c.to, c.from, c.bytes, stream));
   }
   slot->step = t;
   return ffi::Error::Success();
@@ -592,7 +594,7 @@ ffi::Error UpdateCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator
 // adamw8bit: the same step with the state as operands, updated in place in
 // the aliased results (copied first when XLA did not alias them). The count
 // is read like the paged update's (the kernels take the step from the host).
-ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
+ffi::Error UpdateArraysCuda(cu::Stream stream, int32_t device, ffi::ScratchAllocator scratch,
                             ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::S32> structure,
                             ffi::Buffer<ffi::F32> hyper, ffi::Buffer<ffi::F32> qmaps,
                             ffi::Buffer<ffi::F32> rings, ffi::Buffer<ffi::U32> norms,
@@ -602,6 +604,7 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
                             int32_t percentile, bool write_params, int32_t optim_bits,
                             int64_t min_8bit_size, ffi::Span<const int64_t> norm_blocks) {
   const char* op = kUpdateArraysTarget;
+  if (auto e = CheckDriver(op); e.failure()) return e;
   DecodedUpdate call;
   if (auto e = DecodeUpdate(op, count, structure, hyper, qmaps, rings, norms, norm_blocks, args,
                             rets, leaf_flags, block_wise, percentile, true, &call);
@@ -622,9 +625,10 @@ ffi::Error UpdateArraysCuda(cudaStream_t stream, int32_t device, ffi::ScratchAll
                     write_params);
 }
 
-ffi::Error BlockNormsCuda(cudaStream_t stream, int32_t device, ffi::RemainingArgs args,
+ffi::Error BlockNormsCuda(cu::Stream stream, int32_t device, ffi::RemainingArgs args,
                           ffi::Result<ffi::Buffer<ffi::U32>> norms) {
   const char* op = kBlockNormsTarget;
+  if (auto e = CheckDriver(op); e.failure()) return e;
   std::vector<LeafCall> leaves;
   std::vector<LeafSpec> layout;
   if (auto e = DecodeBlockNormsCall(op, args, norms->element_count(), &leaves, &layout);
@@ -639,8 +643,8 @@ ffi::Error BlockNormsCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   int num_sms = NumSms(device);
   for (size_t k = 0; k < tables.size(); ++k) {
     if (tables[k]->num_blocks == 0) continue;
-    RETURN_IF_LAUNCH_FAILED(op, "BlockNormSqKernel",
-                            LaunchBlockNormSq(*tables[k], out + block_offsets[k], num_sms, stream));
+    RETURN_IF_LAUNCH_FAILED(
+        op, cu::LaunchBlockNormSq(*tables[k], out + block_offsets[k], num_sms, stream));
   }
   return ffi::Error::Success();
 }
@@ -648,7 +652,7 @@ ffi::Error BlockNormsCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
 // Copies between a slot and the call's buffers (export: slot -> buffers).
 ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves,
                            const std::vector<LeafSpec>& layout, Slot* slot, bool to_slot,
-                           cudaStream_t stream) {
+                           cu::Stream stream) {
   for (size_t i = 0; i < leaves.size(); ++i) {
     const LeafArrays& leaf = leaves[i];
     const LeafState* state = slot ? &slot->leaves[i] : nullptr;
@@ -660,21 +664,21 @@ ffi::Error CopyStateArrays(const char* op, const std::vector<LeafArrays>& leaves
                        layout[i].scale_bytes()};
     for (int k = 0; k < 4; ++k) {
       if (bytes[k] == 0) continue;
-      cudaError_t e;
+      cu::Result e;
       if (stored[k] == nullptr) {
-        e = cudaMemsetAsync(buffers[k], 0, bytes[k], stream);
+        e = cu::MemsetAsync(buffers[k], 0, bytes[k], stream);
       } else if (to_slot) {
-        e = cudaMemcpyAsync(stored[k], buffers[k], bytes[k], cudaMemcpyDefault, stream);
+        e = cu::MemcpyAsync(stored[k], buffers[k], bytes[k], stream);
       } else {
-        e = cudaMemcpyAsync(buffers[k], stored[k], bytes[k], cudaMemcpyDefault, stream);
+        e = cu::MemcpyAsync(buffers[k], stored[k], bytes[k], stream);
       }
-      if (e != cudaSuccess) return CudaError(op, "copying state", e);
+      if (e != cu::kSuccess) return CudaError(op, "copying state", e);
     }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
+ffi::Error ExportCuda(cu::Stream stream, int32_t device, HandleBuffer handle,
                       ffi::Buffer<ffi::S32> count, ffi::Result<ffi::Buffer<ffi::S32>> step_out,
                       ffi::Result<ffi::Buffer<ffi::U8>> codes,
                       ffi::Result<ffi::Buffer<ffi::F32>> floats,
@@ -682,6 +686,7 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
                       ffi::Span<const int64_t> leaf_sizes) {
   CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kExportTarget;
+  if (auto e = CheckDriver(op); e.failure()) return e;
   if (auto e = CheckScalarOperands(op, handle, count); e.failure()) return e;
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
@@ -714,17 +719,18 @@ ffi::Error ExportCuda(cudaStream_t stream, int32_t device, HandleBuffer handle,
   stores.dst[0] = reinterpret_cast<uint32_t*>(step_out->typed_data());
   stores.value[0] = static_cast<uint32_t>(slot ? slot->step : step);
   stores.count = 1;
-  RETURN_IF_LAUNCH_FAILED(op, "StoreWordsKernel", LaunchStoreWords(stores, stream));
+  RETURN_IF_LAUNCH_FAILED(op, cu::LaunchStoreWords(stores, stream));
   return ffi::Error::Success();
 }
 
-ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> count,
+ffi::Error ImportCuda(cu::Stream stream, int32_t device, ffi::Buffer<ffi::S32> count,
                       ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F32> floats,
                       HandleResult handle_out, ffi::Result<ffi::Buffer<ffi::S32>> count_out,
                       ffi::Span<const int32_t> leaf_flags, bool block_wise, int64_t layout_key,
                       ffi::Span<const int64_t> leaf_sizes) {
   CallScope call_scope;  // before the handle is read (registry.h)
   const char* op = kImportTarget;
+  if (auto e = CheckDriver(op); e.failure()) return e;
   if (count.element_count() != 1) return InvalidArgument(op, "count must be an int32 scalar");
   std::vector<LeafArrays> leaves;
   std::vector<LeafSpec> layout;
@@ -759,17 +765,16 @@ ffi::Error ImportCuda(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32>
   stores.dst[1] = reinterpret_cast<uint32_t*>(count_out->typed_data());
   stores.value[1] = static_cast<uint32_t>(host.count);
   stores.count = 2;
-  RETURN_IF_LAUNCH_FAILED(op, "StoreWordsKernel", LaunchStoreWords(stores, stream));
+  RETURN_IF_LAUNCH_FAILED(op, cu::LaunchStoreWords(stores, stream));
   slot->step = host.count;
   return ffi::Error::Success();
 }
 
-cudaStream_t PagingStream(int device) {
+cu::Stream PagingStream(int device) {
   static std::mutex mu;
-  static cudaStream_t streams[kMaxDevices] = {};
+  static cu::Stream streams[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mu);
-  if (streams[device] == nullptr)
-    cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking);
+  if (streams[device] == nullptr) cu::StreamCreateNonBlocking(&streams[device]);
   return streams[device];
 }
 
@@ -784,7 +789,7 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
     if (slot->platform != Platform::kCuda) continue;
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
-    cudaStream_t stream = PagingStream(slot->device);
+    cu::Stream stream = PagingStream(slot->device);
     for (Memory& m : slot->memory) {
       if (m.host_home || m.on_host == to_host) continue;
       std::lock_guard<std::mutex> placement(g_placement_mu);
@@ -794,17 +799,17 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
                  "update moves its home there (read over the bus) rather than oversubscribe";
         return moved;
       }
-      cudaError_t e = cudaMemPrefetchAsync(
-          m.data, m.bytes, to_host ? HostLocation() : DeviceLocation(slot->device), 0, stream);
-      if (e != cudaSuccess) {
-        *error = CudaMessage("cudaMemPrefetchAsync", e);
+      cu::Result e = cu::MemPrefetchAsync(
+          m.data, m.bytes, to_host ? HostLocation() : DeviceLocation(slot->device), stream);
+      if (e != cu::kSuccess) {
+        *error = CudaMessage("cuMemPrefetchAsync", e);
         return moved;
       }
       m.on_host = to_host;
       moved += m.bytes;
     }
-    cudaError_t e = cudaStreamSynchronize(stream);
-    if (e != cudaSuccess) {
+    cu::Result e = cu::StreamSynchronize(stream);
+    if (e != cu::kSuccess) {
       *error = CudaMessage("paging", e);
       return moved;
     }
@@ -863,12 +868,11 @@ size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes) {
   size_t filled = 0;
   while (chunk_bytes > 0 && filled + chunk_bytes <= limit_bytes) {
     void* p = nullptr;
-    if (cudaMalloc(&p, chunk_bytes) != cudaSuccess) {
-      cudaGetLastError();
+    if (cu::MemAlloc(&p, chunk_bytes) != cu::kSuccess) {
       // Give the last chunk back: a GPU filled to its last byte leaves the
       // driver no room to service page faults of managed memory.
       if (!g_fill.empty()) {
-        cudaFree(g_fill.back());
+        cu::MemFree(g_fill.back());
         g_fill.pop_back();
         filled -= chunk_bytes;
       }
@@ -882,7 +886,7 @@ size_t FillDeviceMemory(int device, size_t chunk_bytes, size_t limit_bytes) {
 
 void FreeDeviceFill() {
   std::lock_guard<std::mutex> lock(g_fill_mu);
-  for (void* p : g_fill) cudaFree(p);
+  for (void* p : g_fill) cu::MemFree(p);
   g_fill.clear();
 }
 
@@ -895,29 +899,27 @@ int64_t ManagedDeviceBytes(int device) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateCuda, UpdateCuda,
                               BindUpdate(ffi::Ffi::Bind()
-                                             .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                             .Ctx<ffi::PlatformStream<cu::Stream>>()
                                              .Ctx<ffi::DeviceOrdinal>()
                                              .Ctx<ffi::ScratchAllocator>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kUpdateArraysCuda, UpdateArraysCuda,
                               BindUpdateArrays(ffi::Ffi::Bind()
-                                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                   .Ctx<ffi::PlatformStream<cu::Stream>>()
                                                    .Ctx<ffi::DeviceOrdinal>()
                                                    .Ctx<ffi::ScratchAllocator>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kBlockNormsCuda, BlockNormsCuda,
                               BindBlockNorms(ffi::Ffi::Bind()
-                                                 .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                                 .Ctx<ffi::PlatformStream<cu::Stream>>()
                                                  .Ctx<ffi::DeviceOrdinal>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kExportCuda, ExportCuda,
-                              BindExport(ffi::Ffi::Bind()
-                                             .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                             .Ctx<ffi::DeviceOrdinal>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kExportCuda, ExportCuda,
+    BindExport(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cu::Stream>>().Ctx<ffi::DeviceOrdinal>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kImportCuda, ImportCuda,
-                              BindImport(ffi::Ffi::Bind()
-                                             .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                             .Ctx<ffi::DeviceOrdinal>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kImportCuda, ImportCuda,
+    BindImport(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cu::Stream>>().Ctx<ffi::DeviceOrdinal>()));
 
 }  // namespace optax_paged8bit

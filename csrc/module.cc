@@ -1,10 +1,9 @@
 // The extension module `optax_paged8bit._ops`: the FFI handlers of every
 // backend that was built, and the registry's host-side controls.
 //
-// One module holds both backends so that they share one registry; the CUDA
-// handlers are compiled in only when the build found nvcc
-// (OPTAX_PAGED8BIT_WITH_CUDA), and the CUDA runtime is linked statically, so a
-// CUDA build still imports on a machine without a GPU.
+// One module holds both backends so that they share one registry. The CUDA
+// backend needs no CUDA library to import: it loads the driver and NVRTC when
+// a GPU first runs one of its calls (cuda_api.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,13 +11,10 @@
 #include <string>
 
 #include "cpu_ops.h"
+#include "cuda_api.h"
+#include "cuda_ops.h"
 #include "ffi_common.h"
 #include "registry.h"
-#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
-#include <cuda_runtime.h>
-
-#include "cuda_ops.h"
-#endif
 
 namespace py = pybind11;
 
@@ -44,13 +40,11 @@ py::dict CpuRegistrations() {
 
 py::dict CudaRegistrations() {
   py::dict d;
-#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
   d[kUpdateTarget] = EncapsulateHandler(kUpdateCuda);
   d[kUpdateArraysTarget] = EncapsulateHandler(kUpdateArraysCuda);
   d[kExportTarget] = EncapsulateHandler(kExportCuda);
   d[kImportTarget] = EncapsulateHandler(kImportCuda);
   d[kBlockNormsTarget] = EncapsulateHandler(kBlockNormsCuda);
-#endif
   return d;
 }
 
@@ -84,13 +78,29 @@ PYBIND11_MODULE(_ops, m) {
   using namespace optax_paged8bit;
   m.doc() = "XLA FFI handlers and state registry of optax_paged8bit.";
   m.def("cpu_registrations", &CpuRegistrations, "FFI target name -> CPU handler capsule.");
-  m.def("cuda_registrations", &CudaRegistrations,
-        "FFI target name -> CUDA handler capsule (empty when built without CUDA).");
-#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
+  m.def("cuda_registrations", &CudaRegistrations, "FFI target name -> CUDA handler capsule.");
   m.attr("built_with_cuda") = true;
-#else
-  m.attr("built_with_cuda") = false;
-#endif
+  m.def(
+      "configure_cuda",
+      [](const std::string& nvrtc_library, const std::string& cache_dir) {
+        cu::Configure(nvrtc_library, cache_dir);
+      },
+      "Where NVRTC is and where compiled kernels are cached (before any GPU call).");
+  m.def(
+      "compile_kernels",
+      [](int arch) {
+        std::string path;
+        bool compiled = false;
+        std::string error;
+        {
+          py::gil_scoped_release unlocked;
+          error = cu::CompileKernels(arch, &path, &compiled);
+        }
+        if (!error.empty()) throw std::runtime_error(error);
+        return py::make_tuple(path, compiled);
+      },
+      "Compiles the CUDA kernels for sm_<arch> with NVRTC, or finds them in the cache, with no "
+      "GPU needed; returns (the CUBIN's path, whether this call compiled it).");
   m.def(
       "release",
       [](int32_t handle) {
@@ -175,7 +185,6 @@ PYBIND11_MODULE(_ops, m) {
   m.def(
       "total_bytes", [] { return Registry::Global().TotalBytes(); },
       "Bytes held by all live slots.");
-#if defined(OPTAX_PAGED8BIT_WITH_CUDA)
   auto paging = [](size_t (*move)(int32_t, std::string*)) {
     return [move](int32_t handle) {
       std::string error;
@@ -213,7 +222,7 @@ PYBIND11_MODULE(_ops, m) {
         py::gil_scoped_release release;
         return FillDeviceMemory(device, chunk_bytes, limit_bytes);
       },
-      "Holds plain cudaMalloc chunks until one fails or the limit is reached (tests and "
+      "Holds plain device allocations until one fails or the limit is reached (tests and "
       "benchmarks: a memory spike); returns the bytes held.");
   m.def("free_device_fill", &FreeDeviceFill, "Frees what fill_device_memory holds.");
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
@@ -222,15 +231,16 @@ PYBIND11_MODULE(_ops, m) {
   m.def(
       "device_memory_info",
       [](int device) {
+        std::string error = cu::Init();
+        if (!error.empty()) throw std::runtime_error(error);
         size_t free_bytes = 0, total_bytes = 0;
-        int previous = 0;
-        cudaGetDevice(&previous);
-        cudaSetDevice(device);
-        cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes);
-        cudaSetDevice(previous);
-        if (e != cudaSuccess) throw std::runtime_error(cudaGetErrorString(e));
+        cu::Result e;
+        {
+          cu::DeviceScope scope(device);
+          e = cu::MemGetInfo(&free_bytes, &total_bytes);
+        }
+        if (e != cu::kSuccess) throw std::runtime_error(cu::Message("cuMemGetInfo", e));
         return py::make_tuple(free_bytes, total_bytes);
       },
-      "(free, total) bytes of a GPU, as cudaMemGetInfo reports them.");
-#endif
+      "(free, total) bytes of a GPU, as cuMemGetInfo reports them.");
 }

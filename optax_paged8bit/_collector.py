@@ -226,7 +226,7 @@ def scan(candidates: list[int] | None = None, *, in_caller: bool) -> Scan:
   freed, busy, retired, due, calls_running = _decide(held, wanted, mark, _RETIRE)
   if retired and threading.get_ident() != _thread_id:
     _ops.request_scan()  # the thread times the grace of what this look retired
-  if retired and all_read and not calls_running and _ffi.BUILT_WITH_CUDA:
+  if retired and all_read and not calls_running:
     # Its GPU memory comes back now. Not while a call runs: it may be the
     # next step of a retired state, waiting for its forward pass.
     for handle in retired:

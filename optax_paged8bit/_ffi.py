@@ -1,7 +1,14 @@
 """The only module that touches the compiled extension: it registers the FFI
-targets with JAX and wraps the registry's host-side controls."""
+targets with JAX, tells the CUDA backend where NVRTC and the kernel cache
+are, and wraps the registry's host-side controls."""
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import sys
 
 import jax
 import numpy as np
@@ -23,25 +30,100 @@ IMPORT_TARGET = "optax_paged8bit_import"
 UPDATE_ARRAYS_TARGET = "optax_paged8bit_update_arrays"
 BLOCK_NORMS_TARGET = "optax_paged8bit_block_norms"
 
-BUILT_WITH_CUDA: bool = bool(_ops.built_with_cuda)
-
 for _name, _capsule in _ops.cpu_registrations().items():
   jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 for _name, _capsule in _ops.cuda_registrations().items():
   jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
 
-_NOT_BUILT_WITH_CUDA = (
-  "optax_paged8bit was built without its CUDA backend, so it cannot update params on a GPU. "
-  "Rebuild it with the CUDA toolkit's nvcc on PATH: "
-  "`OPTAX_PAGED8BIT_CUDA=ON pip install --no-build-isolation --force-reinstall .` "
-  "(or run on the CPU backend)."
-)
+# The CUDA kernels are compiled at first use by NVRTC, the one that JAX's
+# CUDA plugin installed (the nvidia-cuda-nvrtc wheel of its CUDA major) or a
+# CUDA toolkit's, and cached on disk.
+
+
+def _cuda_majors() -> list[int]:
+  """The CUDA majors of the JAX CUDA plugins installed, newest first (13, 12
+  when none is)."""
+  found = []
+  for major in (13, 12):
+    try:
+      if importlib.util.find_spec(f"jax_plugins.xla_cuda{major}") is not None:
+        found.append(major)
+    except ModuleNotFoundError:  # no jax_plugins package: no CUDA plugin at all
+      break
+  return found or [13, 12]
+
+
+def _wheel_nvrtc(major: int) -> str | None:
+  """libnvrtc of NVIDIA's pip wheel for CUDA `major`, where pip put it."""
+  relative = (
+    os.path.join("nvidia", "cu13", "lib", "libnvrtc.so.13")
+    if major >= 13
+    else os.path.join("nvidia", "cuda_nvrtc", "lib", f"libnvrtc.so.{major}")
+  )
+  for root in sys.path:
+    path = os.path.join(root or ".", relative)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _toolkit_nvrtc(major: int) -> str | None:
+  for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+    for name in (f"libnvrtc.so.{major}", "libnvrtc.so"):
+      path = os.path.join(home or "", "lib64", name)
+      if home and os.path.isfile(path):
+        return path
+  return None
+
+
+def nvrtc_library() -> str:
+  """Where the CUDA backend loads NVRTC from: OPTAX_PAGED8BIT_NVRTC, else the
+  wheel of JAX's CUDA major, else a CUDA toolkit's, else the name the dynamic
+  linker looks up."""
+  override = os.environ.get("OPTAX_PAGED8BIT_NVRTC")
+  if override:
+    return override
+  majors = _cuda_majors()
+  for major in majors:
+    path = _wheel_nvrtc(major) or _toolkit_nvrtc(major)
+    if path:
+      return path
+  return f"libnvrtc.so.{majors[0]}"
+
+
+def kernel_cache_dir() -> str:
+  """Where compiled kernels are kept: OPTAX_PAGED8BIT_CACHE_DIR, else the
+  user's cache folder."""
+  override = os.environ.get("OPTAX_PAGED8BIT_CACHE_DIR")
+  if override:
+    return os.path.abspath(override)
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "optax_paged8bit")
+
+
+_ops.configure_cuda(nvrtc_library(), kernel_cache_dir())
+
+
+@functools.cache
+def _nvrtc_problem() -> str | None:
+  """Why NVRTC cannot be loaded, or None when it can."""
+  library = nvrtc_library()
+  try:
+    ctypes.CDLL(library)
+  except OSError as e:
+    return (
+      f"optax_paged8bit compiles its CUDA kernels at first use with NVRTC, which it could not "
+      f'load ({library}: {e}). Install JAX with its CUDA wheels (pip install "jax[cuda13]" '
+      'or "jax[cuda12]", which bring nvidia-cuda-nvrtc), or point OPTAX_PAGED8BIT_NVRTC at '
+      "a libnvrtc.so."
+    )
+  return None
 
 
 def check_backend(platform: str) -> None:
-  """Raises when the arrays live on a platform this build cannot serve."""
-  if platform in ("gpu", "cuda") and not BUILT_WITH_CUDA:
-    raise RuntimeError(_NOT_BUILT_WITH_CUDA)
+  """Raises when the arrays live on a platform this process cannot serve."""
+  if platform in ("gpu", "cuda") and _nvrtc_problem():
+    raise RuntimeError(_nvrtc_problem())
   if platform not in ("cpu", "gpu", "cuda"):
     raise RuntimeError(
       f"optax_paged8bit runs on CPU and CUDA GPUs; the arrays are on platform {platform!r}."

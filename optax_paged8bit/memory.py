@@ -96,12 +96,6 @@ def slot_info(tree: Any) -> list[dict]:
   return out
 
 
-def _cuda_op(name: str):
-  if not _ffi.BUILT_WITH_CUDA:
-    return None
-  return getattr(_ffi._ops, name)
-
-
 def page_out(tree: Any) -> int:
   """Moves the GPU-resident state of every paged state in `tree` to host RAM
   (to free HBM for evaluation, generation or a memory spike).
@@ -112,10 +106,8 @@ def page_out(tree: Any) -> int:
   """
   states = paged_states(tree)
   wait_for(states)
-  move = _cuda_op("page_out")
-  if move is None:
-    return 0
-  return sum(int(move(key)) for s in states for key in registry_keys(s))
+  # The extension's paging passes over CPU slots (host memory already).
+  return sum(int(_ffi._ops.page_out(key)) for s in states for key in registry_keys(s))
 
 
 def page_in(tree: Any) -> int:
@@ -124,10 +116,7 @@ def page_in(tree: Any) -> int:
   Raises when free device memory cannot take it (the state then stays on the
   host, and the next update reads it there instead of oversubscribing).
   """
-  move = _cuda_op("page_in")
-  if move is None:
-    return 0
-  return sum(int(move(key)) for s in paged_states(tree) for key in registry_keys(s))
+  return sum(int(_ffi._ops.page_in(key)) for s in paged_states(tree) for key in registry_keys(s))
 
 
 def residency(tree: Any) -> dict[str, int]:
@@ -163,14 +152,11 @@ def measure_residency(tree: Any) -> dict[str, int]:
   """
   states = paged_states(tree)
   wait_for(states)
-  measure = _cuda_op("measure_residency")
   out = {"bytes_on_device": 0, "bytes_on_host": 0, "device_load_cycles": 0, "host_load_cycles": 0}
   for s in states:
     for key in registry_keys(s):
-      if measure is None:
-        out["bytes_on_host"] += sum(info["bytes"] for info in _ffi.slot_info(key))
-        continue
-      on_device, on_host, device_cycles, host_cycles = measure(key)
+      # CPU slots count as host there, and time no load.
+      on_device, on_host, device_cycles, host_cycles = _ffi._ops.measure_residency(key)
       out["bytes_on_device"] += int(on_device)
       out["bytes_on_host"] += int(on_host)
       out["device_load_cycles"] = max(out["device_load_cycles"], int(device_cycles))
@@ -187,6 +173,4 @@ def set_device_memory_budget(nbytes: int | None) -> None:
     raise ValueError(
       f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
     )
-  setter = _cuda_op("set_device_budget")
-  if setter is not None:  # a CPU-only build places nothing on a GPU
-    setter(-1 if nbytes is None else nbytes)
+  _ffi._ops.set_device_budget(-1 if nbytes is None else nbytes)

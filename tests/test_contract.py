@@ -269,10 +269,16 @@ def test_accumulate_gradients_checks_k():
     op.accumulate_gradients(op.paged_adamw8bit(), 0)
 
 
-def test_gpu_without_cuda_build_says_how_to_build(monkeypatch):
-  monkeypatch.setattr(op._ffi, "BUILT_WITH_CUDA", False)
-  with pytest.raises(RuntimeError, match="OPTAX_PAGED8BIT_CUDA=ON pip install"):
-    op._ffi.check_backend("gpu")
+def test_a_gpu_without_nvrtc_says_what_to_install(monkeypatch):
+  monkeypatch.setenv("OPTAX_PAGED8BIT_NVRTC", "/nonexistent/libnvrtc.so.13")
+  op._ffi._nvrtc_problem.cache_clear()
+  try:
+    with pytest.raises(RuntimeError, match=r"NVRTC, which it could not load.*jax\[cuda13\]"):
+      op._ffi.check_backend("gpu")
+    op._ffi.check_backend("cpu")  # the CPU backend needs none
+  finally:
+    monkeypatch.delenv("OPTAX_PAGED8BIT_NVRTC")
+    op._ffi._nvrtc_problem.cache_clear()
 
 
 def test_errors_leave_no_state_behind():

@@ -1,0 +1,48 @@
+"""Compiles a source tree's csrc/cuda_kernels.cu to a CUBIN with NVRTC and
+the options of csrc/cuda_api.cc (kOptions), as the extension does at first
+use: for comparing two versions of the kernels without a GPU (sass_same.sh).
+
+    python benchmarks/nvrtc_cubin.py CSRC_DIR ARCH OUT.cubin
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import sys
+
+import optax_paged8bit as op
+
+OPTIONS = ["-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false"]
+
+
+def compile_cubin(csrc: pathlib.Path, arch: int) -> bytes:
+  nvrtc = ctypes.CDLL(op._ffi.nvrtc_library())
+  headers = [(name, (csrc / name).read_bytes()) for name in ("adam8bit.h", "cuda_kernels.h")]
+  program = ctypes.c_void_p()
+  array = lambda items: (ctypes.c_char_p * len(items))(*items)
+  nvrtc.nvrtcCreateProgram(
+    ctypes.byref(program),
+    (csrc / "cuda_kernels.cu").read_bytes(),
+    b"cuda_kernels.cu",
+    len(headers),
+    array([text for _, text in headers]),
+    array([name.encode() for name, _ in headers]),
+  )
+  options = [o.encode() for o in [*OPTIONS, f"-arch=sm_{arch}"]]
+  if nvrtc.nvrtcCompileProgram(program, len(options), array(options)) != 0:
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    raise SystemExit(log.value.decode())
+  size = ctypes.c_size_t()
+  nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
+  cubin = ctypes.create_string_buffer(size.value)
+  nvrtc.nvrtcGetCUBIN(program, cubin)
+  return cubin.raw
+
+
+if __name__ == "__main__":
+  csrc, arch, out = pathlib.Path(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])
+  out.write_bytes(compile_cubin(csrc, arch))

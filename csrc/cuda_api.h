@@ -1,0 +1,104 @@
+// The CUDA backend's access to the GPU: the CUDA driver API (libcuda, which
+// every NVIDIA driver installs) and NVRTC (from JAX's CUDA wheels or a CUDA
+// toolkit), both loaded at run time, so that the extension builds with a C++
+// compiler alone and imports on any machine. The kernels of cuda_kernels.cu
+// are compiled by NVRTC at first use for the GPU at hand and cached on disk.
+//
+// Only the declarations this backend uses are written here, with the types
+// and values of the driver API (cuda.h, CUDA 12.2 and later: managed memory
+// advice and prefetch take a CUmemLocation).
+#ifndef OPTAX_PAGED8BIT_CUDA_API_H_
+#define OPTAX_PAGED8BIT_CUDA_API_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "cuda_kernels.h"
+
+namespace optax_paged8bit {
+namespace cu {
+
+using Result = int;  // CUresult
+constexpr Result kSuccess = 0;
+constexpr Result kErrorInvalidValue = 1;
+using Device = int;                    // CUdevice
+using DevicePtr = unsigned long long;  // CUdeviceptr
+struct Context_st;
+using Context = Context_st*;  // CUcontext
+struct Stream_st;
+using Stream = Stream_st*;  // CUstream: XLA's stream as the FFI hands it over
+struct Module_st;
+using Module = Module_st*;  // CUmodule
+struct Function_st;
+using Function = Function_st*;  // CUfunction
+
+struct MemLocation {  // CUmemLocation
+  int type;
+  int id;
+};
+MemLocation DeviceLocation(int device);
+MemLocation HostLocation();
+
+// The GPU's state of this process, set up at the first use of a device. Every
+// function returns "" on success or a message that names the call and the
+// driver's reason.
+std::string Init();
+
+// The driver functions the backend calls, each with the driver's result.
+Result MemAllocManaged(void** p, size_t bytes);
+Result MemAlloc(void** p, size_t bytes);
+Result MemFree(void* p);  // waits for work in flight that may still touch it
+Result MemAllocHost(void** p, size_t bytes);
+Result MemFreeHost(void* p);
+Result MemcpyAsync(void* dst, const void* src, size_t bytes, Stream stream);
+Result MemsetAsync(void* p, uint8_t value, size_t bytes, Stream stream);
+Result MemGetInfo(size_t* free_bytes, size_t* total_bytes);
+Result MemAdvisePreferredLocation(void* p, size_t bytes, MemLocation where);
+Result MemAdviseAccessedBy(void* p, size_t bytes, MemLocation by);
+Result MemPrefetchAsync(void* p, size_t bytes, MemLocation to, Stream stream);
+Result StreamSynchronize(Stream stream);
+Result StreamCreateNonBlocking(Stream* stream);
+Result CtxSynchronize();
+Result MultiProcessorCount(int device, int* count);
+std::string Message(const char* what, Result result);  // "what failed: reason"
+
+// Makes the primary context of `device` current for the scope (XLA's threads
+// have it already; a host call such as page_out may not).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  Context pushed_ = nullptr;
+};
+
+// Where NVRTC is (a path of libnvrtc, or a name the dynamic linker finds) and
+// where compiled kernels are cached; set by the Python side at import.
+void Configure(const std::string& nvrtc_library, const std::string& cache_dir);
+
+// Compiles the kernels for sm_<arch> (or loads them from the cache) without a
+// GPU: the CUBIN's path, and whether this call compiled it (false: found in
+// the cache). For the build's check and the tests.
+std::string CompileKernels(int arch, std::string* path, bool* compiled);
+
+// The kernel launchers (cuda_kernels.cu's entry points), on `stream`; the
+// kernels are compiled or loaded at the first launch on a device. Each
+// returns "" or what failed.
+std::string LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms, Stream stream);
+std::string LaunchRingScale(const LeafTable& table, const double* partials, float* rings,
+                            float* clip_scale, int64_t t, int32_t percentile, Stream stream);
+std::string LaunchWholeLeafMax(const LeafTable& table, const StepArgs& args, int num_sms,
+                               Stream stream);
+std::string LaunchBuildQuantTables(const float* qmaps, QuantTables* tables, Stream stream);
+std::string LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_sms, Stream stream);
+std::string LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles, Stream stream);
+std::string LaunchStoreWords(const WordStores& stores, Stream stream);
+
+}  // namespace cu
+}  // namespace optax_paged8bit
+
+#endif  // OPTAX_PAGED8BIT_CUDA_API_H_
