@@ -460,7 +460,10 @@ Result StreamCreateNonBlocking(Stream* stream) {
 }
 Result CtxSynchronize() { return Call(&Driver::cuCtxSynchronize); }
 Result MultiProcessorCount(int device, int* count) {
-  return Call(&Driver::cuDeviceGetAttribute, count, kAttributeMultiprocessorCount, device);
+  Device handle = 0;
+  Result r = Call(&Driver::cuDeviceGet, &handle, device);
+  if (r != kSuccess) return r;
+  return Call(&Driver::cuDeviceGetAttribute, count, kAttributeMultiprocessorCount, handle);
 }
 
 DeviceScope::DeviceScope(int device) {
