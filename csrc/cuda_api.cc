@@ -10,11 +10,13 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "kernel_sources.h"
@@ -40,6 +42,7 @@ constexpr int kAttributeComputeCapabilityMinor = 76;
 // a name to it) and the function's type.
 struct Driver {
   Result (*cuInit)(unsigned);
+  Result (*cuDriverGetVersion)(int*);
   Result (*cuGetErrorString)(Result, const char**);
   Result (*cuDeviceGet)(Device*, int);
   Result (*cuDeviceGetAttribute)(int*, int, Device);
@@ -88,6 +91,7 @@ const Driver* LoadDriver(std::string* error) {
     }
     std::string missing;
     Bind(lib, "cuInit", &driver.cuInit, &missing);
+    Bind(lib, "cuDriverGetVersion", &driver.cuDriverGetVersion, &missing);
     Bind(lib, "cuGetErrorString", &driver.cuGetErrorString, &missing);
     Bind(lib, "cuDeviceGet", &driver.cuDeviceGet, &missing);
     Bind(lib, "cuDeviceGetAttribute", &driver.cuDeviceGetAttribute, &missing);
@@ -219,11 +223,22 @@ const char* const kOptions[] = {"-std=c++17", "--fmad=false", "--prec-div=true",
                                 "--ftz=false"};
 constexpr char kOptionsTag[] = "o1";
 
-std::string CachePath(int arch, const Nvrtc& nvrtc) {
+// The oldest GPUs the kernels compile for: sm_80 (Ampere) brought the bfloat16
+// conversions they use.
+constexpr int kMinArch = 80;
+
+// The kernels compile as kNumPrograms NVRTC programs at once, on threads of
+// their own: the two update kernels take nearly all of the compile, about
+// equally, and a program's compile uses one core (cuda_kernels.cu's
+// OP8_PROGRAM picks each program's entry points).
+constexpr int kNumPrograms = 3;
+
+std::string CachePath(int arch, const Nvrtc& nvrtc, int program) {
   std::lock_guard<std::mutex> lock(g_config_mu);
   return g_cache_dir + "/kernels-" + std::string(kKernelSourceHash).substr(0, 16) + "-sm" +
          std::to_string(arch) + "-nvrtc" + std::to_string(nvrtc.major) + "." +
-         std::to_string(nvrtc.minor) + "-" + kOptionsTag + ".cubin";
+         std::to_string(nvrtc.minor) + "-" + kOptionsTag + "-p" + std::to_string(program) +
+         ".cubin";
 }
 
 bool ReadFile(const std::string& path, std::string* data) {
@@ -233,48 +248,112 @@ bool ReadFile(const std::string& path, std::string* data) {
   return in.good() || in.eof();
 }
 
-// Creates `dir` and its parents.
-bool MakeDirs(const std::string& dir) {
+// Creates `dir` and its parents; "" or why not.
+std::string MakeDirs(const std::string& dir) {
   for (size_t at = 1; at <= dir.size(); ++at) {
     if (at != dir.size() && dir[at] != '/') continue;
     std::string part = dir.substr(0, at);
-    if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) return false;
+    if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) {
+      return "cannot create " + part + ": " + std::strerror(errno);
+    }
   }
-  return true;
+  return "";
 }
 
 // Writes `data` to `path` so that no reader ever sees part of it: a file of
 // its own in the same folder, renamed onto `path` (processes that compile at
-// once each rename a whole file).
-bool WriteAtomically(const std::string& path, const std::string& data) {
+// once each rename a whole file). "" or why not.
+std::string WriteAtomically(const std::string& path, const std::string& data) {
   static std::atomic<int> counter{0};
   std::string dir = path.substr(0, path.rfind('/'));
-  if (!MakeDirs(dir)) return false;
+  std::string error = MakeDirs(dir);
+  if (!error.empty()) return error;
   std::string temp = path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(++counter);
   {
     std::ofstream out(temp, std::ios::binary | std::ios::trunc);
+    if (!out) return "cannot write in " + dir + ": " + std::strerror(errno);
     out.write(data.data(), static_cast<std::streamsize>(data.size()));
     if (!out.good()) {
       std::remove(temp.c_str());
-      return false;
+      return "cannot write " + temp;
     }
   }
   if (std::rename(temp.c_str(), path.c_str()) != 0) {
+    error = "cannot rename a file into " + dir + ": " + std::strerror(errno);
     std::remove(temp.c_str());
-    return false;
+    return error;
   }
-  return true;
+  return "";
 }
 
-// The CUBIN of the kernels for sm_<arch>: from the cache, else compiled (and
-// cached when the cache can be written).
-std::string KernelsCubin(int arch, std::string* cubin, std::string* path, bool* compiled) {
+// An unwritable cache costs a compile in each process, nothing more: said once
+// a process, on stderr.
+void WarnCacheUnwritable(const std::string& why) {
+  static std::once_flag once;
+  std::call_once(once, [&] {
+    std::fprintf(stderr,
+                 "optax_paged8bit: the compiled CUDA kernels cannot be cached (%s); they were "
+                 "compiled in memory and each new process compiles them again. Set "
+                 "OPTAX_PAGED8BIT_CACHE_DIR to a writable folder to keep them.\n",
+                 why.c_str());
+  });
+}
+
+// Compiles program `program` for sm_<arch> into `cubin`; "" or what failed.
+std::string CompileProgram(const Nvrtc& nvrtc, int arch, int program_index, std::string* cubin) {
+  const char* headers[] = {kAdam8bitHeader, kKernelsHeader};
+  const char* names[] = {"adam8bit.h", "cuda_kernels.h"};
+  Program program = nullptr;
+  NvrtcResult r =
+      nvrtc.nvrtcCreateProgram(&program, kKernelSource, "cuda_kernels.cu", 2, headers, names);
+  if (r != 0) return std::string("nvrtcCreateProgram failed: ") + nvrtc.nvrtcGetErrorString(r);
+  std::vector<const char*> options(std::begin(kOptions), std::end(kOptions));
+  std::string arch_option = "-arch=sm_" + std::to_string(arch);
+  std::string program_option = "-DOP8_PROGRAM=" + std::to_string(program_index);
+  options.push_back(arch_option.c_str());
+  options.push_back(program_option.c_str());
+  r = nvrtc.nvrtcCompileProgram(program, static_cast<int>(options.size()), options.data());
+  if (r != 0) {
+    size_t size = 0;
+    nvrtc.nvrtcGetProgramLogSize(program, &size);
+    std::string log(size, '\0');
+    if (size > 0) nvrtc.nvrtcGetProgramLog(program, log.data());
+    nvrtc.nvrtcDestroyProgram(&program);
+    return std::string("NVRTC could not compile the CUDA kernels for ") + arch_option + " (" +
+           program_option + "): " + nvrtc.nvrtcGetErrorString(r) + "\n" + log;
+  }
+  size_t size = 0;
+  nvrtc.nvrtcGetCUBINSize(program, &size);
+  cubin->assign(size, '\0');
+  nvrtc.nvrtcGetCUBIN(program, cubin->data());
+  nvrtc.nvrtcDestroyProgram(&program);
+  return "";
+}
+
+// The CUBINs of the kernels' programs for sm_<arch>: from the cache, else
+// compiled, all missing ones at once (and cached when the cache can be
+// written). `compiled`: whether any was compiled.
+std::string KernelsCubins(int arch, std::vector<std::string>* cubins,
+                          std::vector<std::string>* paths, bool* compiled) {
   std::string error;
   const Nvrtc* nvrtc = LoadNvrtc(&error);
   if (nvrtc == nullptr) return error;
-  *path = CachePath(arch, *nvrtc);
+  if (arch < kMinArch) {
+    return "optax_paged8bit's CUDA kernels need a GPU of compute capability " +
+           std::to_string(kMinArch / 10) + "." + std::to_string(kMinArch % 10) +
+           " (Ampere) or newer; this one is " + std::to_string(arch / 10) + "." +
+           std::to_string(arch % 10) + ". Keep the optimizer state on the CPU (jax.devices('cpu')) "
+           "or use optax.adamw on this GPU.";
+  }
+  cubins->assign(kNumPrograms, "");
+  paths->assign(kNumPrograms, "");
   *compiled = false;
-  if (ReadFile(*path, cubin) && !cubin->empty()) return "";
+  std::vector<int> missing;
+  for (int p = 0; p < kNumPrograms; ++p) {
+    (*paths)[p] = CachePath(arch, *nvrtc, p);
+    if (!ReadFile((*paths)[p], &(*cubins)[p]) || (*cubins)[p].empty()) missing.push_back(p);
+  }
+  if (missing.empty()) return "";
   int num_archs = 0;
   nvrtc->nvrtcGetNumSupportedArchs(&num_archs);
   std::vector<int> archs(std::max(num_archs, 0));
@@ -284,32 +363,24 @@ std::string KernelsCubin(int arch, std::string* cubin, std::string* path, bool* 
            " cannot compile for sm_" + std::to_string(arch) +
            " (this GPU): install JAX's CUDA wheels of a CUDA version that supports it";
   }
-  const char* headers[] = {kAdam8bitHeader, kKernelsHeader};
-  const char* names[] = {"adam8bit.h", "cuda_kernels.h"};
-  Program program = nullptr;
-  NvrtcResult r =
-      nvrtc->nvrtcCreateProgram(&program, kKernelSource, "cuda_kernels.cu", 2, headers, names);
-  if (r != 0) return std::string("nvrtcCreateProgram failed: ") + nvrtc->nvrtcGetErrorString(r);
-  std::vector<const char*> options(std::begin(kOptions), std::end(kOptions));
-  std::string arch_option = "-arch=sm_" + std::to_string(arch);
-  options.push_back(arch_option.c_str());
-  r = nvrtc->nvrtcCompileProgram(program, static_cast<int>(options.size()), options.data());
-  if (r != 0) {
-    size_t size = 0;
-    nvrtc->nvrtcGetProgramLogSize(program, &size);
-    std::string log(size, '\0');
-    if (size > 0) nvrtc->nvrtcGetProgramLog(program, log.data());
-    nvrtc->nvrtcDestroyProgram(&program);
-    return std::string("NVRTC could not compile the CUDA kernels for ") + arch_option + ": " +
-           nvrtc->nvrtcGetErrorString(r) + "\n" + log;
+  std::vector<std::string> errors(kNumPrograms);
+  std::vector<std::thread> threads;
+  for (int p : missing) {
+    threads.emplace_back(
+        [&, p] { errors[p] = CompileProgram(*nvrtc, arch, p, &(*cubins)[p]); });
   }
-  size_t size = 0;
-  nvrtc->nvrtcGetCUBINSize(program, &size);
-  cubin->assign(size, '\0');
-  nvrtc->nvrtcGetCUBIN(program, cubin->data());
-  nvrtc->nvrtcDestroyProgram(&program);
+  for (std::thread& thread : threads) thread.join();
+  for (int p : missing) {
+    if (!errors[p].empty()) return errors[p];
+  }
   *compiled = true;
-  WriteAtomically(*path, *cubin);  // a cache that cannot be written only costs a compile
+  for (int p : missing) {
+    std::string why = WriteAtomically((*paths)[p], (*cubins)[p]);
+    if (!why.empty()) {
+      WarnCacheUnwritable(why);
+      (*paths)[p].clear();  // not on disk
+    }
+  }
   return "";
 }
 
@@ -331,9 +402,11 @@ const char* const kKernelNames[kNumKernels] = {
     "op8_build_quant_tables", "op8_block_norm_sq", "op8_ring_scale",
     "op8_whole_leaf_max",     "op8_update_params", "op8_update_updates",
     "op8_store_whole_scales", "op8_store_words",   "op8_load_latency"};
+// The program (OP8_PROGRAM) that holds each kernel.
+constexpr int kProgramOf[kNumKernels] = {0, 0, 0, 0, 1, 2, 0, 0, 0};
 
 struct Kernels {
-  Module module = nullptr;
+  Module modules[kNumPrograms] = {};
   Function functions[kNumKernels] = {};
 };
 
@@ -343,6 +416,25 @@ int CurrentDevice() {
   Call(&Driver::cuCtxGetDevice, &device);
   return device;
 }
+
+}  // namespace
+
+std::string DriverProblem(int driver_version) {
+  std::string error;
+  const Nvrtc* nvrtc = LoadNvrtc(&error);
+  if (nvrtc == nullptr) return error;
+  int major = driver_version / 1000, minor = driver_version % 1000 / 10;
+  if (major >= nvrtc->major) return "";
+  return "the NVIDIA driver supports CUDA " + std::to_string(major) + "." + std::to_string(minor) +
+         ", older than the NVRTC " + std::to_string(nvrtc->major) + "." +
+         std::to_string(nvrtc->minor) +
+         " that compiles optax_paged8bit's kernels (the CUDA version JAX was installed for). "
+         "Install a driver for CUDA " +
+         std::to_string(nvrtc->major) + " (CUDA 13 needs driver 580 or newer), or JAX for CUDA " +
+         std::to_string(major) + " (pip install \"jax[cuda" + std::to_string(major) + "]\").";
+}
+
+namespace {
 
 // The kernels loaded in the current context, compiled or read from the cache
 // at the first launch on its device.
@@ -359,18 +451,26 @@ std::string KernelsOfCurrentDevice(const Kernels** out) {
     return "";
   }
   const Driver* d = D();
+  int driver_version = 0;  // 1000 * major + 10 * minor
+  if (d->cuDriverGetVersion(&driver_version) == kSuccess) {
+    error = DriverProblem(driver_version);
+    if (!error.empty()) return error;
+  }
   int major = 0, minor = 0;
   d->cuDeviceGetAttribute(&major, kAttributeComputeCapabilityMajor, device);
   d->cuDeviceGetAttribute(&minor, kAttributeComputeCapabilityMinor, device);
-  std::string cubin, path;
+  std::vector<std::string> cubins, paths;
   bool compiled = false;
-  error = KernelsCubin(10 * major + minor, &cubin, &path, &compiled);
+  error = KernelsCubins(10 * major + minor, &cubins, &paths, &compiled);
   if (!error.empty()) return error;
   Kernels kernels;
-  Result r = d->cuModuleLoadData(&kernels.module, cubin.data());
-  if (r != kSuccess) return Message("loading the CUDA kernels (cuModuleLoadData)", r);
+  for (int p = 0; p < kNumPrograms; ++p) {
+    Result r = d->cuModuleLoadData(&kernels.modules[p], cubins[p].data());
+    if (r != kSuccess) return Message("loading the CUDA kernels (cuModuleLoadData)", r);
+  }
   for (int k = 0; k < kNumKernels; ++k) {
-    r = d->cuModuleGetFunction(&kernels.functions[k], kernels.module, kKernelNames[k]);
+    Result r = d->cuModuleGetFunction(&kernels.functions[k], kernels.modules[kProgramOf[k]],
+                                      kKernelNames[k]);
     if (r != kSuccess) return Message(kKernelNames[k], r);
   }
   *out = &(loaded[device] = kernels);
@@ -500,9 +600,9 @@ void Configure(const std::string& nvrtc_library, const std::string& cache_dir) {
   g_cache_dir = cache_dir;
 }
 
-std::string CompileKernels(int arch, std::string* path, bool* compiled) {
-  std::string cubin;
-  return KernelsCubin(arch, &cubin, path, compiled);
+std::string CompileKernels(int arch, std::vector<std::string>* paths, bool* compiled) {
+  std::vector<std::string> cubins;
+  return KernelsCubins(arch, &cubins, paths, compiled);
 }
 
 std::string LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,

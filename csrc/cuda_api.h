@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cuda_kernels.h"
 
@@ -81,9 +82,16 @@ class DeviceScope {
 void Configure(const std::string& nvrtc_library, const std::string& cache_dir);
 
 // Compiles the kernels for sm_<arch> (or loads them from the cache) without a
-// GPU: the CUBIN's path, and whether this call compiled it (false: found in
-// the cache). For the build's check and the tests.
-std::string CompileKernels(int arch, std::string* path, bool* compiled);
+// GPU: the paths of the CUBINs of its programs ("" for one the cache could not
+// keep), and whether this call compiled any (false: all found in the cache).
+// For the tests and tools.
+std::string CompileKernels(int arch, std::vector<std::string>* paths, bool* compiled);
+
+// "" when a driver of `driver_version` (cuDriverGetVersion's 1000 * major +
+// 10 * minor) loads what the configured NVRTC compiles (a driver of NVRTC's
+// CUDA major or later), else what to install. Checked before the first compile
+// on a device.
+std::string DriverProblem(int driver_version);
 
 // The kernel launchers (cuda_kernels.cu's entry points), on `stream`; the
 // kernels are compiled or loaded at the first launch on a device. Each

@@ -809,10 +809,15 @@ __device__ __forceinline__ void LoadLatencyBody(const uint8_t* data, int64_t byt
 
 }  // namespace
 
-// The entry points (kernel names in cuda_api.cc's KernelName), each a
+// The entry points (kernel names in cuda_api.cc's kKernelNames), each a
 // __global__ over its body above. Leaf tables travel as __grid_constant__
-// parameters: read in place, never copied per thread.
+// parameters: read in place, never copied per thread. NVRTC compiles them as
+// three programs at once (cuda_api.cc), OP8_PROGRAM choosing each one's
+// entry points: the two update kernels, the bulk of the compile, alone; a
+// compile without it (nvcc's, for tools) has them all.
 extern "C" {
+
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 0
 
 __global__ void __launch_bounds__(kThreads)
     op8_build_quant_tables(const float* qmaps, QuantTables* t) {
@@ -835,16 +840,24 @@ __global__ void __launch_bounds__(kThreads)
   WholeLeafMaxBody(table, args);
 }
 
+#endif
+
 // The update of the fused step (new params) and of the optax path (updates).
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 1
 __global__ void __launch_bounds__(kUpdateThreads, 1)
     op8_update_params(const __grid_constant__ LeafTable table, const StepArgs args) {
   UpdateBody<true>(table, args);
 }
+#endif
 
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 2
 __global__ void __launch_bounds__(kUpdateThreads, 1)
     op8_update_updates(const __grid_constant__ LeafTable table, const StepArgs args) {
   UpdateBody<false>(table, args);
 }
+#endif
+
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 0
 
 __global__ void op8_store_whole_scales(const __grid_constant__ LeafTable table,
                                        const StepArgs args) {
@@ -856,6 +869,7 @@ __global__ void op8_store_words(const WordStores stores) { StoreWordsBody(stores
 __global__ void op8_load_latency(const uint8_t* data, int64_t bytes, uint32_t* cycles) {
   LoadLatencyBody(data, bytes, cycles);
 }
+#endif
 
 }  // extern "C"
 

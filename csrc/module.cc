@@ -89,18 +89,27 @@ PYBIND11_MODULE(_ops, m) {
   m.def(
       "compile_kernels",
       [](int arch) {
-        std::string path;
+        std::vector<std::string> paths;
         bool compiled = false;
         std::string error;
         {
           py::gil_scoped_release unlocked;
-          error = cu::CompileKernels(arch, &path, &compiled);
+          error = cu::CompileKernels(arch, &paths, &compiled);
         }
         if (!error.empty()) throw std::runtime_error(error);
-        return py::make_tuple(path, compiled);
+        return py::make_tuple(py::cast(paths), compiled);
       },
       "Compiles the CUDA kernels for sm_<arch> with NVRTC, or finds them in the cache, with no "
-      "GPU needed; returns (the CUBIN's path, whether this call compiled it).");
+      "GPU needed; returns (the CUBINs' paths, one per program, '' where the cache could not "
+      "keep one; whether this call compiled any).");
+  m.def(
+      "driver_problem",
+      [](int driver_version) {
+        py::gil_scoped_release unlocked;
+        return cu::DriverProblem(driver_version);
+      },
+      "Why a driver of this version (1000 * major + 10 * minor) could not run the kernels the "
+      "configured NVRTC compiles, or ''.");
   m.def(
       "release",
       [](int32_t handle) {

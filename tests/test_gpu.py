@@ -477,10 +477,11 @@ def test_update_kernels_keep_every_value_in_registers():
   cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc or "").resolve().parent / "cuobjdump")
   assert Path(cuobjdump).exists(), "cuobjdump (CUDA toolkit) is needed for this check"
   arch = int(GPU.compute_capability.replace(".", ""))
-  cubin, _ = op._ffi._ops.compile_kernels(arch)  # this GPU's kernels, as NVRTC compiled them
-  out = subprocess.run(
-    [cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True
-  ).stdout
+  cubins, _ = op._ffi._ops.compile_kernels(arch)  # this GPU's kernels, as NVRTC compiled them
+  out = "".join(
+    subprocess.run([cuobjdump, "-res-usage", c], capture_output=True, text=True, check=True).stdout
+    for c in cubins
+  )
   pattern = r"Function (op8_update_\w+):\s*\n\s*REG:(\d+) STACK:(\d+) \S+ LOCAL:(\d+)"
   usage = re.findall(pattern, out)
   assert {name for name, *_ in usage} == {"op8_update_params", "op8_update_updates"}, out

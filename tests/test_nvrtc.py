@@ -1,7 +1,8 @@
 """The CUDA kernels compiled at first use by NVRTC, with no GPU and no CUDA
 toolkit: NVRTC from NVIDIA's pip wheel (the test extra installs it, as JAX's
-CUDA wheels do), the compiled kernels cached on disk, written atomically,
-found by the next process."""
+CUDA wheels do), for sm_80 and sm_90 here (.ci/run adds sm_100), the
+compiled kernels cached on disk, written atomically, found by the next
+process; and the errors of what cannot work."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import optax_paged8bit as op
 
 # A fresh process compiles (or finds) the kernels for one GPU architecture.
@@ -18,8 +21,8 @@ COMPILE = """
 import json, sys, time
 import optax_paged8bit as op
 start = time.perf_counter()
-path, compiled = op._ffi._ops.compile_kernels(int(sys.argv[1]))
-print(json.dumps({"path": path, "compiled": compiled, "seconds": time.perf_counter() - start}))
+paths, compiled = op._ffi._ops.compile_kernels(int(sys.argv[1]))
+print(json.dumps({"paths": paths, "compiled": compiled, "seconds": time.perf_counter() - start}))
 """
 
 ENTRY_POINTS = [
@@ -38,14 +41,32 @@ ENTRY_POINTS = [
 def start(cache: pathlib.Path, arch: int) -> subprocess.Popen:
   env = {**os.environ, "OPTAX_PAGED8BIT_CACHE_DIR": str(cache), "XLA_FLAGS": ""}
   return subprocess.Popen(
-    [sys.executable, "-c", COMPILE, str(arch)], env=env, stdout=subprocess.PIPE, text=True
+    [sys.executable, "-c", COMPILE, str(arch)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
 
 
 def result(process: subprocess.Popen) -> dict:
-  out, _ = process.communicate(timeout=600)
-  assert process.returncode == 0, out
-  return json.loads(out.strip().splitlines()[-1])
+  out, err = process.communicate(timeout=600)
+  assert process.returncode == 0, out + err
+  return {**json.loads(out.strip().splitlines()[-1]), "stderr": err}
+
+
+def check_cubins(paths: list[str], arch: int) -> bytes:
+  """The CUBINs of one architecture: ELF files, named for it, that hold every
+  entry point between them; returns them joined."""
+  assert len(paths) == 3, paths
+  data = b""
+  for path in map(pathlib.Path, paths):
+    assert f"-sm{arch}-" in path.name, path
+    blob = path.read_bytes()
+    assert blob[:4] == b"\x7fELF", path
+    data += blob
+  assert all(name in data for name in ENTRY_POINTS)
+  return data
 
 
 def test_nvrtc_is_found_where_pip_put_it():
@@ -54,21 +75,43 @@ def test_nvrtc_is_found_where_pip_put_it():
   assert op._ffi._nvrtc_problem() is None
 
 
-def test_kernels_compile_without_a_gpu_two_processes_at_once_and_the_next_one_reuses_them(
-  tmp_path,
-):
-  """Two processes compile for sm_90 into an empty cache at the same time
-  (each renames a whole file into place: no reader sees part of one), and a
-  third finds the result and compiles nothing."""
+def test_kernels_compile_without_a_gpu_racing_processes_and_an_unwritable_cache(tmp_path):
+  """Three processes compile at once: two for sm_90 into one empty cache (each
+  renames whole files into place: no reader sees part of one, and no
+  temporary file stays), one for sm_80, the architecture floor, with a cache
+  folder that cannot be made (it compiles all the same, keeps nothing, and
+  says why once on stderr). A fourth process finds the sm_90 kernels and
+  compiles nothing. (.ci/run compiles for sm_100 too.)"""
   cache = tmp_path / "cache"
-  first, second = start(cache, 90), start(cache, 90)
-  a, b = result(first), result(second)
-  assert a["path"] == b["path"] and a["compiled"] and b["compiled"]
-  cubin = pathlib.Path(a["path"])
-  assert cubin.parent == cache and "sm90" in cubin.name
-  assert [p.name for p in cache.iterdir()] == [cubin.name]  # no temporary file left
-  data = cubin.read_bytes()
-  assert data[:4] == b"\x7fELF" and all(name in data for name in ENTRY_POINTS)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  first, second, floor = start(cache, 90), start(cache, 90), start(blocker / "cache", 80)
+  a, b, c = result(first), result(second), result(floor)
+  assert a["compiled"] and b["compiled"] and a["paths"] == b["paths"], (a, b)
+  assert a["stderr"] == b["stderr"] == "", (a, b)
+  sm90 = check_cubins(a["paths"], 90)
+  assert sorted(p.name for p in cache.iterdir()) == sorted(pathlib.Path(p).name for p in a["paths"])
+  assert c["compiled"] and c["paths"] == ["", "", ""], c
+  assert c["stderr"].count("cannot be cached") == 1, c["stderr"]
+  assert "OPTAX_PAGED8BIT_CACHE_DIR" in c["stderr"] and "a_file" in c["stderr"], c["stderr"]
   again = result(start(cache, 90))
-  assert again == {**again, "path": a["path"], "compiled": False} and again["seconds"] < 5
-  assert cubin.read_bytes() == data
+  assert again["paths"] == a["paths"] and not again["compiled"], again
+  assert again["seconds"] < 5, again
+  assert check_cubins(again["paths"], 90) == sm90
+
+
+def test_gpus_below_the_floor_and_archs_nvrtc_lacks_say_so(tmp_path, monkeypatch):
+  with pytest.raises(RuntimeError, match=r"compute capability 8\.0 \(Ampere\) or newer; this one is 7\.5"):
+    op._ffi._ops.compile_kernels(75)
+  with pytest.raises(RuntimeError, match=r"NVRTC 1\d\.\d+ cannot compile for sm_990"):
+    op._ffi._ops.compile_kernels(990)
+
+
+def test_a_driver_older_than_nvrtc_says_what_to_install():
+  nvrtc_major = int(op._ffi.nvrtc_library().rsplit(".so.", 1)[1].split(".")[0])
+  assert op._ffi._ops.driver_problem(nvrtc_major * 1000) == ""
+  assert op._ffi._ops.driver_problem(nvrtc_major * 1000 + 80) == ""
+  old = (nvrtc_major - 1) * 1000 + 80
+  message = op._ffi._ops.driver_problem(old)
+  assert f"supports CUDA {nvrtc_major - 1}.8, older than the NVRTC {nvrtc_major}." in message
+  assert f'jax[cuda{nvrtc_major - 1}]' in message and f"driver for CUDA {nvrtc_major}" in message
