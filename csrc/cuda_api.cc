@@ -342,7 +342,8 @@ std::string KernelsCubins(int arch, std::vector<std::string>* cubins,
     return "optax_paged8bit's CUDA kernels need a GPU of compute capability " +
            std::to_string(kMinArch / 10) + "." + std::to_string(kMinArch % 10) +
            " (Ampere) or newer; this one is " + std::to_string(arch / 10) + "." +
-           std::to_string(arch % 10) + ". Keep the optimizer state on the CPU (jax.devices('cpu')) "
+           std::to_string(arch % 10) +
+           ". Keep the optimizer state on the CPU (jax.devices('cpu')) "
            "or use optax.adamw on this GPU.";
   }
   cubins->assign(kNumPrograms, "");
@@ -366,8 +367,7 @@ std::string KernelsCubins(int arch, std::vector<std::string>* cubins,
   std::vector<std::string> errors(kNumPrograms);
   std::vector<std::thread> threads;
   for (int p : missing) {
-    threads.emplace_back(
-        [&, p] { errors[p] = CompileProgram(*nvrtc, arch, p, &(*cubins)[p]); });
+    threads.emplace_back([&, p] { errors[p] = CompileProgram(*nvrtc, arch, p, &(*cubins)[p]); });
   }
   for (std::thread& thread : threads) thread.join();
   for (int p : missing) {
