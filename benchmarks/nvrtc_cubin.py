@@ -13,7 +13,14 @@ import sys
 
 import optax_paged8bit as op
 
-OPTIONS = ["-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false"]
+OPTIONS = [
+  "-std=c++17",
+  "--fmad=false",
+  "--prec-div=true",
+  "--prec-sqrt=true",
+  "--ftz=false",
+  "-default-device",
+]
 
 
 def compile_cubin(csrc: pathlib.Path, arch: int) -> bytes:

@@ -211,6 +211,16 @@ const Nvrtc* LoadNvrtc(std::string* error) {
     return nullptr;
   }
   n->nvrtcVersion(&n->major, &n->minor);
+  // NVRTC loads its builtins library (libnvrtc-builtins.so.MAJOR.MINOR) by
+  // name when it compiles; some of NVIDIA's wheels leave that to the library
+  // path, which pip does not set. Loaded here from NVRTC's own folder, it is
+  // found by name later.
+  size_t slash = library.rfind('/');
+  if (slash != std::string::npos) {
+    std::string builtins = library.substr(0, slash + 1) + "libnvrtc-builtins.so." +
+                           std::to_string(n->major) + "." + std::to_string(n->minor);
+    dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);  // absent: NVRTC searches as usual
+  }
   loaded = std::move(n);
   return loaded.get();
 }
@@ -218,10 +228,13 @@ const Nvrtc* LoadNvrtc(std::string* error) {
 // The options NVRTC compiles the kernels with: the results bit-identical to
 // the CPU backend need float32 operations exactly as written (no contraction
 // into fma) and correctly rounded division and square root (NVRTC's
-// defaults, spelled out). kOptionsTag names them in the cache's file names.
-const char* const kOptions[] = {"-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true",
-                                "--ftz=false"};
-constexpr char kOptionsTag[] = "o1";
+// defaults, spelled out). -default-device: NVRTC 13.0 takes the kernels'
+// generic lambdas for host functions unless told otherwise (13.2 and later
+// need no flag, and make the same SASS with it). kOptionsTag names them in the
+// cache's file names.
+const char* const kOptions[] = {"-std=c++17",       "--fmad=false", "--prec-div=true",
+                                "--prec-sqrt=true", "--ftz=false",  "-default-device"};
+constexpr char kOptionsTag[] = "o2";
 
 // The oldest GPUs the kernels compile for: sm_80 (Ampere) brought the bfloat16
 // conversions they use.
