@@ -60,9 +60,10 @@ fi
   | tee -a "$OUT/machine.txt"
 arch=$(python3 -c "import jax; print(jax.devices()[0].compute_capability.replace('.', ''))")
 for run in cold warm; do
-  t0=$(date +%s.%N)
+  t0=$(date +%s%N)
   res=$(bash benchmarks/kernel_resources.sh "$arch")
-  echo "kernels sm_$arch, $run: $(echo "$(date +%s.%N) - $t0" | bc) s; $res" | tee -a "$OUT/machine.txt"
+  seconds=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+  echo "kernels sm_$arch, $run: $seconds s; $res" | tee -a "$OUT/machine.txt"
 done
 status=0
 (cd tests && timeout "${GPU_TESTS_LIMIT:-300}" python3 -m pytest -v -p no:cacheprovider \

@@ -15,6 +15,7 @@
 #include "cuda_ops.h"
 #include "ffi_common.h"
 #include "registry.h"
+#include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
 
@@ -80,6 +81,9 @@ PYBIND11_MODULE(_ops, m) {
   m.def("cpu_registrations", &CpuRegistrations, "FFI target name -> CPU handler capsule.");
   m.def("cuda_registrations", &CudaRegistrations, "FFI target name -> CUDA handler capsule.");
   m.attr("built_with_cuda") = true;
+  // The XLA FFI API version of the headers this was built against: XLA runs
+  // handlers of its own major version and of its minor version or older.
+  m.attr("ffi_api_version") = pybind11::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.def(
       "configure_cuda",
       [](const std::string& nvrtc_library, const std::string& cache_dir) {

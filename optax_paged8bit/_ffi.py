@@ -8,6 +8,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -29,6 +30,37 @@ EXPORT_TARGET = "optax_paged8bit_export"
 IMPORT_TARGET = "optax_paged8bit_import"
 UPDATE_ARRAYS_TARGET = "optax_paged8bit_update_arrays"
 BLOCK_NORMS_TARGET = "optax_paged8bit_block_norms"
+
+
+
+def _framework_ffi_api_version() -> tuple[int, int] | None:
+  """The XLA FFI API version of the installed jaxlib, read from the headers it
+  ships (None where they are absent)."""
+  try:
+    header = os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")
+    with open(header) as f:
+      text = f.read()
+  except (OSError, AttributeError):
+    return None
+  found = [re.search(rf"#define XLA_FFI_API_{part} (\d+)", text) for part in ("MAJOR", "MINOR")]
+  return None if None in found else (int(found[0].group(1)), int(found[1].group(1)))
+
+
+def check_ffi_api_version(built: tuple[int, int], framework: tuple[int, int] | None) -> None:
+  """Raises ImportError where XLA cannot run handlers built against `built`:
+  another major version, or a minor version newer than the framework's."""
+  if framework is None or (built[0] == framework[0] and built[1] <= framework[1]):
+    return
+  raise ImportError(
+    f"optax_paged8bit's extension was built against XLA FFI API {built[0]}.{built[1]}, which "
+    f"the installed jax {jax.__version__} (FFI API {framework[0]}.{framework[1]}) cannot run. "
+    "It was built against another jaxlib's headers; reinstall it against this jax: "
+    "`pip install --force-reinstall --no-deps --no-build-isolation optax_paged8bit` "
+    "(or `pip install .` from the source tree, whose build uses the oldest supported jax)."
+  )
+
+
+check_ffi_api_version(tuple(_ops.ffi_api_version), _framework_ffi_api_version())
 
 for _name, _capsule in _ops.cpu_registrations().items():
   jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

@@ -116,3 +116,16 @@ def test_a_driver_older_than_nvrtc_says_what_to_install():
   message = op._ffi._ops.driver_problem(old)
   assert f"supports CUDA {nvrtc_major - 1}.8, older than the NVRTC {nvrtc_major}." in message
   assert f"jax[cuda{nvrtc_major - 1}]" in message and f"driver for CUDA {nvrtc_major}" in message
+
+
+def test_the_extension_runs_on_this_jax_and_one_built_for_a_newer_says_so():
+  built = tuple(op._ffi._ops.ffi_api_version)
+  framework = op._ffi._framework_ffi_api_version()
+  assert framework is not None and built[0] == framework[0] and built[1] <= framework[1]
+  op._ffi.check_ffi_api_version(built, framework)
+  op._ffi.check_ffi_api_version((framework[0], framework[1] - 1), framework)
+  newer = (framework[0], framework[1] + 1)
+  with pytest.raises(ImportError, match=rf"built against XLA FFI API {newer[0]}\.{newer[1]}"):
+    op._ffi.check_ffi_api_version(newer, framework)
+  with pytest.raises(ImportError, match="--no-build-isolation"):
+    op._ffi.check_ffi_api_version((framework[0] + 1, 0), framework)
