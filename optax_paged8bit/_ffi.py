@@ -32,7 +32,6 @@ UPDATE_ARRAYS_TARGET = "optax_paged8bit_update_arrays"
 BLOCK_NORMS_TARGET = "optax_paged8bit_block_norms"
 
 
-
 def _framework_ffi_api_version() -> tuple[int, int] | None:
   """The XLA FFI API version of the installed jaxlib, read from the headers it
   ships (None where they are absent)."""
