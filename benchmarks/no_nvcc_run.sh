@@ -3,12 +3,12 @@
 # toolkit on PATH or the library path (only cuobjdump, for the kernels'
 # resources), NVRTC from JAX's CUDA wheels, the kernels compiled at first use
 # into a fresh cache. Installs WHEEL (a wheel built elsewhere with `pip wheel`)
-# or builds this tree; times the first compile and a warm one; runs
-# tests/test_gpu.py and tests/test_chunked_step.py; with BASELINE_SRC (a
-# tarball of a tree whose CMake build compiles the kernels with nvcc), builds
-# that with the toolkit's nvcc beside the tests, then benchmarks both builds'
-# fused step against optax.adamw, alternating, and counts both update kernels'
-# SASS; last, the collector's GPU tests (COLLECTOR_K selects).
+# or builds this tree; times the first step's kernel compile, cold and warm;
+# with BASELINE_SRC (a tarball of a tree whose CMake build compiles the
+# kernels with nvcc), builds that with the toolkit's nvcc meanwhile, then
+# benchmarks both builds' fused step against optax.adamw, alternating, and
+# counts both builds' update kernels' SASS; then the collector's GPU tests
+# (COLLECTOR_K selects); last, tests/test_gpu.py and tests/test_chunked_step.py.
 # Usage (repo root, on the device):
 #   [WHEEL=dist/x.whl] [BASELINE_SRC=src.tar.gz] bash benchmarks/no_nvcc_run.sh
 set -u
@@ -59,17 +59,21 @@ fi
 (cd /tmp && python3 -c "from optax_paged8bit import _ffi; print('nvrtc:', _ffi.nvrtc_library())") \
   | tee -a "$OUT/machine.txt"
 arch=$(python3 -c "import jax; print(jax.devices()[0].compute_capability.replace('.', ''))")
-for run in cold warm; do
-  t0=$(date +%s%N)
-  res=$(bash benchmarks/kernel_resources.sh "$arch")
-  seconds=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
-  echo "kernels sm_$arch, $run: $seconds s; $res" | tee -a "$OUT/machine.txt"
+# The first step's kernel compile, cold and warm (fresh processes), then all
+# the programs at once into another empty cache, then the update kernels'
+# resources and SASS.
+for dtype in float32 bfloat16; do
+  python3 benchmarks/first_step.py --dtype $dtype --json "$OUT/first_step_$dtype.json" \
+    | tee -a "$OUT/machine.txt"
 done
+(cd /tmp && OPTAX_PAGED8BIT_CACHE_DIR=/tmp/no_nvcc_all python3 -c "
+import time, optax_paged8bit as op
+start = time.perf_counter(); paths, compiled = op._ffi._ops.compile_kernels($arch)
+print(f'all {len(paths)} programs for sm_$arch, cold: {time.perf_counter() - start:.2f} s')
+start = time.perf_counter(); op._ffi._ops.compile_kernels($arch)
+print(f'again, warm: {time.perf_counter() - start:.4f} s')") | tee -a "$OUT/machine.txt"
+echo "kernels sm_$arch: $(bash benchmarks/kernel_resources.sh "$arch")" | tee -a "$OUT/machine.txt"
 status=0
-(cd tests && timeout "${GPU_TESTS_LIMIT:-300}" python3 -m pytest -v -p no:cacheprovider \
-   test_gpu.py test_chunked_step.py) > "$OUT/gpu_tests.log" 2>&1 || status=1
-grep -c " PASSED" "$OUT/gpu_tests.log" | sed 's/$/ passed/'
-grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -8 | cut -c1-200
 builds=nvrtc
 if [ -n "${BASELINE_SRC:-}" ]; then
   wait "$baseline_pid" && builds="nvrtc nvcc"
@@ -91,4 +95,8 @@ done
    python3 -m pytest -v -p no:cacheprovider test_collector.py ${COLLECTOR_K:+-k "$COLLECTOR_K"}) \
    > "$OUT/collector_tests.log" 2>&1 || status=1
 tail -4 "$OUT/collector_tests.log" | cut -c1-200
+(cd tests && timeout "${GPU_TESTS_LIMIT:-300}" python3 -m pytest -v -p no:cacheprovider \
+   --durations=12 test_gpu.py test_chunked_step.py) > "$OUT/gpu_tests.log" 2>&1 || status=1
+grep -c " PASSED" "$OUT/gpu_tests.log" | sed 's/$/ passed/'
+grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -8 | cut -c1-200
 exit $status

@@ -240,11 +240,16 @@ constexpr char kOptionsTag[] = "o2";
 // conversions they use.
 constexpr int kMinArch = 80;
 
-// The kernels compile as kNumPrograms NVRTC programs at once, on threads of
-// their own: the two update kernels take nearly all of the compile, about
-// equally, and a program's compile uses one core (cuda_kernels.cu's
-// OP8_PROGRAM picks each program's entry points).
-constexpr int kNumPrograms = 3;
+// The kernels compile as kNumPrograms NVRTC programs (cuda_kernels.cu's
+// OP8_PROGRAM picks each program's entry points): 0 the small kernels, 1-6 one
+// update kernel each (fused step, then optax path; float32, bfloat16,
+// float16). A device compiles or loads only the programs its steps need, those
+// of one step at once, each on a thread of its own (a program's compile uses
+// one core).
+constexpr int kNumPrograms = 7;
+
+// The program of the update kernel for params of `type` (ElemType).
+int UpdateProgram(bool write_params, int32_t type) { return 1 + (write_params ? 0 : 3) + type; }
 
 std::string CachePath(int arch, const Nvrtc& nvrtc, int program) {
   std::lock_guard<std::mutex> lock(g_config_mu);
@@ -343,11 +348,13 @@ std::string CompileProgram(const Nvrtc& nvrtc, int arch, int program_index, std:
   return "";
 }
 
-// The CUBINs of the kernels' programs for sm_<arch>: from the cache, else
-// compiled, all missing ones at once (and cached when the cache can be
-// written). `compiled`: whether any was compiled.
-std::string KernelsCubins(int arch, std::vector<std::string>* cubins,
-                          std::vector<std::string>* paths, bool* compiled) {
+// The CUBINs of the programs in `wanted` for sm_<arch> (cubins and paths hold
+// kNumPrograms entries, "" for the others): from the cache, else compiled,
+// all missing ones at once (and cached when the cache can be written).
+// `compiled`: whether any was compiled.
+std::string KernelsCubins(int arch, const std::vector<int>& wanted,
+                          std::vector<std::string>* cubins, std::vector<std::string>* paths,
+                          bool* compiled) {
   std::string error;
   const Nvrtc* nvrtc = LoadNvrtc(&error);
   if (nvrtc == nullptr) return error;
@@ -363,7 +370,7 @@ std::string KernelsCubins(int arch, std::vector<std::string>* cubins,
   paths->assign(kNumPrograms, "");
   *compiled = false;
   std::vector<int> missing;
-  for (int p = 0; p < kNumPrograms; ++p) {
+  for (int p : wanted) {
     (*paths)[p] = CachePath(arch, *nvrtc, p);
     if (!ReadFile((*paths)[p], &(*cubins)[p]) || (*cubins)[p].empty()) missing.push_back(p);
   }
@@ -404,20 +411,32 @@ enum Kernel : int {
   kBlockNormSq,
   kRingScale,
   kWholeLeafMax,
-  kUpdateParams,
-  kUpdateUpdates,
+  kUpdateParamsF32,
+  kUpdateParamsBF16,
+  kUpdateParamsF16,
+  kUpdateUpdatesF32,
+  kUpdateUpdatesBF16,
+  kUpdateUpdatesF16,
   kStoreWholeScales,
   kStoreWords,
   kLoadLatency,
   kNumKernels
 };
 const char* const kKernelNames[kNumKernels] = {
-    "op8_build_quant_tables", "op8_block_norm_sq", "op8_ring_scale",
-    "op8_whole_leaf_max",     "op8_update_params", "op8_update_updates",
-    "op8_store_whole_scales", "op8_store_words",   "op8_load_latency"};
+    "op8_build_quant_tables", "op8_block_norm_sq",      "op8_ring_scale",
+    "op8_whole_leaf_max",     "op8_update_params_f32",  "op8_update_params_bf16",
+    "op8_update_params_f16",  "op8_update_updates_f32", "op8_update_updates_bf16",
+    "op8_update_updates_f16", "op8_store_whole_scales", "op8_store_words",
+    "op8_load_latency"};
 // The program (OP8_PROGRAM) that holds each kernel.
-constexpr int kProgramOf[kNumKernels] = {0, 0, 0, 0, 1, 2, 0, 0, 0};
+constexpr int kProgramOf[kNumKernels] = {0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0};
 
+// The update kernel for params of `type`.
+Kernel UpdateKernel(bool write_params, int32_t type) {
+  return static_cast<Kernel>((write_params ? kUpdateParamsF32 : kUpdateUpdatesF32) + type);
+}
+
+// A device's loaded programs (null: not yet) and their kernels.
 struct Kernels {
   Module modules[kNumPrograms] = {};
   Function functions[kNumKernels] = {};
@@ -449,20 +468,27 @@ std::string DriverProblem(int driver_version) {
 
 namespace {
 
-// The kernels loaded in the current context, compiled or read from the cache
-// at the first launch on its device.
-std::string KernelsOfCurrentDevice(const Kernels** out) {
+// Makes the programs in `wanted` (and program 0) loaded in the current
+// context: compiled or read from the cache at once, those that are missing,
+// when a launch on its device first needs them. `out`: the device's kernels.
+std::string LoadPrograms(std::vector<int> wanted, const Kernels** out) {
   static std::mutex mu;
   static std::map<int, Kernels> loaded;
   std::string error = Init();
   if (!error.empty()) return error;
   int device = CurrentDevice();
   std::lock_guard<std::mutex> lock(mu);
-  auto it = loaded.find(device);
-  if (it != loaded.end()) {
-    *out = &it->second;
-    return "";
+  Kernels& kernels = loaded[device];
+  *out = &kernels;
+  wanted.push_back(0);
+  std::vector<int> missing;
+  for (int p : wanted) {
+    if (kernels.modules[p] == nullptr &&
+        std::find(missing.begin(), missing.end(), p) == missing.end()) {
+      missing.push_back(p);
+    }
   }
+  if (missing.empty()) return "";
   const Driver* d = D();
   int driver_version = 0;  // 1000 * major + 10 * minor
   if (d->cuDriverGetVersion(&driver_version) == kSuccess) {
@@ -474,26 +500,26 @@ std::string KernelsOfCurrentDevice(const Kernels** out) {
   d->cuDeviceGetAttribute(&minor, kAttributeComputeCapabilityMinor, device);
   std::vector<std::string> cubins, paths;
   bool compiled = false;
-  error = KernelsCubins(10 * major + minor, &cubins, &paths, &compiled);
+  error = KernelsCubins(10 * major + minor, missing, &cubins, &paths, &compiled);
   if (!error.empty()) return error;
-  Kernels kernels;
-  for (int p = 0; p < kNumPrograms; ++p) {
-    Result r = d->cuModuleLoadData(&kernels.modules[p], cubins[p].data());
+  for (int p : missing) {
+    Module module = nullptr;
+    Result r = d->cuModuleLoadData(&module, cubins[p].data());
     if (r != kSuccess) return Message("loading the CUDA kernels (cuModuleLoadData)", r);
+    for (int k = 0; k < kNumKernels; ++k) {
+      if (kProgramOf[k] != p) continue;
+      r = d->cuModuleGetFunction(&kernels.functions[k], module, kKernelNames[k]);
+      if (r != kSuccess) return Message(kKernelNames[k], r);
+    }
+    kernels.modules[p] = module;  // last: a program is loaded once its kernels are found
   }
-  for (int k = 0; k < kNumKernels; ++k) {
-    Result r = d->cuModuleGetFunction(&kernels.functions[k], kernels.modules[kProgramOf[k]],
-                                      kKernelNames[k]);
-    if (r != kSuccess) return Message(kKernelNames[k], r);
-  }
-  *out = &(loaded[device] = kernels);
   return "";
 }
 
 // Launches kernel k with `params` (pointers to each parameter's value).
 std::string Launch(Kernel k, unsigned grid, unsigned threads, void** params, Stream stream) {
   const Kernels* kernels = nullptr;
-  std::string error = KernelsOfCurrentDevice(&kernels);
+  std::string error = LoadPrograms({kProgramOf[k]}, &kernels);
   if (!error.empty()) return error;
   Result r = Call(&Driver::cuLaunchKernel, kernels->functions[k], grid, 1u, 1u, threads, 1u, 1u, 0u,
                   stream, params, static_cast<void**>(nullptr));
@@ -613,9 +639,34 @@ void Configure(const std::string& nvrtc_library, const std::string& cache_dir) {
   g_cache_dir = cache_dir;
 }
 
-std::string CompileKernels(int arch, std::vector<std::string>* paths, bool* compiled) {
+std::string CompileKernels(int arch, const std::vector<int>* programs,
+                           std::vector<std::string>* paths, bool* compiled) {
   std::vector<std::string> cubins;
-  return KernelsCubins(arch, &cubins, paths, compiled);
+  std::vector<int> wanted;
+  for (int p = 0; p < kNumPrograms; ++p) {
+    if (programs == nullptr ||
+        std::find(programs->begin(), programs->end(), p) != programs->end()) {
+      wanted.push_back(p);
+    }
+  }
+  if (programs != nullptr) {
+    for (int p : *programs) {
+      if (p < 0 || p >= kNumPrograms) {
+        return "compile_kernels: no program " + std::to_string(p) + " (0.." +
+               std::to_string(kNumPrograms - 1) + ")";
+      }
+    }
+  }
+  return KernelsCubins(arch, wanted, &cubins, paths, compiled);
+}
+
+std::string LoadUpdateKernels(uint32_t types, bool write_params) {
+  std::vector<int> wanted;
+  for (int32_t type : {kF32, kBF16, kF16}) {
+    if (types & (1u << type)) wanted.push_back(UpdateProgram(write_params, type));
+  }
+  const Kernels* kernels = nullptr;
+  return LoadPrograms(wanted, &kernels);
 }
 
 std::string LaunchBlockNormSq(const LeafTable& table, double* partials, int num_sms,
@@ -651,8 +702,11 @@ std::string LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
   if (!BlockIndicesFit(table)) return kTooManyBlocks;
   void* params[] = {const_cast<LeafTable*>(&table), const_cast<StepArgs*>(&args)};
   unsigned grid = GridFor(table.num_blocks, num_sms, kUpdateWarps, 1);
-  std::string error = Launch(args.write_params ? kUpdateParams : kUpdateUpdates, grid,
-                             kUpdateThreads, params, stream);
+  // Every leaf of a table has one dtype (the caller groups them); an empty
+  // table (a step of no leaves still writes the count) takes float32's.
+  int32_t type = table.num_leaves > 0 ? table.leaves[0].type : kF32;
+  std::string error =
+      Launch(UpdateKernel(args.write_params, type), grid, kUpdateThreads, params, stream);
   if (error.empty() && args.whole_absmax != nullptr) {
     error = Launch(kStoreWholeScales, 1, kThreads, params, stream);
   }

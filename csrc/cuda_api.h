@@ -81,11 +81,20 @@ class DeviceScope {
 // where compiled kernels are cached; set by the Python side at import.
 void Configure(const std::string& nvrtc_library, const std::string& cache_dir);
 
-// Compiles the kernels for sm_<arch> (or loads them from the cache) without a
-// GPU: the paths of the CUBINs of its programs ("" for one the cache could not
-// keep), and whether this call compiled any (false: all found in the cache).
-// For the tests and tools.
-std::string CompileKernels(int arch, std::vector<std::string>* paths, bool* compiled);
+// Compiles the kernels' programs for sm_<arch> (or loads them from the
+// cache) without a GPU: all of them, or those in `programs` (their numbers,
+// cuda_kernels.cu's OP8_PROGRAM). `paths`: one per program, the CUBIN's path
+// ("" for one not asked for or that the cache could not keep); `compiled`:
+// whether this call compiled any (false: all found in the cache). For the
+// tests and tools.
+std::string CompileKernels(int arch, const std::vector<int>* programs,
+                           std::vector<std::string>* paths, bool* compiled);
+
+// Compiles or loads at once, on the current device, the kernels a step over
+// params of the dtypes in `types` (bit 1 << ElemType each) needs: the update
+// kernels of those dtypes and the small kernels. Launches load what they need
+// by themselves; this only lets one step's programs compile together.
+std::string LoadUpdateKernels(uint32_t types, bool write_params);
 
 // "" when a driver of `driver_version` (cuDriverGetVersion's 1000 * major +
 // 10 * minor) loads what the configured NVRTC compiles (a driver of NVRTC's

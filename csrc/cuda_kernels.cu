@@ -694,8 +694,9 @@ __device__ __forceinline__ void SkipLane(const LeafDesc& leaf, int64_t j, int64_
 
 // A step that SkipLane's every lane of the launch (its own loop, so that the
 // update's loop carries no check of it per block). A skipped step is rare:
-// the warps take the blocks in turn and look each one's leaf up.
-template <bool kWriteParams>
+// the warps take the blocks in turn and look each one's leaf up. Every leaf
+// of the launch has dtype T (as in UpdateBody).
+template <int32_t T, bool kWriteParams>
 __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
   int32_t warps = static_cast<int32_t>(gridDim.x * (blockDim.x / kLanes));
   for (int32_t b = static_cast<int32_t>((blockIdx.x * blockDim.x + threadIdx.x) / kLanes);
@@ -703,15 +704,15 @@ __device__ __forceinline__ void SkipBlocks(const LeafTable& table, int lane) {
     const LeafDesc& leaf = table.leaves[FindLeaf(table, b)];
     int64_t j = b - leaf.block_begin;
     int64_t start = j * kBlockSize + lane * kLaneElems;
-    WithElemType(leaf.type, [&](auto t) {
-      SkipLane<decltype(t)::value, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start), lane);
-    });
+    SkipLane<T, kWriteParams>(leaf, j, start, LaneValid(leaf.size, start), lane);
   }
 }
 
-// The update; kWriteParams: the fused step (new params) rather than the optax
-// path (updates).
-template <bool kWriteParams>
+// The update of a launch whose leaves all have dtype T (the host groups the
+// leaves by dtype: one kernel per dtype compiles in a tenth of the time of a
+// kernel that switches between three); kWriteParams: the fused step (new
+// params) rather than the optax path (updates).
+template <int32_t T, bool kWriteParams>
 __device__ __forceinline__ void UpdateBody(const LeafTable& table, const StepArgs& args) {
   __shared__ QuantTables quant;
   LoadQuantTables(args.quant, &quant, /*maps_only=*/false);
@@ -722,7 +723,7 @@ __device__ __forceinline__ void UpdateBody(const LeafTable& table, const StepArg
   }
   int lane = threadIdx.x & (kLanes - 1);
   if (!s.valid) {
-    SkipBlocks<kWriteParams>(table, lane);
+    SkipBlocks<T, kWriteParams>(table, lane);
     return;
   }
   int32_t first, last;
@@ -739,21 +740,14 @@ __device__ __forceinline__ void UpdateBody(const LeafTable& table, const StepArg
       // instructions went to per-block work on an H200, RESULTS.md).
       if (b < cursor.full_end && (leaf.flags & kLeafAligned)) {
         bool prefetch_next = b + 1 < last && b + 1 < cursor.full_end;
-        WithElemType(leaf.type, [&](auto t) {
-          Lane8bit<decltype(t)::value, kWriteParams, true>(leaf, quant, s, args, j, start,
-                                                           kLaneElems, scale, lane, prefetch_next);
-        });
+        Lane8bit<T, kWriteParams, true>(leaf, quant, s, args, j, start, kLaneElems, scale, lane,
+                                        prefetch_next);
       } else {
-        WithElemType(leaf.type, [&](auto t) {
-          Lane8bit<decltype(t)::value, kWriteParams, false>(
-              leaf, quant, s, args, j, start, LaneValid(leaf.size, start), scale, lane, false);
-        });
+        Lane8bit<T, kWriteParams, false>(leaf, quant, s, args, j, start,
+                                         LaneValid(leaf.size, start), scale, lane, false);
       }
     } else {
-      WithElemType(leaf.type, [&](auto t) {
-        LaneFloat32<decltype(t)::value, kWriteParams>(leaf, s, start, LaneValid(leaf.size, start),
-                                                      scale);
-      });
+      LaneFloat32<T, kWriteParams>(leaf, s, start, LaneValid(leaf.size, start), scale);
     }
   }
 }
@@ -812,9 +806,10 @@ __device__ __forceinline__ void LoadLatencyBody(const uint8_t* data, int64_t byt
 // The entry points (kernel names in cuda_api.cc's kKernelNames), each a
 // __global__ over its body above. Leaf tables travel as __grid_constant__
 // parameters: read in place, never copied per thread. NVRTC compiles them as
-// three programs at once (cuda_api.cc), OP8_PROGRAM choosing each one's
-// entry points: the two update kernels, the bulk of the compile, alone; a
-// compile without it (nvcc's, for tools) has them all.
+// seven programs (cuda_api.cc), OP8_PROGRAM choosing each one's entry points:
+// 0 the small kernels, 1-6 one update kernel each (the bulk of the compile),
+// each compiled when a step first needs it; a compile without OP8_PROGRAM
+// (for tools) has them all.
 extern "C" {
 
 #if !defined(OP8_PROGRAM) || OP8_PROGRAM == 0
@@ -842,20 +837,34 @@ __global__ void __launch_bounds__(kThreads)
 
 #endif
 
-// The update of the fused step (new params) and of the optax path (updates).
+// The update of the fused step (new params) and of the optax path (updates),
+// one kernel per dtype of the params, each a program of its own: 1-3 the fused
+// step's for float32, bfloat16 and float16, 4-6 the optax path's
+// (cuda_api.cc's ProgramOf).
+#define OP8_UPDATE_KERNEL(name, type, write_params)                        \
+  __global__ void __launch_bounds__(kUpdateThreads, 1)                     \
+      name(const __grid_constant__ LeafTable table, const StepArgs args) { \
+    UpdateBody<type, write_params>(table, args);                           \
+  }
 #if !defined(OP8_PROGRAM) || OP8_PROGRAM == 1
-__global__ void __launch_bounds__(kUpdateThreads, 1)
-    op8_update_params(const __grid_constant__ LeafTable table, const StepArgs args) {
-  UpdateBody<true>(table, args);
-}
+OP8_UPDATE_KERNEL(op8_update_params_f32, kF32, true)
 #endif
-
 #if !defined(OP8_PROGRAM) || OP8_PROGRAM == 2
-__global__ void __launch_bounds__(kUpdateThreads, 1)
-    op8_update_updates(const __grid_constant__ LeafTable table, const StepArgs args) {
-  UpdateBody<false>(table, args);
-}
+OP8_UPDATE_KERNEL(op8_update_params_bf16, kBF16, true)
 #endif
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 3
+OP8_UPDATE_KERNEL(op8_update_params_f16, kF16, true)
+#endif
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 4
+OP8_UPDATE_KERNEL(op8_update_updates_f32, kF32, false)
+#endif
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 5
+OP8_UPDATE_KERNEL(op8_update_updates_bf16, kBF16, false)
+#endif
+#if !defined(OP8_PROGRAM) || OP8_PROGRAM == 6
+OP8_UPDATE_KERNEL(op8_update_updates_f16, kF16, false)
+#endif
+#undef OP8_UPDATE_KERNEL
 
 #if !defined(OP8_PROGRAM) || OP8_PROGRAM == 0
 

@@ -380,22 +380,36 @@ int32_t AlignmentFlag(const LeafDesc& d) {
   return words && codes ? kLeafAligned : 0;
 }
 
-// Splits the leaves into launch tables of at most kMaxLeavesPerLaunch.
+// Splits the leaves into launch tables of at most kMaxLeavesPerLaunch, in
+// their order, or with by_type, grouped by dtype (in their order within each):
+// then every table's leaves have one dtype, as an update kernel takes them.
+// block_offsets: where each table's blocks start, counted in table order.
 std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
                                                     const std::vector<LeafSpec>& layout,
                                                     const std::vector<StepState>& states,
                                                     bool block_wise,
-                                                    std::vector<int64_t>* block_offsets) {
+                                                    std::vector<int64_t>* block_offsets,
+                                                    bool by_type = false) {
+  std::vector<size_t> order(calls.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  if (by_type) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return calls[a].type < calls[b].type; });
+  }
   std::vector<std::unique_ptr<LeafTable>> tables;
   int64_t offset = 0;
-  for (size_t i = 0; i < std::max<size_t>(calls.size(), 1); ++i) {
-    if (tables.empty() || tables.back()->num_leaves == kMaxLeavesPerLaunch) {
+  for (size_t n = 0; n < std::max<size_t>(order.size(), 1); ++n) {
+    bool other_type = by_type && n < order.size() && !tables.empty() &&
+                      tables.back()->num_leaves > 0 &&
+                      tables.back()->leaves[0].type != calls[order[n]].type;
+    if (tables.empty() || tables.back()->num_leaves == kMaxLeavesPerLaunch || other_type) {
       tables.push_back(std::make_unique<LeafTable>());
       tables.back()->num_leaves = 0;
       tables.back()->num_blocks = 0;
       block_offsets->push_back(offset);
     }
-    if (i == calls.size()) break;  // no leaves: one empty table still writes the count
+    if (n == order.size()) break;  // no leaves: one empty table still writes the count
+    size_t i = order[n];
     LeafTable& table = *tables.back();
     const LeafCall& call = calls[i];
     const StepState& state = states[i];
@@ -444,8 +458,13 @@ ffi::Error LaunchStep(const char* op, cu::Stream stream, int device, ffi::Scratc
         op, "copying the clipping rings",
         cu::MemcpyAsync(ring, rings.typed_data(), rings.element_count() * sizeof(float), stream));
   }
+  uint32_t types = calls.empty() ? 1u << kF32 : 0u;
+  for (const LeafCall& call : calls) types |= 1u << call.type;
+  // The step's kernels compile together the first time (each launch would
+  // load what it needs, one program after another).
+  RETURN_IF_LAUNCH_FAILED(op, cu::LoadUpdateKernels(types, write_params));
   std::vector<int64_t> block_offsets;
-  auto tables = BuildTables(calls, layout, states, block_wise, &block_offsets);
+  auto tables = BuildTables(calls, layout, states, block_wise, &block_offsets, /*by_type=*/true);
   int64_t total_blocks = 0;
   for (const auto& table : tables) total_blocks += table->num_blocks;
   bool clipping = percentile < 100;

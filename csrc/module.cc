@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -92,20 +93,23 @@ PYBIND11_MODULE(_ops, m) {
       "Where NVRTC is and where compiled kernels are cached (before any GPU call).");
   m.def(
       "compile_kernels",
-      [](int arch) {
+      [](int arch, std::optional<std::vector<int>> programs) {
         std::vector<std::string> paths;
         bool compiled = false;
         std::string error;
         {
           py::gil_scoped_release unlocked;
-          error = cu::CompileKernels(arch, &paths, &compiled);
+          error = cu::CompileKernels(arch, programs ? &*programs : nullptr, &paths, &compiled);
         }
         if (!error.empty()) throw std::runtime_error(error);
         return py::make_tuple(py::cast(paths), compiled);
       },
+      py::arg("arch"), py::arg("programs") = py::none(),
       "Compiles the CUDA kernels for sm_<arch> with NVRTC, or finds them in the cache, with no "
-      "GPU needed; returns (the CUBINs' paths, one per program, '' where the cache could not "
-      "keep one; whether this call compiled any).");
+      "GPU needed: all programs, or those listed (0: the small kernels; 1-3 the fused step's "
+      "update for float32, bfloat16, float16; 4-6 the optax path's); returns (the CUBINs' "
+      "paths, one per program, '' for one not asked for or that the cache could not keep; "
+      "whether this call compiled any).");
   m.def(
       "driver_problem",
       [](int driver_version) {

@@ -160,6 +160,67 @@ def _resolve_config(
   return Config(**resolved, block_wise=block_wise_value, structure=structure)
 
 
+DEFAULT_LR = 1e-3
+DEFAULT_BETAS = (0.9, 0.999)
+
+
+def _same(who: str, names: str, a: Any, b: Any) -> bool:
+  """Whether two spellings of one argument hold one value (the same schedule,
+  or equal numbers); traced values cannot be compared and count as different."""
+  if a is b:
+    return True
+  if callable(a) or callable(b):
+    return False
+  x, y = concrete_number(who, names, a), concrete_number(who, names, b)
+  return x is not TRACED and y is not TRACED and x == y
+
+
+def optax_spellings(who: str, lr, betas, learning_rate, b1, b2) -> tuple[Any, Any]:
+  """(lr, betas) from bitsandbytes' spellings and optax's (learning_rate, b1,
+  b2), which may be given instead: both spellings of one argument must agree;
+  neither gives bitsandbytes' default."""
+  # The optax spellings are checked under their own names first.
+  if learning_rate is not None and not callable(learning_rate):
+    if isinstance(learning_rate, str):
+      raise TypeError(
+        f"{who}: learning_rate must be a float or an optax schedule (count -> lr), got "
+        f"{learning_rate!r}"
+      )
+    _check_float(who, "learning_rate", learning_rate, lambda x: x >= 0, "finite and >= 0")
+  for name, value in (("b1", b1), ("b2", b2)):
+    if value is not None:
+      _check_float(who, name, value, lambda x: 0 <= x < 1, "in [0, 1)")
+  if learning_rate is not None:
+    if lr is not None and not _same(who, "lr", lr, learning_rate):
+      raise ValueError(
+        f"{who}: lr={lr!r} and learning_rate={learning_rate!r} are two spellings of one "
+        "argument (bitsandbytes' and optax's) that do not hold the same value; give one of them"
+      )
+    lr = learning_rate
+  lr = DEFAULT_LR if lr is None else lr
+  if b1 is None and b2 is None:
+    return lr, DEFAULT_BETAS if betas is None else betas
+  if betas is None:
+    betas = DEFAULT_BETAS
+  try:
+    given = tuple(betas)
+    if len(given) != 2:
+      raise ValueError
+  except (TypeError, ValueError):
+    raise ValueError(f"{who}: betas must be a pair (beta1, beta2), got {betas!r}") from None
+  out = list(given)
+  for i, (name, value) in enumerate((("b1", b1), ("b2", b2))):
+    if value is None:
+      continue
+    if betas is not DEFAULT_BETAS and not _same(who, name, given[i], value):
+      raise ValueError(
+        f"{who}: betas[{i}]={given[i]!r} and {name}={value!r} are two spellings of one argument "
+        "(bitsandbytes' and optax's) that do not hold the same value; give one of them"
+      )
+    out[i] = value
+  return lr, tuple(out)
+
+
 def validate(
   who,
   lr,
@@ -183,7 +244,7 @@ def validate(
     )
   lr_value = TRACED
   if not callable(lr):
-    if lr is None or isinstance(lr, str):
+    if isinstance(lr, str):
       raise TypeError(f"{who}: lr must be a float or an optax schedule (count -> lr), got {lr!r}")
     lr_value = _check_float(who, "lr", lr, lambda x: x >= 0, "finite and >= 0")
   try:
@@ -282,13 +343,20 @@ def platform_of(tree: Any) -> str:
 
 def build_layout(who: str, config: Config, mask: Any, params: Any) -> Layout:
   """The static per-leaf layout of the params `init` is given."""
-  for name in ("optim_bits", "min_8bit_size", "percentile_clipping"):
-    if getattr(config, name) is TRACED:
-      raise ValueError(
-        f"{who}: {name} is traced at init, but it fixes the per-leaf layout of the state and "
-        "must be concrete there. Under optax.inject_hyperparams call init outside jax.jit, or "
-        f"pass static_args=('{name}',)."
-      )
+  traced = [
+    n
+    for n in ("optim_bits", "min_8bit_size", "percentile_clipping")
+    if getattr(config, n) is TRACED
+  ]
+  if traced:
+    names = ", ".join(traced)
+    static = ", ".join(f"'{n}'" for n in traced) + ("," if len(traced) == 1 else "")
+    raise ValueError(
+      f"{who}: {names} {'is' if len(traced) == 1 else 'are'} traced at init, but "
+      f"{'it fixes' if len(traced) == 1 else 'they fix'} the per-leaf layout of the state and "
+      "must be concrete there. Under optax.inject_hyperparams call init outside jax.jit, or "
+      f"pass static_args=({static})."
+    )
   _ffi.check_backend(platform_of(params))
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [jax.tree_util.keystr(path) for path, _ in leaves_with_path]

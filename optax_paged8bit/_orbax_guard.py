@@ -4,6 +4,11 @@ and the loss would show only at resume. This module wraps the handler orbax
 saves jax.Arrays with, so that such a save fails at once with an error that
 names the fix (optax_paged8bit.save_checkpoint, or export_state first).
 
+The save methods of orbax's checkpointers and CheckpointManager are wrapped
+too, to check the tree they are given before orbax does anything: a refused
+save leaves no temporary folder behind and no background work that would fail
+at exit. The array handler's check stays for save paths that bypass them.
+
 The wrapper is installed when orbax.checkpoint is imported (now, or later
 through an import hook), so that importing optax_paged8bit does not import
 orbax. A live paged state is recognised by its handle: a uint32 scalar whose
@@ -15,10 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import inspect
 import logging
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -61,6 +69,46 @@ def _check(values: Any, infos: Any) -> None:
       raise ValueError(MESSAGE.format(where=where))
 
 
+def _check_tree(tree: Any, depth: int = 0) -> None:
+  """Raises for a live paged state anywhere in a save's arguments: a pytree,
+  or orbax's argument objects around one (unregistered dataclasses such as
+  ocp.args.StandardSave, and Composite mappings of them)."""
+  if depth > 8:
+    return
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in leaves:
+    if isinstance(leaf, jax.Array):
+      if _live_handle(leaf):
+        raise ValueError(MESSAGE.format(where=jax.tree_util.keystr(path)))
+    elif isinstance(leaf, Mapping):  # ocp.args.Composite
+      for item in leaf.values():
+        _check_tree(item, depth + 1)
+    elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+      for field in dataclasses.fields(leaf):
+        _check_tree(getattr(leaf, field.name, None), depth + 1)
+
+
+def _checked_save(save: Any) -> Any:
+  """A checkpointer's or CheckpointManager's save that checks its arguments first."""
+
+  @functools.wraps(save)
+  def checked(self, *args, **kwargs):
+    for given in (*args, *kwargs.values()):
+      _check_tree(given)
+    return save(self, *args, **kwargs)
+
+  checked._optax_paged8bit_guard = True
+  return checked
+
+
+def _guard_saves(module: Any) -> None:
+  for name in ("Checkpointer", "AsyncCheckpointer", "StandardCheckpointer", "CheckpointManager"):
+    cls = getattr(module, name, None)
+    save = getattr(cls, "__dict__", {}).get("save")
+    if callable(save) and not getattr(save, "_optax_paged8bit_guard", False):
+      cls.save = _checked_save(save)
+
+
 def _guarded(handler: Any) -> Any:
   """A copy of orbax's array handler whose serialize checks first."""
   if getattr(handler, "_optax_paged8bit_guard", False):
@@ -96,6 +144,8 @@ def _install_now() -> None:
   level = absl.level
   absl.setLevel(logging.ERROR)  # orbax logs each override as a warning
   try:
+    with contextlib.suppress(Exception):
+      _guard_saves(sys.modules[_PACKAGE])
     with contextlib.suppress(Exception):
       type_handlers = sys.modules[_PACKAGE].type_handlers
       handler = type_handlers.get_type_handler(jax.Array)

@@ -13,7 +13,13 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_paged8bit import _calls
-from optax_paged8bit._contract import build_layout, check_mask, check_state_layout, validate
+from optax_paged8bit._contract import (
+  build_layout,
+  check_mask,
+  check_state_layout,
+  optax_spellings,
+  validate,
+)
 from optax_paged8bit._layout import (
   Layout,
   MomentArray,
@@ -79,8 +85,8 @@ def zero_moments(layout: Layout) -> list[jax.Array]:
 
 
 def adamw8bit(
-  lr: float | optax.ScalarOrSchedule = 1e-3,
-  betas: tuple[float, float] = (0.9, 0.999),
+  lr: float | optax.ScalarOrSchedule | None = None,
+  betas: tuple[float, float] | None = None,
   eps: float = 1e-8,
   weight_decay: float = 1e-2,
   amsgrad: bool = False,
@@ -91,6 +97,9 @@ def adamw8bit(
   block_wise: bool = True,
   *,
   mask: Any = None,
+  learning_rate: float | optax.ScalarOrSchedule | None = None,
+  b1: float | None = None,
+  b2: float | None = None,
 ) -> PagedGradientTransformation:
   """8-bit blockwise AdamW with its state as ordinary JAX arrays (bitsandbytes' AdamW8bit).
 
@@ -113,6 +122,7 @@ def adamw8bit(
     >>> tx = optax.MultiSteps(adamw8bit(2e-4), every_k_schedule=4)
   """
   who = "adamw8bit"
+  lr, betas = optax_spellings(who, lr, betas, learning_rate, b1, b2)
   # Deliberately as paged_adamw8bit builds itself: the same public signature
   # (bitsandbytes'), one validate, an init and a step over another state type.
   config = validate(

@@ -19,7 +19,13 @@ import jax.numpy as jnp
 import optax
 
 from optax_paged8bit import _calls, _collector, _ffi
-from optax_paged8bit._contract import build_layout, check_mask, check_state_layout, validate
+from optax_paged8bit._contract import (
+  build_layout,
+  check_mask,
+  check_state_layout,
+  optax_spellings,
+  validate,
+)
 from optax_paged8bit._layout import (
   HANDLE_DTYPE,
   Layout,
@@ -61,8 +67,8 @@ def fresh_state(layout: Layout) -> PagedAdamW8bitState:
 
 
 def paged_adamw8bit(
-  lr: float | optax.ScalarOrSchedule = 1e-3,
-  betas: tuple[float, float] = (0.9, 0.999),
+  lr: float | optax.ScalarOrSchedule | None = None,
+  betas: tuple[float, float] | None = None,
   eps: float = 1e-8,
   weight_decay: float = 1e-2,
   amsgrad: bool = False,
@@ -73,6 +79,9 @@ def paged_adamw8bit(
   block_wise: bool = True,
   *,
   mask: Any = None,
+  learning_rate: float | optax.ScalarOrSchedule | None = None,
+  b1: float | None = None,
+  b2: float | None = None,
 ) -> PagedGradientTransformation:
   r"""AdamW with 8-bit blockwise moments in paged memory (bitsandbytes' PagedAdamW8bit).
 
@@ -93,10 +102,11 @@ def paged_adamw8bit(
   param unchanged and resets its moments, on every leaf.
 
   Args:
-    lr: learning rate, a float or an optax schedule of the step count. A
-      traced value a step cannot run with (a schedule's NaN or negative lr)
-      skips the step: params and moments stay, the count advances.
-    betas: (beta1, beta2), each in [0, 1).
+    lr: learning rate (default 1e-3), a float or an optax schedule of the
+      step count. A traced value a step cannot run with (a schedule's NaN or
+      negative lr) skips the step: params and moments stay, the count
+      advances.
+    betas: (beta1, beta2) (default (0.9, 0.999)), each in [0, 1).
     eps: added to the bias-corrected denominator, finite and >= 0.
     weight_decay: decoupled weight decay, finite and >= 0, with lr *
       weight_decay <= 1.
@@ -112,6 +122,12 @@ def paged_adamw8bit(
     block_wise: one scale per 256 elements (True) or one per leaf (False).
     mask: optax-style pytree of bools (or callable of the params) that marks
       the leaves that get weight decay.
+    learning_rate: optax's spelling of `lr`, as a keyword. Under
+      ``optax.inject_hyperparams`` the state's ``hyperparams`` then holds
+      ``'learning_rate'``, which schedule tools read and write.
+    b1: optax's spelling of ``betas[0]``, as a keyword.
+    b2: optax's spelling of ``betas[1]``, as a keyword. Both spellings of
+      one argument may be given only with the same value (else ValueError).
 
   Returns:
     A :class:`PagedGradientTransformation` (an optax
@@ -140,6 +156,7 @@ def paged_adamw8bit(
     Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
   """
   who = "paged_adamw8bit"
+  lr, betas = optax_spellings(who, lr, betas, learning_rate, b1, b2)
   # adamw8bit (functional.py) builds itself the same way, over its own state.
   config = validate(
     who,

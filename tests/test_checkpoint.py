@@ -269,6 +269,52 @@ def test_the_orbax_guard_and_flax_serialization_whichever_is_imported_first(tmp_
   assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_a_refused_plain_orbax_save_leaves_no_folder_and_no_traceback_at_exit(tmp_path):
+  # Each of orbax's save entry points, in a process of its own, so that what
+  # orbax's background threads print at interpreter exit is seen too.
+  body = textwrap.dedent(
+    """
+    import os, jax, jax.numpy as jnp
+    import optax_paged8bit as op
+    import orbax.checkpoint as ocp
+    tx = op.paged_adamw8bit(1e-3)
+    params = {"w": jnp.ones((64, 80))}
+    _, state = jax.jit(tx.fused_update)(params, tx.init(params), params)
+    tree = {"params": params, "opt_state": state}
+    saves = {
+      "standard": lambda: ocp.StandardCheckpointer().save(os.path.abspath("std"), tree),
+      "pytree": lambda: ocp.PyTreeCheckpointer().save(os.path.abspath("pytree"), tree),
+      "async": lambda: ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler()).save(
+        os.path.abspath("async"), args=ocp.args.StandardSave(tree)
+      ),
+      "manager": lambda: ocp.CheckpointManager(os.path.abspath("manager")).save(
+        1, args=ocp.args.StandardSave(tree)
+      ),
+      "composite": lambda: ocp.CheckpointManager(os.path.abspath("composite")).save(
+        1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree))
+      ),
+    }
+    for name, save in saves.items():
+      try:
+        save()
+      except ValueError as e:
+        assert "['opt_state'].handle" in str(e) and "save_checkpoint" in str(e), (name, e)
+      else:
+        raise SystemExit(f"{name}: a plain orbax save of a live state went through")
+    print("refused", len(saves))
+    """
+  )
+  (tmp_path / "saves.py").write_text(body)
+  done = subprocess.run(
+    [sys.executable, "saves.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0 and "refused 5" in done.stdout, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr and "cannot schedule" not in done.stderr, done.stderr
+  debris = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name != "saves.py"]
+  # The managers' own root folders (made when they are built) and nothing in them.
+  assert sorted(debris) == ["composite", "manager"], debris
+
+
 def test_a_plain_orbax_save_while_the_first_step_is_in_flight_fails(tmp_path):
   # The first step makes the state's slot when its call runs. A save issued
   # while that call still waits behind other work must see the state as live

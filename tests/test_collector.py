@@ -69,17 +69,29 @@ def _busy_zero(iterations: int, dtype) -> jax.Array:
 def slow_zero(dtype) -> jax.Array:
   """A zero of `dtype` that about a second of work produces, so that what
   depends on it waits in flight: on the CPU a loop of 3000 small matrix
-  products on 2 cores (a host callback there runs while the call is
-  dispatched), on a GPU a host callback that sleeps a second (the GPU
-  reaches it after the dispatch has returned)."""
+  products on 2 cores, on a GPU a chain of large ones, as many as this GPU
+  does in a second (there a host callback held the dispatching thread: the
+  call returned only once it had run)."""
   if jax.default_backend() == "cpu":
     return _busy_zero(3000, dtype)
+  return _gpu_busy_zero(_gpu_products_per_second(), dtype)
 
-  def sleep():
-    time.sleep(1.0)
-    return np.zeros((), dtype)
 
-  return jax.pure_callback(sleep, jax.ShapeDtypeStruct((), dtype))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gpu_busy_zero(products: int, dtype) -> jax.Array:
+  x = jnp.full((4096, 4096), 1 / 4096)
+  y = x
+  for _ in range(products):  # unrolled: kernels back to back, no host in between
+    y = jnp.tanh(jnp.dot(y, x, precision=jax.lax.Precision.HIGHEST))
+  return (y[0, 0] * 0).astype(dtype)
+
+
+@functools.cache
+def _gpu_products_per_second() -> int:
+  jax.block_until_ready(_gpu_busy_zero(8, jnp.float32))
+  start = time.perf_counter()
+  jax.block_until_ready(_gpu_busy_zero(8, jnp.float32))
+  return max(8, min(2000, int(8 / (time.perf_counter() - start))))
 
 
 def run_stress(*args, timeout=600) -> dict:

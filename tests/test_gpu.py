@@ -484,7 +484,8 @@ def test_update_kernels_keep_every_value_in_registers():
   )
   pattern = r"Function (op8_update_\w+):\s*\n\s*REG:(\d+) STACK:(\d+) \S+ LOCAL:(\d+)"
   usage = re.findall(pattern, out)
-  assert {name for name, *_ in usage} == {"op8_update_params", "op8_update_updates"}, out
+  kinds = ("op8_update_params_", "op8_update_updates_")
+  assert {name for name, *_ in usage} == {k + t for k in kinds for t in ("f32", "bf16", "f16")}
   for name, registers, stack, local in usage:
     resources = (name, registers, stack, local)
     assert (int(stack), int(local)) == (0, 0) and int(registers) <= 64, resources

@@ -21,13 +21,14 @@ COMPILE = """
 import json, sys, time
 import optax_paged8bit as op
 start = time.perf_counter()
-paths, compiled = op._ffi._ops.compile_kernels(int(sys.argv[1]))
+programs = [int(p) for p in sys.argv[2].split(",")] if sys.argv[2] else None
+paths, compiled = op._ffi._ops.compile_kernels(int(sys.argv[1]), programs)
 print(json.dumps({"paths": paths, "compiled": compiled, "seconds": time.perf_counter() - start}))
 """
 
 ENTRY_POINTS = [
-  b"op8_update_params",
-  b"op8_update_updates",
+  *(b"op8_update_params_" + t for t in (b"f32", b"bf16", b"f16")),
+  *(b"op8_update_updates_" + t for t in (b"f32", b"bf16", b"f16")),
   b"op8_block_norm_sq",
   b"op8_ring_scale",
   b"op8_whole_leaf_max",
@@ -38,10 +39,10 @@ ENTRY_POINTS = [
 ]
 
 
-def start(cache: pathlib.Path, arch: int) -> subprocess.Popen:
+def start(cache: pathlib.Path, arch: int, programs: str = "") -> subprocess.Popen:
   env = {**os.environ, "OPTAX_PAGED8BIT_CACHE_DIR": str(cache), "XLA_FLAGS": ""}
   return subprocess.Popen(
-    [sys.executable, "-c", COMPILE, str(arch)],
+    [sys.executable, "-c", COMPILE, str(arch), programs],
     env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -57,8 +58,9 @@ def result(process: subprocess.Popen) -> dict:
 
 def check_cubins(paths: list[str], arch: int) -> bytes:
   """The CUBINs of one architecture: ELF files, named for it, that hold every
-  entry point between them; returns them joined."""
-  assert len(paths) == 3, paths
+  entry point between them (the small kernels, then each update kernel in a
+  program of its own); returns them joined."""
+  assert len(paths) == 7, paths
   data = b""
   for path in map(pathlib.Path, paths):
     assert f"-sm{arch}-" in path.name, path
@@ -66,6 +68,8 @@ def check_cubins(paths: list[str], arch: int) -> bytes:
     assert blob[:4] == b"\x7fELF", path
     data += blob
   assert all(name in data for name in ENTRY_POINTS)
+  for update, path in zip(ENTRY_POINTS[:6], paths[1:], strict=True):
+    assert update + b"\x00" in pathlib.Path(path).read_bytes(), (update, path)
   return data
 
 
@@ -76,28 +80,39 @@ def test_nvrtc_is_found_where_pip_put_it():
 
 
 def test_kernels_compile_without_a_gpu_racing_processes_and_an_unwritable_cache(tmp_path):
-  """Three processes compile at once: two for sm_90 into one empty cache (each
+  """Three processes compile at once: two for sm_90 into one empty cache, the
+  small kernels and the fused float32 update (what a first step needs; each
   renames whole files into place: no reader sees part of one, and no
-  temporary file stays), one for sm_80, the architecture floor, with a cache
-  folder that cannot be made (it compiles all the same, keeps nothing, and
-  says why once on stderr). A fourth process finds the sm_90 kernels and
-  compiles nothing. (.ci/run compiles for sm_100 too.)"""
+  temporary file stays), one all the kernels for sm_80, the architecture
+  floor, with a cache folder that cannot be made (it compiles all the same,
+  keeps nothing, and says why once on stderr). A fourth process finds those
+  two sm_90 programs and compiles the rest; a fifth compiles nothing. (.ci/run
+  compiles for sm_100 too.)"""
   cache = tmp_path / "cache"
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  first, second, floor = start(cache, 90), start(cache, 90), start(blocker / "cache", 80)
+  first_step = "0,1"
+  first, second = start(cache, 90, first_step), start(cache, 90, first_step)
+  floor = start(blocker / "cache", 80)
   a, b, c = result(first), result(second), result(floor)
   assert a["compiled"] and b["compiled"] and a["paths"] == b["paths"], (a, b)
   assert a["stderr"] == b["stderr"] == "", (a, b)
-  sm90 = check_cubins(a["paths"], 90)
-  assert sorted(p.name for p in cache.iterdir()) == sorted(pathlib.Path(p).name for p in a["paths"])
-  assert c["compiled"] and c["paths"] == ["", "", ""], c
+  assert [bool(p) for p in a["paths"]] == [True, True] + [False] * 5, a
+  assert sorted(p.name for p in cache.iterdir()) == sorted(
+    pathlib.Path(p).name for p in a["paths"] if p
+  )
+  assert c["compiled"] and c["paths"] == [""] * 7, c
   assert c["stderr"].count("cannot be cached") == 1, c["stderr"]
   assert "OPTAX_PAGED8BIT_CACHE_DIR" in c["stderr"] and "a_file" in c["stderr"], c["stderr"]
+  rest = result(start(cache, 90))
+  assert rest["compiled"] and rest["paths"][:2] == a["paths"][:2], rest
+  sm90 = check_cubins(rest["paths"], 90)
   again = result(start(cache, 90))
-  assert again["paths"] == a["paths"] and not again["compiled"], again
+  assert again["paths"] == rest["paths"] and not again["compiled"], again
   assert again["seconds"] < 5, again
   assert check_cubins(again["paths"], 90) == sm90
+  with pytest.raises(RuntimeError, match=r"no program 7 \(0\.\.6\)"):
+    op._ffi._ops.compile_kernels(90, [7])
 
 
 def test_gpus_below_the_floor_and_archs_nvrtc_lacks_say_so():

@@ -14,7 +14,8 @@ silently testing less. What cannot pass by design is skipped, with the reason:
 - test_explicit_dtype: it is not parameterized by the optimizers under test
   (it checks optax's sgd/adam/adamw and their accumulator dtypes).
 Layout-fixing arguments need inject_hyperparams' static_args, as adafactor's
-min_dim_size_to_factor does.
+min_dim_size_to_factor does. Half the entries spell the learning rate as
+optax does (learning_rate), half as bitsandbytes does (lr).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ pytest.importorskip("absl.testing")
 
 OURS = """(
     {'opt_name': 'paged_adamw8bit', 'opt_kwargs': {'lr': 1e-1, 'weight_decay': 1e-4}},
-    {'opt_name': 'adamw8bit', 'opt_kwargs': {'lr': 1e-1, 'weight_decay': 1e-4}},
+    {'opt_name': 'adamw8bit', 'opt_kwargs': {'learning_rate': 1e-1, 'weight_decay': 1e-4}},
     {
         'opt_name': 'paged_adamw8bit',
-        'opt_kwargs': {'lr': 1e-1, 'weight_decay': 1e-4, 'min_8bit_size': 0},
+        'opt_kwargs': {'learning_rate': 1e-1, 'weight_decay': 1e-4, 'min_8bit_size': 0},
     },
     {
         'opt_name': 'adamw8bit',
@@ -51,8 +52,8 @@ _OURS = __import__('optax_paged8bit')
 _NO_COMPLEX = ('paged_adamw8bit', 'adamw8bit')
 _STATIC_ARGS = {
     'adafactor': ('min_dim_size_to_factor',),
-    'paged_adamw8bit': ('min_8bit_size', 'percentile_clipping', 'optim_bits'),
-    'adamw8bit': ('min_8bit_size', 'percentile_clipping', 'optim_bits'),
+    'paged_adamw8bit': ('min_8bit_size', 'percentile_clipping'),
+    'adamw8bit': ('min_8bit_size', 'percentile_clipping'),
 }
 """
 

@@ -15,8 +15,8 @@ import optax_paged8bit as op
 SHAPES = {
   "a_vec4097": (4097,),
   "b_vec100000": (100000,),
-  "c_mat1024": (1024, 1024),
-  "d_mat4096x256": (4096, 256),
+  "c_mat512": (512, 512),
+  "d_mat2048x128": (2048, 128),
   "e_small": (3, 100),
 }
 SMALL_SHAPES = {"a_vec4097": (4097,), "b_mat": (40, 300), "c_small": (3, 100)}

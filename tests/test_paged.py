@@ -171,10 +171,76 @@ def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
   assert state.inner_state.layout.min_8bit_size == 4096
 
 
-def test_inject_hyperparams_jitted_init_names_the_traced_argument():
+def test_inject_hyperparams_jitted_init_names_every_static_argument_at_once():
+  params = tree()
   tx = optax.inject_hyperparams(op.paged_adamw8bit)(lr=1e-3)
-  with pytest.raises(ValueError, match="min_8bit_size is traced at init"):
-    jax.jit(tx.init)(tree())
+  wanted = r"static_args=\('min_8bit_size', 'percentile_clipping'\)"
+  with pytest.raises(ValueError, match="min_8bit_size, percentile_clipping are traced at init"):
+    jax.jit(tx.init)(params)
+  with pytest.raises(ValueError, match=wanted):
+    jax.jit(tx.init)(params)
+  # What the message asks for is all it takes.
+  static = ("min_8bit_size", "percentile_clipping")
+  tx = optax.inject_hyperparams(op.paged_adamw8bit, static_args=static)(lr=1e-3)
+  jitted = jax.jit(tx.init)(params)
+  assert jitted.inner_state.layout == tx.init(params).inner_state.layout
+  one = optax.inject_hyperparams(op.paged_adamw8bit, static_args="min_8bit_size")(lr=1e-3)
+  with pytest.raises(ValueError, match=r"static_args=\('percentile_clipping',\)"):
+    jax.jit(one.init)(params)
+
+
+@pytest.mark.parametrize("factory", [op.paged_adamw8bit, op.adamw8bit])
+def test_optax_spellings_learning_rate_b1_b2(factory):
+  params = tree()
+  bnb, _ = run(factory(3e-3, (0.8, 0.99), 1e-8, 0.0), params, 3)
+  for kwargs in (
+    dict(learning_rate=3e-3, b1=0.8, b2=0.99, weight_decay=0.0),
+    dict(learning_rate=3e-3, betas=(0.8, 0.99), weight_decay=0.0),
+    dict(lr=3e-3, learning_rate=3e-3, betas=(0.8, 0.99), b1=0.8, weight_decay=0.0),
+  ):
+    got, _ = run(factory(**kwargs), params, 3)
+    assert_trees_bit_equal(got, bnb, str(kwargs))
+  # Neither spelling: bitsandbytes' defaults; one beta alone keeps the other's.
+  default, _ = run(factory(), params, 2)
+  assert_trees_bit_equal(run(factory(1e-3, (0.9, 0.999)), params, 2)[0], default, "defaults")
+  only_b2, _ = run(factory(b2=0.99), params, 2)
+  assert_trees_bit_equal(run(factory(betas=(0.9, 0.99)), params, 2)[0], only_b2, "b2 alone")
+  name = factory.__name__
+  for kwargs, message in (
+    (dict(lr=1e-3, learning_rate=2e-3), "lr=0.001 and learning_rate=0.002 are two spellings"),
+    (dict(lr=optax.constant_schedule(1e-3), learning_rate=1e-3), "lr=.* and learning_rate="),
+    (dict(betas=(0.9, 0.99), b1=0.8), r"betas\[0\]=0.9 and b1=0.8 are two spellings"),
+    (dict(betas=(0.9, 0.99), b2=0.999), r"betas\[1\]=0.99 and b2=0.999"),
+    (dict(betas=(0.9,), b1=0.8), r"betas must be a pair"),
+  ):
+    with pytest.raises(ValueError, match=f"{name}: {message}"):
+      factory(**kwargs)
+
+
+def test_inject_hyperparams_learning_rate_and_b1_steer_the_step():
+  """optax's names under inject_hyperparams: hyperparams['learning_rate'] and
+  ['b1'] are there, and writing them (as a schedule tool does) steers the step
+  exactly as that lr and beta1 given to the constructor."""
+  params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(5000) * 0.1, jnp.float32)}
+  tx = optax.inject_hyperparams(op.paged_adamw8bit)(learning_rate=1e-3, b1=0.9)
+  state = tx.init(params)
+  assert {"learning_rate", "b1"} <= set(state.hyperparams)
+  assert "lr" not in state.hyperparams and "betas" not in state.hyperparams
+  step = jax.jit(tx.update)
+  ref_params = params
+  ref_state = None
+  for t, (lr, b1) in enumerate([(1e-3, 0.9), (4e-3, 0.9), (4e-3, 0.7)]):
+    state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    state.hyperparams["b1"] = jnp.asarray(b1, jnp.float32)
+    grads = grads_like(params, t)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    # The same step by an optimizer built with these values, over a copy of the state.
+    ref_tx = op.paged_adamw8bit(lr, (b1, 0.999))
+    ref_state = ref_tx.init(ref_params) if ref_state is None else ref_state
+    ref_updates, ref_state = ref_tx.update(grads, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, ref_updates)
+    assert_trees_bit_equal(params, ref_params, f"step {t}")
 
 
 def test_lr_schedule_matches_oracle_per_step():
