@@ -38,8 +38,10 @@ print(json.dumps({"platform": jax.default_backend(), "first_s": times[0], "secon
 def run(cache: str, dtype: str) -> dict:
   env = {**os.environ, "OPTAX_PAGED8BIT_CACHE_DIR": cache}
   out = subprocess.run(
-    [sys.executable, "-c", CHILD, dtype], env=env, capture_output=True, text=True, check=True
+    [sys.executable, "-c", CHILD, dtype], env=env, capture_output=True, text=True
   )
+  if out.returncode != 0:
+    raise SystemExit(f"the timed process failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 

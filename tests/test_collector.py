@@ -309,7 +309,12 @@ def test_a_state_retired_while_its_step_is_in_flight_is_live_again_and_exact(thr
   """A look while a step given the state with donation is in flight finds
   no readable array of the state (the old one deleted, the new one not
   computed): it retires the state, and the step then finds it, the next
-  look sees it live again, and the results equal an undisturbed run."""
+  look sees it live again, and the results equal an undisturbed run.
+
+  On a GPU the update's handler reads the state's handle and count on the
+  host when XLA dispatches it, so the dispatch returns only once the step's
+  inputs are computed and its handler has run: the look finds the state
+  live and retires nothing."""
   tx = op.paged_adamw8bit()
   step = jax.jit(tx.fused_update, donate_argnums=(1,))
   params, state = stepped(tx)
@@ -318,7 +323,10 @@ def test_a_state_retired_while_its_step_is_in_flight_is_live_again_and_exact(thr
   late = jax.tree.map(lambda x: x + slow_zero(x.dtype), grads(1))
   params, state = step(late, state, params)  # waits for `late`
   look = _collector.scan([handle], in_caller=False)
-  assert (look.freed, look.retired, look.blocked) == (0, 1, True) and ops.is_retired(handle)
+  if jax.default_backend() == "cpu":
+    assert (look.freed, look.retired, look.blocked) == (0, 1, True) and ops.is_retired(handle)
+  else:
+    assert (look.freed, look.retired) == (0, 0) and not ops.is_retired(handle)
   jax.block_until_ready(state)
   look = _collector.scan([handle], in_caller=False)
   assert not ops.is_retired(handle)
@@ -375,7 +383,9 @@ def test_the_thread_frees_a_dropped_state_whose_first_step_ran_after_it_was_drop
   before = settled_registry_bytes()
   g = jax.tree.map(lambda x: x + slow_zero(x.dtype), grads(0))
   step(g, tx.init(PARAMS), PARAMS)  # every result dropped at once
-  assert op._ffi.total_bytes() == before  # it has not run yet
+  if jax.default_backend() == "cpu":
+    assert op._ffi.total_bytes() == before  # it has not run yet
+  # (A GPU's dispatch returns once the handler has run: the state is there.)
   assert eventually(lambda: op._ffi.total_bytes() == before + NBYTES)  # it ran
   assert eventually(lambda: op._ffi.total_bytes() == before)  # and was freed
 
