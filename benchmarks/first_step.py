@@ -37,8 +37,9 @@ print(json.dumps({"platform": jax.default_backend(), "first_s": times[0], "secon
 
 def run(cache: str, dtype: str) -> dict:
   env = {**os.environ, "OPTAX_PAGED8BIT_CACHE_DIR": cache}
+  # Run outside the repository's root, whose optax_paged8bit/ would shadow the installed package.
   out = subprocess.run(
-    [sys.executable, "-c", CHILD, dtype], env=env, capture_output=True, text=True
+    [sys.executable, "-c", CHILD, dtype], env=env, capture_output=True, text=True, cwd=cache
   )
   if out.returncode != 0:
     raise SystemExit(f"the timed process failed:\n{out.stderr[-3000:]}")

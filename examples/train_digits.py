@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -202,6 +201,8 @@ def main() -> None:
   for name, tx in optimizers.items():
     checkpoints = None
     if args.checkpoint_dir:
+      import orbax.checkpoint as ocp  # only to checkpoint: it takes seconds to import
+
       options = ocp.CheckpointManagerOptions(max_to_keep=args.keep)
       path = os.path.abspath(os.path.join(args.checkpoint_dir, name))
       checkpoints = ocp.CheckpointManager(path, options=options)
