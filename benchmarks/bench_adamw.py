@@ -126,7 +126,7 @@ def copy_bandwidth(nbytes=4 << 30, rounds=3):
   `rounds` runs of 20 in-place `x + 1` steps dispatched back to back (donated,
   so that no step allocates; back to back, so that no step waits for the
   host). One awaited step of a fresh output measured 3.2-3.9 TB/s between
-  processes on an H200 (tenth session)."""
+  processes on an H200 (benchmarks/RESULTS.md)."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(lambda x: x + 1.0, donate_argnums=0)  # reads and writes every element once
   best = float("inf")

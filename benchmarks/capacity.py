@@ -1,5 +1,5 @@
 """What 8 bits buy: the largest decoder-only transformer whose full training
-step runs on one GPU, per optimizer and param dtype (issue 15).
+step runs on one GPU, per optimizer and param dtype.
 
 The family keeps depth and width in a fixed ratio (layers = d_model / 128,
 4x MLP, 32k vocab), its layers stacked under `jax.lax.scan` with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-machine session: build the CUDA extension against the machine's
+# The GPU checks on a GPU machine: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
 #   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
@@ -32,7 +32,7 @@ started=$(date +%s)
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__)"
   # The toolchain: this machine's build of a kernel can differ from another's
-  # (RESULTS.md, twelfth session).
+  # (benchmarks/RESULTS.md).
   for tool in nvcc ptxas; do echo "$tool: $(command -v $tool) $($tool --version | tail -2 | tr '\n' ' ')"; done
   for tool in g++ cmake; do echo "$tool: $(command -v $tool) $($tool --version | head -1)"; done
 } > "$OUT/machine.txt" 2>&1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B of variants of the CUDA sources in one device call. Each
+# A/B of variants of the CUDA sources in one run on a GPU machine. Each
 # NAME=FILE[:FILE...] builds this tree with each FILE replacing the file of
 # its name in csrc/ (cuda_kernels.cu, adam8bit.h, ...) into its own directory
 # (the variants build in parallel); then benchmarks/bench_adamw.py runs once

@@ -1,5 +1,5 @@
 """Paging under memory pressure on one GPU: what a memory spike does to a paged
-state and to the steps after it (issue 13).
+state and to the steps after it.
 
 Run it with JAX's allocator handing memory back, as a process that wants a
 spike to reach the state's HBM must:

@@ -1,6 +1,6 @@
 """The resident fused step of benchmarks/paging_pressure.py's tree alone (64 x
 (4096, 4096) float32, a 2.03 GiB state), for A/B runs of two builds in one
-device call (issue 13: the eviction check's cost on a resident step):
+run on one GPU (the eviction check's cost on a resident step):
 
     pip install --no-build-isolation --no-deps ./old && python benchmarks/resident_step.py old
     pip install --no-build-isolation --no-deps . && python benchmarks/resident_step.py new

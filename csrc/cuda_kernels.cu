@@ -29,7 +29,7 @@ constexpr int kWarpsPerCta = kThreads / kLanes;
 // The update kernel runs one CTA of 1024 threads per SM (64 registers each:
 // the whole register file) rather than 4 of 256: an SM then holds one copy of
 // the quantizer tables (46 KB) instead of 4, which made the bfloat16 step 6%
-// faster on an H200 (float32 1%; benchmarks/RESULTS.md, eleventh session).
+// faster on an H200 (float32 1%; benchmarks/RESULTS.md).
 // Staging the next block's float32 loads in the freed shared memory with
 // cp.async made float32 24% slower there.
 constexpr int kUpdateWarps = kUpdateThreads / kLanes;
@@ -243,7 +243,7 @@ __device__ __forceinline__ void PrefetchL2(const void* p) {
 // wait on L2, not on DRAM: the addresses are the loads' plus a constant. (On
 // an H100 the prefetch slowed the float32 step by 8% while each block's loads
 // waited for one another; since they are issued together it speeds up the
-// float32 step on an H200 by 2-3%, benchmarks/RESULTS.md, tenth session.
+// float32 step on an H200 by 2-3% (benchmarks/RESULTS.md).
 // Carrying the next block's loads in registers instead was slower: 80
 // registers, 3 CTAs per SM.)
 template <int32_t T>
@@ -447,8 +447,8 @@ __device__ __forceinline__ void BuildQuantTablesBody(const float* qmaps, QuantTa
 // the lane's elements); only the body differs. The loop is written out in each
 // rather than shared through a device lambda: the H200's build did not inline
 // such a lambda into the update kernel (a call per block, its state on the
-// stack: the fused step 16-39% slower; benchmarks/RESULTS.md, twelfth
-// session), although this source's build on another machine did.
+// stack: the fused step 16-39% slower; benchmarks/RESULTS.md), although
+// this source's build on another machine did.
 __device__ __forceinline__ void BlockNormSqBody(const LeafTable& table, double* partials) {
   int lane = threadIdx.x & (kLanes - 1);
   int32_t first, last;

@@ -321,7 +321,7 @@ std::string ProbeSlot(const Slot& slot, cu::Stream stream, SlotProbe* out) {
 // more than a sixteenth of its device bytes prefetches the slot's memory
 // before the kernel runs (resident pages cost the driver a walk, about 1 ms
 // per GiB, so a false sign costs one step a little). Measured on an H200
-// (benchmarks/RESULTS.md, issue 13): letting the kernel fault evicted pages
+// (benchmarks/RESULTS.md): letting the kernel fault evicted pages
 // back costs 3-5x a step after page_out, and so did a timed probe of the
 // pages; a prefetch every step costs 27% of each resident step, the free
 // memory check one cuMemGetInfo.

@@ -42,7 +42,7 @@ namespace optax_paged8bit {
 
 // Builds error messages without iostreams: a Python process can hold several
 // C++ runtimes (jaxlib's, a framework's), and an ostream's locale machinery
-// crashed in one of them (seen with jax 0.11.2 on the lent GPU machine).
+// crashed in one of them (seen with jax 0.11.2 on an H200 machine).
 class Message {
  public:
   Message& operator<<(const char* text) {

@@ -1,5 +1,5 @@
 """LoRA fine-tuning with paged_adamw8bit: a small character-level transformer
-is trained on English prose (this repository's README), frozen, and rank-r
+is trained on English prose (this repository's README and guides), frozen, and rank-r
 adapters on its attention and MLP matrices are trained on a different text
 (the package's Python source), once with paged_adamw8bit and once with
 optax.adamw.
@@ -177,7 +177,7 @@ def main():
   start = time.perf_counter()
   print(f"{jax.devices()[0].platform} device: {jax.devices()[0].device_kind}")
 
-  prose = text([ROOT / "README.md"])
+  prose = text([ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
   code = text(sorted((ROOT / "optax_paged8bit").glob("*.py")))
   base = base_model(args, prose)
 

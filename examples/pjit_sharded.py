@@ -118,8 +118,8 @@ def spec_for(path: tuple, shape: tuple) -> P:
 
 def corpus() -> np.ndarray:
   text = ""
-  for name in ("README.md", "SPEC.md"):
-    path = pathlib.Path(__file__).resolve().parent.parent / name
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
     if path.exists():
       text += path.read_text(errors="ignore")
   if len(text) < 10_000:

@@ -50,7 +50,7 @@ _SCALAR = jax.ShapeDtypeStruct((), jnp.int32)
 # one only its large params. Aliasing every adamw8bit state array was
 # measured on an H200 (1152 LoRA leaves, donated): it removes 4609 small
 # copies (5.4 ms of GPU time) but not the step's time, which JAX's host
-# dispatch of its ~6900 arrays bounds (ninth session); so it stays at large
+# dispatch of its ~6900 arrays bounds; so it stays at large
 # arrays.
 PARAM_ALIAS_MIN_ELEMENTS = 1 << 16  # one alias per leaf
 PARAM_ALIAS_ALL_LEAVES = 512  # a call with at most this many leaves aliases all
@@ -146,18 +146,17 @@ def _block_norms(layout: Layout, grads: list[jax.Array]) -> tuple[jax.Array, np.
 # A paged step of more than UPDATE_ONE_CALL_LEAVES leaves runs as calls of at
 # most UPDATE_CALL_LEAVES leaves (more than PARAM_ALIAS_ALL_LEAVES each, so
 # that only large params are aliased), chained by handle and count: XLA's
-# compile time grows with the square of one call's operands and results. On
-# a 2-core CPU the first fused step of 10000 leaves of 3 elements took 19.3 s
-# as one call and 9.3-9.9 s as 10 (benchmarks/RESULTS.md, fourteenth
-# session). The calls before the last stage their leaves' new moments in a
-# buffer that the last call copies into the slot, so that the state changes
-# only once every call has run (csrc/ffi_common.h); the buffers hold the
-# state's bytes of those leaves for the step's duration, and on a GPU each
-# call reads its handle and count to the host. On an H200 a step of 3000
-# leaves as 3 calls ran within 7% of one call (5-6% slower in the fourteenth
-# session, 4-7% faster in the fifteenth: the step is bound by the host's
-# dispatch), while one call of 3000 leaves compiles in 2 s on the CPU: so
-# trees of up to UPDATE_ONE_CALL_LEAVES leaves keep one call.
+# compile time grows with the square of one call's operands and results. On a
+# 2-core CPU the first fused step of 10000 leaves of 3 elements took 19.3 s as
+# one call and 9.3-9.9 s as 10 (benchmarks/RESULTS.md). The calls before the
+# last stage their leaves' new moments in a buffer that the last call copies
+# into the slot, so that the state changes only once every call has run
+# (csrc/ffi_common.h); the buffers hold the state's bytes of those leaves for
+# the step's duration, and on a GPU each call reads its handle and count to
+# the host. On an H200 a step of 3000 leaves as 3 calls ran within 7% of one
+# call (5-6% slower in one run, 4-7% faster in another: the step is bound by
+# the host's dispatch), while one call of 3000 leaves compiles in 2 s on the
+# CPU: so trees of up to UPDATE_ONE_CALL_LEAVES leaves keep one call.
 UPDATE_ONE_CALL_LEAVES = 4096
 UPDATE_CALL_LEAVES = 1024
 

@@ -68,8 +68,9 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
   return table
 
 
-#: Map of the first moment (signed) and of the second moment (unsigned).
+#: The first moment's map: bitsandbytes' signed dynamic map, float32[256].
 QMAP_SIGNED = dynamic_map(signed=True)
+#: The second moment's map: bitsandbytes' unsigned dynamic map, float32[256].
 QMAP_UNSIGNED = dynamic_map(signed=False)
 #: Both maps as the custom call's operand, float32[2, 256].
 QMAPS = np.stack([QMAP_SIGNED, QMAP_UNSIGNED])

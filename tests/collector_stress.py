@@ -205,7 +205,7 @@ def _nnx_run(size: int, steps: int, min_run_s: float):
 
 
 def sweep(args) -> dict:
-  """The README's sweep: one jitted create_train_state and one jitted,
+  """The memory guide's sweep (docs/memory.md): one jitted create_train_state and one jitted,
   donated step, a new state per run, no release or collect. After each run
   (given a few seconds, with no call) the registry holds at most 2 states,
   and process memory grows by less than one state from run 2 to the last;

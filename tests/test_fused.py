@@ -1,4 +1,4 @@
-"""The README's Flax usage: NNX (optax path and fused step) and linen."""
+"""The Flax guide's usage (docs/flax.md): NNX (optax path and fused step) and linen."""
 
 from __future__ import annotations
 

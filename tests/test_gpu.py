@@ -473,7 +473,7 @@ def test_update_kernels_keep_every_value_in_registers():
   # most 64 registers a thread (one CTA of 1024 threads per SM). A device
   # function the compiler does not inline, or spilled registers, would break
   # this; a lambda per block that the H200's build did not inline made the
-  # fused step 16-39% slower (benchmarks/RESULTS.md, twelfth session).
+  # fused step 16-39% slower (benchmarks/RESULTS.md).
   nvcc = shutil.which("nvcc")
   cuobjdump = shutil.which("cuobjdump") or str(Path(nvcc or "").resolve().parent / "cuobjdump")
   assert Path(cuobjdump).exists(), "cuobjdump (CUDA toolkit) is needed for this check"
