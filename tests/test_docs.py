@@ -6,8 +6,8 @@ show: the names a guide's fragment assumes, such as params or loss_fn).
 A page says what it needs in a `<!-- docs-run: ... -->` comment: `devices=N`
 runs it on N fake CPU devices; `processes=N` runs N processes joined by
 jax.distributed on this machine, each given DOCS_COORDINATOR,
-DOCS_NUM_PROCESSES and DOCS_PROCESS_ID. Blocks in other languages (bash,
-text) are not run."""
+DOCS_NUM_PROCESSES and DOCS_PROCESS_ID. Every page gets DOCS_REPO, the
+repository's root. Blocks in other languages (bash, text) are not run."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ def test_the_page_examples_run(page, tmp_path):
   (tmp_path / "page.py").write_text(script)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["MPLBACKEND"] = "Agg"
+  env["DOCS_REPO"] = str(DOCS.parent)  # for a page's set-up that imports an example
   if "devices" in options:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={options['devices']}"
   n = options.get("processes", 1)
