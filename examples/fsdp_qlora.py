@@ -31,27 +31,13 @@ adapters, and saves a plot of the loss.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-# Fake CPU devices for a mesh on one machine (ignored when GPUs are used):
-# 8 in all, shared among the processes of a --num-processes run.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count="
-    + str(
-      max(1, 8 // int(sys.argv[sys.argv.index("--num-processes") + 1]))
-      if "--num-processes" in sys.argv
-      else 8
-    )
-  ).strip()
-
 import hashlib
+import os
 import pathlib
 import statistics
 import time
 
+import fake_devices  # noqa: F401 (before jax: 8 fake CPU devices in all)
 import jax
 import jax.numpy as jnp
 import matplotlib

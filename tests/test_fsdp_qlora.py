@@ -19,6 +19,7 @@ pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "fsdp_qlora.py"
+sys.path.insert(0, str(EXAMPLE.parent))  # its fake_devices module
 spec = importlib.util.spec_from_file_location("fsdp_qlora", EXAMPLE)
 qlora = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(qlora)
