@@ -54,14 +54,6 @@ def test_train_digits_resumes_from_its_checkpoints_bit_identically(tmp_path):
   assert resumed == unbroken
 
 
-def test_pjit_sharded_runs_as_two_processes(tmp_path):
-  plot = str(tmp_path / "loss.png")
-  script = str(EXAMPLES / "pjit_sharded.py")
-  out = run_example(tmp_path, "launch.py", "-n", "2", script, "--steps", "20", "--plot", plot)
-  assert "2 process(es), 8 cpu devices, mesh {'data': 2, 'model': 4}" in out
-  assert (tmp_path / "loss.png").exists()
-
-
 def test_launch_gives_each_process_its_own_gpu_and_its_arguments(tmp_path):
   """launch.py --one-gpu-each, checked with a script that writes what it got
   (the 2-GPU run of pjit_sharded.py is in benchmarks/RESULTS.md)."""
@@ -81,13 +73,11 @@ def test_launch_gives_each_process_its_own_gpu_and_its_arguments(tmp_path):
 
 
 def test_lora_finetune_trains_only_the_adapters(tmp_path):
+  # (The example itself fails when a frozen param changed or the loss did not go down.)
   args = ["--base-steps", "40", "--steps", "30", "--base", str(tmp_path / "base.msgpack")]
-  args += ["--plot", str(tmp_path / "lora.png")]
-  first = run_example(tmp_path, "lora_finetune.py", *args)
-  assert "written to" in first and (tmp_path / "lora.png").exists()
-  again = run_example(tmp_path, "lora_finetune.py", *args)  # the base the first run wrote
-  assert "base model loaded from" in again
-  rows = dict(re.findall(r"^(paged_adamw8bit|optax\.adamw) +[\d.]+ +([\d,]+)", again, re.M))
+  out = run_example(tmp_path, "lora_finetune.py", *args, "--plot", str(tmp_path / "lora.png"))
+  assert "written to" in out and (tmp_path / "lora.png").exists()
+  rows = dict(re.findall(r"^(paged_adamw8bit|optax\.adamw) +[\d.]+ +([\d,]+)", out, re.M))
   assert int(rows["paged_adamw8bit"].replace(",", "")) * 3 < int(
     rows["optax.adamw"].replace(",", "")
   )

@@ -68,7 +68,7 @@ def test_nf4_blocks_scales_and_the_round_trip_of_the_tables_own_values():
 def run(tmp_path, *args) -> str:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   done = subprocess.run(
-    [sys.executable, str(EXAMPLE), "--base", "base.msgpack", "--base-steps", "10", *args],
+    [sys.executable, str(EXAMPLE), "--base", "base.msgpack", "--base-steps", "2", *args],
     cwd=tmp_path,
     capture_output=True,
     text=True,
@@ -80,10 +80,10 @@ def run(tmp_path, *args) -> str:
 
 
 def test_a_run_resumed_from_its_mid_run_checkpoint_equals_the_unbroken_run(tmp_path):
-  common = ["--steps", "6", "--checkpoint-every", "3", "--checkpoint-dir", "ckpt"]
+  common = ["--steps", "4", "--checkpoint-every", "2", "--checkpoint-dir", "ckpt"]
   unbroken = run(tmp_path, *common)
-  shutil.rmtree(tmp_path / "ckpt" / "6")  # as if stopped after step 3's checkpoint
+  shutil.rmtree(tmp_path / "ckpt" / "4")  # as if stopped after step 2's checkpoint
   resumed = run(tmp_path, *common, "--resume")
-  assert "resumed from the checkpoint of step 3" in resumed
+  assert "resumed from the checkpoint of step 2" in resumed
   digests = [re.search(r"adapters digest: (\w+)", out).group(1) for out in (unbroken, resumed)]
   assert digests[0] == digests[1]

@@ -83,17 +83,18 @@ def test_kernels_compile_without_a_gpu_racing_processes_and_an_unwritable_cache(
   """Three processes compile at once: two for sm_90 into one empty cache, the
   small kernels and the fused float32 update (what a first step needs; each
   renames whole files into place: no reader sees part of one, and no
-  temporary file stays), one all the kernels for sm_80, the architecture
-  floor, with a cache folder that cannot be made (it compiles all the same,
-  keeps nothing, and says why once on stderr). A fourth process finds those
-  two sm_90 programs and compiles the rest; a fifth compiles nothing. (.ci/run
-  compiles for sm_100 too.)"""
+  temporary file stays), one the small kernels and the optax path's float32
+  update for sm_80, the architecture floor, with a cache folder that cannot
+  be made (it compiles all the same, keeps nothing, and says why once on
+  stderr). A fourth process finds those two sm_90 programs and compiles the
+  rest; a fifth compiles nothing. (.ci/run compiles every program for sm_80
+  and sm_100 too.)"""
   cache = tmp_path / "cache"
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   first_step = "0,1"
   first, second = start(cache, 90, first_step), start(cache, 90, first_step)
-  floor = start(blocker / "cache", 80)
+  floor = start(blocker / "cache", 80, "0,4")
   a, b, c = result(first), result(second), result(floor)
   assert a["compiled"] and b["compiled"] and a["paths"] == b["paths"], (a, b)
   assert a["stderr"] == b["stderr"] == "", (a, b)
