@@ -251,6 +251,8 @@ def main():
       raise SystemExit(f"{name}: a frozen param changed")
     if not r["after"] < before:
       raise SystemExit(f"{name}: the fine-tuning loss did not go down")
+  if not runs["paged_adamw8bit"]["bytes"] * 3 < runs["optax.adamw"]["bytes"]:
+    raise SystemExit("paged_adamw8bit's state is not under a third of optax.adamw's")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The examples, run as a user runs them: train_digits.py stopped and resumed
-from its orbax checkpoints ends bit-identical to a run never stopped;
-pjit_sharded.py as 2 jax.distributed processes started by launch.py;
-lora_finetune.py trains only its adapters with both optimizers."""
+from its orbax checkpoints ends bit-identical to a run never stopped, and
+launch.py gives each process its arguments and its GPU. (.ci/run runs the
+others whole, each failing on its own checks: pjit_sharded.py and
+fsdp_qlora.py on 8 fake devices and as 2 processes, lora_finetune.py, which
+checks that only its adapters change, that the loss goes down and that its
+state is under a third of optax.adamw's.)"""
 
 from __future__ import annotations
 
@@ -43,14 +46,14 @@ def digits(tmp_path, *args) -> dict[str, str]:
 
 
 def test_train_digits_resumes_from_its_checkpoints_bit_identically(tmp_path):
-  unbroken = digits(tmp_path, "--steps", "90")
+  unbroken = digits(tmp_path, "--steps", "40")
   ckpt = str(tmp_path / "ckpt")
   digits(
-    tmp_path, "--steps", "50", "--checkpoint-dir", ckpt, "--checkpoint-every", "20", "--keep", "2"
+    tmp_path, "--steps", "25", "--checkpoint-dir", ckpt, "--checkpoint-every", "10", "--keep", "2"
   )
   kept = sorted(p.name for p in (tmp_path / "ckpt" / "paged_adamw8bit").iterdir())
-  assert kept == ["40", "50"]  # every 20 steps and the last, the last 2 kept
-  resumed = digits(tmp_path, "--steps", "90", "--checkpoint-dir", ckpt, "--resume")
+  assert kept == ["20", "25"]  # every 10 steps and the last, the last 2 kept
+  resumed = digits(tmp_path, "--steps", "40", "--checkpoint-dir", ckpt, "--resume")
   assert resumed == unbroken
 
 
@@ -70,14 +73,3 @@ def test_launch_gives_each_process_its_own_gpu_and_its_arguments(tmp_path):
     assert visible == str(i)
     assert args[:6] == ["--steps", "5", "--num-processes", "3", "--process-id", str(i)]
     assert args[6] == "--coordinator" and args[7].startswith("127.0.0.1:")
-
-
-def test_lora_finetune_trains_only_the_adapters(tmp_path):
-  # (The example itself fails when a frozen param changed or the loss did not go down.)
-  args = ["--base-steps", "40", "--steps", "30", "--base", str(tmp_path / "base.msgpack")]
-  out = run_example(tmp_path, "lora_finetune.py", *args, "--plot", str(tmp_path / "lora.png"))
-  assert "written to" in out and (tmp_path / "lora.png").exists()
-  rows = dict(re.findall(r"^(paged_adamw8bit|optax\.adamw) +[\d.]+ +([\d,]+)", out, re.M))
-  assert int(rows["paged_adamw8bit"].replace(",", "")) * 3 < int(
-    rows["optax.adamw"].replace(",", "")
-  )

@@ -1,8 +1,12 @@
 """The CUDA kernels compiled at first use by NVRTC, with no GPU and no CUDA
 toolkit: NVRTC from NVIDIA's pip wheel (the test extra installs it, as JAX's
-CUDA wheels do), for sm_80 and sm_90 here (.ci/run adds sm_100), the
-compiled kernels cached on disk, written atomically, found by the next
-process; and the errors of what cannot work."""
+CUDA wheels do), for sm_80 and sm_90 here (the programs a first step needs;
+.ci/run compiles every program for sm_80, sm_90 and sm_100 and checks them
+with check_cubins), the compiled kernels cached on disk, written atomically,
+found by the next process; and the errors of what cannot work.
+
+Run as a script, `python tests/test_nvrtc.py ARCH...` compiles every program
+for each ARCH into a fresh cache and checks the CUBINs."""
 
 from __future__ import annotations
 
@@ -86,9 +90,9 @@ def test_kernels_compile_without_a_gpu_racing_processes_and_an_unwritable_cache(
   temporary file stays), one the small kernels and the optax path's float32
   update for sm_80, the architecture floor, with a cache folder that cannot
   be made (it compiles all the same, keeps nothing, and says why once on
-  stderr). A fourth process finds those two sm_90 programs and compiles the
-  rest; a fifth compiles nothing. (.ci/run compiles every program for sm_80
-  and sm_100 too.)"""
+  stderr). A fourth process finds the two sm_90 programs and compiles
+  nothing. (.ci/run compiles every program for sm_80, sm_90 and sm_100, with
+  check_cubins.)"""
   cache = tmp_path / "cache"
   blocker = tmp_path / "a_file"
   blocker.write_text("")
@@ -105,13 +109,12 @@ def test_kernels_compile_without_a_gpu_racing_processes_and_an_unwritable_cache(
   assert c["compiled"] and c["paths"] == [""] * 7, c
   assert c["stderr"].count("cannot be cached") == 1, c["stderr"]
   assert "OPTAX_PAGED8BIT_CACHE_DIR" in c["stderr"] and "a_file" in c["stderr"], c["stderr"]
-  rest = result(start(cache, 90))
-  assert rest["compiled"] and rest["paths"][:2] == a["paths"][:2], rest
-  sm90 = check_cubins(rest["paths"], 90)
-  again = result(start(cache, 90))
-  assert again["paths"] == rest["paths"] and not again["compiled"], again
+  again = result(start(cache, 90, first_step))
+  assert again["paths"] == a["paths"] and not again["compiled"], again
   assert again["seconds"] < 5, again
-  assert check_cubins(again["paths"], 90) == sm90
+  for path in a["paths"][:2]:
+    assert pathlib.Path(path).read_bytes()[:4] == b"\x7fELF", path
+  assert b"op8_update_params_f32\x00" in pathlib.Path(a["paths"][1]).read_bytes()
   with pytest.raises(RuntimeError, match=r"no program 7 \(0\.\.6\)"):
     op._ffi._ops.compile_kernels(90, [7])
 
@@ -145,3 +148,18 @@ def test_the_extension_runs_on_this_jax_and_one_built_for_a_newer_says_so():
     op._ffi.check_ffi_api_version(newer, framework)
   with pytest.raises(ImportError, match="--no-build-isolation"):
     op._ffi.check_ffi_api_version((framework[0] + 1, 0), framework)
+
+
+if __name__ == "__main__":
+  import tempfile
+  import time
+
+  for arch in map(int, sys.argv[1:]):
+    op._ffi._ops.configure_cuda(op._ffi.nvrtc_library(), tempfile.mkdtemp())  # a fresh cache
+    begin = time.perf_counter()
+    paths, compiled = op._ffi._ops.compile_kernels(arch)
+    assert compiled, paths
+    check_cubins(paths, arch)
+    print(
+      f"sm_{arch}: {len(paths)} CUBINs, every entry point, in {time.perf_counter() - begin:.1f} s"
+    )
