@@ -172,24 +172,17 @@ std::mutex g_config_mu;
 std::string g_nvrtc_library = "libnvrtc.so";  // set by Configure
 std::string g_cache_dir;
 
-const Nvrtc* LoadNvrtc(std::string* error) {
-  static std::mutex mu;
-  static std::unique_ptr<Nvrtc> loaded;
-  std::lock_guard<std::mutex> lock(mu);
-  if (loaded) return loaded.get();
-  std::string library;
-  {
-    std::lock_guard<std::mutex> config(g_config_mu);
-    library = g_nvrtc_library;
-  }
+// NVRTC's functions in `library`, or why it cannot serve (loaded anew).
+std::unique_ptr<Nvrtc> OpenNvrtc(const std::string& library, std::string* error) {
   void* lib = dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     *error =
-        "NVRTC, which compiles optax_paged8bit's CUDA kernels at first use, could not be "
-        "loaded from " +
-        library + " (" + dlerror() +
-        "). Install JAX's CUDA wheels (pip install \"jax[cuda12]\" or \"jax[cuda13]\", "
-        "which bring nvidia-cuda-nvrtc), or set OPTAX_PAGED8BIT_NVRTC to a libnvrtc.so.";
+        "optax_paged8bit compiles its CUDA kernels at first use with NVRTC, which it could "
+        "not load (" +
+        library + ": " + dlerror() +
+        "). Install JAX with its CUDA wheels (pip install \"jax[cuda13]\" or "
+        "\"jax[cuda12]\", which bring nvidia-cuda-nvrtc), or point OPTAX_PAGED8BIT_NVRTC at "
+        "a libnvrtc.so.";
     return nullptr;
   }
   auto n = std::make_unique<Nvrtc>();
@@ -221,7 +214,22 @@ const Nvrtc* LoadNvrtc(std::string* error) {
                            std::to_string(n->major) + "." + std::to_string(n->minor);
     dlopen(builtins.c_str(), RTLD_NOW | RTLD_GLOBAL);  // absent: NVRTC searches as usual
   }
-  loaded = std::move(n);
+  return n;
+}
+
+// The configured NVRTC (Configure), loaded once it loads.
+const Nvrtc* LoadNvrtc(std::string* error) {
+  static std::mutex mu;
+  static std::unique_ptr<Nvrtc> loaded;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!loaded) {
+    std::string library;
+    {
+      std::lock_guard<std::mutex> config(g_config_mu);
+      library = g_nvrtc_library;
+    }
+    loaded = OpenNvrtc(library, error);
+  }
   return loaded.get();
 }
 
@@ -247,9 +255,6 @@ constexpr int kMinArch = 80;
 // of one step at once, each on a thread of its own (a program's compile uses
 // one core).
 constexpr int kNumPrograms = 7;
-
-// The program of the update kernel for params of `type` (ElemType).
-int UpdateProgram(bool write_params, int32_t type) { return 1 + (write_params ? 0 : 3) + type; }
 
 std::string CachePath(int arch, const Nvrtc& nvrtc, int program) {
   std::lock_guard<std::mutex> lock(g_config_mu);
@@ -641,14 +646,6 @@ void Configure(const std::string& nvrtc_library, const std::string& cache_dir) {
 
 std::string CompileKernels(int arch, const std::vector<int>* programs,
                            std::vector<std::string>* paths, bool* compiled) {
-  std::vector<std::string> cubins;
-  std::vector<int> wanted;
-  for (int p = 0; p < kNumPrograms; ++p) {
-    if (programs == nullptr ||
-        std::find(programs->begin(), programs->end(), p) != programs->end()) {
-      wanted.push_back(p);
-    }
-  }
   if (programs != nullptr) {
     for (int p : *programs) {
       if (p < 0 || p >= kNumPrograms) {
@@ -657,13 +654,27 @@ std::string CompileKernels(int arch, const std::vector<int>* programs,
       }
     }
   }
+  std::vector<int> wanted;  // in order, each once
+  for (int p = 0; p < kNumPrograms; ++p) {
+    if (programs == nullptr ||
+        std::find(programs->begin(), programs->end(), p) != programs->end()) {
+      wanted.push_back(p);
+    }
+  }
+  std::vector<std::string> cubins;
   return KernelsCubins(arch, wanted, &cubins, paths, compiled);
+}
+
+std::string NvrtcProblem(const std::string& library) {
+  std::string error;
+  OpenNvrtc(library, &error);
+  return error;
 }
 
 std::string LoadUpdateKernels(uint32_t types, bool write_params) {
   std::vector<int> wanted;
   for (int32_t type : {kF32, kBF16, kF16}) {
-    if (types & (1u << type)) wanted.push_back(UpdateProgram(write_params, type));
+    if (types & (1u << type)) wanted.push_back(kProgramOf[UpdateKernel(write_params, type)]);
   }
   const Kernels* kernels = nullptr;
   return LoadPrograms(wanted, &kernels);

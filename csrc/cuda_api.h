@@ -96,6 +96,10 @@ std::string CompileKernels(int arch, const std::vector<int>* programs,
 // by themselves; this only lets one step's programs compile together.
 std::string LoadUpdateKernels(uint32_t types, bool write_params);
 
+// Why the NVRTC in `library` (a path of libnvrtc, or a name the dynamic
+// linker finds) cannot compile the kernels, or "" when it can.
+std::string NvrtcProblem(const std::string& library);
+
 // "" when a driver of `driver_version` (cuDriverGetVersion's 1000 * major +
 // 10 * minor) loads what the configured NVRTC compiles (a driver of NVRTC's
 // CUDA major or later), else what to install. Checked before the first compile

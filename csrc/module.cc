@@ -110,6 +110,8 @@ PYBIND11_MODULE(_ops, m) {
       "update for float32, bfloat16, float16; 4-6 the optax path's); returns (the CUBINs' "
       "paths, one per program, '' for one not asked for or that the cache could not keep; "
       "whether this call compiled any).");
+  m.def("nvrtc_problem", &cu::NvrtcProblem,
+        "Why the NVRTC at this path could not compile the kernels, or ''.");
   m.def(
       "driver_problem",
       [](int driver_version) {

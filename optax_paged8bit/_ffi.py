@@ -4,7 +4,6 @@ are, and wraps the registry's host-side controls."""
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib.util
 import os
@@ -137,18 +136,9 @@ _ops.configure_cuda(nvrtc_library(), kernel_cache_dir())
 
 @functools.cache
 def _nvrtc_problem() -> str | None:
-  """Why NVRTC cannot be loaded, or None when it can."""
-  library = nvrtc_library()
-  try:
-    ctypes.CDLL(library)
-  except OSError as e:
-    return (
-      f"optax_paged8bit compiles its CUDA kernels at first use with NVRTC, which it could not "
-      f'load ({library}: {e}). Install JAX with its CUDA wheels (pip install "jax[cuda13]" '
-      'or "jax[cuda12]", which bring nvidia-cuda-nvrtc), or point OPTAX_PAGED8BIT_NVRTC at '
-      "a libnvrtc.so."
-    )
-  return None
+  """Why NVRTC cannot compile the kernels (the backend's own loader says), or
+  None when it can."""
+  return _ops.nvrtc_problem(nvrtc_library()) or None
 
 
 def check_backend(platform: str) -> None:
