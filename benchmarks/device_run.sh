@@ -2,9 +2,10 @@
 # The GPU checks on a GPU machine: build the CUDA extension against the machine's
 # own jax, run the GPU tests, the benchmark and (optionally) the CPU suite.
 # Usage (from the repo root on the device):
-#   bash benchmarks/device_run.sh [gpu] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
+#   bash benchmarks/device_run.sh [gpu] [host] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
 #                                 [same_size] [trace] [ncu] [stalls] [diag] [collector] [cpu]
-# gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k); multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
+# gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k);
+# host: tests/test_host_state.py, benchmarks/bus_copies.py and benchmarks/host_state.py; multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
 # same, one process per case of BENCH_CASES (default 0 1 2 3) while time is left of RUN_LIMIT
@@ -90,6 +91,19 @@ for step in $steps; do
     trace) (cd benchmarks && python3 trace_step.py ${TRACE_CASE:-2} ${TRACE_ARGS:-} --out /tmp/trace) \
              > "$OUT/trace.log" 2>&1 || status=1
            cat "$OUT/trace.log" ;;
+    host) # State in host RAM: the streaming tests, the copy engines' speeds by kind of host
+          # memory, and the host-state benchmark (HOST_ARGS: e.g. --trees NAME --windows).
+          (cd tests && python3 -m pytest -v -p no:cacheprovider test_host_state.py) \
+            > "$OUT/host_tests.log" 2>&1 || status=1
+          grep -c " PASSED" "$OUT/host_tests.log" | sed 's/$/ passed/'
+          grep -E "FAILED|Error|error" "$OUT/host_tests.log" | head -20 | cut -c1-300
+          tail -3 "$OUT/host_tests.log"
+          python3 benchmarks/bus_copies.py --json "$OUT/bus_copies.json" > "$OUT/bus_copies.log" 2>&1 \
+            || status=1
+          tail -50 "$OUT/bus_copies.log"
+          python3 benchmarks/host_state.py ${HOST_ARGS:-} --json "$OUT/host_state.json" \
+            > "$OUT/host_state.log" 2>&1 || status=1
+          grep -v "^[WEI][0-9]" "$OUT/host_state.log" | tail -100 ;;
     pressure) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
                 python3 benchmarks/paging_pressure.py --json "$OUT/pressure.json" \
                 > "$OUT/pressure.log" 2>&1 || status=1

@@ -34,6 +34,7 @@ constexpr int kAdviseSetAccessedBy = 5;            // CU_MEM_ADVISE_SET_ACCESSED
 constexpr int kMemLocationTypeDevice = 1;          // CU_MEM_LOCATION_TYPE_DEVICE
 constexpr int kMemLocationTypeHost = 2;            // CU_MEM_LOCATION_TYPE_HOST
 constexpr int kStreamNonBlocking = 1;              // CU_STREAM_NON_BLOCKING
+constexpr int kEventDisableTiming = 2;             // CU_EVENT_DISABLE_TIMING
 constexpr int kAttributeMultiprocessorCount = 16;  // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
 constexpr int kAttributeComputeCapabilityMajor = 75;
 constexpr int kAttributeComputeCapabilityMinor = 76;
@@ -64,6 +65,11 @@ struct Driver {
   Result (*cuMemPrefetchAsync)(DevicePtr, size_t, MemLocation, unsigned, Stream);
   Result (*cuStreamSynchronize)(Stream);
   Result (*cuStreamCreate)(Stream*, unsigned);
+  Result (*cuStreamWaitEvent)(Stream, Event, unsigned);
+  Result (*cuEventCreate)(Event*, unsigned);
+  Result (*cuEventDestroy)(Event);
+  Result (*cuEventRecord)(Event, Stream);
+  Result (*cuEventSynchronize)(Event);
   Result (*cuModuleLoadData)(Module*, const void*);
   Result (*cuModuleGetFunction)(Function*, Module, const char*);
   Result (*cuLaunchKernel)(Function, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -113,6 +119,11 @@ const Driver* LoadDriver(std::string* error) {
     Bind(lib, "cuMemPrefetchAsync_v2", &driver.cuMemPrefetchAsync, &missing);
     Bind(lib, "cuStreamSynchronize", &driver.cuStreamSynchronize, &missing);
     Bind(lib, "cuStreamCreate", &driver.cuStreamCreate, &missing);
+    Bind(lib, "cuStreamWaitEvent", &driver.cuStreamWaitEvent, &missing);
+    Bind(lib, "cuEventCreate", &driver.cuEventCreate, &missing);
+    Bind(lib, "cuEventDestroy_v2", &driver.cuEventDestroy, &missing);
+    Bind(lib, "cuEventRecord", &driver.cuEventRecord, &missing);
+    Bind(lib, "cuEventSynchronize", &driver.cuEventSynchronize, &missing);
     Bind(lib, "cuModuleLoadData", &driver.cuModuleLoadData, &missing);
     Bind(lib, "cuModuleGetFunction", &driver.cuModuleGetFunction, &missing);
     Bind(lib, "cuLaunchKernel", &driver.cuLaunchKernel, &missing);
@@ -602,6 +613,17 @@ Result StreamSynchronize(Stream stream) { return Call(&Driver::cuStreamSynchroni
 Result StreamCreateNonBlocking(Stream* stream) {
   return Call(&Driver::cuStreamCreate, stream, static_cast<unsigned>(kStreamNonBlocking));
 }
+Result StreamWaitEvent(Stream stream, Event event) {
+  return Call(&Driver::cuStreamWaitEvent, stream, event, 0u);
+}
+Result EventCreate(Event* event) {
+  return Call(&Driver::cuEventCreate, event, static_cast<unsigned>(kEventDisableTiming));
+}
+Result EventDestroy(Event event) { return Call(&Driver::cuEventDestroy, event); }
+Result EventRecord(Event event, Stream stream) {
+  return Call(&Driver::cuEventRecord, event, stream);
+}
+Result EventSynchronize(Event event) { return Call(&Driver::cuEventSynchronize, event); }
 Result CtxSynchronize() { return Call(&Driver::cuCtxSynchronize); }
 Result MultiProcessorCount(int device, int* count) {
   Device handle = 0;

@@ -29,6 +29,8 @@ struct Context_st;
 using Context = Context_st*;  // CUcontext
 struct Stream_st;
 using Stream = Stream_st*;  // CUstream: XLA's stream as the FFI hands it over
+struct Event_st;
+using Event = Event_st*;  // CUevent
 struct Module_st;
 using Module = Module_st*;  // CUmodule
 struct Function_st;
@@ -60,6 +62,13 @@ Result MemAdviseAccessedBy(void* p, size_t bytes, MemLocation by);
 Result MemPrefetchAsync(void* p, size_t bytes, MemLocation to, Stream stream);
 Result StreamSynchronize(Stream stream);
 Result StreamCreateNonBlocking(Stream* stream);
+// Events order work across streams: `stream` waits until `event`'s latest
+// record has run. Created without timing.
+Result StreamWaitEvent(Stream stream, Event event);
+Result EventCreate(Event* event);
+Result EventDestroy(Event event);
+Result EventRecord(Event event, Stream stream);
+Result EventSynchronize(Event event);
 Result CtxSynchronize();
 Result MultiProcessorCount(int device, int* count);
 std::string Message(const char* what, Result result);  // "what failed: reason"

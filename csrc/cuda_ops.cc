@@ -93,16 +93,56 @@ bool FreeMemoryAllows(size_t bytes) {
   return bytes + kDeviceReserveBytes <= free_bytes;
 }
 
-// Whether `bytes` more may be placed on `device`: within free memory and under
-// the budget. Never oversubscribes.
-bool FitsOnDevice(int device, size_t bytes) {
+// Where device and host homes of a slot's memory meet: a multiple of the
+// unified-memory driver's 2 MiB unit, so that no page is homed on both sides.
+constexpr size_t kHomeUnit = size_t{2} << 20;
+
+// Bytes of managed memory that may still be placed on `device`: within free
+// memory (less a reserve) and the budget, beyond `counted` bytes that are
+// placed already but ask again (paged-out memory coming back). Never
+// oversubscribes.
+size_t DeviceRoom(int device, size_t counted = 0) {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cu::MemGetInfo(&free_bytes, &total_bytes) != cu::kSuccess) return 0;
+  size_t room = free_bytes > kDeviceReserveBytes ? free_bytes - kDeviceReserveBytes : 0;
   int64_t budget = g_device_budget.load();
-  return FreeMemoryAllows(bytes) &&
-         (budget < 0 || g_device_bytes[device].load() + static_cast<int64_t>(bytes) <= budget);
+  if (budget >= 0) {
+    int64_t left = budget - g_device_bytes[device].load() + static_cast<int64_t>(counted);
+    room = std::min(room, static_cast<size_t>(std::max<int64_t>(left, 0)));
+  }
+  return room;
 }
 
-// Managed memory homed on the owning GPU when it fits, else on the host
-// (preferred location host, mapped for the GPU, read over the bus).
+// How many of `bytes` to home on the device when `room` bytes may be: all of
+// them, or the whole 2 MiB units that fit.
+size_t DevicePrefix(size_t bytes, size_t room) {
+  return bytes <= room ? bytes : room / kHomeUnit * kHomeUnit;
+}
+
+// Counts `bytes` of `p` as placed on `device` (replacing what was counted).
+void SetDevicePlacement(void* p, int device, size_t bytes) {
+  ForgetDevicePlacement(p);
+  if (bytes == 0) return;
+  std::lock_guard<std::mutex> lock(g_sizes_mu);
+  g_device_sizes[p] = {device, static_cast<int64_t>(bytes)};
+  g_device_bytes[device] += static_cast<int64_t>(bytes);
+}
+
+// Moves the home of m's bytes from `prefix` on to the host (they no longer
+// fit on the device).
+cu::Result HomeRestOnHost(Memory& m, int device, size_t prefix) {
+  if (prefix >= m.device_bytes) return cu::kSuccess;
+  cu::Result e = cu::MemAdvisePreferredLocation(static_cast<char*>(m.data) + prefix,
+                                                m.device_bytes - prefix, HostLocation());
+  if (e != cu::kSuccess) return e;
+  SetDevicePlacement(m.data, device, prefix);
+  m.device_bytes = prefix;
+  return cu::kSuccess;
+}
+
+// Managed memory homed on the owning GPU as far as it fits, the rest on the
+// host (preferred location host, mapped for the GPU): a step streams what
+// lies on the host (StreamedStep, below).
 class ManagedAllocator : public Allocator {
  public:
   ManagedAllocator(int device, cu::Stream stream) : device_(device), stream_(stream) {}
@@ -112,35 +152,32 @@ class ManagedAllocator : public Allocator {
     Memory m;
     m.bytes = bytes;
     m.free_fn = FreeManaged;
-    bool on_device = FitsOnDevice(device_, bytes);
+    m.on_host = false;
+    size_t prefix = DevicePrefix(bytes, DeviceRoom(device_));
     void* p = nullptr;
     cu::Result e = cu::MemAllocManaged(&p, bytes);
     if (e != cu::kSuccess) {
       *error = CudaMessage("cuMemAllocManaged", e) + " (" + std::to_string(bytes) + " bytes)";
       return m;
     }
-    cu::MemLocation home = on_device ? DeviceLocation(device_) : HostLocation();
-    e = cu::MemAdvisePreferredLocation(p, bytes, home);
-    if (e == cu::kSuccess) {
-      e = cu::MemAdviseAccessedBy(p, bytes, DeviceLocation(device_));
+    char* c = static_cast<char*>(p);
+    e = cu::MemAdviseAccessedBy(p, bytes, DeviceLocation(device_));
+    if (e == cu::kSuccess && prefix > 0) {
+      e = cu::MemAdvisePreferredLocation(p, prefix, DeviceLocation(device_));
     }
-    if (e == cu::kSuccess) {
-      e = on_device ? cu::MemsetAsync(p, 0, bytes, stream_)
-                    : (std::memset(p, 0, bytes), cu::kSuccess);
+    if (e == cu::kSuccess && prefix < bytes) {
+      e = cu::MemAdvisePreferredLocation(c + prefix, bytes - prefix, HostLocation());
     }
+    if (e == cu::kSuccess && prefix > 0) e = cu::MemsetAsync(p, 0, prefix, stream_);
+    if (e == cu::kSuccess && prefix < bytes) std::memset(c + prefix, 0, bytes - prefix);
     if (e != cu::kSuccess) {
       cu::MemFree(p);
       *error = CudaMessage("placing managed memory", e);
       return m;
     }
-    if (on_device) {
-      std::lock_guard<std::mutex> sizes(g_sizes_mu);
-      g_device_sizes[p] = {device_, static_cast<int64_t>(bytes)};
-      g_device_bytes[device_] += static_cast<int64_t>(bytes);
-    }
+    SetDevicePlacement(p, device_, prefix);
     m.data = p;
-    m.on_host = !on_device;
-    m.host_home = !on_device;
+    m.device_bytes = prefix;
     return m;
   }
 
@@ -310,6 +347,44 @@ std::string ProbeSlot(const Slot& slot, cu::Stream stream, SlotProbe* out) {
   return "";
 }
 
+// -- a streamed step's write-back ----------------------------------------------
+
+// The event that marks the end of a slot's write-back, and its device.
+struct WriteBack {
+  cu::Event event = nullptr;
+  int device = 0;
+};
+
+void DropWriteBack(void* p) {
+  auto* w = static_cast<WriteBack*>(p);
+  DeviceScope scope(w->device);
+  cu::EventSynchronize(w->event);
+  cu::EventDestroy(w->event);
+  delete w;
+}
+
+// Makes `stream` wait until the slot's last write-back has run.
+ffi::Error AwaitWriteBack(const char* op, const Slot& slot, cu::Stream stream) {
+  if (slot.write_back == nullptr) return ffi::Error::Success();
+  RETURN_IF_CUDA_FAILED(
+      op, "waiting for the state's write-back",
+      cu::StreamWaitEvent(stream, static_cast<const WriteBack*>(slot.write_back)->event));
+  return ffi::Error::Success();
+}
+
+// The slot's write-back event, made at its first streamed step.
+ffi::Error WriteBackEvent(const char* op, Slot& slot, cu::Event* out) {
+  if (slot.write_back == nullptr) {
+    auto w = std::make_unique<WriteBack>();
+    w->device = slot.device;
+    RETURN_IF_CUDA_FAILED(op, "cuEventCreate", cu::EventCreate(&w->event));
+    slot.write_back = w.release();
+    slot.drop_write_back = DropWriteBack;
+  }
+  *out = static_cast<WriteBack*>(slot.write_back)->event;
+  return ffi::Error::Success();
+}
+
 // Brings paged-out memory of a slot back before a kernel touches it, so that
 // the kernel never faults pages in. Memory that no longer fits moves its home
 // to the host (read over the bus) instead of oversubscribing.
@@ -330,7 +405,7 @@ constexpr size_t kEvictionSignMinBytes = size_t{2} << 20;
 ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   size_t free_now = 0, total = 0, placed_on_device = 0;
   for (const Memory& m : slot.memory) {
-    if (!m.on_host && !m.host_home) placed_on_device += m.bytes;
+    if (!m.on_host) placed_on_device += m.device_bytes;
   }
   bool evicted = false;
   if (placed_on_device > 0 && cu::MemGetInfo(&free_now, &total) == cu::kSuccess) {
@@ -340,23 +415,21 @@ ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   }
   bool paged_in = false;
   for (Memory& m : slot.memory) {
-    if (m.host_home) continue;
+    if (m.device_bytes == 0 || (!m.on_host && !evicted)) continue;
+    // A streamed step's write-back may still be copying into these pages.
+    if (auto e = AwaitWriteBack(op, slot, stream); e.failure()) return e;
     cu::Result e = cu::kSuccess;
-    if (!m.on_host) {
-      if (evicted) {
-        e = cu::MemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), stream);
-      }
-    } else {
+    if (m.on_host) {
+      // Paged out: back to the device as far as it fits now; the rest is
+      // homed on the host from now on (and streamed).
       std::lock_guard<std::mutex> lock(g_placement_mu);
-      if (FreeMemoryAllows(m.bytes)) {
-        e = cu::MemPrefetchAsync(m.data, m.bytes, DeviceLocation(slot.device), stream);
-        m.on_host = false;
-        paged_in = true;
-      } else {
-        e = cu::MemAdvisePreferredLocation(m.data, m.bytes, HostLocation());
-        ForgetDevicePlacement(m.data);
-        m.host_home = true;
-      }
+      e = HomeRestOnHost(m, slot.device,
+                         DevicePrefix(m.device_bytes, DeviceRoom(slot.device, m.device_bytes)));
+      m.on_host = false;
+      paged_in = true;
+    }
+    if (e == cu::kSuccess && m.device_bytes > 0) {
+      e = cu::MemPrefetchAsync(m.data, m.device_bytes, DeviceLocation(slot.device), stream);
     }
     if (e != cu::kSuccess) return CudaError(op, "prefetching state to the device", e);
   }
@@ -384,14 +457,15 @@ int32_t AlignmentFlag(const LeafDesc& d) {
 // their order, or with by_type, grouped by dtype (in their order within each):
 // then every table's leaves have one dtype, as an update kernel takes them.
 // block_offsets: where each table's blocks start, counted in table order.
-std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>& calls,
-                                                    const std::vector<LeafSpec>& layout,
-                                                    const std::vector<StepState>& states,
-                                                    bool block_wise,
-                                                    std::vector<int64_t>* block_offsets,
-                                                    bool by_type = false) {
-  std::vector<size_t> order(calls.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+// Leaves with skip[i] set are left out.
+std::vector<std::unique_ptr<LeafTable>> BuildTables(
+    const std::vector<LeafCall>& calls, const std::vector<LeafSpec>& layout,
+    const std::vector<StepState>& states, bool block_wise, std::vector<int64_t>* block_offsets,
+    bool by_type = false, const std::vector<bool>* skip = nullptr) {
+  std::vector<size_t> order;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (skip == nullptr || !(*skip)[i]) order.push_back(i);
+  }
   if (by_type) {
     std::stable_sort(order.begin(), order.end(),
                      [&](size_t a, size_t b) { return calls[a].type < calls[b].type; });
@@ -438,6 +512,314 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(const std::vector<LeafCall>&
   return tables;
 }
 
+// -- streaming state that lies in host RAM ---------------------------------------
+//
+// A leaf whose moments lie (in part) in the host-homed bytes of its slot is
+// not read by the kernel over the bus. Its moments are copied in chunks into
+// a window of device memory by one copy engine, updated there by the update
+// kernel, and copied back by another, on two streams of their own, so that
+// both directions of the bus move at once while the kernel works on the
+// chunk between them:
+//
+//   copy-in stream:  in 0  in 1  in 2  in 3  ......  in 4  ......  in 5
+//   XLA's stream:          k 0   k 1   k 2   k 3  ...
+//   copy-out stream:             out 0 out 1 out 2 out 3 ...
+//
+// Chunks take the window's buffers in turn; a buffer is filled again once its
+// previous chunk was copied out (events order the three streams). The
+// write-back of the last chunks runs after the call returns, beside whatever
+// XLA runs next; the slot's write-back event marks its end, and every call
+// that touches the slot's memory waits for it (the next step's copies in, an
+// export, paging, freeing). Chunks split leaves at 256-element blocks, which
+// the step updates independently of each other, so a streamed step is
+// bit-identical to a resident one. Not streamed (read over the bus): leaves of
+// block_wise=False states, whose one scale spans the leaf, and any leaf when
+// the device has no room for the window.
+
+constexpr int kMaxStreamBuffers = 8;
+constexpr size_t kMinStreamChunk = size_t{1} << 20;
+std::atomic<size_t> g_stream_chunk_bytes{size_t{32} << 20};
+std::atomic<int> g_stream_buffers{4};
+
+struct StreamWindow {
+  std::mutex mu;  // held while a step plans and enqueues its chunks
+  char* base = nullptr;
+  size_t chunk_bytes = 0;
+  int buffers = 0;
+  int next = 0;  // the buffer the next chunk takes
+  cu::Stream in = nullptr, out = nullptr;
+  cu::Event loaded[kMaxStreamBuffers] = {};    // a chunk's moments are in the buffer
+  cu::Event computed[kMaxStreamBuffers] = {};  // the kernel has updated them
+  cu::Event drained[kMaxStreamBuffers] = {};   // they are copied back: the buffer is free
+};
+StreamWindow g_windows[kMaxDevices];
+
+// Gives the device's window (held) the configured shape. False when streaming
+// is off or free device memory has no room for the window now.
+std::string ReadyWindow(int device, StreamWindow& w, bool* ready) {
+  *ready = false;
+  size_t chunk = g_stream_chunk_bytes.load();
+  int buffers = g_stream_buffers.load();
+  if (chunk == 0 || buffers == 0) return "";
+  if (w.in == nullptr) {
+    cu::Result e = cu::StreamCreateNonBlocking(&w.in);
+    if (e == cu::kSuccess) e = cu::StreamCreateNonBlocking(&w.out);
+    for (int b = 0; b < kMaxStreamBuffers && e == cu::kSuccess; ++b) {
+      e = cu::EventCreate(&w.loaded[b]);
+      if (e == cu::kSuccess) e = cu::EventCreate(&w.computed[b]);
+      if (e == cu::kSuccess) e = cu::EventCreate(&w.drained[b]);
+    }
+    if (e != cu::kSuccess) return CudaMessage("making the streaming window's streams", e);
+  }
+  if (w.base != nullptr && w.chunk_bytes == chunk && w.buffers == buffers) {
+    *ready = true;
+    return "";
+  }
+  if (w.base != nullptr) {  // reshaped: once nothing uses the old buffers
+    cu::CtxSynchronize();
+    cu::MemFree(w.base);
+    w.base = nullptr;
+  }
+  std::lock_guard<std::mutex> placement(g_placement_mu);
+  if (!FreeMemoryAllows(chunk * buffers)) return "";
+  void* p = nullptr;
+  if (cu::MemAlloc(&p, chunk * buffers) != cu::kSuccess) return "";
+  w.base = static_cast<char*>(p);
+  w.chunk_bytes = chunk;
+  w.buffers = buffers;
+  w.next = 0;
+  *ready = true;
+  return "";
+}
+
+// One copy of a chunk's moments between the slot (or a stage's result) and
+// the window.
+struct CopyRange {
+  char* to;
+  const char* from;
+  size_t bytes;
+};
+
+// Appends a copy, merged with the previous one where both sides continue it
+// (whole leaves lie in the window as in the arena: one copy moves a run).
+void AddCopy(std::vector<CopyRange>* copies, void* to, const void* from, size_t bytes) {
+  if (bytes == 0) return;
+  auto* t = static_cast<char*>(to);
+  auto* f = static_cast<const char*>(from);
+  if (!copies->empty()) {
+    CopyRange& last = copies->back();
+    if (last.to + last.bytes == t && last.from + last.bytes == f) {
+      last.bytes += bytes;
+      return;
+    }
+  }
+  copies->push_back({t, f, bytes});
+}
+
+// A chunk: the pieces of leaves (runs of whole blocks) one window buffer
+// holds, the launch table that updates them there, and the copies in and out.
+struct StreamChunk {
+  int buffer = 0;
+  size_t used = 0;  // bytes of the buffer
+  std::unique_ptr<LeafTable> table;
+  std::vector<CopyRange> in, out;
+  size_t bytes_in = 0;
+};
+
+size_t ParamBytes(int32_t type) { return type == kF32 ? 4 : 2; }
+
+// Splits the streamed leaves (grouped by dtype, as the update kernels take
+// them) into chunks of at most the window's chunk bytes, in buffers
+// first_buffer, first_buffer + 1, ... of the window.
+std::vector<StreamChunk> PlanChunks(const std::vector<LeafCall>& calls,
+                                    const std::vector<LeafSpec>& layout,
+                                    const std::vector<StepState>& states,
+                                    const std::vector<bool>& streamed, const StreamWindow& w) {
+  std::vector<size_t> order;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (streamed[i]) order.push_back(i);
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return calls[a].type < calls[b].type; });
+  std::vector<StreamChunk> chunks;
+  auto open_chunk = [&]() {
+    StreamChunk c;
+    c.buffer = static_cast<int>((w.next + chunks.size()) % w.buffers);
+    c.table = std::make_unique<LeafTable>();
+    c.table->num_leaves = 0;
+    c.table->num_blocks = 0;
+    chunks.push_back(std::move(c));
+  };
+  // A piece's four arrays each start on kArenaAlign bytes in the buffer.
+  constexpr size_t kPieceSlack = 4 * kArenaAlign;
+  auto blocks_that_fit = [&](size_t room, size_t per_block) -> int64_t {
+    return room > kPieceSlack ? static_cast<int64_t>((room - kPieceSlack) / per_block) : 0;
+  };
+  for (size_t i : order) {
+    const LeafCall& call = calls[i];
+    const LeafSpec& spec = layout[i];
+    const StepState& st = states[i];
+    size_t value_bytes = spec.is_8bit ? 1 : 4;  // of one moment's element
+    size_t per_block = 2 * kBlockSize * value_bytes + (spec.is_8bit ? 2 * sizeof(float) : 0);
+    int64_t blocks = (call.size + kBlockSize - 1) / kBlockSize;
+    for (int64_t b = 0; b < blocks;) {
+      if (chunks.empty() || chunks.back().table->num_leaves == kMaxLeavesPerLaunch ||
+          chunks.back().table->leaves[0].type != call.type) {
+        open_chunk();
+      }
+      int64_t n = blocks_that_fit(w.chunk_bytes - chunks.back().used, per_block);
+      if (n == 0) {
+        open_chunk();
+        n = blocks_that_fit(w.chunk_bytes, per_block);
+      }
+      n = std::min(n, blocks - b);
+      StreamChunk& c = chunks.back();
+      int64_t e0 = b * kBlockSize;
+      int64_t e1 = std::min(call.size, (b + n) * kBlockSize);
+      bool whole = b == 0 && e1 == call.size;
+      size_t values = static_cast<size_t>(e1 - e0) * value_bytes;
+      size_t scales = spec.is_8bit ? static_cast<size_t>(n) * sizeof(float) : 0;
+      // A whole leaf's arrays are copied with their arena padding, so that
+      // runs of whole leaves merge into one copy.
+      size_t values_copied = whole ? ArenaRound(values) : values;
+      size_t scales_copied = whole ? ArenaRound(scales) : scales;
+      char* s1 = w.base + c.buffer * w.chunk_bytes + c.used;
+      char* s2 = s1 + ArenaRound(values);
+      char* a1 = s2 + ArenaRound(values);
+      char* a2 = a1 + ArenaRound(scales);
+      c.used += 2 * ArenaRound(values) + 2 * ArenaRound(scales);
+      size_t at = static_cast<size_t>(e0) * value_bytes;
+      AddCopy(&c.in, s1, static_cast<const char*>(st.in.state1) + at, values_copied);
+      AddCopy(&c.in, s2, static_cast<const char*>(st.in.state2) + at, values_copied);
+      if (scales > 0) {
+        AddCopy(&c.in, a1, st.in.absmax1 + b, scales_copied);
+        AddCopy(&c.in, a2, st.in.absmax2 + b, scales_copied);
+      }
+      AddCopy(&c.out, static_cast<char*>(st.out.state1) + at, s1, values_copied);
+      AddCopy(&c.out, static_cast<char*>(st.out.state2) + at, s2, values_copied);
+      if (scales > 0) {
+        AddCopy(&c.out, st.out.absmax1 + b, a1, scales_copied);
+        AddCopy(&c.out, st.out.absmax2 + b, a2, scales_copied);
+      }
+      c.bytes_in += 2 * (values_copied + scales_copied);
+      LeafTable& table = *c.table;
+      LeafDesc& d = table.leaves[table.num_leaves++];
+      size_t param_at = static_cast<size_t>(e0) * ParamBytes(call.type);
+      d.grad = static_cast<const char*>(call.grad) + param_at;
+      d.param = static_cast<const char*>(call.param) + param_at;
+      d.out = static_cast<char*>(call.out) + param_at;
+      d.state1 = s1;
+      d.state2 = s2;
+      d.absmax1 = scales > 0 ? reinterpret_cast<float*>(a1) : nullptr;
+      d.absmax2 = scales > 0 ? reinterpret_cast<float*>(a2) : nullptr;
+      d.state1_in = d.state1;
+      d.state2_in = d.state2;
+      d.absmax1_in = d.absmax1;
+      d.absmax2_in = d.absmax2;
+      d.size = e1 - e0;
+      d.block_begin = table.num_blocks;
+      d.type = call.type;
+      d.flags = call.flags;
+      d.flags |= AlignmentFlag(d);
+      d.index = static_cast<int32_t>(i);
+      table.num_blocks += n;
+      b += n;
+    }
+  }
+  return chunks;
+}
+
+// Which leaves of a paged call lie (in part) in host RAM: those a step
+// streams.
+std::vector<bool> HostLeaves(const Slot& slot, const DecodedPagedUpdate& u) {
+  std::vector<bool> host(u.chunk.leaves, false);
+  if (slot.memory.empty()) return host;
+  const Memory& m = slot.memory[0];  // the arena
+  for (size_t i = 0; i < host.size(); ++i) {
+    size_t leaf = u.chunk.first() + i;
+    host[i] = m.HostPart(slot.arena + slot.offsets[leaf], slot.arena + slot.offsets[leaf + 1]);
+  }
+  return host;
+}
+
+// The update of a step whose leaves with host_leaves[i] set are streamed
+// (above), the others updated where they lie; *streamed is false (and nothing
+// enqueued) when the window cannot be had.
+ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
+                          const std::vector<LeafCall>& calls, const std::vector<LeafSpec>& layout,
+                          const std::vector<StepState>& states,
+                          const std::vector<bool>& host_leaves, StepArgs args, int num_sms,
+                          Slot& slot, bool* streamed) {
+  *streamed = false;
+  StreamWindow& w = g_windows[device];
+  std::lock_guard<std::mutex> lock(w.mu);
+  bool ready = false;
+  if (std::string error = ReadyWindow(device, w, &ready); !error.empty()) {
+    return ffi::Error::Internal(std::string(op) + ": " + error);
+  }
+  if (!ready) return ffi::Error::Success();
+  std::vector<StreamChunk> chunks = PlanChunks(calls, layout, states, host_leaves, w);
+  if (chunks.empty()) return ffi::Error::Success();
+  std::vector<int64_t> unused;
+  auto resident = BuildTables(calls, layout, states, true, &unused, /*by_type=*/true, &host_leaves);
+  cu::Event written;
+  if (auto e = WriteBackEvent(op, slot, &written); e.failure()) return e;
+  // The copies in read what the slot's previous write-back wrote.
+  RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, written));
+  auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
+    RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
+                          cu::StreamWaitEvent(w.in, w.drained[c.buffer]));
+    for (const CopyRange& r : c.in) {
+      RETURN_IF_CUDA_FAILED(op, "copying state in", cu::MemcpyAsync(r.to, r.from, r.bytes, w.in));
+    }
+    RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.loaded[c.buffer], w.in));
+    return ffi::Error::Success();
+  };
+  size_t buffers = static_cast<size_t>(w.buffers);
+  for (size_t k = 0; k < std::min(chunks.size(), buffers); ++k) {
+    if (auto e = copy_in(chunks[k]); e.failure()) return e;
+  }
+  args.write_count = false;
+  for (const auto& table : resident) {
+    if (table->num_leaves == 0) continue;
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*table, args, num_sms, stream));
+  }
+  size_t bytes_in = 0;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    const StreamChunk& c = chunks[k];
+    RETURN_IF_CUDA_FAILED(op, "ordering a chunk's update",
+                          cu::StreamWaitEvent(stream, w.loaded[c.buffer]));
+    args.write_count = k + 1 == chunks.size();
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*c.table, args, num_sms, stream));
+    RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.computed[c.buffer], stream));
+    RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy out",
+                          cu::StreamWaitEvent(w.out, w.computed[c.buffer]));
+    for (const CopyRange& r : c.out) {
+      RETURN_IF_CUDA_FAILED(op, "copying state out", cu::MemcpyAsync(r.to, r.from, r.bytes, w.out));
+    }
+    RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.drained[c.buffer], w.out));
+    if (k + buffers < chunks.size()) {
+      if (auto e = copy_in(chunks[k + buffers]); e.failure()) return e;
+    }
+    bytes_in += c.bytes_in;
+  }
+  RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(written, w.out));
+  w.next = static_cast<int>((w.next + chunks.size()) % buffers);
+  // A stage of a step of several calls writes to its staged result, which
+  // XLA hands to the next call: XLA's stream waits for those copies.
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (host_leaves[i] && states[i].out.state1 != states[i].in.state1) {
+      RETURN_IF_CUDA_FAILED(op, "ordering the staged moments",
+                            cu::StreamWaitEvent(stream, written));
+      break;
+    }
+  }
+  slot.streamed_steps += 1;
+  slot.streamed_bytes = bytes_in;
+  *streamed = true;
+  return ffi::Error::Success();
+}
+
 // Where an update writes the state's handle (nowhere for adamw8bit).
 struct HandleWrite {
   uint32_t* out = nullptr;
@@ -452,7 +834,8 @@ ffi::Error LaunchStep(const char* op, cu::Stream stream, int device, ffi::Scratc
                       const ffi::Buffer<ffi::F32>& qmaps, const ffi::Buffer<ffi::F32>& rings,
                       float* ring, const GivenNorms& norms, int32_t* count_out, int32_t count_value,
                       HandleWrite handle, int64_t t, int32_t percentile, bool block_wise,
-                      bool write_params) {
+                      bool write_params, Slot* slot = nullptr,
+                      const std::vector<bool>* host_leaves = nullptr) {
   if (ring != rings.typed_data() && rings.element_count() > 0) {
     RETURN_IF_CUDA_FAILED(
         op, "copying the clipping rings",
@@ -537,6 +920,20 @@ ffi::Error LaunchStep(const char* op, cu::Stream stream, int device, ffi::Scratc
       RETURN_IF_LAUNCH_FAILED(op, cu::LaunchWholeLeafMax(*table, args, num_sms, stream));
     }
   }
+  if (slot != nullptr && host_leaves != nullptr && block_wise &&
+      std::find(host_leaves->begin(), host_leaves->end(), true) != host_leaves->end()) {
+    bool streamed = false;
+    if (auto e = StreamedUpdate(op, stream, device, calls, layout, states, *host_leaves, args,
+                                num_sms, *slot, &streamed);
+        e.failure() || streamed) {
+      return e;
+    }
+  }
+  // The kernel reads every leaf where it lies (host RAM over the bus), after
+  // any write-back of an earlier streamed step.
+  if (slot != nullptr) {
+    if (auto e = AwaitWriteBack(op, *slot, stream); e.failure()) return e;
+  }
   for (size_t k = 0; k < tables.size(); ++k) {
     args.write_count = k + 1 == tables.size();
     RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*tables[k], args, num_sms, stream));
@@ -594,14 +991,17 @@ ffi::Error UpdateCuda(cu::Stream stream, int32_t device, ffi::ScratchAllocator s
   if (auto e = MakeResident(op, *slot, stream); e.failure()) return e;
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
+  std::vector<bool> host_leaves = HostLeaves(*slot, u);
   if (auto e = LaunchStep(op, stream, device, scratch, u.call.leaves, u.call.layout,
                           CallStates(*slot, u), hyper, qmaps, rings, rings_out->typed_data(),
                           u.call.norms, count_out->typed_data(), u.chunk.CountAfter(host.count),
-                          handle_write, t, percentile, block_wise, write_params);
+                          handle_write, t, percentile, block_wise, write_params, slot.get(),
+                          &host_leaves);
       e.failure()) {
     return e;
   }
   if (!u.chunk.commit()) return ffi::Error::Success();
+  if (auto e = AwaitWriteBack(op, *slot, stream); e.failure()) return e;
   for (const ArenaCopy& c : StagedCopies(*slot, u)) {
     RETURN_IF_CUDA_FAILED(op, "copying the staged moments in",
                           cu::MemcpyAsync(c.to, c.from, c.bytes, stream));
@@ -730,6 +1130,9 @@ ffi::Error ExportCuda(cu::Stream stream, int32_t device, HandleBuffer handle,
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::unique_lock<std::mutex> lock;
   if (slot) lock = std::unique_lock<std::mutex>(slot->mu);
+  if (slot) {
+    if (auto e = AwaitWriteBack(op, *slot, stream); e.failure()) return e;
+  }
   if (auto e = CopyStateArrays(op, leaves, layout, slot.get(), /*to_slot=*/false, stream);
       e.failure()) {
     return e;
@@ -809,23 +1212,27 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
     cu::Stream stream = PagingStream(slot->device);
+    if (slot->write_back != nullptr) {
+      cu::StreamWaitEvent(stream, static_cast<const WriteBack*>(slot->write_back)->event);
+    }
     for (Memory& m : slot->memory) {
-      if (m.host_home || m.on_host == to_host) continue;
+      if (m.device_bytes == 0 || m.on_host == to_host) continue;
       std::lock_guard<std::mutex> placement(g_placement_mu);
-      if (!to_host && !FreeMemoryAllows(m.bytes)) {
-        *error = "page_in: not enough free device memory for " + std::to_string(m.bytes) +
-                 " more bytes of optimizer state; the rest stays on the host and the next "
-                 "update moves its home there (read over the bus) rather than oversubscribe";
+      if (!to_host && !FreeMemoryAllows(m.device_bytes)) {
+        *error = "page_in: not enough free device memory for " + std::to_string(m.device_bytes) +
+                 " more bytes of optimizer state; it stays on the host, and the next update "
+                 "brings back what fits and streams the rest from host RAM rather than "
+                 "oversubscribe";
         return moved;
       }
       cu::Result e = cu::MemPrefetchAsync(
-          m.data, m.bytes, to_host ? HostLocation() : DeviceLocation(slot->device), stream);
+          m.data, m.device_bytes, to_host ? HostLocation() : DeviceLocation(slot->device), stream);
       if (e != cu::kSuccess) {
         *error = CudaMessage("cuMemPrefetchAsync", e);
         return moved;
       }
       m.on_host = to_host;
-      moved += m.bytes;
+      moved += m.device_bytes;
     }
     cu::Result e = cu::StreamSynchronize(stream);
     if (e != cu::kSuccess) {
@@ -850,6 +1257,10 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
     }
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
+    if (slot->write_back != nullptr) {
+      cu::StreamWaitEvent(PagingStream(slot->device),
+                          static_cast<const WriteBack*>(slot->write_back)->event);
+    }
     SlotProbe probe;
     *error = ProbeSlot(*slot, PagingStream(slot->device), &probe);
     if (!error->empty()) return r;
@@ -911,6 +1322,23 @@ void FreeDeviceFill() {
 
 void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
 int64_t DeviceBudget() { return g_device_budget.load(); }
+
+std::string SetStreamWindow(size_t chunk_bytes, int buffers) {
+  bool off = chunk_bytes == 0 && buffers == 0;
+  if (!off && (chunk_bytes < kMinStreamChunk || chunk_bytes % kArenaAlign != 0 || buffers < 2 ||
+               buffers > kMaxStreamBuffers)) {
+    return "set_stream_window: chunk_bytes must be at least 1 MiB and a multiple of 256 and "
+           "buffers 2 to 8 (or both 0: streaming off), got " +
+           std::to_string(chunk_bytes) + " and " + std::to_string(buffers);
+  }
+  g_stream_chunk_bytes = chunk_bytes;
+  g_stream_buffers = buffers;
+  return "";
+}
+
+std::pair<size_t, int> StreamWindowShape() {
+  return {g_stream_chunk_bytes.load(), g_stream_buffers.load()};
+}
 
 int64_t ManagedDeviceBytes(int device) {
   return device >= 0 && device < kMaxDevices ? g_device_bytes[device].load() : 0;

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "xla/ffi/api/api.h"
 
@@ -48,6 +49,14 @@ void SetDeviceBudget(int64_t bytes);
 int64_t DeviceBudget();
 // Managed bytes placed on a GPU now.
 int64_t ManagedDeviceBytes(int device);
+
+// The device window through which a step streams state that lies in host RAM
+// (cuda_ops.cc): `buffers` buffers of `chunk_bytes` each. 0 and 0 turns
+// streaming off (the kernel then reads such state over the bus); otherwise
+// chunk_bytes is at least 1 MiB and a multiple of 256, buffers 2 to 8.
+// Returns "" or what is wrong with the arguments. For benchmarks and tests.
+std::string SetStreamWindow(size_t chunk_bytes, int buffers);
+std::pair<size_t, int> StreamWindowShape();
 
 }  // namespace optax_paged8bit
 

@@ -62,12 +62,14 @@ py::list SlotInfo(int32_t handle) {
     d["device"] = slot->device;
     d["step"] = slot->step;
     d["layout_key"] = slot->layout_key;
-    size_t on_host = 0, on_device = 0;
-    for (const Memory& m : slot->memory) (m.on_host ? on_host : on_device) += m.bytes;
+    size_t on_host = 0;
+    for (const Memory& m : slot->memory) on_host += m.bytes_on_host();
     d["bytes"] = slot->bytes();
     d["bytes_on_host"] = on_host;
-    d["bytes_on_device"] = on_device;
+    d["bytes_on_device"] = slot->bytes() - on_host;
     d["evictions_seen"] = slot->evictions_seen;
+    d["streamed_steps"] = slot->streamed_steps;
+    d["streamed_bytes"] = slot->streamed_bytes;
     out.append(d);
   }
   return out;
@@ -247,6 +249,17 @@ PYBIND11_MODULE(_ops, m) {
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
   m.def("device_budget", &DeviceBudget);
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
+  m.def(
+      "set_stream_window",
+      [](size_t chunk_bytes, int buffers) {
+        std::string error = SetStreamWindow(chunk_bytes, buffers);
+        if (!error.empty()) throw py::value_error(error);
+      },
+      "Shapes the device window that streams state in host RAM: buffers x chunk_bytes "
+      "(0, 0: streaming off, the kernel reads such state over the bus).");
+  m.def(
+      "stream_window", [] { return StreamWindowShape(); },
+      "(chunk_bytes, buffers) of the streaming window.");
   m.def(
       "device_memory_info",
       [](int device) {

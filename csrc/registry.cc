@@ -10,6 +10,7 @@ namespace optax_paged8bit {
 const char* PlatformName(Platform platform) { return platform == Platform::kCuda ? "cuda" : "cpu"; }
 
 Slot::~Slot() {
+  if (write_back != nullptr && drop_write_back != nullptr) drop_write_back(write_back);
   for (Memory& m : memory) {
     if (m.data != nullptr && m.free_fn != nullptr) m.free_fn(m.data);
   }

@@ -100,12 +100,23 @@ inline size_t LeafArenaBytes(const LeafSpec& spec) {
 }
 
 // One allocation owned by a slot. `free_fn` is the backend's deallocator.
+// On a GPU its first `device_bytes` are homed on the device and the rest in
+// host RAM (the oversubscription guard places there what does not fit);
+// `on_host` says whether the device-homed bytes are paged out now. On the
+// CPU every byte is in host RAM.
 struct Memory {
   void* data = nullptr;
   size_t bytes = 0;
-  bool on_host = true;     // where the pages are now (placed, paged out or in)
-  bool host_home = false;  // placed on the host for good (oversubscription guard)
+  size_t device_bytes = 0;
+  bool on_host = true;
   void (*free_fn)(void*) = nullptr;
+
+  size_t bytes_on_host() const { return on_host ? bytes : bytes - device_bytes; }
+  // Whether [begin, end) of the memory lies (in part) in host RAM.
+  bool HostPart(const void* begin, const void* end) const {
+    const char* base = static_cast<const char*>(data);
+    return begin < end && (on_host || static_cast<const char*>(end) > base + device_bytes);
+  }
 };
 
 // Places zero-initialised memory for a slot; returns nullptr data on failure
@@ -141,7 +152,16 @@ struct Slot {
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;
   int64_t evictions_seen = 0;  // steps that found the sign and prefetched
-  std::mutex mu;               // held while a call reads or writes the slot
+  // CUDA: steps that streamed leaves from host RAM, and their bytes each way.
+  int64_t streamed_steps = 0;
+  size_t streamed_bytes = 0;
+  // CUDA: the copies that write a streamed step's moments back to host RAM
+  // run after the step's call returns (cuda_ops.cc). `write_back` marks their
+  // end (null: none yet); every call that touches the memory waits for it, and
+  // `drop_write_back` (waits, then destroys it) runs before the memory is freed.
+  void* write_back = nullptr;
+  void (*drop_write_back)(void*) = nullptr;
+  std::mutex mu;  // held while a call reads or writes the slot
 
   ~Slot();
   size_t bytes() const;

@@ -1,0 +1,184 @@
+"""A paged state in host RAM against the same state on the GPU, the bus's own
+floor and JAX's host offloading, per tree, in one process on one GPU:
+
+  (a) the fused step with the state resident on the GPU;
+  (b) the state in host RAM (`set_device_memory_budget(0)`) read by the
+      kernel over the bus (streaming off: how it ran before streaming);
+  (c) the state in host RAM streamed through the device window;
+  (d) the bus floor: the state's bytes copied host-to-device and
+      device-to-host at once, on two streams, pinned (bus_copies.py's driver);
+  (e) `optax.adamw` with its state in `pinned_host` memory, jitted, params on
+      the device: the state moved in and out by XLA.
+
+Each figure is the median ms of awaited steps (params and state donated).
+Targets: (c) - (a) <= 1.15 (d), and (e) / (c) >= 3. `--windows` also times
+(c) for other window shapes (chunk MiB x buffers) on the first tree.
+
+    python benchmarks/host_state.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from bench_adamw import CASES, LR, make_tree
+from bus_copies import Driver
+
+import optax_paged8bit as op
+from optax_paged8bit import _ffi
+
+MIB = 1 << 20
+TREES = (
+  "1.07e9 f32 (64x4096x4096)",
+  "1.07e9 bf16 (64x4096x4096)",
+  "GPT-2 medium f32 (292 leaves)",
+)
+
+
+def awaited_ms(step, carry, iters, warmup=2):
+  times = []
+  for i in range(warmup + iters):
+    t0 = time.perf_counter()
+    carry = step(*carry)
+    jax.block_until_ready(carry)
+    if i >= warmup:
+      times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times), carry
+
+
+def paged_ms(params, grads, iters, host, window=None):
+  """Median ms of the fused step; host: the state placed in host RAM."""
+  before = _ffi._ops.stream_window()
+  if window is not None:
+    _ffi._ops.set_stream_window(*window)
+  op.set_device_memory_budget(0 if host else None)
+  try:
+    tx = op.paged_adamw8bit(LR)
+    params = jax.tree.map(jnp.copy, params)
+    step = jax.jit(lambda p, s: tx.fused_update(grads, s, p), donate_argnums=(0, 1))
+    ms, (params, state) = awaited_ms(step, (params, tx.init(params)), iters)
+    (info,) = op.slot_info(state)
+    op.release(state)
+  finally:
+    op.set_device_memory_budget(None)
+    _ffi._ops.set_stream_window(*before)
+  return ms, info
+
+
+def floor_ms(nbytes, iters=5):
+  """The state's bytes host-to-device and device-to-host at once (pinned, two
+  streams), and each direction alone."""
+  drv = Driver()
+  s_in, s_out = drv.stream(), drv.stream()
+  dev_a, dev_b = drv.device(nbytes), drv.device(nbytes)
+  pin_a, pin_b = drv.pinned(nbytes), drv.pinned(nbytes)
+
+  def timed(*work):
+    times = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      for dst, src, s in work:
+        drv.copy(dst, src, nbytes, s)
+      drv.sync(s_in, s_out)
+      times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+  out = {
+    "both": timed((dev_a, pin_a, s_in), (pin_b, dev_b, s_out)),
+    "h2d": timed((dev_a, pin_a, s_in)),
+    "d2h": timed((pin_b, dev_b, s_out)),
+  }
+  for p in (dev_a, dev_b):
+    drv.call("cuMemFree_v2", ctypes.c_uint64(p))
+  for p in (pin_a, pin_b):
+    drv.call("cuMemFreeHost", ctypes.c_void_p(p))
+  return out
+
+
+def adamw_pinned_host_ms(params, grads, iters):
+  dev = jax.devices()[0]
+  s_dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+  s_host = s_dev.with_memory_kind("pinned_host")
+  tx = optax.adamw(LR)
+  params = jax.tree.map(jnp.copy, params)
+  state = jax.device_put(tx.init(params), s_host)
+  state_host = jax.tree.map(lambda _: s_host, state)
+  params_dev = jax.tree.map(lambda _: s_dev, params)
+
+  def step(p, s):
+    s = jax.device_put(s, s_dev)
+    u, s = tx.update(grads, s, p)
+    return optax.apply_updates(p, u), jax.device_put(s, s_host)
+
+  step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(params_dev, state_host))
+  ms, carry = awaited_ms(step, (params, state), iters)
+  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(carry[1])}
+  del carry
+  return ms, sorted(kinds)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--trees", nargs="+", default=list(TREES))
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--windows", nargs="*", default=["16x4", "64x4", "32x3", "32x6"])
+  ap.add_argument("--json")
+  args = ap.parse_args()
+  if jax.default_backend() != "gpu":
+    raise SystemExit("host_state.py needs a GPU")
+  git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+  out = {
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "commit": git.stdout.strip(),
+    "default_window": list(_ffi._ops.stream_window()),
+    "trees": {},
+  }
+  for n, name in enumerate(args.trees):
+    shapes, dtype = CASES[name]
+    params = make_tree(shapes, dtype, jax.random.PRNGKey(0))
+    grads = jax.tree.map(lambda p: p * 1e-3, make_tree(shapes, dtype, jax.random.PRNGKey(1)))
+    row = {"params": sum(x.size for x in jax.tree.leaves(params))}
+    row["a_resident_ms"], info = paged_ms(params, grads, args.iters, host=False)
+    row["state_bytes"] = info["bytes"]
+    assert info["bytes_on_host"] == 0, info
+    row["b_host_over_the_bus_ms"], info = paged_ms(params, grads, args.iters, True, (0, 0))
+    assert info["bytes_on_device"] == 0 and info["streamed_steps"] == 0, info
+    row["c_host_streamed_ms"], info = paged_ms(params, grads, args.iters, host=True)
+    assert info["bytes_on_device"] == 0 and info["streamed_steps"] > 0, info
+    row["streamed_bytes"] = info["streamed_bytes"]
+    if n == 0:
+      row["c_by_window"] = {}
+      for w in args.windows:
+        mib, buffers = (int(x) for x in w.split("x"))
+        row["c_by_window"][w] = paged_ms(params, grads, args.iters, True, (mib * MIB, buffers))[0]
+    floor = floor_ms(row["state_bytes"])
+    row["d_floor_ms"], row["d_h2d_ms"], row["d_d2h_ms"] = floor["both"], floor["h2d"], floor["d2h"]
+    row["e_adamw_pinned_host_ms"], row["e_state_memory_kinds"] = adamw_pinned_host_ms(
+      params, grads, max(3, args.iters // 2)
+    )
+    extra = row["c_host_streamed_ms"] - row["a_resident_ms"]
+    row["c_minus_a_over_d"] = extra / row["d_floor_ms"]
+    row["b_minus_a_over_d"] = (row["b_host_over_the_bus_ms"] - row["a_resident_ms"]) / row[
+      "d_floor_ms"
+    ]
+    row["e_over_c"] = row["e_adamw_pinned_host_ms"] / row["c_host_streamed_ms"]
+    row["c_over_a"] = row["c_host_streamed_ms"] / row["a_resident_ms"]
+    out["trees"][name] = row
+    print(name, json.dumps(row, indent=1), flush=True)
+    del params, grads
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,286 @@
+"""State in host RAM on a GPU: a step streams it through a device window in
+chunks (copies in and out on streams of their own, the kernel between them)
+and must give exactly what a step of the same state resident on the GPU
+gives. Marked `gpu`; skipped without a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_gpu import DTYPES, GPU, SHAPES, inputs
+from test_oracle import assert_bit_equal
+
+import optax_paged8bit as op
+from optax_paged8bit import _ffi
+
+pytestmark = [
+  pytest.mark.gpu,
+  pytest.mark.skipif(GPU is None, reason="needs a CUDA GPU"),
+]
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def small_window():
+  """A window of three 1 MiB buffers: SHAPES' (1024, 1024) leaf (2 MiB of
+  codes) is split over chunks, and chunks reuse buffers within a step."""
+  before = _ffi._ops.stream_window()
+  _ffi._ops.set_stream_window(MIB, 3)
+  yield
+  _ffi._ops.set_stream_window(*before)
+
+
+@pytest.fixture
+def budget():
+  """Sets the device budget for the test; no budget afterwards."""
+  yield op.set_device_memory_budget
+  op.set_device_memory_budget(None)
+
+
+def slot(state):
+  (info,) = [s for s in op.slot_info(state) if s["platform"] == "cuda"]
+  return info
+
+
+def run(tx, params, grads, fused=True, before_step=None, on_step=None):
+  """Steps on the GPU (state donated, as training loops do); the outputs
+  and the exported state, as NumPy arrays."""
+  with jax.default_device(GPU):
+    params = jax.device_put(params, GPU)
+    state = tx.init(params)
+    if fused:
+      step = jax.jit(tx.fused_update, donate_argnums=(1, 2))
+    else:
+
+      def step(g, s, p):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      step = jax.jit(step, donate_argnums=(1, 2))
+    outs = []
+    for t, g in enumerate(grads):
+      if before_step is not None:
+        before_step(t, state)
+      params, state = step(jax.device_put(g, GPU), state, params)
+      if on_step is not None:
+        on_step(t, state)
+      outs.append(jax.tree.map(np.asarray, params))
+    exported = jax.tree.map(np.asarray, op.export_state(state))
+  return outs, exported, state
+
+
+def assert_same(a, b):
+  (outs_a, state_a), (outs_b, state_b) = a, b
+  for t, (x, y) in enumerate(zip(outs_a, outs_b, strict=True)):
+    for k in x:
+      assert_bit_equal(y[k], x[k], f"step {t} leaf {k}")
+  for i, (x, y) in enumerate(zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True)):
+    assert_bit_equal(y, x, f"state leaf {i}")
+
+
+CASES = {
+  "clipping": dict(weight_decay=1e-2, percentile_clipping=90),
+  "no_clipping": dict(weight_decay=0.0),
+  "float32_moments": dict(weight_decay=1e-2, args={"optim_bits": 32}),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "optax"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_state_in_host_ram_steps_bit_identical_to_a_resident_one(
+  dtype, case, fused, small_window, budget
+):
+  """SHAPES has partial blocks, a float32-moment leaf and 8-bit leaves; the
+  grads have non-finite values at one step and finite spikes at another."""
+  params, grads = inputs(DTYPES[dtype])
+  kwargs = {"lr": 1e-3, **CASES[case]}
+  resident = run(op.paged_adamw8bit(**kwargs), params, grads, fused)
+  assert slot(resident[2])["bytes_on_host"] == 0
+  budget(0)
+  host = run(op.paged_adamw8bit(**kwargs), params, grads, fused)
+  info = slot(host[2])
+  assert info["bytes_on_device"] == 0 and info["bytes_on_host"] == info["bytes"]
+  assert info["streamed_steps"] == len(grads)
+  assert info["streamed_bytes"] >= info["bytes"] - 4 * 256 * len(SHAPES)
+  assert_same(resident[:2], host[:2])
+  op.release(resident[2])
+  op.release(host[2])
+
+
+def test_streaming_off_reads_over_the_bus_and_agrees(budget):
+  params, grads = inputs(np.float32)
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  budget(0)
+  streamed = run(tx(), params, grads)
+  before = _ffi._ops.stream_window()
+  _ffi._ops.set_stream_window(0, 0)
+  try:
+    over_the_bus = run(tx(), params, grads)
+  finally:
+    _ffi._ops.set_stream_window(*before)
+  assert slot(streamed[2])["streamed_steps"] == len(grads)
+  assert slot(over_the_bus[2])["streamed_steps"] == 0
+  assert_same(streamed[:2], over_the_bus[:2])
+  op.release(streamed[2])
+  op.release(over_the_bus[2])
+
+
+def test_page_out_mid_run_with_no_room_to_come_back_streams_the_rest(small_window, budget):
+  """A state that starts on the GPU, is paged out after step 2 while the
+  budget leaves it no room: the later steps stream it from host RAM."""
+  params, grads = inputs(np.float32)
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+
+  def page_out_after_two(t, state):
+    if t == 2:
+      budget(0)
+      assert op.page_out(state) == state.layout.state_nbytes()
+
+  moved = run(tx(), params, grads, before_step=page_out_after_two)
+  info = slot(moved[2])
+  assert info["bytes_on_host"] == info["bytes"] and info["streamed_steps"] == len(grads) - 2
+  assert_same(resident[:2], moved[:2])
+  op.release(resident[2])
+  op.release(moved[2])
+
+
+def test_page_out_mid_run_with_room_comes_back_and_agrees(small_window):
+  params, grads = inputs(np.float32)
+  tx = lambda: op.paged_adamw8bit(1e-3)
+  resident = run(tx(), params, grads)
+  moved = run(tx(), params, grads, before_step=lambda t, s: t == 2 and op.page_out(s))
+  info = slot(moved[2])
+  assert info["bytes_on_host"] == 0 and info["streamed_steps"] == 0
+  assert_same(resident[:2], moved[:2])
+  op.release(resident[2])
+  op.release(moved[2])
+
+
+def big_tree(seed=0):
+  """16 leaves of 1M float32 params (a 2 MiB + 16 KiB state each) and a small
+  one: about 32 MiB of state."""
+  rng = np.random.default_rng(seed)
+  tree = {
+    f"w{i:02d}": (rng.standard_normal((1024, 1024)) * 0.1).astype(np.float32) for i in range(16)
+  }
+  tree["b"] = (rng.standard_normal(300) * 0.1).astype(np.float32)
+  grads = [
+    {k: (rng.standard_normal(v.shape) * 0.01).astype(np.float32) for k, v in tree.items()}
+    for _ in range(3)
+  ]
+  return tree, grads
+
+
+def test_a_budget_of_half_the_state_puts_half_on_each_side(budget):
+  params, grads = big_tree()
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+  total = resident[2].layout.state_nbytes()
+  # What the resident run placed, plus half of this state.
+  budget(_ffi._ops.managed_device_bytes(GPU.id) + total // 2)
+  half = run(tx(), params, grads)
+  info = slot(half[2])
+  # The device part ends on a 2 MiB unit.
+  assert total // 2 - (2 * MIB) < info["bytes_on_device"] <= total // 2, info
+  assert info["streamed_steps"] == len(grads)
+  assert 0 < info["streamed_bytes"] < 0.6 * total, info
+  assert op.residency(half[2])["bytes_on_host"] == info["bytes_on_host"]
+  assert_same(resident[:2], half[:2])
+  # The memory says the same: the probe finds the host half over the bus.
+  found = op.measure_residency(half[2])
+  assert abs(found["bytes_on_host"] - info["bytes_on_host"]) <= 0.1 * total, (found, info)
+  op.release(resident[2])
+  op.release(half[2])
+
+
+def test_a_step_of_several_calls_streams_each_and_agrees(small_window, budget, monkeypatch):
+  """The step split into calls of 6 leaves: the first calls stage their
+  moments in XLA buffers, the last commits them."""
+  monkeypatch.setattr(op._calls, "UPDATE_ONE_CALL_LEAVES", 6)
+  monkeypatch.setattr(op._calls, "UPDATE_CALL_LEAVES", 6)
+  params, grads = big_tree()
+  assert len(op._calls.update_chunks(len(params))) == 3
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+  budget(0)
+  host = run(tx(), params, grads)
+  assert slot(host[2])["streamed_steps"] == 3 * len(grads)
+  assert_same(resident[:2], host[:2])
+  op.release(resident[2])
+  op.release(host[2])
+
+
+def test_export_right_after_a_streamed_step_waits_for_its_write_back(budget):
+  """Each export is issued while the step's write-back may still run; each
+  must see the step's moments (the exports differ step to step and match
+  the resident run's)."""
+  params, grads = big_tree()
+  tx = lambda: op.paged_adamw8bit(1e-3)
+  exports = {"resident": [], "host": []}
+
+  def export_each(name):
+    return lambda t, s: exports[name].append(jax.tree.map(np.asarray, op.export_state(s)))
+
+  resident = run(tx(), params, grads, on_step=export_each("resident"))
+  budget(0)
+  host = run(tx(), params, grads, on_step=export_each("host"))
+  for a, b in zip(exports["resident"], exports["host"], strict=True):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      assert_bit_equal(y, x, "exported state")
+  op.release(resident[2])
+  op.release(host[2])
+
+
+def test_a_streamed_state_survives_release_and_collection_with_copies_in_flight(budget):
+  """Freeing a state whose write-back may still run waits for it (no
+  crash, no write into freed memory), and the next state is exact."""
+  params, grads = big_tree()
+  budget(0)
+  for _ in range(3):
+    _, _, state = run(op.paged_adamw8bit(1e-3), params, grads[:1])
+    op.release(state)
+  ref = run(op.paged_adamw8bit(1e-3), params, grads)
+  again = run(op.paged_adamw8bit(1e-3), params, grads)
+  assert_same(ref[:2], again[:2])
+  op.release(ref[2])
+  op.release(again[2])
+
+
+def test_the_stream_window_refuses_bad_shapes():
+  for chunk, buffers in [(1000, 2), (MIB, 1), (MIB, 9), (MIB + 1, 2), (0, 2)]:
+    with pytest.raises(ValueError, match="chunk_bytes must be at least 1 MiB"):
+      _ffi._ops.set_stream_window(chunk, buffers)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_jnp_tree_in_host_ram_trains_like_one_on_the_gpu(dtype, budget):
+  """The default window (chunks of 32 MiB): a 40 MiB tree of bfloat16 or
+  float32 params whose leaves straddle chunks."""
+  key = jax.random.PRNGKey(0)
+  dt = jnp.dtype(dtype)
+  shapes = [(4096, 1536), (3000, 2049), (777,), (5, 5)]
+  params = {
+    f"p{i}": np.asarray(jax.random.normal(jax.random.fold_in(key, i), s, dt) * 0.1)
+    for i, s in enumerate(shapes)
+  }
+  grads = [
+    {
+      k: np.asarray(jax.random.normal(jax.random.fold_in(key, 100 + t), v.shape, dt) * 0.01)
+      for k, v in params.items()
+    }
+    for t in range(3)
+  ]
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=95)
+  resident = run(tx(), params, grads)
+  budget(0)
+  host = run(tx(), params, grads)
+  assert slot(host[2])["streamed_steps"] == 3
+  assert_same(resident[:2], host[:2])
+  op.release(resident[2])
+  op.release(host[2])
