@@ -386,8 +386,8 @@ ffi::Error WriteBackEvent(const char* op, Slot& slot, cu::Event* out) {
 }
 
 // Brings paged-out memory of a slot back before a kernel touches it, so that
-// the kernel never faults pages in. Memory that no longer fits moves its home
-// to the host (read over the bus) instead of oversubscribing.
+// the kernel never faults pages in. What no longer fits moves its home to the
+// host (and is streamed) instead of oversubscribing.
 //
 // Memory placed on the device can also be evicted by the driver when
 // something else allocates beyond free memory (a spike); nothing tells us.

@@ -165,10 +165,12 @@ def measure_residency(tree: Any) -> dict[str, int]:
 
 
 def set_device_memory_budget(nbytes: int | None) -> None:
-  """Caps the bytes of paged state placed on each GPU; allocations beyond it go
-  to host memory (read by the kernel over the bus). None removes the cap (free
-  device memory, minus a reserve, is always a cap). Applies to allocations made
-  after the call."""
+  """Caps the bytes of paged state placed on each GPU. A state that does not fit
+  whole keeps on the GPU the part that fits (whole 2 MiB units) and the rest in
+  host RAM, which each step streams through a small device window. None
+  removes the cap (free device memory, minus a reserve, is always a cap).
+  Applies to allocations made after the call, and to paged-out states when a
+  step brings them back."""
   if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0):
     raise ValueError(
       f"set_device_memory_budget: nbytes must be None or an int >= 0, got {nbytes!r}"
