@@ -57,8 +57,8 @@ int main(int argc, char** argv) {
     int32_t type;
   };
   std::vector<Leaf> leaves = {
-      {300000, true, kF32}, {4097, true, kBF16},  {0, false, kF32},       {100, false, kF32},
-      {256, true, kF16},    {1 << 20, true, kF32}, {3000, false, kBF16},  {257, true, kF32},
+      {300000, true, kF32}, {4097, true, kBF16},    {0, false, kF32},     {100, false, kF32},
+      {256, true, kF16},    {1 << 20, true, kF32},  {3000, false, kBF16}, {257, true, kF32},
       {1, false, kF16},     {2500000, true, kBF16}, {65536, false, kF32}, {5000, true, kF16},
   };
   for (int i = 0; i < 300; ++i) leaves.push_back({4096 + 37 * i, true, kF32});
@@ -85,8 +85,8 @@ int main(int argc, char** argv) {
     s.state1 = values ? at : nullptr;
     s.state2 = values ? at + ArenaRound(values) : nullptr;
     s.absmax1 = scales ? reinterpret_cast<float*>(at + 2 * ArenaRound(values)) : nullptr;
-    s.absmax2 =
-        scales ? reinterpret_cast<float*>(at + 2 * ArenaRound(values) + ArenaRound(scales)) : nullptr;
+    s.absmax2 = scales ? reinterpret_cast<float*>(at + 2 * ArenaRound(values) + ArenaRound(scales))
+                       : nullptr;
     return s;
   };
   std::vector<std::vector<uint8_t>> grads(n), params(n), outs(n);
@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
     grads[i].resize(bytes + 16);
     params[i].resize(bytes + 16);
     outs[i].resize(bytes + 16);
-    calls[i] = LeafCall{leaves[i].type, leaves[i].size, leaves[i].is_8bit ? kLeaf8bit : 0,
+    calls[i] = LeafCall{leaves[i].type,  leaves[i].size,   leaves[i].is_8bit ? kLeaf8bit : 0,
                         grads[i].data(), params[i].data(), outs[i].data()};
     states[i] = StepState{carve(arena, i), carve(staged ? stage : arena, i)};
     streamed[i] = i != 3 && i != 7 && i % 5 != 4;  // some leaves stay where they are
