@@ -93,19 +93,20 @@ for step in $steps; do
            cat "$OUT/trace.log" ;;
     host) # State in host RAM: the streaming tests, the copy engines' speeds by kind of host
           # memory, and the host-state benchmark (HOST_ARGS: e.g. --trees NAME --windows).
-          (cd tests && python3 -m pytest -v -p no:cacheprovider test_host_state.py) \
-            > "$OUT/host_tests.log" 2>&1 || status=1
+          (cd tests && timeout ${HOST_TESTS_LIMIT:-240} python3 -m pytest -v -p no:cacheprovider \
+            -x test_host_state.py) > "$OUT/host_tests.log" 2>&1 || status=1
           grep -c " PASSED" "$OUT/host_tests.log" | sed 's/$/ passed/'
           grep -E "FAILED|Error|error" "$OUT/host_tests.log" | head -20 | cut -c1-300
           tail -3 "$OUT/host_tests.log"
-          python3 benchmarks/bus_copies.py --json "$OUT/bus_copies.json" > "$OUT/bus_copies.log" 2>&1 \
-            || status=1
+          timeout 120 python3 benchmarks/bus_copies.py --json "$OUT/bus_copies.json" \
+            > "$OUT/bus_copies.log" 2>&1 || status=1
           tail -50 "$OUT/bus_copies.log"
-          python3 benchmarks/host_state.py ${HOST_ARGS:-} --json "$OUT/host_state.json" \
+          timeout ${HOST_BENCH_LIMIT:-300} python3 benchmarks/host_state.py ${HOST_ARGS:-} \
+            --json "$OUT/host_state.json" \
             > "$OUT/host_state.log" 2>&1 || status=1
           grep -v "^[WEI][0-9]" "$OUT/host_state.log" | tail -100 ;;
     pressure) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-                python3 benchmarks/paging_pressure.py --json "$OUT/pressure.json" \
+                timeout ${PRESSURE_LIMIT:-300} python3 benchmarks/paging_pressure.py --json "$OUT/pressure.json" \
                 > "$OUT/pressure.log" 2>&1 || status=1
               grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/pressure.log" | tail -30 ;;
     capacity) XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
