@@ -910,6 +910,22 @@ inline double LeafNormSq(const double* partials, int64_t num_blocks, double* scr
 // NaN sorts last, as in torch.sort.
 OP8_HD bool RingLess(float a, float b) { return a < b || (!IsNan(a) && IsNan(b)); }
 
+// The ring's element at position `rank` of its stable sort by RingLess: the
+// one with `rank` elements before it (those less than it, and those equal to
+// it that come earlier in the ring). Selected by counting rather than by
+// sorting a local copy: NVRTC 13 took 24 s to compile that sort for sm_100
+// (0.2 s this way); the element is the same.
+OP8_HD float RingAtRank(const float* ring, int rank) {
+  for (int i = 0; i < kRingSize; ++i) {
+    int before = 0;
+    for (int j = 0; j < kRingSize; ++j) {
+      before += RingLess(ring[j], ring[i]) || (j < i && !RingLess(ring[i], ring[j]));
+    }
+    if (before == rank) return ring[i];
+  }
+  return ring[rank];  // not reached: RingLess orders any floats
+}
+
 // The largest finite float32.
 constexpr uint32_t kFloatMaxBits = 0x7f7fffffu;
 
@@ -925,18 +941,8 @@ OP8_HD float UpdateRingAndScale(float* ring, float norm_sq, int64_t t, int perce
   } else {
     ring[t % kRingSize] = norm_sq;
   }
-  float sorted[kRingSize];
-  for (int i = 0; i < kRingSize; ++i) {
-    float x = ring[i];
-    int j = i;
-    while (j > 0 && RingLess(x, sorted[j - 1])) {
-      sorted[j] = sorted[j - 1];
-      --j;
-    }
-    sorted[j] = x;
-  }
   float current = Sqrt(norm_sq);
-  float clip = Sqrt(sorted[percentile]);
+  float clip = Sqrt(RingAtRank(ring, percentile));
   return current > clip ? Div(clip, current) : 1.0f;
 }
 
