@@ -14,7 +14,8 @@
 # kernel on NCU_CASES (benchmarks/ncu_count.sh); pressure:
 # benchmarks/paging_pressure.py (memory spikes); capacity: benchmarks/capacity.py for
 # CAPACITY_DTYPES (default float32: one dtype per call fits its 10 minutes); same_size: one
-# capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048), for step times and
+# capacity trial of every method and dtype at CAPACITY_WIDTH (default 2048; SAME_SIZE_METHODS and
+# SAME_SIZE_DTYPES choose), for step times and
 # XLA's temporary memory at one model size; trace: where
 # a GPT-2 step's time goes (benchmarks/trace_step.py; TRACE_CASE, TRACE_ARGS such as
 # --back-to-back); stalls: Nsight Compute's full set on the
@@ -114,8 +115,8 @@ for step in $steps; do
                 --json "$OUT/capacity.json" --plot "$OUT/capacity.png" > "$OUT/capacity.log" 2>&1 \
                 || status=1
               grep -v "^[WEI][0-9]\|^=== \|^external/\|^$" "$OUT/capacity.log" | tail -14 ;;
-    same_size) for dtype in float32 bfloat16; do
-                 for method in adamw adamw8bit adamw8bit_fused paged_device paged_host; do
+    same_size) for dtype in ${SAME_SIZE_DTYPES:-float32 bfloat16}; do
+                 for method in ${SAME_SIZE_METHODS:-adamw adamw8bit adamw8bit_fused paged_device paged_host}; do
                    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
                      python3 benchmarks/capacity.py --trial $method $dtype ${CAPACITY_WIDTH:-2048} \
                      --steps 5 2>&1 | grep '^{'
