@@ -129,7 +129,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--trees", nargs="+", default=list(TREES))
   ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--windows", nargs="*", default=["16x4", "64x4", "32x3", "32x6"])
+  ap.add_argument("--windows", nargs="*", default=["16x4", "64x4", "32x8"])
   ap.add_argument("--json")
   args = ap.parse_args()
   if jax.default_backend() != "gpu":
