@@ -143,7 +143,7 @@ cu::Result HomeRestOnHost(Memory& m, int device, size_t prefix) {
 
 // Managed memory homed on the owning GPU as far as it fits, the rest on the
 // host (preferred location host, mapped for the GPU): a step streams what
-// lies on the host (StreamedStep, below).
+// lies on the host (StreamedUpdate, below).
 class ManagedAllocator : public Allocator {
  public:
   ManagedAllocator(int device, cu::Stream stream) : device_(device), stream_(stream) {}
