@@ -194,7 +194,8 @@ def test_a_budget_of_half_the_state_puts_half_on_each_side(budget):
   assert_same(resident[:2], half[:2])
   # The memory says the same: the probe finds the host half over the bus.
   found = op.measure_residency(half[2])
-  assert abs(found["bytes_on_host"] - info["bytes_on_host"]) <= 0.1 * total, (found, info)
+  # (one timed load per 2 MiB: a chunk or two may read as the other side)
+  assert abs(found["bytes_on_host"] - info["bytes_on_host"]) <= 0.2 * total, (found, info)
   op.release(resident[2])
   op.release(half[2])
 
@@ -260,11 +261,11 @@ def test_the_stream_window_refuses_bad_shapes():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_jnp_tree_in_host_ram_trains_like_one_on_the_gpu(dtype, budget):
-  """The default window (chunks of 32 MiB): a 40 MiB tree of bfloat16 or
-  float32 params whose leaves straddle chunks."""
+  """The default window (chunks of 32 MiB): about 50 MB of moments in
+  leaves that straddle chunks, float32 or bfloat16 params."""
   key = jax.random.PRNGKey(0)
   dt = jnp.dtype(dtype)
-  shapes = [(4096, 1536), (3000, 2049), (777,), (5, 5)]
+  shapes = [(4096, 4096), (3000, 2049), (4096, 4096), (777,), (5, 5)]
   params = {
     f"p{i}": np.asarray(jax.random.normal(jax.random.fold_in(key, i), s, dt) * 0.1)
     for i, s in enumerate(shapes)
