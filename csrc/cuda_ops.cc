@@ -365,11 +365,14 @@ void DropWriteBack(void* p) {
 }
 
 // Makes `stream` wait until the slot's last write-back has run.
+cu::Result WaitForWriteBack(const Slot& slot, cu::Stream stream) {
+  if (slot.write_back == nullptr) return cu::kSuccess;
+  return cu::StreamWaitEvent(stream, static_cast<const WriteBack*>(slot.write_back)->event);
+}
+
+// The same in a handler, failing the call.
 ffi::Error AwaitWriteBack(const char* op, const Slot& slot, cu::Stream stream) {
-  if (slot.write_back == nullptr) return ffi::Error::Success();
-  RETURN_IF_CUDA_FAILED(
-      op, "waiting for the state's write-back",
-      cu::StreamWaitEvent(stream, static_cast<const WriteBack*>(slot.write_back)->event));
+  RETURN_IF_CUDA_FAILED(op, "waiting for the state's write-back", WaitForWriteBack(slot, stream));
   return ffi::Error::Success();
 }
 
@@ -1058,8 +1061,9 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
     cu::Stream stream = PagingStream(slot->device);
-    if (slot->write_back != nullptr) {
-      cu::StreamWaitEvent(stream, static_cast<const WriteBack*>(slot->write_back)->event);
+    if (cu::Result e = WaitForWriteBack(*slot, stream); e != cu::kSuccess) {
+      *error = CudaMessage("waiting for the state's write-back", e);
+      return moved;
     }
     for (Memory& m : slot->memory) {
       if (m.device_bytes == 0 || m.on_host == to_host) continue;
@@ -1103,9 +1107,9 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
     }
     std::lock_guard<std::mutex> lock(slot->mu);
     DeviceScope scope(slot->device);
-    if (slot->write_back != nullptr) {
-      cu::StreamWaitEvent(PagingStream(slot->device),
-                          static_cast<const WriteBack*>(slot->write_back)->event);
+    if (cu::Result e = WaitForWriteBack(*slot, PagingStream(slot->device)); e != cu::kSuccess) {
+      *error = CudaMessage("waiting for the state's write-back", e);
+      return r;
     }
     SlotProbe probe;
     *error = ProbeSlot(*slot, PagingStream(slot->device), &probe);
