@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
-from bench_adamw import CASES, LR, make_tree
-from bus_copies import Driver
+from bench_adamw import CASES, LR, make_tree, time_steps
+from bus_copies import Driver, timed
 
 import optax_paged8bit as op
 from optax_paged8bit import _ffi
@@ -43,15 +41,10 @@ TREES = {  # bench_adamw.py's cases, by a short name
 }
 
 
-def awaited_ms(step, carry, iters, warmup=2):
-  times = []
-  for i in range(warmup + iters):
-    t0 = time.perf_counter()
-    carry = step(*carry)
-    jax.block_until_ready(carry)
-    if i >= warmup:
-      times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times), carry
+def awaited_ms(step, carry, iters):
+  """Median ms of `carry = step(*carry)`, each step awaited (bench_adamw's)."""
+  seconds, carry = time_steps(step, carry, iters)
+  return seconds * 1e3, carry
 
 
 def paged_ms(params, grads, iters, host, window=None):
@@ -81,20 +74,13 @@ def floor_ms(nbytes, iters=5):
   dev_a, dev_b = drv.device(nbytes), drv.device(nbytes)
   pin_a, pin_b = drv.pinned(nbytes), drv.pinned(nbytes)
 
-  def timed(*work):
-    times = []
-    for _ in range(iters):
-      t0 = time.perf_counter()
-      for dst, src, s in work:
-        drv.copy(dst, src, nbytes, s)
-      drv.sync(s_in, s_out)
-      times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+  def copies(*work):
+    return lambda: [drv.copy(dst, src, nbytes, s) for dst, src, s in work]
 
   out = {
-    "both": timed((dev_a, pin_a, s_in), (pin_b, dev_b, s_out)),
-    "h2d": timed((dev_a, pin_a, s_in)),
-    "d2h": timed((pin_b, dev_b, s_out)),
+    "both": timed(drv, [s_in, s_out], copies((dev_a, pin_a, s_in), (pin_b, dev_b, s_out)), iters),
+    "h2d": timed(drv, [s_in], copies((dev_a, pin_a, s_in)), iters),
+    "d2h": timed(drv, [s_out], copies((pin_b, dev_b, s_out)), iters),
   }
   for p in (dev_a, dev_b):
     drv.call("cuMemFree_v2", ctypes.c_uint64(p))
