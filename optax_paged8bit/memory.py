@@ -87,7 +87,9 @@ def slot_info(tree: Any) -> list[dict]:
   """Per-slot registry info of every paged state in `tree`: platform, device,
   step, bytes, bytes placed on the device and on the host, layout key, and
   `evictions_seen`, the steps that found the driver had evicted the slot's
-  pages (a rise of free GPU memory) and prefetched them back."""
+  pages (a rise of free GPU memory) and prefetched them back, and
+  `streamed_steps` and `streamed_bytes`, the steps that streamed the part of
+  the state in host RAM and the bytes the last one moved each way."""
   out = []
   for s in paged_states(tree):
     for key in registry_keys(s):

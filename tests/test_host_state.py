@@ -285,3 +285,57 @@ def test_a_jnp_tree_in_host_ram_trains_like_one_on_the_gpu(dtype, budget):
   assert_same(resident[:2], host[:2])
   op.release(resident[2])
   op.release(host[2])
+
+
+def test_a_flax_train_state_in_host_ram_saves_restores_and_trains_like_a_resident_one(
+  small_window, budget, tmp_path
+):
+  """As a Flax user writes it: a jitted create_train_state (called twice),
+  FusedTrainState steps jitted and donated, a save_checkpoint in the middle
+  of the run while the last write-back may still be copying, a restore into
+  a fresh state and the rest of the run. With the state in host RAM and
+  streamed, every param equals the run with the state on the GPU."""
+  from flax import linen
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 512)), jnp.float32)
+  y = jnp.zeros((64, 10))
+  model = linen.Sequential([linen.Dense(1024), linen.relu, linen.Dense(1024), linen.Dense(10)])
+  tx = op.paged_adamw8bit(1e-3, percentile_clipping=95)
+  create = jax.jit(
+    lambda key: op.FusedTrainState.create(apply_fn=model.apply, params=model.init(key, x), tx=tx)
+  )
+  grad = jax.jit(jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2)))
+  step = jax.jit(lambda s: s.apply_gradients(grads=grad(s.params)), donate_argnums=0)
+
+  def train(where):
+    with jax.default_device(GPU):
+      create(jax.random.PRNGKey(1))  # a first state, dropped: the second trains
+      state = create(jax.random.PRNGKey(0))
+      for _ in range(3):
+        state = step(state)
+      op.save_checkpoint(tmp_path / where, state)
+      for _ in range(2):  # steps the restored run will replay
+        state = step(state)
+      unbroken = jax.tree.map(np.asarray, state.params)
+      op.release(state)
+      state = op.restore_checkpoint(tmp_path / where, create(jax.random.PRNGKey(0)))
+      for _ in range(2):
+        state = step(state)
+      return unbroken, state
+
+  resident, resident_state = train("resident")
+  budget(0)
+  host, host_state = train("host")
+  assert slot(host_state.opt_state)["bytes_on_host"] == slot(host_state.opt_state)["bytes"]
+  assert slot(host_state.opt_state)["streamed_steps"] == 2
+  for a, b, c, d in zip(
+    jax.tree.leaves(resident),
+    jax.tree.leaves(host),
+    jax.tree.leaves(resident_state.params),
+    jax.tree.leaves(host_state.params),
+    strict=True,
+  ):
+    assert_bit_equal(b, a, "unbroken run, host against resident")
+    assert_bit_equal(np.asarray(c), a, "restored run against unbroken (resident)")
+    assert_bit_equal(np.asarray(d), a, "restored run against unbroken (host)")
+  op.release((resident_state, host_state))
