@@ -534,6 +534,7 @@ std::atomic<int> g_stream_buffers{4};
 struct StreamWindow : WindowShape {
   std::mutex mu;  // held while a step plans and enqueues its chunks
   cu::Stream in = nullptr, out = nullptr;
+  cu::Event enqueued = nullptr;                // XLA's work before the step's update
   cu::Event loaded[kMaxStreamBuffers] = {};    // a chunk's moments are in the buffer
   cu::Event computed[kMaxStreamBuffers] = {};  // the kernel has updated them
   cu::Event drained[kMaxStreamBuffers] = {};   // they are copied back: the buffer is free
@@ -550,6 +551,7 @@ std::string ReadyWindow(int device, StreamWindow& w, bool* ready) {
   if (w.in == nullptr) {
     cu::Result e = cu::StreamCreateNonBlocking(&w.in);
     if (e == cu::kSuccess) e = cu::StreamCreateNonBlocking(&w.out);
+    if (e == cu::kSuccess) e = cu::EventCreate(&w.enqueued);
     for (int b = 0; b < kMaxStreamBuffers && e == cu::kSuccess; ++b) {
       e = cu::EventCreate(&w.loaded[b]);
       if (e == cu::kSuccess) e = cu::EventCreate(&w.computed[b]);
@@ -613,8 +615,13 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   auto resident = BuildTables(calls, layout, states, true, &unused, /*by_type=*/true, &host_leaves);
   cu::Event written;
   if (auto e = WriteBackEvent(op, slot, &written); e.failure()) return e;
-  // The copies in read what the slot's previous write-back wrote.
+  // The copies in read what the slot's previous write-back wrote, and what
+  // XLA's stream wrote to the slot before this call: an import (a restored
+  // checkpoint), the commit of a step of several calls, a fresh state's
+  // zeros, a step that was not streamed. So they start after both.
   RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, written));
+  RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.enqueued, stream));
+  RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, w.enqueued));
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
                           cu::StreamWaitEvent(w.in, w.drained[c.buffer]));
