@@ -238,6 +238,35 @@ def test_export_right_after_a_streamed_step_waits_for_its_write_back(budget):
   op.release(host[2])
 
 
+def test_the_first_streamed_step_after_an_import_reads_the_imported_moments(budget):
+  """import_state writes the moments on XLA's stream; the next step's copies
+  in (on a stream of their own, enqueued at once) must start after it, or
+  they read the fresh state's zeros."""
+  params, grads = big_tree()
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+  exported = {}
+
+  def keep(t, s):
+    if t == 0:
+      exported["state"] = op.export_state(s)
+
+  budget(0)
+  with jax.default_device(GPU):
+    first = run(tx(), params, grads[:1], on_step=keep)
+    t = tx()
+    step = jax.jit(t.fused_update, donate_argnums=(1, 2))
+    for _ in range(3):  # each time: a fresh import, a step enqueued behind it at once
+      p = jax.device_put(resident[0][0], GPU)
+      state = op.import_state(t.init(p), exported["state"])
+      out, state = step(jax.device_put(grads[1], GPU), state, p)
+      assert slot(state)["streamed_steps"] == 1
+      for k, v in out.items():
+        assert_bit_equal(np.asarray(v), resident[0][1][k], f"leaf {k} after import")
+      op.release(state)
+  op.release((resident[2], first[2]))
+
+
 def test_a_streamed_state_survives_release_and_collection_with_copies_in_flight(budget):
   """Freeing a state whose write-back may still run waits for it (no
   crash, no write into freed memory), and the next state is exact."""
