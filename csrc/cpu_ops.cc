@@ -26,7 +26,7 @@ class HostAllocator : public Allocator {
     Memory m;
     m.bytes = bytes;
     m.on_host = true;
-    m.free_fn = [](void* p) { std::free(p); };
+    m.free_fn = [](void* p, int) { std::free(p); };
     m.data = std::calloc(bytes, 1);
     if (m.data == nullptr) *error = "out of host memory (" + std::to_string(bytes) + " bytes)";
     return m;

@@ -51,7 +51,6 @@ struct Driver {
   Result (*cuCtxGetCurrent)(Context*);
   Result (*cuCtxPushCurrent)(Context);
   Result (*cuCtxPopCurrent)(Context*);
-  Result (*cuCtxSynchronize)();
   Result (*cuCtxGetDevice)(Device*);
   Result (*cuMemAllocManaged)(DevicePtr*, size_t, unsigned);
   Result (*cuMemAlloc)(DevicePtr*, size_t);
@@ -65,6 +64,7 @@ struct Driver {
   Result (*cuMemPrefetchAsync)(DevicePtr, size_t, MemLocation, unsigned, Stream);
   Result (*cuStreamSynchronize)(Stream);
   Result (*cuStreamCreate)(Stream*, unsigned);
+  Result (*cuStreamDestroy)(Stream);
   Result (*cuStreamWaitEvent)(Stream, Event, unsigned);
   Result (*cuEventCreate)(Event*, unsigned);
   Result (*cuEventDestroy)(Event);
@@ -105,7 +105,6 @@ const Driver* LoadDriver(std::string* error) {
     Bind(lib, "cuCtxGetCurrent", &driver.cuCtxGetCurrent, &missing);
     Bind(lib, "cuCtxPushCurrent_v2", &driver.cuCtxPushCurrent, &missing);
     Bind(lib, "cuCtxPopCurrent_v2", &driver.cuCtxPopCurrent, &missing);
-    Bind(lib, "cuCtxSynchronize", &driver.cuCtxSynchronize, &missing);
     Bind(lib, "cuCtxGetDevice", &driver.cuCtxGetDevice, &missing);
     Bind(lib, "cuMemAllocManaged", &driver.cuMemAllocManaged, &missing);
     Bind(lib, "cuMemAlloc_v2", &driver.cuMemAlloc, &missing);
@@ -119,6 +118,7 @@ const Driver* LoadDriver(std::string* error) {
     Bind(lib, "cuMemPrefetchAsync_v2", &driver.cuMemPrefetchAsync, &missing);
     Bind(lib, "cuStreamSynchronize", &driver.cuStreamSynchronize, &missing);
     Bind(lib, "cuStreamCreate", &driver.cuStreamCreate, &missing);
+    Bind(lib, "cuStreamDestroy_v2", &driver.cuStreamDestroy, &missing);
     Bind(lib, "cuStreamWaitEvent", &driver.cuStreamWaitEvent, &missing);
     Bind(lib, "cuEventCreate", &driver.cuEventCreate, &missing);
     Bind(lib, "cuEventDestroy_v2", &driver.cuEventDestroy, &missing);
@@ -613,6 +613,7 @@ Result StreamSynchronize(Stream stream) { return Call(&Driver::cuStreamSynchroni
 Result StreamCreateNonBlocking(Stream* stream) {
   return Call(&Driver::cuStreamCreate, stream, static_cast<unsigned>(kStreamNonBlocking));
 }
+Result StreamDestroy(Stream stream) { return Call(&Driver::cuStreamDestroy, stream); }
 Result StreamWaitEvent(Stream stream, Event event) {
   return Call(&Driver::cuStreamWaitEvent, stream, event, 0u);
 }
@@ -624,7 +625,6 @@ Result EventRecord(Event event, Stream stream) {
   return Call(&Driver::cuEventRecord, event, stream);
 }
 Result EventSynchronize(Event event) { return Call(&Driver::cuEventSynchronize, event); }
-Result CtxSynchronize() { return Call(&Driver::cuCtxSynchronize); }
 Result MultiProcessorCount(int device, int* count) {
   Device handle = 0;
   Result r = Call(&Driver::cuDeviceGet, &handle, device);

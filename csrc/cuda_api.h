@@ -62,6 +62,7 @@ Result MemAdviseAccessedBy(void* p, size_t bytes, MemLocation by);
 Result MemPrefetchAsync(void* p, size_t bytes, MemLocation to, Stream stream);
 Result StreamSynchronize(Stream stream);
 Result StreamCreateNonBlocking(Stream* stream);
+Result StreamDestroy(Stream stream);
 // Events order work across streams: `stream` waits until `event`'s latest
 // record has run. Created without timing.
 Result StreamWaitEvent(Stream stream, Event event);
@@ -69,7 +70,6 @@ Result EventCreate(Event* event);
 Result EventDestroy(Event event);
 Result EventRecord(Event event, Stream stream);
 Result EventSynchronize(Event event);
-Result CtxSynchronize();
 Result MultiProcessorCount(int device, int* count);
 std::string Message(const char* what, Result result);  // "what failed: reason"
 

@@ -82,8 +82,11 @@ void ForgetDevicePlacement(void* p) {
   }
 }
 
-void FreeManaged(void* p) {
+// Runs on whichever thread drops the slot (release, the collector's thread),
+// which may have no CUDA context current: it makes the device's current.
+void FreeManaged(void* p, int device) {
   ForgetDevicePlacement(p);
+  DeviceScope scope(device);
   cu::MemFree(p);  // waits for work in flight that may still touch it
 }
 
@@ -429,7 +432,7 @@ ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
       std::lock_guard<std::mutex> lock(g_placement_mu);
       e = HomeRestOnHost(m, slot.device,
                          DevicePrefix(m.device_bytes, DeviceRoom(slot.device, m.device_bytes)));
-      m.on_host = false;
+      if (e == cu::kSuccess) m.on_host = false;
       paged_in = true;
     }
     if (e == cu::kSuccess && m.device_bytes > 0) {
@@ -528,8 +531,14 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(
 
 constexpr int kMaxStreamBuffers = 8;
 constexpr size_t kMinStreamChunk = size_t{1} << 20;
-std::atomic<size_t> g_stream_chunk_bytes{size_t{32} << 20};
-std::atomic<int> g_stream_buffers{4};
+
+// The window's shape, chunk bytes and buffers in one word (the chunk bytes,
+// a multiple of 256, shifted past the buffer count) so that a step never reads
+// half of a change: 0 is streaming off.
+constexpr uint64_t PackShape(size_t chunk_bytes, int buffers) {
+  return static_cast<uint64_t>(chunk_bytes) << 4 | static_cast<uint64_t>(buffers);
+}
+std::atomic<uint64_t> g_stream_shape{PackShape(size_t{32} << 20, 4)};
 
 struct StreamWindow : WindowShape {
   std::mutex mu;  // held while a step plans and enqueues its chunks
@@ -541,33 +550,69 @@ struct StreamWindow : WindowShape {
 };
 StreamWindow g_windows[kMaxDevices];
 
+// Makes the window's streams and events, all or none (held, device current).
+std::string MakeWindowStreams(StreamWindow& w) {
+  StreamWindow made;
+  cu::Result e = cu::StreamCreateNonBlocking(&made.in);
+  if (e == cu::kSuccess) e = cu::StreamCreateNonBlocking(&made.out);
+  if (e == cu::kSuccess) e = cu::EventCreate(&made.enqueued);
+  for (int b = 0; b < kMaxStreamBuffers && e == cu::kSuccess; ++b) {
+    e = cu::EventCreate(&made.loaded[b]);
+    if (e == cu::kSuccess) e = cu::EventCreate(&made.computed[b]);
+    if (e == cu::kSuccess) e = cu::EventCreate(&made.drained[b]);
+  }
+  if (e != cu::kSuccess) {
+    for (cu::Event* events : {made.loaded, made.computed, made.drained}) {
+      for (int b = 0; b < kMaxStreamBuffers; ++b) {
+        if (events[b] != nullptr) cu::EventDestroy(events[b]);
+      }
+    }
+    if (made.enqueued != nullptr) cu::EventDestroy(made.enqueued);
+    if (made.out != nullptr) cu::StreamDestroy(made.out);
+    if (made.in != nullptr) cu::StreamDestroy(made.in);
+    return CudaMessage("making the streaming window's streams", e);
+  }
+  w.in = made.in;
+  w.out = made.out;
+  w.enqueued = made.enqueued;
+  std::copy(made.loaded, made.loaded + kMaxStreamBuffers, w.loaded);
+  std::copy(made.computed, made.computed + kMaxStreamBuffers, w.computed);
+  std::copy(made.drained, made.drained + kMaxStreamBuffers, w.drained);
+  return "";
+}
+
+// Frees the window's buffers once the copies and kernels that use them have
+// run (held, device current).
+void FreeWindowBuffers(StreamWindow& w) {
+  if (w.base == nullptr) return;
+  for (int b = 0; b < w.buffers; ++b) {
+    cu::EventSynchronize(w.loaded[b]);
+    cu::EventSynchronize(w.computed[b]);
+    cu::EventSynchronize(w.drained[b]);
+  }
+  cu::MemFree(w.base);
+  w.base = nullptr;
+}
+
 // Gives the device's window (held) the configured shape. False when streaming
 // is off or free device memory has no room for the window now.
-std::string ReadyWindow(int device, StreamWindow& w, bool* ready) {
+std::string ReadyWindow(StreamWindow& w, bool* ready) {
   *ready = false;
-  size_t chunk = g_stream_chunk_bytes.load();
-  int buffers = g_stream_buffers.load();
-  if (chunk == 0 || buffers == 0) return "";
+  uint64_t shape = g_stream_shape.load();
+  size_t chunk = static_cast<size_t>(shape >> 4);
+  int buffers = static_cast<int>(shape & 15);
+  if (shape == 0) {
+    FreeWindowBuffers(w);
+    return "";
+  }
   if (w.in == nullptr) {
-    cu::Result e = cu::StreamCreateNonBlocking(&w.in);
-    if (e == cu::kSuccess) e = cu::StreamCreateNonBlocking(&w.out);
-    if (e == cu::kSuccess) e = cu::EventCreate(&w.enqueued);
-    for (int b = 0; b < kMaxStreamBuffers && e == cu::kSuccess; ++b) {
-      e = cu::EventCreate(&w.loaded[b]);
-      if (e == cu::kSuccess) e = cu::EventCreate(&w.computed[b]);
-      if (e == cu::kSuccess) e = cu::EventCreate(&w.drained[b]);
-    }
-    if (e != cu::kSuccess) return CudaMessage("making the streaming window's streams", e);
+    if (std::string error = MakeWindowStreams(w); !error.empty()) return error;
   }
   if (w.base != nullptr && w.chunk_bytes == chunk && w.buffers == buffers) {
     *ready = true;
     return "";
   }
-  if (w.base != nullptr) {  // reshaped: once nothing uses the old buffers
-    cu::CtxSynchronize();
-    cu::MemFree(w.base);
-    w.base = nullptr;
-  }
+  FreeWindowBuffers(w);  // reshaped
   std::lock_guard<std::mutex> placement(g_placement_mu);
   if (!FreeMemoryAllows(chunk * buffers)) return "";
   void* p = nullptr;
@@ -605,7 +650,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   StreamWindow& w = g_windows[device];
   std::lock_guard<std::mutex> lock(w.mu);
   bool ready = false;
-  if (std::string error = ReadyWindow(device, w, &ready); !error.empty()) {
+  if (std::string error = ReadyWindow(w, &ready); !error.empty()) {
     return ffi::Error::Internal(std::string(op) + ": " + error);
   }
   if (!ready) return ffi::Error::Success();
@@ -615,6 +660,20 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   auto resident = BuildTables(calls, layout, states, true, &unused, /*by_type=*/true, &host_leaves);
   cu::Event written;
   if (auto e = WriteBackEvent(op, slot, &written); e.failure()) return e;
+  // Should a driver call fail part way, copies out already enqueued still
+  // write to the slot (or to a stage's XLA buffer): `written` is recorded
+  // behind them all the same, and XLA's stream waits for them, so that
+  // nothing reads, reuses or frees that memory before they end.
+  struct OnFailure {
+    cu::Event written;
+    cu::Stream out, xla;
+    bool armed = true;
+    ~OnFailure() {
+      if (armed && cu::EventRecord(written, out) == cu::kSuccess) {
+        cu::StreamWaitEvent(xla, written);
+      }
+    }
+  } on_failure{written, w.out, stream};
   // The copies in read what the slot's previous write-back wrote, and what
   // XLA's stream wrote to the slot before this call: an import (a restored
   // checkpoint), the commit of a step of several calls, a fresh state's
@@ -660,6 +719,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
     bytes_in += c.bytes_in;
   }
   RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(written, w.out));
+  on_failure.armed = false;
   w.next = static_cast<int>((w.next + chunks.size()) % buffers);
   // A stage of a step of several calls writes to its staged result, which
   // XLA hands to the next call: XLA's stream waits for those copies.
@@ -670,8 +730,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
       break;
     }
   }
-  slot.streamed_steps += 1;
-  slot.streamed_bytes = bytes_in;
+  slot.streaming += bytes_in;
   *streamed = true;
   return ffi::Error::Success();
 }
@@ -848,6 +907,7 @@ ffi::Error UpdateCuda(cu::Stream stream, int32_t device, ffi::ScratchAllocator s
   int64_t t = static_cast<int64_t>(host.count) + 1;
   HandleWrite handle_write{handle_out->typed_data(), static_cast<uint32_t>(handle_value)};
   std::vector<bool> host_leaves = HostLeaves(*slot, u);
+  if (u.chunk.first() == 0) slot->streaming = 0;
   if (auto e = LaunchStep(op, stream, device, scratch, u.call.leaves, u.call.layout,
                           CallStates(*slot, u), hyper, qmaps, rings, rings_out->typed_data(),
                           u.call.norms, count_out->typed_data(), u.chunk.CountAfter(host.count),
@@ -857,8 +917,15 @@ ffi::Error UpdateCuda(cu::Stream stream, int32_t device, ffi::ScratchAllocator s
     return e;
   }
   if (!u.chunk.commit()) return ffi::Error::Success();
-  if (auto e = AwaitWriteBack(op, *slot, stream); e.failure()) return e;
-  for (const ArenaCopy& c : StagedCopies(*slot, u)) {
+  if (slot->streaming > 0) {
+    slot->streamed_steps += 1;
+    slot->streamed_bytes = slot->streaming;
+  }
+  std::vector<ArenaCopy> staged = StagedCopies(*slot, u);
+  if (!staged.empty()) {  // over memory the write-back may still be copying to
+    if (auto e = AwaitWriteBack(op, *slot, stream); e.failure()) return e;
+  }
+  for (const ArenaCopy& c : staged) {
     RETURN_IF_CUDA_FAILED(op, "copying the staged moments in",
                           cu::MemcpyAsync(c.to, c.from, c.bytes, stream));
   }
@@ -1188,13 +1255,22 @@ std::string SetStreamWindow(size_t chunk_bytes, int buffers) {
            "buffers 2 to 8 (or both 0: streaming off), got " +
            std::to_string(chunk_bytes) + " and " + std::to_string(buffers);
   }
-  g_stream_chunk_bytes = chunk_bytes;
-  g_stream_buffers = buffers;
+  g_stream_shape = PackShape(chunk_bytes, buffers);
+  // Windows of another shape are freed now (streaming off frees them all),
+  // not at the next streamed step, which may never come.
+  for (int device = 0; device < kMaxDevices; ++device) {
+    StreamWindow& w = g_windows[device];
+    std::lock_guard<std::mutex> lock(w.mu);
+    if (w.base == nullptr || (w.chunk_bytes == chunk_bytes && w.buffers == buffers)) continue;
+    DeviceScope scope(device);
+    FreeWindowBuffers(w);
+  }
   return "";
 }
 
 std::pair<size_t, int> StreamWindowShape() {
-  return {g_stream_chunk_bytes.load(), g_stream_buffers.load()};
+  uint64_t shape = g_stream_shape.load();
+  return {static_cast<size_t>(shape >> 4), static_cast<int>(shape & 15)};
 }
 
 int64_t ManagedDeviceBytes(int device) {

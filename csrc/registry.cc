@@ -12,7 +12,7 @@ const char* PlatformName(Platform platform) { return platform == Platform::kCuda
 Slot::~Slot() {
   if (write_back != nullptr && drop_write_back != nullptr) drop_write_back(write_back);
   for (Memory& m : memory) {
-    if (m.data != nullptr && m.free_fn != nullptr) m.free_fn(m.data);
+    if (m.data != nullptr && m.free_fn != nullptr) m.free_fn(m.data, device);
   }
 }
 

@@ -99,7 +99,8 @@ inline size_t LeafArenaBytes(const LeafSpec& spec) {
   return 2 * ArenaRound(spec.state_bytes()) + 2 * ArenaRound(spec.scale_bytes());
 }
 
-// One allocation owned by a slot. `free_fn` is the backend's deallocator.
+// One allocation owned by a slot. `free_fn` is the backend's deallocator
+// (given the slot's device).
 // On a GPU its first `device_bytes` are homed on the device and the rest in
 // host RAM (the oversubscription guard places there what does not fit);
 // `on_host` says whether the device-homed bytes are paged out now. On the
@@ -109,7 +110,7 @@ struct Memory {
   size_t bytes = 0;
   size_t device_bytes = 0;
   bool on_host = true;
-  void (*free_fn)(void*) = nullptr;
+  void (*free_fn)(void* data, int device) = nullptr;
 
   size_t bytes_on_host() const { return on_host ? bytes : bytes - device_bytes; }
   // Whether [begin, end) of the memory lies (in part) in host RAM.
@@ -152,9 +153,11 @@ struct Slot {
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;
   int64_t evictions_seen = 0;  // steps that found the sign and prefetched
-  // CUDA: steps that streamed leaves from host RAM, and their bytes each way.
+  // CUDA: steps that streamed leaves from host RAM, and the last one's bytes
+  // each way (a step of several calls adds up its calls' in `streaming`).
   int64_t streamed_steps = 0;
   size_t streamed_bytes = 0;
+  size_t streaming = 0;
   // CUDA: the copies that write a streamed step's moments back to host RAM
   // run after the step's call returns (cuda_ops.cc). `write_back` marks their
   // end (null: none yet); every call that touches the memory waits for it, and
