@@ -102,7 +102,7 @@ for step in $steps; do
           timeout 120 python3 benchmarks/bus_copies.py --json "$OUT/bus_copies.json" \
             > "$OUT/bus_copies.log" 2>&1 || status=1
           tail -50 "$OUT/bus_copies.log"
-          timeout ${HOST_BENCH_LIMIT:-300} python3 benchmarks/host_state.py ${HOST_ARGS:-} \
+          timeout ${HOST_BENCH_LIMIT:-300} python3 -u benchmarks/host_state.py ${HOST_ARGS:-} \
             --json "$OUT/host_state.json" \
             > "$OUT/host_state.log" 2>&1 || status=1
           grep -v "^[WEI][0-9]" "$OUT/host_state.log" | tail -100 ;;

@@ -56,8 +56,11 @@ def paged_ms(params, grads, iters, host, window=None):
   try:
     tx = op.paged_adamw8bit(LR)
     params = jax.tree.map(jnp.copy, params)
-    step = jax.jit(lambda p, s: tx.fused_update(grads, s, p), donate_argnums=(0, 1))
-    ms, (params, state) = awaited_ms(step, (params, tx.init(params)), iters)
+    # grads as an argument: closed over, they would be compiled in as constants.
+    step = jax.jit(lambda p, s, g: tx.fused_update(g, s, p), donate_argnums=(0, 1))
+    ms, (params, state) = awaited_ms(
+      lambda p, s: step(p, s, grads), (params, tx.init(params)), iters
+    )
     (info,) = op.slot_info(state)
     op.release(state)
   finally:
@@ -99,13 +102,13 @@ def adamw_pinned_host_ms(params, grads, iters):
   state_host = jax.tree.map(lambda _: s_host, state)
   params_dev = jax.tree.map(lambda _: s_dev, params)
 
-  def step(p, s):
+  def step(p, s, g):
     s = jax.device_put(s, s_dev)
-    u, s = tx.update(grads, s, p)
+    u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), jax.device_put(s, s_host)
 
   step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(params_dev, state_host))
-  ms, carry = awaited_ms(step, (params, state), iters)
+  ms, carry = awaited_ms(lambda p, s: step(p, s, grads), (params, state), iters)
   kinds = {x.sharding.memory_kind for x in jax.tree.leaves(carry[1])}
   del carry
   return ms, sorted(kinds)

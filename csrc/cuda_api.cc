@@ -436,6 +436,7 @@ enum Kernel : int {
   kStoreWholeScales,
   kStoreWords,
   kLoadLatency,
+  kCopyRanges,
   kNumKernels
 };
 const char* const kKernelNames[kNumKernels] = {
@@ -443,9 +444,9 @@ const char* const kKernelNames[kNumKernels] = {
     "op8_whole_leaf_max",     "op8_update_params_f32",  "op8_update_params_bf16",
     "op8_update_params_f16",  "op8_update_updates_f32", "op8_update_updates_bf16",
     "op8_update_updates_f16", "op8_store_whole_scales", "op8_store_words",
-    "op8_load_latency"};
+    "op8_load_latency",       "op8_copy_ranges"};
 // The program (OP8_PROGRAM) that holds each kernel.
-constexpr int kProgramOf[kNumKernels] = {0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0};
+constexpr int kProgramOf[kNumKernels] = {0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0, 0};
 
 // The update kernel for params of `type`.
 Kernel UpdateKernel(bool write_params, int32_t type) {
@@ -752,6 +753,21 @@ std::string LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycl
   if (chunks > 0x7fffffff) return "a residency probe of more than 2^31 chunks";
   void* params[] = {&data, &bytes, &cycles};
   return Launch(kLoadLatency, static_cast<unsigned>(chunks), kLanes, params, stream);
+}
+
+std::string LaunchCopies(const std::vector<CopyRange>& ranges, Stream stream) {
+  auto table = std::make_unique<CopyTable>();
+  for (size_t first = 0; first < ranges.size(); first += kMaxCopyRanges) {
+    size_t count = std::min(ranges.size() - first, static_cast<size_t>(kMaxCopyRanges));
+    std::copy(ranges.begin() + first, ranges.begin() + first + count, table->ranges);
+    table->count = static_cast<int32_t>(count);
+    void* params[] = {table.get()};
+    if (std::string error = Launch(kCopyRanges, kCopyCtas, kThreads, params, stream);
+        !error.empty()) {
+      return error;
+    }
+  }
+  return "";
 }
 
 std::string LaunchStoreWords(const WordStores& stores, Stream stream) {

@@ -770,6 +770,49 @@ __device__ __forceinline__ void StoreWordsBody(const WordStores& stores) {
   for (int i = 0; i < stores.count; ++i) *stores.dst[i] = stores.value[i];
 }
 
+// Copies every range of the table, all CTAs on each range in turn, in
+// 16-byte words where both sides allow (the same offset from 16 bytes), else
+// 4-byte words or bytes; each thread issues 4 loads before its stores, so
+// that enough reads are in flight to fill the bus.
+template <typename Word>
+__device__ __forceinline__ void CopyWords(Word* to, const Word* from, int64_t words, int64_t me,
+                                          int64_t threads) {
+  int64_t i = me;
+  for (; i + 3 * threads < words; i += 4 * threads) {
+    Word a = from[i], b = from[i + threads], c = from[i + 2 * threads], d = from[i + 3 * threads];
+    to[i] = a;
+    to[i + threads] = b;
+    to[i + 2 * threads] = c;
+    to[i + 3 * threads] = d;
+  }
+  for (; i < words; i += threads) to[i] = from[i];
+}
+
+__device__ __forceinline__ void CopyRangesBody(const CopyTable& table) {
+  int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t me = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int r = 0; r < table.count; ++r) {
+    char* to = table.ranges[r].to;
+    const char* from = table.ranges[r].from;
+    int64_t n = static_cast<int64_t>(table.ranges[r].bytes);
+    uintptr_t offset = reinterpret_cast<uintptr_t>(to) & 15;
+    if (offset == (reinterpret_cast<uintptr_t>(from) & 15)) {
+      int64_t head = min(n, static_cast<int64_t>((16 - offset) & 15));
+      if (me < head) to[me] = from[me];
+      int64_t words = (n - head) / 16;
+      CopyWords(reinterpret_cast<uint4*>(to + head), reinterpret_cast<const uint4*>(from + head),
+                words, me, threads);
+      for (int64_t i = head + words * 16 + me; i < n; i += threads) to[i] = from[i];
+    } else if (((reinterpret_cast<uintptr_t>(to) | reinterpret_cast<uintptr_t>(from) | n) & 3) ==
+               0) {
+      CopyWords(reinterpret_cast<uint32_t*>(to), reinterpret_cast<const uint32_t*>(from), n / 4, me,
+                threads);
+    } else {
+      CopyWords(to, from, n, me, threads);
+    }
+  }
+}
+
 __device__ __forceinline__ void LoadLatencyBody(const uint8_t* data, int64_t bytes,
                                                 uint32_t* cycles) {
   __shared__ uint32_t sink;
@@ -874,6 +917,11 @@ __global__ void op8_store_whole_scales(const __grid_constant__ LeafTable table,
 }
 
 __global__ void op8_store_words(const WordStores stores) { StoreWordsBody(stores); }
+
+__global__ void __launch_bounds__(kThreads)
+    op8_copy_ranges(const __grid_constant__ CopyTable table) {
+  CopyRangesBody(table);
+}
 
 __global__ void op8_load_latency(const uint8_t* data, int64_t bytes, uint32_t* cycles) {
   LoadLatencyBody(data, bytes, cycles);

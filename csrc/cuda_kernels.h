@@ -82,6 +82,30 @@ struct WordStores {
   int count;
 };
 
+// One copy of a streamed chunk's moments between the state's memory (host
+// RAM, or a stage's XLA buffer) and the device window (cuda_ops.cc). The
+// window's copies are made by a kernel, not the copy engines: the state's
+// host part is managed memory mapped for the GPU, which SMs read and write at
+// the bus's speed while the copy engines move it several times slower
+// (benchmarks/bus_copies.py).
+struct CopyRange {
+  char* to;
+  const char* from;
+  uint64_t bytes;
+};
+
+// Ranges per copy launch (a chunk has at most 4 per launch-table leaf), and
+// the CTAs that move them: enough loads in flight to fill the bus in one
+// direction, few enough SMs to leave the rest to the update.
+constexpr int kMaxCopyRanges = 1024;
+constexpr int kCopyCtas = 32;
+
+struct CopyTable {
+  CopyRange ranges[kMaxCopyRanges];
+  int32_t count;
+};
+static_assert(sizeof(CopyTable) <= 32764, "a copy launch's table is a kernel parameter");
+
 // Threads per CTA of the kernels (the update's: one CTA of 1024 per SM).
 constexpr int kThreads = 256;
 constexpr int kUpdateThreads = 1024;

@@ -684,9 +684,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
                           cu::StreamWaitEvent(w.in, w.drained[c.buffer]));
-    for (const CopyRange& r : c.in) {
-      RETURN_IF_CUDA_FAILED(op, "copying state in", cu::MemcpyAsync(r.to, r.from, r.bytes, w.in));
-    }
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.in, w.in));
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.loaded[c.buffer], w.in));
     return ffi::Error::Success();
   };
@@ -709,9 +707,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.computed[c.buffer], stream));
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy out",
                           cu::StreamWaitEvent(w.out, w.computed[c.buffer]));
-    for (const CopyRange& r : c.out) {
-      RETURN_IF_CUDA_FAILED(op, "copying state out", cu::MemcpyAsync(r.to, r.from, r.bytes, w.out));
-    }
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.out, w.out));
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.drained[c.buffer], w.out));
     if (k + buffers < chunks.size()) {
       if (auto e = copy_in(chunks[k + buffers]); e.failure()) return e;

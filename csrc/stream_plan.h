@@ -42,14 +42,6 @@ struct WindowShape {
   int next = 0;
 };
 
-// One copy of a chunk's moments between the slot (or a stage's result) and
-// the window.
-struct CopyRange {
-  char* to;
-  const char* from;
-  size_t bytes;
-};
-
 // Appends a copy, merged with the previous one where both sides continue it
 // (whole leaves lie in the window as in the arena: one copy moves a run).
 inline void AddCopy(std::vector<CopyRange>* copies, void* to, const void* from, size_t bytes) {

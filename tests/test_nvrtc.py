@@ -40,6 +40,7 @@ ENTRY_POINTS = [
   b"op8_store_whole_scales",
   b"op8_store_words",
   b"op8_load_latency",
+  b"op8_copy_ranges",
 ]
 
 
