@@ -509,10 +509,11 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(
 //
 // A leaf whose moments lie (in part) in the host-homed bytes of its slot is
 // not read by the kernel over the bus. Its moments are copied in chunks into
-// a window of device memory by one copy engine, updated there by the update
-// kernel, and copied back by another, on two streams of their own, so that
-// both directions of the bus move at once while the kernel works on the
-// chunk between them:
+// a window of device memory by a copy kernel, updated there by the update
+// kernel, and copied back by another copy kernel, on two streams of their
+// own, so that both directions of the bus move at once while the update works
+// on the chunk between them (copy kernels, not the copy engines: those move
+// managed memory homed on the host several times slower; cuda_kernels.h):
 //
 //   copy-in stream:  in 0  in 1  in 2  in 3  ......  in 4  ......  in 5
 //   XLA's stream:          k 0   k 1   k 2   k 3  ...
