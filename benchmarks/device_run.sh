@@ -5,7 +5,8 @@
 #   bash benchmarks/device_run.sh [gpu] [host] [multi] [bench] [cases] [chunked] [count] [pressure] [capacity]
 #                                 [same_size] [trace] [ncu] [stalls] [diag] [collector] [cpu]
 # gpu: tests/test_gpu.py and tests/test_chunked_step.py (GPU_TESTS_K selects with pytest's -k);
-# host: tests/test_host_state.py, benchmarks/bus_copies.py and benchmarks/host_state.py; multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
+# host: tests/test_host_state.py, benchmarks/bus_copies.py (BUS_COPIES_LIMIT=0 skips it) and
+# benchmarks/host_state.py; multi: the multi-device, multi-process, adamw8bit and checkpoint tests on
 # the GPUs (2 on nvidia-h200-x2), and examples/pjit_sharded.py in
 # one process and in 2 processes of one GPU each; bench: benchmarks/bench_adamw.py; cases: the
 # same, one process per case of BENCH_CASES (default 0 1 2 3) while time is left of RUN_LIMIT
@@ -99,9 +100,11 @@ for step in $steps; do
           grep -c " PASSED" "$OUT/host_tests.log" | sed 's/$/ passed/'
           grep -E "FAILED|Error|error" "$OUT/host_tests.log" | head -20 | cut -c1-300
           tail -3 "$OUT/host_tests.log"
-          timeout 120 python3 benchmarks/bus_copies.py --json "$OUT/bus_copies.json" \
-            > "$OUT/bus_copies.log" 2>&1 || status=1
-          tail -50 "$OUT/bus_copies.log"
+          if [ "${BUS_COPIES_LIMIT:-120}" -gt 0 ]; then
+            timeout ${BUS_COPIES_LIMIT:-120} python3 benchmarks/bus_copies.py \
+              --json "$OUT/bus_copies.json" > "$OUT/bus_copies.log" 2>&1 || status=1
+            tail -50 "$OUT/bus_copies.log"
+          fi
           timeout ${HOST_BENCH_LIMIT:-300} python3 -u benchmarks/host_state.py ${HOST_ARGS:-} \
             --json "$OUT/host_state.json" \
             > "$OUT/host_state.log" 2>&1 || status=1
@@ -119,7 +122,7 @@ for step in $steps; do
                  for method in ${SAME_SIZE_METHODS:-adamw adamw8bit adamw8bit_fused paged_device paged_host}; do
                    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
                      python3 benchmarks/capacity.py --trial $method $dtype ${CAPACITY_WIDTH:-2048} \
-                     --steps 5 2>&1 | grep '^{'
+                     --steps 5 2>&1 | grep --line-buffered '^{'
                  done
                done > "$OUT/same_size.jsonl" || status=1
                cat "$OUT/same_size.jsonl" ;;
