@@ -755,14 +755,15 @@ std::string LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycl
   return Launch(kLoadLatency, static_cast<unsigned>(chunks), kLanes, params, stream);
 }
 
-std::string LaunchCopies(const std::vector<CopyRange>& ranges, Stream stream) {
+std::string LaunchCopies(const std::vector<CopyRange>& ranges, int ctas, Stream stream) {
   auto table = std::make_unique<CopyTable>();
   for (size_t first = 0; first < ranges.size(); first += kMaxCopyRanges) {
     size_t count = std::min(ranges.size() - first, static_cast<size_t>(kMaxCopyRanges));
     std::copy(ranges.begin() + first, ranges.begin() + first + count, table->ranges);
     table->count = static_cast<int32_t>(count);
     void* params[] = {table.get()};
-    if (std::string error = Launch(kCopyRanges, kCopyCtas, kThreads, params, stream);
+    if (std::string error =
+            Launch(kCopyRanges, static_cast<unsigned>(std::max(ctas, 1)), kThreads, params, stream);
         !error.empty()) {
       return error;
     }

@@ -128,8 +128,8 @@ std::string LaunchUpdate(const LeafTable& table, const StepArgs& args, int num_s
 std::string LaunchLoadLatency(const uint8_t* data, int64_t bytes, uint32_t* cycles, Stream stream);
 std::string LaunchStoreWords(const WordStores& stores, Stream stream);
 // Copies the ranges (device pointers, or managed memory mapped for the GPU)
-// with a kernel of kCopyCtas CTAs, in launches of kMaxCopyRanges.
-std::string LaunchCopies(const std::vector<CopyRange>& ranges, Stream stream);
+// with a kernel of `ctas` CTAs, in launches of kMaxCopyRanges.
+std::string LaunchCopies(const std::vector<CopyRange>& ranges, int ctas, Stream stream);
 
 }  // namespace cu
 }  // namespace optax_paged8bit

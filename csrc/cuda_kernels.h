@@ -95,8 +95,9 @@ struct CopyRange {
 };
 
 // Ranges per copy launch (a chunk has at most 4 per launch-table leaf), and
-// the CTAs that move them: enough loads in flight to fill the bus in one
-// direction, few enough SMs to leave the rest to the update.
+// the most CTAs that move them (a quarter of the SMs at most): enough loads
+// in flight to fill the bus in one direction, few enough SMs to leave the
+// rest to the update.
 constexpr int kMaxCopyRanges = 1024;
 constexpr int kCopyCtas = 32;
 

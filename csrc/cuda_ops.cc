@@ -682,10 +682,17 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, written));
   RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.enqueued, stream));
   RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, w.enqueued));
+  // The SMs are shared out: an update CTA takes a whole SM's registers, so an
+  // update launched on every SM would wait for SMs that copies hold, and the
+  // next copies would wait behind it (the directions stop overlapping). The
+  // copies in and out get a CTA each on a quarter of the SMs at most, and the
+  // updates the SMs left.
+  int copy_ctas = std::max(1, std::min(kCopyCtas, num_sms / 4));
+  int update_sms = std::max(1, num_sms - 2 * copy_ctas);
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
                           cu::StreamWaitEvent(w.in, w.drained[c.buffer]));
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.in, w.in));
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.in, copy_ctas, w.in));
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.loaded[c.buffer], w.in));
     return ffi::Error::Success();
   };
@@ -696,7 +703,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   args.write_count = false;
   for (const auto& table : resident) {
     if (table->num_leaves == 0) continue;
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*table, args, num_sms, stream));
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*table, args, update_sms, stream));
   }
   size_t bytes_in = 0;
   for (size_t k = 0; k < chunks.size(); ++k) {
@@ -704,11 +711,11 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's update",
                           cu::StreamWaitEvent(stream, w.loaded[c.buffer]));
     args.write_count = k + 1 == chunks.size();
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*c.table, args, num_sms, stream));
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchUpdate(*c.table, args, update_sms, stream));
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.computed[c.buffer], stream));
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy out",
                           cu::StreamWaitEvent(w.out, w.computed[c.buffer]));
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.out, w.out));
+    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.out, copy_ctas, w.out));
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.drained[c.buffer], w.out));
     if (k + buffers < chunks.size()) {
       if (auto e = copy_in(chunks[k + buffers]); e.failure()) return e;
