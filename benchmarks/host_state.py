@@ -12,7 +12,8 @@ floor and JAX's host offloading, per tree, in one process on one GPU:
 
 Each figure is the median ms of awaited steps (params and state donated).
 Targets: (c) - (a) <= 1.15 (d), and (e) / (c) >= 3. `--windows` also times
-(c) for other window shapes (chunk MiB x buffers) on the first tree.
+(c) for other window shapes (chunk MiB x buffers, and optionally x the CTAs of
+each copy kernel) on the first tree.
 
     python benchmarks/host_state.py --json out.json
 """
@@ -118,7 +119,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
   ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--windows", nargs="*", default=["16x4", "64x4", "32x8"])
+  # MiB x buffers, or MiB x buffers x CTAs of each copy kernel (by default a
+  # quarter of the SMs, up to 32).
+  ap.add_argument("--windows", nargs="*", default=["64x4", "32x4x16", "32x4x64"])
   ap.add_argument("--json")
   args = ap.parse_args()
   if jax.default_backend() != "gpu":
@@ -147,8 +150,9 @@ def main():
     if n == 0:
       row["c_by_window"] = {}
       for w in args.windows:
-        mib, buffers = (int(x) for x in w.split("x"))
-        row["c_by_window"][w] = paged_ms(params, grads, args.iters, True, (mib * MIB, buffers))[0]
+        mib, buffers, *ctas = (int(x) for x in w.split("x"))
+        shape = (mib * MIB, buffers, *ctas)
+        row["c_by_window"][w] = paged_ms(params, grads, args.iters, True, shape)[0]
     floor = floor_ms(row["state_bytes"])
     row["d_floor_ms"], row["d_h2d_ms"], row["d_d2h_ms"] = floor["both"], floor["h2d"], floor["d2h"]
     row["e_adamw_pinned_host_ms"], row["e_state_memory_kinds"] = adamw_pinned_host_ms(

@@ -533,16 +533,28 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(
 constexpr int kMaxStreamBuffers = 8;
 constexpr size_t kMinStreamChunk = size_t{1} << 20;
 
-// The window's shape, chunk bytes and buffers in one word (the chunk bytes,
-// a multiple of 256, shifted past the buffer count) so that a step never reads
-// half of a change: 0 is streaming off.
-constexpr uint64_t PackShape(size_t chunk_bytes, int buffers) {
-  return static_cast<uint64_t>(chunk_bytes) << 4 | static_cast<uint64_t>(buffers);
+// The window's shape: chunk bytes, buffers, and the CTAs of each copy (0:
+// the default, a quarter of the SMs up to kCopyCtas). Kept in one word (the
+// chunk in units of 256 bytes, the CTAs, the buffers) so that a step never
+// reads half of a change: 0 is streaming off.
+struct StreamShape {
+  size_t chunk_bytes = 0;
+  int buffers = 0;
+  int copy_ctas = 0;
+};
+constexpr uint64_t PackShape(size_t chunk_bytes, int buffers, int copy_ctas) {
+  return static_cast<uint64_t>(chunk_bytes / kArenaAlign) << 12 |
+         static_cast<uint64_t>(copy_ctas) << 4 | static_cast<uint64_t>(buffers);
 }
-std::atomic<uint64_t> g_stream_shape{PackShape(size_t{32} << 20, 4)};
+StreamShape UnpackShape(uint64_t word) {
+  return {static_cast<size_t>(word >> 12) * kArenaAlign, static_cast<int>(word & 15),
+          static_cast<int>(word >> 4 & 255)};
+}
+std::atomic<uint64_t> g_stream_shape{PackShape(size_t{32} << 20, 4, 0)};
 
 struct StreamWindow : WindowShape {
   std::mutex mu;  // held while a step plans and enqueues its chunks
+  int copy_ctas = 0;
   cu::Stream in = nullptr, out = nullptr;
   cu::Event enqueued = nullptr;                // XLA's work before the step's update
   cu::Event loaded[kMaxStreamBuffers] = {};    // a chunk's moments are in the buffer
@@ -599,10 +611,12 @@ void FreeWindowBuffers(StreamWindow& w) {
 // is off or free device memory has no room for the window now.
 std::string ReadyWindow(StreamWindow& w, bool* ready) {
   *ready = false;
-  uint64_t shape = g_stream_shape.load();
-  size_t chunk = static_cast<size_t>(shape >> 4);
-  int buffers = static_cast<int>(shape & 15);
-  if (shape == 0) {
+  uint64_t word = g_stream_shape.load();
+  StreamShape shape = UnpackShape(word);
+  size_t chunk = shape.chunk_bytes;
+  int buffers = shape.buffers;
+  w.copy_ctas = shape.copy_ctas;
+  if (word == 0) {
     FreeWindowBuffers(w);
     return "";
   }
@@ -687,7 +701,8 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   // next copies would wait behind it (the directions stop overlapping). The
   // copies in and out get a CTA each on a quarter of the SMs at most, and the
   // updates the SMs left.
-  int copy_ctas = std::max(1, std::min(kCopyCtas, num_sms / 4));
+  int copy_ctas = w.copy_ctas > 0 ? std::min(w.copy_ctas, std::max(1, num_sms / 2 - 1))
+                                  : std::max(1, std::min(kCopyCtas, num_sms / 4));
   int update_sms = std::max(1, num_sms - 2 * copy_ctas);
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
@@ -1251,15 +1266,16 @@ void FreeDeviceFill() {
 void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
 int64_t DeviceBudget() { return g_device_budget.load(); }
 
-std::string SetStreamWindow(size_t chunk_bytes, int buffers) {
-  bool off = chunk_bytes == 0 && buffers == 0;
+std::string SetStreamWindow(size_t chunk_bytes, int buffers, int copy_ctas) {
+  bool off = chunk_bytes == 0 && buffers == 0 && copy_ctas == 0;
   if (!off && (chunk_bytes < kMinStreamChunk || chunk_bytes % kArenaAlign != 0 || buffers < 2 ||
-               buffers > kMaxStreamBuffers)) {
-    return "set_stream_window: chunk_bytes must be at least 1 MiB and a multiple of 256 and "
-           "buffers 2 to 8 (or both 0: streaming off), got " +
-           std::to_string(chunk_bytes) + " and " + std::to_string(buffers);
+               buffers > kMaxStreamBuffers || copy_ctas < 0 || copy_ctas > 255)) {
+    return "set_stream_window: chunk_bytes must be at least 1 MiB and a multiple of 256, buffers "
+           "2 to 8 and copy_ctas 0 (the default) to 255 (or all 0: streaming off), got " +
+           std::to_string(chunk_bytes) + ", " + std::to_string(buffers) + " and " +
+           std::to_string(copy_ctas);
   }
-  g_stream_shape = PackShape(chunk_bytes, buffers);
+  g_stream_shape = PackShape(chunk_bytes, buffers, copy_ctas);
   // Windows of another shape are freed now (streaming off frees them all),
   // not at the next streamed step, which may never come.
   for (int device = 0; device < kMaxDevices; ++device) {
@@ -1272,9 +1288,9 @@ std::string SetStreamWindow(size_t chunk_bytes, int buffers) {
   return "";
 }
 
-std::pair<size_t, int> StreamWindowShape() {
-  uint64_t shape = g_stream_shape.load();
-  return {static_cast<size_t>(shape >> 4), static_cast<int>(shape & 15)};
+std::tuple<size_t, int, int> StreamWindowShape() {
+  StreamShape shape = UnpackShape(g_stream_shape.load());
+  return {shape.chunk_bytes, shape.buffers, shape.copy_ctas};
 }
 
 int64_t ManagedDeviceBytes(int device) {

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "xla/ffi/api/api.h"
@@ -55,8 +56,8 @@ int64_t ManagedDeviceBytes(int device);
 // streaming off (the kernel then reads such state over the bus); otherwise
 // chunk_bytes is at least 1 MiB and a multiple of 256, buffers 2 to 8.
 // Returns "" or what is wrong with the arguments. For benchmarks and tests.
-std::string SetStreamWindow(size_t chunk_bytes, int buffers);
-std::pair<size_t, int> StreamWindowShape();
+std::string SetStreamWindow(size_t chunk_bytes, int buffers, int copy_ctas);
+std::tuple<size_t, int, int> StreamWindowShape();
 
 }  // namespace optax_paged8bit
 

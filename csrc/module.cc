@@ -251,15 +251,17 @@ PYBIND11_MODULE(_ops, m) {
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
   m.def(
       "set_stream_window",
-      [](size_t chunk_bytes, int buffers) {
-        std::string error = SetStreamWindow(chunk_bytes, buffers);
+      [](size_t chunk_bytes, int buffers, int copy_ctas) {
+        std::string error = SetStreamWindow(chunk_bytes, buffers, copy_ctas);
         if (!error.empty()) throw py::value_error(error);
       },
-      "Shapes the device window that streams state in host RAM: buffers x chunk_bytes "
-      "(0, 0: streaming off, the kernel reads such state over the bus).");
+      py::arg("chunk_bytes"), py::arg("buffers"), py::arg("copy_ctas") = 0,
+      "Shapes the device window that streams state in host RAM: buffers x chunk_bytes, and "
+      "the CTAs of each copy kernel (0: a quarter of the SMs up to 32) (0, 0: streaming off, "
+      "the kernel reads such state over the bus).");
   m.def(
       "stream_window", [] { return StreamWindowShape(); },
-      "(chunk_bytes, buffers) of the streaming window.");
+      "(chunk_bytes, buffers, copy_ctas) of the streaming window.");
   m.def(
       "device_memory_info",
       [](int device) {

@@ -284,12 +284,6 @@ def test_a_streamed_state_survives_release_and_collection_with_copies_in_flight(
   op.release(again[2])
 
 
-def test_the_stream_window_refuses_bad_shapes():
-  for chunk, buffers in [(1000, 2), (MIB, 1), (MIB, 9), (MIB + 1, 2), (0, 2)]:
-    with pytest.raises(ValueError, match="chunk_bytes must be at least 1 MiB"):
-      _ffi._ops.set_stream_window(chunk, buffers)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_jnp_tree_in_host_ram_trains_like_one_on_the_gpu(dtype, budget):
   """The default window (chunks of 32 MiB): about 50 MB of moments in

@@ -50,3 +50,25 @@ def test_runs_of_whole_leaves_move_in_one_copy(compiler, tmp_path):
   small = plan(compiler, tmp_path, 1 << 20, 2, 0, 0)
   assert big["copies_in"] < big["pieces"] and big["copies_in"] == big["copies_out"]
   assert small["chunks"] > big["chunks"]
+
+
+def test_the_stream_window_refuses_bad_shapes_and_keeps_its_own():
+  """Shapes are checked wherever the GPU is (here, none): a refused one
+  leaves the window as it was."""
+  from optax_paged8bit import _ffi
+
+  before = _ffi._ops.stream_window()
+  mib = 1 << 20
+  bad = [(1000, 2), (mib, 1), (mib, 9), (mib + 1, 2), (0, 2), (mib, 2, 256), (mib, 2, -1)]
+  for shape in bad:
+    with pytest.raises(ValueError, match="chunk_bytes must be at least 1 MiB"):
+      _ffi._ops.set_stream_window(*shape)
+    assert _ffi._ops.stream_window() == before
+  try:
+    _ffi._ops.set_stream_window(2 * mib, 3, 64)
+    assert _ffi._ops.stream_window() == (2 * mib, 3, 64)
+    _ffi._ops.set_stream_window(0, 0)
+    assert _ffi._ops.stream_window() == (0, 0, 0)
+  finally:
+    _ffi._ops.set_stream_window(*before)
+  assert _ffi._ops.stream_window() == before
