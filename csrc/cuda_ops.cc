@@ -698,9 +698,9 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   RETURN_IF_CUDA_FAILED(op, "ordering the copies in", cu::StreamWaitEvent(w.in, w.enqueued));
   // The SMs are shared out: an update CTA takes a whole SM's registers, so an
   // update launched on every SM would wait for SMs that copies hold, and the
-  // next copies would wait behind it (the directions stop overlapping). The
-  // copies in and out get a CTA each on a quarter of the SMs at most, and the
-  // updates the SMs left.
+  // next copies behind it. The copies in and out get a CTA each on a quarter
+  // of the SMs at most, and the updates the SMs left (on an H100 the split
+  // measured the same as none: benchmarks/RESULTS.md).
   int copy_ctas = w.copy_ctas > 0 ? std::min(w.copy_ctas, std::max(1, num_sms / 2 - 1))
                                   : std::max(1, std::min(kCopyCtas, num_sms / 4));
   int update_sms = std::max(1, num_sms - 2 * copy_ctas);
