@@ -139,6 +139,9 @@ def single_threaded(test):
 
 
 def check_collect_frees_dropped_and_keeps_held():
+  """collect() frees what is dropped. The tests that call this set
+  thread_looks_away: under load the thread may otherwise free the dropped
+  state first (rightly), and collect() would find nothing left to free."""
   tx = op.paged_adamw8bit()
   before = settled_registry_bytes()
   kept_params, kept = stepped(tx)
@@ -156,17 +159,19 @@ def check_collect_frees_dropped_and_keeps_held():
   assert op._ffi.total_bytes() == before
 
 
-def test_collect_frees_dropped_states_and_keeps_held_ones():
+def test_collect_frees_dropped_states_and_keeps_held_ones(thread_looks_away):
   check_collect_frees_dropped_and_keeps_held()
 
 
-def test_uint32_arrays_that_are_no_handle_do_not_disturb_the_collector():
+def test_uint32_arrays_that_are_no_handle_do_not_disturb_the_collector(thread_looks_away):
   strays = [jnp.uint32(0), jnp.uint32(2**31 + 5), jnp.uint32(2**32 - 1)]  # live during the check
   check_collect_frees_dropped_and_keeps_held()
   del strays
 
 
-def test_the_collector_skips_a_platform_this_process_has_no_backend_for(monkeypatch):
+def test_the_collector_skips_a_platform_this_process_has_no_backend_for(
+  monkeypatch, thread_looks_away
+):
   """JAX_PLATFORMS=cuda leaves out the CPU backend, and asking for its arrays
   raises 'Unknown backend cpu': a look must skip a platform JAX has no
   backend for. "tpu" stands for it here."""
