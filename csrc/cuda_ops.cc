@@ -554,7 +554,6 @@ std::atomic<uint64_t> g_stream_shape{PackShape(size_t{32} << 20, 4, 0)};
 
 struct StreamWindow : WindowShape {
   std::mutex mu;  // held while a step plans and enqueues its chunks
-  int copy_ctas = 0;
   cu::Stream in = nullptr, out = nullptr;
   cu::Event enqueued = nullptr;                // XLA's work before the step's update
   cu::Event loaded[kMaxStreamBuffers] = {};    // a chunk's moments are in the buffer
@@ -607,15 +606,15 @@ void FreeWindowBuffers(StreamWindow& w) {
   w.base = nullptr;
 }
 
-// Gives the device's window (held) the configured shape. False when streaming
-// is off or free device memory has no room for the window now.
-std::string ReadyWindow(StreamWindow& w, bool* ready) {
+// Gives the device's window (held) the configured shape, which it returns in
+// *shape. False when streaming is off or free device memory has no room for
+// the window now.
+std::string ReadyWindow(StreamWindow& w, StreamShape* shape, bool* ready) {
   *ready = false;
   uint64_t word = g_stream_shape.load();
-  StreamShape shape = UnpackShape(word);
-  size_t chunk = shape.chunk_bytes;
-  int buffers = shape.buffers;
-  w.copy_ctas = shape.copy_ctas;
+  *shape = UnpackShape(word);
+  size_t chunk = shape->chunk_bytes;
+  int buffers = shape->buffers;
   if (word == 0) {
     FreeWindowBuffers(w);
     return "";
@@ -664,8 +663,9 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   *streamed = false;
   StreamWindow& w = g_windows[device];
   std::lock_guard<std::mutex> lock(w.mu);
+  StreamShape shape;
   bool ready = false;
-  if (std::string error = ReadyWindow(w, &ready); !error.empty()) {
+  if (std::string error = ReadyWindow(w, &shape, &ready); !error.empty()) {
     return ffi::Error::Internal(std::string(op) + ": " + error);
   }
   if (!ready) return ffi::Error::Success();
@@ -701,8 +701,8 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   // next copies behind it. The copies in and out get a CTA each on a quarter
   // of the SMs at most, and the updates the SMs left (on an H100 the split
   // measured the same as none: benchmarks/RESULTS.md).
-  int copy_ctas = w.copy_ctas > 0 ? std::min(w.copy_ctas, std::max(1, num_sms / 2 - 1))
-                                  : std::max(1, std::min(kCopyCtas, num_sms / 4));
+  int copy_ctas = shape.copy_ctas > 0 ? std::min(shape.copy_ctas, std::max(1, num_sms / 2 - 1))
+                                      : std::max(1, std::min(kCopyCtas, num_sms / 4));
   int update_sms = std::max(1, num_sms - 2 * copy_ctas);
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
