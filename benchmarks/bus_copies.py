@@ -11,6 +11,10 @@ on `--gib` GiB buffers (never more than a quarter of free device memory):
   mapped for the GPU, as the library places state that does not fit) copied
   by cuMemcpyAsync to and from device memory, alone and at once;
 - the same copies in chunks of `--chunk-mib`, as a streamed step issues them;
+- the same two kinds of host memory copied by a kernel instead (the copy
+  kernel of a streamed step reads and writes host pages through the GPU's
+  mapping), both ways at once, by the number of CTAs each way and the loads
+  each thread has in flight;
 - managed memory moved by cuMemPrefetchAsync host -> device and back (what
   page_out and the step after it do);
 - after a spike (plain device allocations until one fails, which makes the
@@ -102,6 +106,80 @@ class Driver:
       self.call("cuStreamSynchronize", s)
 
 
+# A copy kernel like the library's (csrc/cuda_kernels.cu, CopyWords): 16-byte
+# words, a grid-stride loop, UNROLL loads in flight per thread before its stores.
+COPY_KERNEL = r"""
+template <int kUnroll>
+__device__ void Copy(uint4* to, const uint4* from, long long words) {
+  long long threads = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + (kUnroll - 1) * threads < words; i += kUnroll * threads) {
+    uint4 w[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) w[k] = from[i + k * threads];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) to[i + k * threads] = w[k];
+  }
+  for (; i < words; i += threads) to[i] = from[i];
+}
+extern "C" __global__ void copy4(uint4* to, const uint4* from, long long words) {
+  Copy<4>(to, from, words);
+}
+extern "C" __global__ void copy8(uint4* to, const uint4* from, long long words) {
+  Copy<8>(to, from, words);
+}
+"""
+
+
+class CopyKernels:
+  """COPY_KERNEL compiled by NVRTC (the library's own, found as it finds it)."""
+
+  def __init__(self, drv):
+    from optax_paged8bit._ffi import nvrtc_library  # no backend is started
+
+    nvrtc = ctypes.CDLL(nvrtc_library())
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    dev = ctypes.c_int()
+    drv.call("cuDeviceGet", ctypes.byref(dev), 0)
+    drv.call("cuDeviceGetAttribute", ctypes.byref(major), 75, dev)
+    drv.call("cuDeviceGetAttribute", ctypes.byref(minor), 76, dev)
+    self.sms = ctypes.c_int()
+    drv.call("cuDeviceGetAttribute", ctypes.byref(self.sms), 16, dev)
+    self.sms = self.sms.value
+    prog = ctypes.c_void_p()
+    src = COPY_KERNEL.encode()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"copy.cu", 0, None, None):
+      raise RuntimeError("nvrtcCreateProgram failed")
+    opt = f"--gpu-architecture=sm_{major.value}{minor.value}".encode()
+    opts = (ctypes.c_char_p * 1)(opt)
+    if nvrtc.nvrtcCompileProgram(prog, 1, opts):
+      size = ctypes.c_size_t()
+      nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+      log = ctypes.create_string_buffer(size.value)
+      nvrtc.nvrtcGetProgramLog(prog, log)
+      raise RuntimeError(log.value.decode())
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    module = ctypes.c_void_p()
+    drv.call("cuModuleLoadData", ctypes.byref(module), cubin)
+    self.drv, self.functions = drv, {}
+    for unroll in (4, 8):
+      f = ctypes.c_void_p()
+      drv.call("cuModuleGetFunction", ctypes.byref(f), module, f"copy{unroll}".encode())
+      self.functions[unroll] = f
+
+  def copy(self, dst, src, n, stream, ctas, unroll=4):
+    to, frm, words = ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_longlong(n // 16)
+    args = (ctypes.c_void_p * 3)(
+      ctypes.addressof(to), ctypes.addressof(frm), ctypes.addressof(words)
+    )
+    self.drv.call(
+      "cuLaunchKernel", self.functions[unroll], ctas, 1, 1, 256, 1, 1, 0, stream, args, None
+    )
+
+
 def timed(drv, streams, issue, repeats=3):
   """Median ms of `issue()` (which enqueues work) until `streams` are done."""
   times = []
@@ -157,6 +235,26 @@ def main():
     out[f"managed_host_both_chunks_{c}mib_ms"] = timed(
       drv, [s_in, s_out], both(man_a, man_b, c * MIB)
     )
+  # The same copies by a kernel through the GPU's mapping of the host pages.
+  kernels = CopyKernels(drv)
+  out["sms"] = kernels.sms
+  by_kernel = {}
+  for kind, (src, dst) in {"pinned": (pin_a, pin_b), "managed_host": (man_a, man_b)}.items():
+    for unroll in (4, 8):
+      for ctas in sorted({8, 16, 32, 64, kernels.sms}):
+
+        def issue(src=src, dst=dst, ctas=ctas, unroll=unroll):
+          kernels.copy(dev_a, src, n, s_in, ctas, unroll)
+          kernels.copy(dst, dev_b, n, s_out, ctas, unroll)
+
+        by_kernel[f"{kind}_both_unroll{unroll}_ctas{ctas}_ms"] = timed(drv, [s_in, s_out], issue)
+    by_kernel[f"{kind}_h2d_unroll4_ctas32_ms"] = timed(
+      drv, [s_in], lambda src=src: kernels.copy(dev_a, src, n, s_in, 32)
+    )
+    by_kernel[f"{kind}_d2h_unroll4_ctas32_ms"] = timed(
+      drv, [s_out], lambda dst=dst: kernels.copy(dst, dev_b, n, s_out, 32)
+    )
+  out["kernel_copies"] = by_kernel
   # Still on the host after the copies? Reading it there again is as quick.
   t0 = time.perf_counter()
   ctypes.memset(man_a, 2, n)
