@@ -364,3 +364,110 @@ def test_a_flax_train_state_in_host_ram_saves_restores_and_trains_like_a_residen
     assert_bit_equal(np.asarray(c), a, "restored run against unbroken (resident)")
     assert_bit_equal(np.asarray(d), a, "restored run against unbroken (host)")
   op.release((resident_state, host_state))
+
+
+def test_an_nnx_optimizer_in_host_ram_saves_async_with_a_checkpoint_manager_and_resumes(
+  small_window, budget, tmp_path
+):
+  """As an NNX user writes it: nnx.Optimizer steps under nnx.jit, saved by an
+  orbax CheckpointManager that writes asynchronously while training goes on,
+  then restored into a fresh model and optimizer. With the state in host RAM
+  (1.5M params: each moment's codes straddle the 1 MiB chunks), every param
+  equals the run with the state on the GPU, unbroken and resumed."""
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  def build(seed):
+    rngs = nnx.Rngs(seed)
+    model = nnx.Sequential(
+      nnx.Linear(256, 2048, rngs=rngs), nnx.relu, nnx.Linear(2048, 512, rngs=rngs),
+      nnx.Linear(512, 10, rngs=rngs),
+    )  # fmt: skip
+    return model, nnx.Optimizer(model, op.paged_adamw8bit(1e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: ((m(x) - 1.0) ** 2).mean())(model)
+    optimizer.update(model, grads)
+
+  def batch(t):
+    return jnp.asarray(np.random.default_rng(t).standard_normal((32, 256)), jnp.float32)
+
+  def params(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+  def train(where):
+    with jax.default_device(GPU):
+      model, optimizer = build(0)
+      for t in range(3):
+        step(model, optimizer, batch(t))
+      with ocp.CheckpointManager(str(tmp_path / where)) as manager:
+        tree = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        assert op.save_checkpoint(manager, tree, step=3)
+        for t in range(3, 5):  # while orbax writes
+          step(model, optimizer, batch(t))
+        manager.wait_until_finished()
+      unbroken = params(model)
+      op.release(nnx.state(optimizer))
+      model, optimizer = build(5)
+      with ocp.CheckpointManager(str(tmp_path / where)) as manager:
+        fresh = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+        tree = op.restore_checkpoint(manager, fresh)
+      nnx.update(model, tree["model"])
+      nnx.update(optimizer, tree["optimizer"])
+      for t in range(3, 5):
+        step(model, optimizer, batch(t))
+      return unbroken, params(model), optimizer
+
+  resident = train("resident")
+  budget(0)
+  host = train("host")
+  info = slot(nnx.state(host[2]))
+  assert info["bytes_on_host"] == info["bytes"] and info["streamed_steps"] == 2
+  for a, b, c, d in zip(*resident[:2], *host[:2], strict=True):
+    assert_bit_equal(c, a, "unbroken run, host against resident")
+    assert_bit_equal(b, a, "resumed run against unbroken (resident)")
+    assert_bit_equal(d, a, "resumed run against unbroken (host)")
+  op.release((nnx.state(resident[2]), nnx.state(host[2])))
+
+
+def test_an_interrupted_streamed_step_keeps_its_moments_for_export(small_window, budget):
+  """Ctrl-C between a streamed step's dispatch and its assignment: the step
+  runs on, its results never reach Python. Exporting the state last held
+  (at once, with the step's copies maybe still in flight) gives the moments
+  the step wrote back, as a resident run of one more step has them, and the
+  run goes on from them after import_state."""
+  params, grads = inputs(np.float32, seed=21)
+  grads = grads[:3]
+
+  def interrupted():
+    with jax.default_device(GPU):
+      tx = op.paged_adamw8bit(1e-3)
+      p = jax.device_put(params, GPU)
+      state = tx.init(p)
+      step = jax.jit(tx.fused_update)
+      p, state = step(jax.device_put(grads[0], GPU), state, p)
+      dropped = step(jax.device_put(grads[1], GPU), state, p)
+      del dropped  # not waited for: the write-back may still be copying
+      with pytest.warns(op.InterruptedStepWarning):
+        exported = op.export_state(state)
+      exported = jax.tree.map(np.asarray, exported)
+      resumed = op.import_state(tx.init(p), exported)
+      return exported, resumed, state
+
+  resident = run(op.paged_adamw8bit(1e-3), params, grads[:2])
+  budget(0)
+  exported, resumed, held = interrupted()
+  assert slot(held)["streamed_steps"] == 2
+  assert int(exported.count) == 2
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(resident[1]), strict=True):
+    assert_bit_equal(a, b, "the moments the interrupted step wrote back")
+  op.release((held, resident[2]))
+  resumed_run = run(op.paged_adamw8bit(1e-3), params, grads)  # three steps, host RAM
+  with jax.default_device(GPU):
+    tx = op.paged_adamw8bit(1e-3)
+    p = jax.device_put(jax.tree.map(jnp.asarray, resumed_run[0][1]), GPU)
+    p, resumed = jax.jit(tx.fused_update)(jax.device_put(grads[2], GPU), resumed, p)
+  for k, want in resumed_run[0][2].items():
+    assert_bit_equal(np.asarray(p[k]), want, f"step 3 after import, leaf {k}")
+  op.release((resumed, resumed_run[2]))
