@@ -18,7 +18,8 @@ on `--gib` GiB buffers (never more than a quarter of free device memory):
 - managed memory moved by cuMemPrefetchAsync host -> device and back (what
   page_out and the step after it do);
 - after a spike (plain device allocations until one fails, which makes the
-  driver evict a resident managed buffer, then freed): the prefetch back.
+  driver evict a resident managed buffer, then freed): the prefetch back, as
+  one prefetch, after a prefetch to the host, and in four on four streams.
 
     python benchmarks/bus_copies.py --json out.json
 """
@@ -277,9 +278,19 @@ def main():
   drv.prefetch(man_d, n, DEVICE, s_in)
   drv.sync(s_in)
 
-  # A spike: plain device allocations until one fails, then freed.
+  # A spike: plain device allocations until one fails, then freed; then the
+  # evicted buffer brought back three ways: one prefetch to the device, a
+  # prefetch to the host first (gathering what the driver left in pieces),
+  # and four prefetches of a quarter each on four streams.
+  quarters = [drv.stream() for _ in range(4)]
+
+  def back_in_quarters():
+    q = n // 4
+    for i, s in enumerate(quarters):
+      drv.prefetch(man_d + i * q, q if i < 3 else n - 3 * q, DEVICE, s)
+
   spikes = []
-  for _ in range(2):
+  for way in ("prefetch", "prefetch", "host_first", "four_streams"):
     fill = []
     while True:
       p = ctypes.c_uint64()
@@ -291,13 +302,19 @@ def main():
     for p in fill:
       drv.call("cuMemFree_v2", ctypes.c_uint64(p))
     time.sleep(1.0)
-    spikes.append(
-      {
-        "spike_gib": len(fill) + 1,
-        "prefetch_back_ms": timed(drv, [s_in], lambda: drv.prefetch(man_d, n, DEVICE, s_in), 1),
-        "prefetch_again_ms": timed(drv, [s_in], lambda: drv.prefetch(man_d, n, DEVICE, s_in), 1),
-      }
-    )
+    spike = {"spike_gib": len(fill) + 1, "way": way}
+    if way == "host_first":
+      spike["prefetch_to_host_ms"] = timed(
+        drv, [s_in], lambda: drv.prefetch(man_d, n, HOST, s_in), 1
+      )
+    if way == "four_streams":
+      spike["prefetch_back_ms"] = timed(drv, quarters, back_in_quarters, 1)
+    else:
+      spike["prefetch_back_ms"] = timed(
+        drv, [s_in], lambda: drv.prefetch(man_d, n, DEVICE, s_in), 1
+      )
+    spike["prefetch_again_ms"] = timed(drv, [s_in], lambda: drv.prefetch(man_d, n, DEVICE, s_in), 1)
+    spikes.append(spike)
   out["spikes"] = spikes
   print(json.dumps(out, indent=1))
   if args.json:
