@@ -418,10 +418,14 @@ def test_states_released_on_threads_of_their_own_give_their_memory_back():
   the memory back (80 cycles of a 33 MB state; a leak would lose 2.6 GiB)."""
   ops = op._ffi._ops
   tx = op.paged_adamw8bit(1e-3)
-  params = {"w": np.zeros((4096, 4096), np.float32)}
+  step = jax.jit(tx.fused_update)
+  with jax.default_device(GPU):
+    params = {"w": jnp.zeros((4096, 4096), jnp.float32)}
+    grads = {"w": jnp.full((4096, 4096), 0.01, jnp.float32)}
 
   def cycle():
-    _, state = steps(tx, tx.init(params), params, 1)
+    with jax.default_device(GPU):
+      _, state = step(grads, tx.init(params), params)
     jax.block_until_ready(state)
     freed = []
     t = threading.Thread(target=lambda: freed.append(op.release(state)))
