@@ -59,6 +59,20 @@ def settled_registry_bytes() -> int:
   return op._ffi.total_bytes()
 
 
+def shared_compilation_cache(tmp_path) -> dict[str, str]:
+  """Environment variables that give the fresh processes one test starts
+  JAX's persistent compilation cache, in the test's own tmp_path: a program
+  compiled by one process is loaded, not compiled again, by the next (on a
+  CPU of 2 cores, compiling takes most of an example's run). The same
+  program compiles to the same executable, so what the processes compute is
+  unchanged; no other test and no later run sees the cache."""
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_compilation_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+
+
 NATIVE = pathlib.Path(__file__).parent / "native"
 CSRC = pathlib.Path(__file__).parent.parent / "csrc"
 
