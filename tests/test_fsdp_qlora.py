@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import shared_compilation_cache
 
 pytest.importorskip("flax")
 pytest.importorskip("matplotlib")
@@ -66,9 +67,16 @@ def test_nf4_blocks_scales_and_the_round_trip_of_the_tables_own_values():
 
 
 def run(tmp_path, *args) -> str:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  """Runs the example on 2 fake devices in tmp_path, on the base model
+  written there; the runs of one test share their compiled programs (the
+  resumed run compiles nothing)."""
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    **shared_compilation_cache(tmp_path),
+  }
   done = subprocess.run(
-    [sys.executable, str(EXAMPLE), "--base", "base.msgpack", "--base-steps", "2", *args],
+    [sys.executable, str(EXAMPLE), "--base", "base.msgpack", *args],
     cwd=tmp_path,
     capture_output=True,
     text=True,
@@ -76,10 +84,26 @@ def run(tmp_path, *args) -> str:
     env=env,
   )
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert "base model loaded from base.msgpack" in done.stdout
   return done.stdout
 
 
+def write_base(tmp_path) -> None:
+  """The float base model the runs load: weights of the model's shapes,
+  drawn here. Any base will do (the runs are compared with each other);
+  pretraining one is not what the test checks (CI runs the whole example)
+  and would compile a step of the whole model."""
+  import jax
+  from flax import serialization
+
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(qlora.init_model, jax.random.PRNGKey(0))
+  base = jax.tree.map(lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32), shapes)
+  (tmp_path / "base.msgpack").write_bytes(serialization.to_bytes(base))
+
+
 def test_a_run_resumed_from_its_mid_run_checkpoint_equals_the_unbroken_run(tmp_path):
+  write_base(tmp_path)
   common = ["--steps", "4", "--checkpoint-every", "2", "--checkpoint-dir", "ckpt"]
   unbroken = run(tmp_path, *common)
   shutil.rmtree(tmp_path / "ckpt" / "4")  # as if stopped after step 2's checkpoint
