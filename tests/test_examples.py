@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import shared_compilation_cache
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -26,14 +27,16 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 def run_example(tmp_path, script: str, *args: str) -> str:
   """Runs examples/<script> with `args` in tmp_path, as a user would (without
   this test process's 8 fake devices); returns its output. The examples exit
-  non-zero when their own checks fail (a loss that does not go down, ...)."""
+  non-zero when their own checks fail (a loss that does not go down, ...).
+  The runs of one test share their compiled programs."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   done = subprocess.run(
     [sys.executable, str(EXAMPLES / script), *args],
     cwd=tmp_path,
     capture_output=True,
     text=True,
     timeout=600,
-    env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    env={**env, **shared_compilation_cache(tmp_path)},
   )
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
   return done.stdout
