@@ -326,8 +326,10 @@ def test_a_plain_orbax_save_while_the_first_step_is_in_flight_fails(tmp_path):
 
   @jax.jit
   def slow_step(params, state, x):
-    for _ in range(12):  # about a second of CPU work before the update can run
-      x = jax.numpy.tanh(x @ x)
+    # About a second of CPU work before the update can run: 48 products in a
+    # loop (12 unrolled ones took 17 s: XLA's CPU backend fused them with the
+    # mean into one slow kernel).
+    x = jax.lax.fori_loop(0, 48, lambda i, y: jax.numpy.tanh(y @ y), x)
     grads = jax.tree.map(lambda p: p * 0 + jax.numpy.mean(x) * 1e-3, params)
     return tx.fused_update(grads, state, params)
 
