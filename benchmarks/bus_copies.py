@@ -136,9 +136,8 @@ class CopyKernels:
   """COPY_KERNEL compiled by NVRTC (the library's own, found as it finds it)."""
 
   def __init__(self, drv):
-    from optax_paged8bit._ffi import nvrtc_library  # no backend is started
+    from nvrtc_cubin import nvrtc_compile  # the library's NVRTC; no backend is started
 
-    nvrtc = ctypes.CDLL(nvrtc_library())
     major, minor = ctypes.c_int(), ctypes.c_int()
     dev = ctypes.c_int()
     drv.call("cuDeviceGet", ctypes.byref(dev), 0)
@@ -147,22 +146,7 @@ class CopyKernels:
     self.sms = ctypes.c_int()
     drv.call("cuDeviceGetAttribute", ctypes.byref(self.sms), 16, dev)
     self.sms = self.sms.value
-    prog = ctypes.c_void_p()
-    src = COPY_KERNEL.encode()
-    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"copy.cu", 0, None, None):
-      raise RuntimeError("nvrtcCreateProgram failed")
-    opt = f"--gpu-architecture=sm_{major.value}{minor.value}".encode()
-    opts = (ctypes.c_char_p * 1)(opt)
-    if nvrtc.nvrtcCompileProgram(prog, 1, opts):
-      size = ctypes.c_size_t()
-      nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-      log = ctypes.create_string_buffer(size.value)
-      nvrtc.nvrtcGetProgramLog(prog, log)
-      raise RuntimeError(log.value.decode())
-    size = ctypes.c_size_t()
-    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    cubin = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    cubin = nvrtc_compile(COPY_KERNEL.encode(), "copy.cu", major.value * 10 + minor.value)
     module = ctypes.c_void_p()
     drv.call("cuModuleLoadData", ctypes.byref(module), cubin)
     self.drv, self.functions = drv, {}

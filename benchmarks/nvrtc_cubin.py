@@ -23,31 +23,40 @@ OPTIONS = [
 ]
 
 
-def compile_cubin(csrc: pathlib.Path, arch: int) -> bytes:
+def nvrtc_compile(source: bytes, name: str, arch: int, options=(), headers=()) -> bytes:
+  """`source` compiled to a CUBIN for sm_`arch` by the NVRTC the extension
+  loads, with `options` and `headers` ((name, text) pairs it includes);
+  raises with NVRTC's log when it does not compile."""
   nvrtc = ctypes.CDLL(op._ffi.nvrtc_library())
-  headers = [(name, (csrc / name).read_bytes()) for name in ("adam8bit.h", "cuda_kernels.h")]
   program = ctypes.c_void_p()
   array = lambda items: (ctypes.c_char_p * len(items))(*items)
-  nvrtc.nvrtcCreateProgram(
+  if nvrtc.nvrtcCreateProgram(
     ctypes.byref(program),
-    (csrc / "cuda_kernels.cu").read_bytes(),
-    b"cuda_kernels.cu",
+    source,
+    name.encode(),
     len(headers),
     array([text for _, text in headers]),
-    array([name.encode() for name, _ in headers]),
-  )
-  options = [o.encode() for o in [*OPTIONS, f"-arch=sm_{arch}"]]
+    array([n.encode() for n, _ in headers]),
+  ):
+    raise RuntimeError(f"nvrtcCreateProgram failed for {name}")
+  options = [o.encode() for o in [*options, f"-arch=sm_{arch}"]]
   if nvrtc.nvrtcCompileProgram(program, len(options), array(options)) != 0:
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(program, log)
-    raise SystemExit(log.value.decode())
+    raise RuntimeError(log.value.decode())
   size = ctypes.c_size_t()
   nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
   cubin = ctypes.create_string_buffer(size.value)
   nvrtc.nvrtcGetCUBIN(program, cubin)
   return cubin.raw
+
+
+def compile_cubin(csrc: pathlib.Path, arch: int) -> bytes:
+  headers = [(name, (csrc / name).read_bytes()) for name in ("adam8bit.h", "cuda_kernels.h")]
+  source = (csrc / "cuda_kernels.cu").read_bytes()
+  return nvrtc_compile(source, "cuda_kernels.cu", arch, OPTIONS, headers)
 
 
 if __name__ == "__main__":
