@@ -2,9 +2,11 @@
 floor and JAX's host offloading, per tree, in one process on one GPU:
 
   (a) the fused step with the state resident on the GPU;
-  (b) the state in host RAM (`set_device_memory_budget(0)`) read by the
-      kernel over the bus (streaming off: how it ran before streaming);
-  (c) the state in host RAM streamed through the device window;
+  (b) the state in managed host RAM (`set_device_memory_budget(0)`) read by
+      the kernel over the bus (streaming off: how it ran before streaming);
+  (c) the state in host RAM streamed through the device window: in pinned
+      host memory copied by the copy engines (the default), and as
+      `c_managed`, in managed host memory copied by kernels (as before);
   (d) the bus floor: the state's bytes copied host-to-device and
       device-to-host at once, on two streams, pinned (bus_copies.py's driver);
   (e) `optax.adamw` with its state in `pinned_host` memory, jitted, params on
@@ -13,7 +15,7 @@ floor and JAX's host offloading, per tree, in one process on one GPU:
 Each figure is the median ms of awaited steps (params and state donated).
 Targets: (c) - (a) <= 1.15 (d), and (e) / (c) >= 3. `--windows` also times
 (c) for other window shapes (chunk MiB x buffers, and optionally x the CTAs of
-each copy kernel) on the first tree.
+each copy kernel, which only managed memory uses) on the first tree.
 
     python benchmarks/host_state.py --json out.json
 """
@@ -24,6 +26,7 @@ import argparse
 import ctypes
 import json
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +51,11 @@ def awaited_ms(step, carry, iters):
   return seconds * 1e3, carry
 
 
-def paged_ms(params, grads, iters, host, window=None):
-  """Median ms of the fused step; host: the state placed in host RAM."""
+def paged_ms(params, grads, iters, host, window=None, kind="pinned"):
+  """Median ms of the fused step; host: the state placed in host RAM of
+  `kind` (set_host_memory_kind)."""
   before = _ffi._ops.stream_window()
+  kind_before = op.set_host_memory_kind(kind)
   if window is not None:
     _ffi._ops.set_stream_window(*window)
   op.set_device_memory_budget(0 if host else None)
@@ -67,6 +72,7 @@ def paged_ms(params, grads, iters, host, window=None):
   finally:
     op.set_device_memory_budget(None)
     _ffi._ops.set_stream_window(*before)
+    op.set_host_memory_kind(kind_before)
   return ms, info
 
 
@@ -76,7 +82,10 @@ def floor_ms(nbytes, iters=5):
   drv = Driver()
   s_in, s_out = drv.stream(), drv.stream()
   dev_a, dev_b = drv.device(nbytes), drv.device(nbytes)
-  pin_a, pin_b = drv.pinned(nbytes), drv.pinned(nbytes)
+  t0 = time.perf_counter()
+  pin_a = drv.pinned(nbytes)
+  pinned_alloc_s = time.perf_counter() - t0  # what a pinned state's allocation costs
+  pin_b = drv.pinned(nbytes)
 
   def copies(*work):
     return lambda: [drv.copy(dst, src, nbytes, s) for dst, src, s in work]
@@ -85,6 +94,7 @@ def floor_ms(nbytes, iters=5):
     "both": timed(drv, [s_in, s_out], copies((dev_a, pin_a, s_in), (pin_b, dev_b, s_out)), iters),
     "h2d": timed(drv, [s_in], copies((dev_a, pin_a, s_in)), iters),
     "d2h": timed(drv, [s_out], copies((pin_b, dev_b, s_out)), iters),
+    "pinned_alloc_s": pinned_alloc_s,
   }
   for p in (dev_a, dev_b):
     drv.call("cuMemFree_v2", ctypes.c_uint64(p))
@@ -121,7 +131,7 @@ def main():
   ap.add_argument("--iters", type=int, default=10)
   # MiB x buffers, or MiB x buffers x CTAs of each copy kernel (by default a
   # quarter of the SMs, up to 32).
-  ap.add_argument("--windows", nargs="*", default=["64x4", "32x4x16", "32x4x64"])
+  ap.add_argument("--windows", nargs="*", default=["64x4", "16x4", "8x8"])
   ap.add_argument("--json")
   args = ap.parse_args()
   if jax.default_backend() != "gpu":
@@ -142,24 +152,36 @@ def main():
     row["a_resident_ms"], info = paged_ms(params, grads, args.iters, host=False)
     row["state_bytes"] = info["bytes"]
     assert info["bytes_on_host"] == 0, info
-    row["b_host_over_the_bus_ms"], info = paged_ms(params, grads, args.iters, True, (0, 0))
+    row["b_host_over_the_bus_ms"], info = paged_ms(
+      params, grads, args.iters, True, (0, 0), kind="managed"
+    )
     assert info["bytes_on_device"] == 0 and info["streamed_steps"] == 0, info
     row["c_host_streamed_ms"], info = paged_ms(params, grads, args.iters, host=True)
     assert info["bytes_on_device"] == 0 and info["streamed_steps"] > 0, info
+    assert info["bytes_pinned"] == info["bytes"], info
     row["streamed_bytes"] = info["streamed_bytes"]
+    row["c_managed_streamed_ms"], info = paged_ms(params, grads, args.iters, True, kind="managed")
+    assert info["streamed_steps"] > 0 and info["bytes_pinned"] == 0, info
     if n == 0:
       row["c_by_window"] = {}
       for w in args.windows:
         mib, buffers, *ctas = (int(x) for x in w.split("x"))
         shape = (mib * MIB, buffers, *ctas)
-        row["c_by_window"][w] = paged_ms(params, grads, args.iters, True, shape)[0]
+        kind = "managed" if ctas else "pinned"
+        row["c_by_window"][f"{w} {kind}"] = paged_ms(params, grads, args.iters, True, shape, kind)[
+          0
+        ]
     floor = floor_ms(row["state_bytes"])
     row["d_floor_ms"], row["d_h2d_ms"], row["d_d2h_ms"] = floor["both"], floor["h2d"], floor["d2h"]
+    row["pinned_alloc_s"] = floor["pinned_alloc_s"]
     row["e_adamw_pinned_host_ms"], row["e_state_memory_kinds"] = adamw_pinned_host_ms(
       params, grads, max(3, args.iters // 2)
     )
     extra = row["c_host_streamed_ms"] - row["a_resident_ms"]
     row["c_minus_a_over_d"] = extra / row["d_floor_ms"]
+    row["c_managed_minus_a_over_d"] = (row["c_managed_streamed_ms"] - row["a_resident_ms"]) / row[
+      "d_floor_ms"
+    ]
     row["b_minus_a_over_d"] = (row["b_host_over_the_bus_ms"] - row["a_resident_ms"]) / row[
       "d_floor_ms"
     ]

@@ -52,6 +52,7 @@ struct Driver {
   Result (*cuCtxPushCurrent)(Context);
   Result (*cuCtxPopCurrent)(Context*);
   Result (*cuCtxGetDevice)(Device*);
+  Result (*cuCtxSynchronize)();
   Result (*cuMemAllocManaged)(DevicePtr*, size_t, unsigned);
   Result (*cuMemAlloc)(DevicePtr*, size_t);
   Result (*cuMemFree)(DevicePtr);
@@ -106,6 +107,7 @@ const Driver* LoadDriver(std::string* error) {
     Bind(lib, "cuCtxPushCurrent_v2", &driver.cuCtxPushCurrent, &missing);
     Bind(lib, "cuCtxPopCurrent_v2", &driver.cuCtxPopCurrent, &missing);
     Bind(lib, "cuCtxGetDevice", &driver.cuCtxGetDevice, &missing);
+    Bind(lib, "cuCtxSynchronize", &driver.cuCtxSynchronize, &missing);
     Bind(lib, "cuMemAllocManaged", &driver.cuMemAllocManaged, &missing);
     Bind(lib, "cuMemAlloc_v2", &driver.cuMemAlloc, &missing);
     Bind(lib, "cuMemFree_v2", &driver.cuMemFree, &missing);
@@ -592,6 +594,7 @@ Result MemAlloc(void** p, size_t bytes) {
 Result MemFree(void* p) { return Call(&Driver::cuMemFree, Ptr(p)); }
 Result MemAllocHost(void** p, size_t bytes) { return Call(&Driver::cuMemAllocHost, p, bytes); }
 Result MemFreeHost(void* p) { return Call(&Driver::cuMemFreeHost, p); }
+Result CtxSynchronize() { return Call(&Driver::cuCtxSynchronize); }
 Result MemcpyAsync(void* dst, const void* src, size_t bytes, Stream stream) {
   return Call(&Driver::cuMemcpyAsync, Ptr(dst), Ptr(src), bytes, stream);
 }

@@ -52,8 +52,13 @@ std::string Init();
 Result MemAllocManaged(void** p, size_t bytes);
 Result MemAlloc(void** p, size_t bytes);
 Result MemFree(void* p);  // waits for work in flight that may still touch it
+// Page-locked host memory. Under unified addressing (every GPU the backend
+// runs on) the GPU reads and writes it at the same address as the host, and
+// the copy engines move it at the bus's speed.
 Result MemAllocHost(void** p, size_t bytes);
 Result MemFreeHost(void* p);
+// Waits for all work of the current context (every stream).
+Result CtxSynchronize();
 Result MemcpyAsync(void* dst, const void* src, size_t bytes, Stream stream);
 Result MemsetAsync(void* p, uint8_t value, size_t bytes, Stream stream);
 Result MemGetInfo(size_t* free_bytes, size_t* total_bytes);

@@ -83,11 +83,11 @@ struct WordStores {
 };
 
 // One copy of a streamed chunk's moments between the state's memory (host
-// RAM, or a stage's XLA buffer) and the device window (cuda_ops.cc). The
-// window's copies are made by a kernel, not the copy engines: the state's
-// host part is managed memory mapped for the GPU, which SMs read and write at
-// the bus's speed while the copy engines move it several times slower
-// (benchmarks/bus_copies.py).
+// RAM, or a stage's XLA buffer) and the device window (cuda_ops.cc). A
+// pinned state's copies go to the copy engines (cuMemcpyAsync); the host
+// part of a managed state is copied by a kernel: SMs read and write managed
+// memory mapped for the GPU at the bus's speed while the copy engines move
+// it several times slower (benchmarks/bus_copies.py).
 struct CopyRange {
   char* to;
   const char* from;

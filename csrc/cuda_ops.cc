@@ -90,6 +90,21 @@ void FreeManaged(void* p, int device) {
   cu::MemFree(p);  // waits for work in flight that may still touch it
 }
 
+// Runs where FreeManaged does. Page-locked memory is not waited for by its
+// free as managed memory is, so every stream of the device is waited for
+// first: a kernel or copy of a step that was dispatched but has not run may
+// still read the state.
+void FreePinned(void* p, int device) {
+  DeviceScope scope(device);
+  cu::CtxSynchronize();
+  cu::MemFreeHost(p);
+}
+
+// Whether a slot with no room on the device is placed in page-locked host
+// memory (copied by the copy engines) rather than managed memory homed on
+// the host (copied by kernels); set_host_memory_kind.
+std::atomic<bool> g_pinned_host{true};
+
 // Whether free device memory (minus a reserve) can take `bytes` more.
 bool FreeMemoryAllows(size_t bytes) {
   size_t free_bytes = 0, total_bytes = 0;
@@ -146,7 +161,12 @@ cu::Result HomeRestOnHost(Memory& m, int device, size_t prefix) {
 
 // Managed memory homed on the owning GPU as far as it fits, the rest on the
 // host (preferred location host, mapped for the GPU): a step streams what
-// lies on the host (StreamedUpdate, below).
+// lies on the host (StreamedUpdate, below). A state with no room on the
+// device at all is placed in page-locked host memory instead, which the copy
+// engines move at the bus's speed both ways at once (managed memory homed on
+// the host they move several times slower, and copy kernels move it both
+// ways at about two thirds of that speed: benchmarks/RESULTS.md). Should
+// the host refuse to lock that much memory, it is placed as managed memory.
 class ManagedAllocator : public Allocator {
  public:
   ManagedAllocator(int device, cu::Stream stream) : device_(device), stream_(stream) {}
@@ -159,6 +179,14 @@ class ManagedAllocator : public Allocator {
     m.on_host = false;
     size_t prefix = DevicePrefix(bytes, DeviceRoom(device_));
     void* p = nullptr;
+    if (prefix == 0 && g_pinned_host.load() && cu::MemAllocHost(&p, bytes) == cu::kSuccess) {
+      std::memset(p, 0, bytes);
+      m.data = p;
+      m.on_host = true;
+      m.pinned = true;
+      m.free_fn = FreePinned;
+      return m;
+    }
     cu::Result e = cu::MemAllocManaged(&p, bytes);
     if (e != cu::kSuccess) {
       *error = CudaMessage("cuMemAllocManaged", e) + " (" + std::to_string(bytes) + " bytes)";
@@ -509,11 +537,12 @@ std::vector<std::unique_ptr<LeafTable>> BuildTables(
 //
 // A leaf whose moments lie (in part) in the host-homed bytes of its slot is
 // not read by the kernel over the bus. Its moments are copied in chunks into
-// a window of device memory by a copy kernel, updated there by the update
-// kernel, and copied back by another copy kernel, on two streams of their
-// own, so that both directions of the bus move at once while the update works
-// on the chunk between them (copy kernels, not the copy engines: those move
-// managed memory homed on the host several times slower; cuda_kernels.h):
+// a window of device memory, updated there by the update kernel, and copied
+// back, on two streams of their own, so that both directions of the bus move
+// at once while the update works on the chunk between them. A pinned slot's
+// chunks are copied by the copy engines; managed memory homed on the host by
+// copy kernels (the copy engines move it several times slower;
+// cuda_kernels.h):
 //
 //   copy-in stream:  in 0  in 1  in 2  in 3  ......  in 4  ......  in 5
 //   XLA's stream:          k 0   k 1   k 2   k 3  ...
@@ -701,13 +730,26 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
   // next copies behind it. The copies in and out get a CTA each on a quarter
   // of the SMs at most, and the updates the SMs left (on an H100 the split
   // measured the same as none: benchmarks/RESULTS.md).
+  // A pinned state is moved by the copy engines, and the updates get every SM.
+  bool engines = slot.memory[0].pinned;
   int copy_ctas = shape.copy_ctas > 0 ? std::min(shape.copy_ctas, std::max(1, num_sms / 2 - 1))
                                       : std::max(1, std::min(kCopyCtas, num_sms / 4));
-  int update_sms = std::max(1, num_sms - 2 * copy_ctas);
+  int update_sms = engines ? num_sms : std::max(1, num_sms - 2 * copy_ctas);
+  auto copy = [&](const std::vector<CopyRange>& ranges, cu::Stream on) -> ffi::Error {
+    if (!engines) {
+      RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(ranges, copy_ctas, on));
+      return ffi::Error::Success();
+    }
+    for (const CopyRange& r : ranges) {
+      RETURN_IF_CUDA_FAILED(op, "cuMemcpyAsync of a chunk",
+                            cu::MemcpyAsync(r.to, r.from, r.bytes, on));
+    }
+    return ffi::Error::Success();
+  };
   auto copy_in = [&](const StreamChunk& c) -> ffi::Error {
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy in",
                           cu::StreamWaitEvent(w.in, w.drained[c.buffer]));
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.in, copy_ctas, w.in));
+    if (auto e = copy(c.in, w.in); e.failure()) return e;
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.loaded[c.buffer], w.in));
     return ffi::Error::Success();
   };
@@ -730,7 +772,7 @@ ffi::Error StreamedUpdate(const char* op, cu::Stream stream, int device,
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.computed[c.buffer], stream));
     RETURN_IF_CUDA_FAILED(op, "ordering a chunk's copy out",
                           cu::StreamWaitEvent(w.out, w.computed[c.buffer]));
-    RETURN_IF_LAUNCH_FAILED(op, cu::LaunchCopies(c.out, copy_ctas, w.out));
+    if (auto e = copy(c.out, w.out); e.failure()) return e;
     RETURN_IF_CUDA_FAILED(op, "cuEventRecord", cu::EventRecord(w.drained[c.buffer], w.out));
     if (k + buffers < chunks.size()) {
       if (auto e = copy_in(chunks[k + buffers]); e.failure()) return e;
@@ -1265,6 +1307,9 @@ void FreeDeviceFill() {
 
 void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
 int64_t DeviceBudget() { return g_device_budget.load(); }
+
+void SetPinnedHost(bool pinned) { g_pinned_host = pinned; }
+bool PinnedHost() { return g_pinned_host.load(); }
 
 std::string SetStreamWindow(size_t chunk_bytes, int buffers, int copy_ctas) {
   bool off = chunk_bytes == 0 && buffers == 0 && copy_ctas == 0;

@@ -51,6 +51,11 @@ int64_t DeviceBudget();
 // Managed bytes placed on a GPU now.
 int64_t ManagedDeviceBytes(int device);
 
+// Whether a state allocated with no room on its GPU goes to page-locked host
+// memory (true, the default) or to managed memory homed on the host.
+void SetPinnedHost(bool pinned);
+bool PinnedHost();
+
 // The device window through which a step streams state that lies in host RAM
 // (cuda_ops.cc): `buffers` buffers of `chunk_bytes` each. 0 and 0 turns
 // streaming off (the kernel then reads such state over the bus); otherwise

@@ -70,6 +70,9 @@ py::list SlotInfo(int32_t handle) {
     d["evictions_seen"] = slot->evictions_seen;
     d["streamed_steps"] = slot->streamed_steps;
     d["streamed_bytes"] = slot->streamed_bytes;
+    size_t pinned = 0;
+    for (const Memory& m : slot->memory) pinned += m.pinned ? m.bytes : 0;
+    d["bytes_pinned"] = pinned;
     out.append(d);
   }
   return out;
@@ -249,6 +252,9 @@ PYBIND11_MODULE(_ops, m) {
   m.def("set_device_budget", &SetDeviceBudget, "Caps managed bytes placed per GPU (-1: none).");
   m.def("device_budget", &DeviceBudget);
   m.def("managed_device_bytes", &ManagedDeviceBytes, "Managed bytes placed on a GPU now.");
+  m.def("set_pinned_host", &SetPinnedHost,
+        "Whether states with no room on their GPU go to page-locked host memory (else managed).");
+  m.def("pinned_host", &PinnedHost);
   m.def(
       "set_stream_window",
       [](size_t chunk_bytes, int buffers, int copy_ctas) {

@@ -103,13 +103,16 @@ inline size_t LeafArenaBytes(const LeafSpec& spec) {
 // (given the slot's device).
 // On a GPU its first `device_bytes` are homed on the device and the rest in
 // host RAM (the oversubscription guard places there what does not fit);
-// `on_host` says whether the device-homed bytes are paged out now. On the
-// CPU every byte is in host RAM.
+// `on_host` says whether the device-homed bytes are paged out now. A GPU
+// slot with no room on the device at all is `pinned`: page-locked host
+// memory, which never moves (device_bytes 0, on_host). On the CPU every byte
+// is in host RAM.
 struct Memory {
   void* data = nullptr;
   size_t bytes = 0;
   size_t device_bytes = 0;
   bool on_host = true;
+  bool pinned = false;
   void (*free_fn)(void* data, int device) = nullptr;
 
   size_t bytes_on_host() const { return on_host ? bytes : bytes - device_bytes; }

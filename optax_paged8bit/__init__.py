@@ -28,12 +28,14 @@ from optax_paged8bit.functional import Adam8bitState, adamw8bit
 from optax_paged8bit.fused import fused_chain
 from optax_paged8bit.memory import (
   collect,
+  host_memory_kind,
   measure_residency,
   page_in,
   page_out,
   release,
   residency,
   set_device_memory_budget,
+  set_host_memory_kind,
   slot_info,
   state_nbytes,
 )
@@ -71,6 +73,7 @@ __all__ = [
   "export_state",
   "from_optax_adamw",
   "fused_chain",
+  "host_memory_kind",
   "import_state",
   "measure_residency",
   "page_in",
@@ -81,6 +84,7 @@ __all__ = [
   "restore_checkpoint",
   "save_checkpoint",
   "set_device_memory_budget",
+  "set_host_memory_kind",
   "slot_info",
   "state_nbytes",
   "to_optax_adamw",

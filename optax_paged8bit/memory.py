@@ -89,7 +89,9 @@ def slot_info(tree: Any) -> list[dict]:
   `evictions_seen`, the steps that found the driver had evicted the slot's
   pages (a rise of free GPU memory) and prefetched them back, and
   `streamed_steps` and `streamed_bytes`, the steps that streamed the part of
-  the state in host RAM and the bytes the last one moved each way."""
+  the state in host RAM and the bytes the last one moved each way, and
+  `bytes_pinned`, the bytes in page-locked host memory
+  (`set_host_memory_kind`)."""
   out = []
   for s in paged_states(tree):
     for key in registry_keys(s):
@@ -164,6 +166,40 @@ def measure_residency(tree: Any) -> dict[str, int]:
       out["device_load_cycles"] = max(out["device_load_cycles"], int(device_cycles))
       out["host_load_cycles"] = max(out["host_load_cycles"], int(host_cycles))
   return out
+
+
+_HOST_MEMORY_KINDS = ("pinned", "managed")
+
+
+def set_host_memory_kind(kind: str) -> str:
+  """Chooses the host RAM for a GPU state that finds no room on its GPU (no
+  free memory, or a `set_device_memory_budget` of 0) when its first step or
+  an import allocates it, and returns the kind set before. States made
+  earlier keep theirs.
+
+  - "pinned" (the default): page-locked host memory, which each step copies
+    in and out with the GPU's copy engines, both directions at once: the
+    bus's full speed. Locked memory cannot be swapped by the operating
+    system; a host that refuses to lock that much gets "managed" instead.
+  - "managed": CUDA managed memory homed in host RAM, which each step copies
+    with kernels; the copies take about half again as long (docs/memory.md).
+
+  A state that fits on its GPU in part keeps that part there and the rest in
+  managed host memory, whichever kind is set. A state placed in host RAM
+  stays there, either kind; to bring it onto a GPU with room now, export and
+  import it (`export_state`, `import_state`). No effect on the CPU."""
+  if kind not in _HOST_MEMORY_KINDS:
+    raise ValueError(
+      f"set_host_memory_kind: kind must be one of {_HOST_MEMORY_KINDS}, got {kind!r}"
+    )
+  before = host_memory_kind()
+  _ffi._ops.set_pinned_host(kind == "pinned")
+  return before
+
+
+def host_memory_kind() -> str:
+  """The kind of host RAM that `set_host_memory_kind` set: "pinned" or "managed"."""
+  return "pinned" if _ffi._ops.pinned_host() else "managed"
 
 
 def set_device_memory_budget(nbytes: int | None) -> None:

@@ -41,6 +41,14 @@ def budget():
   op.set_device_memory_budget(None)
 
 
+@pytest.fixture(params=["pinned", "managed"])
+def host_kind(request):
+  """Each kind of host RAM (set_host_memory_kind) for the test."""
+  before = op.set_host_memory_kind(request.param)
+  yield request.param
+  op.set_host_memory_kind(before)
+
+
 def slot(state):
   (info,) = [s for s in op.slot_info(state) if s["platform"] == "cuda"]
   return info
@@ -93,18 +101,21 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_state_in_host_ram_steps_bit_identical_to_a_resident_one(
-  dtype, case, fused, small_window, budget
+  dtype, case, fused, small_window, budget, host_kind
 ):
   """SHAPES has partial blocks, a float32-moment leaf and 8-bit leaves; the
-  grads have non-finite values at one step and finite spikes at another."""
+  grads have non-finite values at one step and finite spikes at another.
+  Pinned host memory is copied by the copy engines, managed by kernels."""
   params, grads = inputs(DTYPES[dtype])
   kwargs = {"lr": 1e-3, **CASES[case]}
   resident = run(op.paged_adamw8bit(**kwargs), params, grads, fused)
   assert slot(resident[2])["bytes_on_host"] == 0
+  assert slot(resident[2])["bytes_pinned"] == 0
   budget(0)
   host = run(op.paged_adamw8bit(**kwargs), params, grads, fused)
   info = slot(host[2])
   assert info["bytes_on_device"] == 0 and info["bytes_on_host"] == info["bytes"]
+  assert info["bytes_pinned"] == (info["bytes"] if host_kind == "pinned" else 0)
   assert info["streamed_steps"] == len(grads)
   assert info["streamed_bytes"] >= info["bytes"] - 4 * 256 * len(SHAPES)
   assert_same(resident[:2], host[:2])
@@ -112,7 +123,7 @@ def test_a_state_in_host_ram_steps_bit_identical_to_a_resident_one(
   op.release(host[2])
 
 
-def test_streaming_off_reads_over_the_bus_and_agrees(budget):
+def test_streaming_off_reads_over_the_bus_and_agrees(budget, host_kind):
   params, grads = inputs(np.float32)
   tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
   budget(0)
@@ -267,6 +278,38 @@ def test_the_first_streamed_step_after_an_import_reads_the_imported_moments(budg
         assert_bit_equal(np.asarray(v), resident[0][1][k], f"leaf {k} after import")
       op.release(state)
   op.release((resident[2], first[2]))
+
+
+def test_a_pinned_state_stays_pinned_and_on_the_host_through_paging_and_a_new_kind(budget):
+  """A state in pinned host memory never moves: page_out and page_in move
+  no bytes, the probe finds it all on the host, and a later
+  set_host_memory_kind("managed") leaves it pinned; it trains on exactly as a
+  resident state does."""
+  params, grads = big_tree()
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+  budget(0)
+  moved = []
+  found = []
+
+  def page_around(t, state):
+    if t == 1:
+      before = op.set_host_memory_kind("managed")
+      moved.append((op.page_out(state), op.page_in(state)))
+      found.append(op.measure_residency(state))
+      op.set_host_memory_kind(before)
+
+  host = run(tx(), params, grads, on_step=page_around)
+  info = slot(host[2])
+  assert info["bytes_pinned"] == info["bytes"] == info["bytes_on_host"], info
+  assert moved == [(0, 0)]
+  total = info["bytes"]
+  # (one timed load per 2 MiB: a chunk may read as the other side)
+  assert found[0]["bytes_on_host"] >= total - 4 * MIB, found
+  assert info["streamed_steps"] == len(grads)
+  assert_same(resident[:2], host[:2])
+  op.release(resident[2])
+  op.release(host[2])
 
 
 def test_a_streamed_state_survives_release_and_collection_with_copies_in_flight(budget):
