@@ -333,8 +333,7 @@ def _fmix32(h: Any) -> Any:
   return h ^ (h >> 16)
 
 
-@jax.jit
-def _checksum_of(x: jax.Array) -> jax.Array:
+def _leaf_checksum(x: jax.Array) -> jax.Array:
   x = jnp.ravel(x)
   if x.dtype == jnp.bool_:
     words = x.astype(jnp.uint32)
@@ -343,6 +342,16 @@ def _checksum_of(x: jax.Array) -> jax.Array:
     words = jnp.ravel(lax.bitcast_convert_type(x, unsigned)).astype(jnp.uint32)
   index = lax.iota(jnp.uint32, words.size)
   return jnp.sum(_fmix32(words + index * jnp.uint32(_GOLDEN)), dtype=jnp.uint32)
+
+
+_checksum_of = jax.jit(_leaf_checksum)
+
+
+@jax.jit
+def _checksums_of(xs: tuple[jax.Array, ...]) -> jax.Array:
+  """The checksums of several arrays, in one compiled function: a tree's
+  arrays of many shapes compile once, not once per shape."""
+  return jnp.stack([_leaf_checksum(x) for x in xs])
 
 
 def _host_checksum(a: np.ndarray) -> np.uint32:
@@ -407,8 +416,21 @@ def _legacy_checksum(x: Any) -> int | None:
 
 def _checksums(tree: Any) -> np.ndarray:
   """One uint32 per leaf of `tree`, in leaf order, as one array: orbax
-  writes it as one array (it spends about a millisecond per array)."""
-  return np.asarray([_checksum(x) for x in jax.tree.leaves(tree)], np.uint32).reshape(-1)
+  writes it as one array (it spends about a millisecond per array).
+  jax.Arrays are hashed together, one call per set of devices they live on
+  (in leaf order, which every process of a multi-process run shares)."""
+  leaves = jax.tree.leaves(tree)
+  out = np.zeros(len(leaves), np.uint32)
+  groups: dict[tuple, list[int]] = {}
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array) and _scalar(x) is None:
+      devices = tuple(sorted(d.id for d in x.sharding.device_set))
+      groups.setdefault((x.sharding.memory_kind, devices), []).append(i)
+    else:
+      out[i] = _checksum(x)
+  for indices in groups.values():
+    out[indices] = np.asarray(_checksums_of(tuple(leaves[i] for i in indices)), np.uint32)
+  return out
 
 
 def _saved_checksums(saved: Any) -> list[Any]:
