@@ -23,6 +23,7 @@ def test_cpu_states_live_on_the_host():
   [info] = op.slot_info(state)
   assert info["platform"] == "cpu" and info["step"] == 1 and info["bytes"] == nbytes
   assert info["evictions_seen"] == 0  # a GPU slot counts the evictions it found
+  assert info["bytes_pinned"] == 0  # only a GPU state with no room on its GPU is pinned
   assert op.state_nbytes(state) == nbytes + 4 + 4  # + count and handle
   op.release(state)
 
@@ -32,3 +33,22 @@ def test_device_memory_budget_is_checked():
     op.set_device_memory_budget(-5)
   op.set_device_memory_budget(1 << 30)
   op.set_device_memory_budget(None)
+
+
+def test_host_memory_kind_is_checked_and_returns_the_kind_before():
+  assert op.host_memory_kind() == "pinned"  # the default
+  with pytest.raises(ValueError, match=r"kind must be one of .*'pinned', 'managed'.*got 'host'"):
+    op.set_host_memory_kind("host")
+  assert op.host_memory_kind() == "pinned"  # a refused kind changes nothing
+  try:
+    assert op.set_host_memory_kind("managed") == "pinned"
+    assert op.host_memory_kind() == "managed"
+    # No effect on the CPU: the state lives in host memory either way.
+    params = {"w": jnp.zeros((64, 512))}
+    tx = op.paged_adamw8bit()
+    _, state = tx.update(params, tx.init(params), params)
+    [info] = op.slot_info(state)
+    assert info["bytes_on_host"] == info["bytes"] and info["bytes_pinned"] == 0
+    op.release(state)
+  finally:
+    assert op.set_host_memory_kind("pinned") == "managed"
