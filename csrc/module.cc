@@ -62,16 +62,17 @@ py::list SlotInfo(int32_t handle) {
     d["device"] = slot->device;
     d["step"] = slot->step;
     d["layout_key"] = slot->layout_key;
-    size_t on_host = 0;
-    for (const Memory& m : slot->memory) on_host += m.bytes_on_host();
+    size_t on_host = 0, pinned = 0;
+    for (const Memory& m : slot->memory) {
+      on_host += m.bytes_on_host();
+      pinned += m.pinned ? m.bytes : 0;
+    }
     d["bytes"] = slot->bytes();
     d["bytes_on_host"] = on_host;
     d["bytes_on_device"] = slot->bytes() - on_host;
     d["evictions_seen"] = slot->evictions_seen;
     d["streamed_steps"] = slot->streamed_steps;
     d["streamed_bytes"] = slot->streamed_bytes;
-    size_t pinned = 0;
-    for (const Memory& m : slot->memory) pinned += m.pinned ? m.bytes : 0;
     d["bytes_pinned"] = pinned;
     out.append(d);
   }
