@@ -16,11 +16,15 @@ step (each step awaited):
 - spike: plain 1 GiB `cudaMalloc`s until one fails (the driver evicts the
   state to make room; the last one is given back), `residency()` and
   `measure_residency()` during the spike, the spike freed, then the next 5
-  steps (the first finds free memory risen and prefetches the state back),
-  twice;
+  steps, twice;
 - jax spike: the same spike made of JAX arrays (`jnp.zeros` of 1 GiB until
   allocation fails), which reaches the state only with an allocator that does
   not preallocate, twice;
+- both spikes with the eviction watch on (the default: it brings the state
+  back once the spike is freed, before the step) and off (the first step
+  after the spike finds free memory risen and prefetches the state back);
+- resident steps with the watch on and off, alternating, for what the watch
+  costs a step that no spike disturbs;
 - each step after page_out or a spike runs `--settle` seconds (1) after the
   state was paged out or the spike freed;
 - free memory (`cudaMemGetInfo`) with the state resident and after
@@ -73,8 +77,8 @@ def spike():
   return int(_ffi._ops.fill_device_memory(0, GIB, 1 << 62))
 
 
-def evictions(state):
-  return sum(info["evictions_seen"] for info in op.slot_info(state))
+def evictions(state, key="evictions_seen"):
+  return sum(info[key] for info in op.slot_info(state))
 
 
 def measured(state):
@@ -175,72 +179,111 @@ def main():
     f"{free_paged_out / GIB:.2f} GiB; a spike after page_out got {got_paged_out / GIB:.0f} GiB"
   )
 
-  # The spike, then the next steps (repeated: the driver's eviction varies).
-  spikes = []
-  for _ in range(2):
-    for _ in range(2):
-      _, carry = timed(step, carry)
-    jax.block_until_ready(carry)
-    measured(carry[1])  # makes the probe's reference buffers
-    free_before = free_bytes()
-    seen_before = evictions(carry[1])
-    got = spike()
-    during_placed = op.residency(carry[1])
-    during_measured = measured(carry[1])
-    _ffi._ops.free_device_fill()
-    time.sleep(args.settle)
-    after = []
-    for _ in range(5):
-      ms, carry = timed(step, carry)
-      after.append(ms)
+  # Resident steps with the eviction watch on and off, alternating blocks.
+  resident_by_watch = {True: [], False: []}
+  for _ in range(4):
+    for watch in (True, False):
+      op.set_eviction_watch(watch)
+      for _ in range(args.iters):
+        ms, carry = timed(step, carry)
+        resident_by_watch[watch].append(ms)
+  op.set_eviction_watch(True)
+  for watch in (True, False):
     row(
-      "spike, then a step",
-      after[0],
-      next_steps=after,
-      spike_gib=got / GIB,
-      free_before_gib=free_before / GIB,
-      residency_during=during_placed,
-      measured_during=during_measured,
-      measured_after_steps=measured(carry[1]),
-      evictions_found=evictions(carry[1]) - seen_before,
+      f"resident step, watch {'on' if watch else 'off'}",
+      statistics.median(resident_by_watch[watch]),
     )
-    spikes.append(after[0])
-  for _ in range(3):
-    _, carry = timed(step, carry)
+  out["resident_watch_on_over_off"] = statistics.median(
+    resident_by_watch[True]
+  ) / statistics.median(resident_by_watch[False])
 
-  # The same spike made of JAX arrays (twice).
-  jax_spikes = []
-  for _ in range(2):
+  spikes = {True: [], False: []}
+  jax_spikes = {True: [], False: []}
+  for watch in (True, False):
+    op.set_eviction_watch(watch)
+    label = f"watch {'on' if watch else 'off'}"
+    # The spike, then the next steps (repeated: the driver's eviction varies).
     for _ in range(2):
+      for _ in range(2):
+        _, carry = timed(step, carry)
+      jax.block_until_ready(carry)
+      measured(carry[1])  # makes the probe's reference buffers
+      free_before = free_bytes()
+      seen_before = evictions(carry[1])
+      restored_before = evictions(carry[1], "evictions_restored")
+      got = spike()
+      during_placed = op.residency(carry[1])
+      during_measured = measured(carry[1])
+      _ffi._ops.free_device_fill()
+      time.sleep(args.settle)
+      before_step = measured(carry[1])
+      after = []
+      for _ in range(5):
+        ms, carry = timed(step, carry)
+        after.append(ms)
+      row(
+        f"spike, then a step ({label})",
+        after[0],
+        next_steps=after,
+        spike_gib=got / GIB,
+        free_before_gib=free_before / GIB,
+        residency_during=during_placed,
+        measured_during=during_measured,
+        measured_before_step=before_step,
+        measured_after_steps=measured(carry[1]),
+        evictions_found=evictions(carry[1]) - seen_before,
+        evictions_restored=evictions(carry[1], "evictions_restored") - restored_before,
+      )
+      spikes[watch].append(after[0])
+    for _ in range(3):
       _, carry = timed(step, carry)
-    jax.block_until_ready(carry)
-    held = jax_spike()
-    during = measured(carry[1])
-    got = sum(x.nbytes for x in held)
-    del held
-    time.sleep(args.settle)
-    seen_before = evictions(carry[1])
-    ms, carry = timed(step, carry)
-    row(
-      "jax-array spike, then a step",
-      ms,
-      spike_gib=got / GIB,
-      measured_during=during,
-      evictions_found=evictions(carry[1]) - seen_before,
+
+    # The same spike made of JAX arrays (twice).
+    for _ in range(2):
+      for _ in range(2):
+        _, carry = timed(step, carry)
+      jax.block_until_ready(carry)
+      seen_before = evictions(carry[1])
+      restored_before = evictions(carry[1], "evictions_restored")
+      held = jax_spike()
+      during = measured(carry[1])
+      got = sum(x.nbytes for x in held)
+      del held
+      time.sleep(args.settle)
+      before_step = measured(carry[1])
+      ms, carry = timed(step, carry)
+      row(
+        f"jax-array spike, then a step ({label})",
+        ms,
+        spike_gib=got / GIB,
+        measured_during=during,
+        measured_before_step=before_step,
+        evictions_found=evictions(carry[1]) - seen_before,
+        evictions_restored=evictions(carry[1], "evictions_restored") - restored_before,
+      )
+      jax_spikes[watch].append(ms)
+  op.set_eviction_watch(True)
+  page_out_median = statistics.median(page_out_ms)
+  for watch in (True, False):
+    suffix = "" if watch else "_watch_off"
+    out[f"ratio_after_spike_vs_page_out{suffix}"] = statistics.mean(spikes[watch]) / page_out_median
+    out[f"ratio_after_jax_spike_vs_page_out{suffix}"] = (
+      statistics.mean(jax_spikes[watch]) / page_out_median
     )
-    jax_spikes.append(ms)
-  out["ratio_after_jax_spike_vs_page_out"] = statistics.median(jax_spikes) / statistics.median(
-    page_out_ms
-  )
+    out[f"ratio_after_spike_vs_resident{suffix}"] = statistics.mean(
+      spikes[watch]
+    ) / statistics.median(resident)
 
   out["rows"] = rows
-  out["ratio_after_spike_vs_page_out"] = statistics.median(spikes) / statistics.median(page_out_ms)
-  out["ratio_after_spike_vs_resident"] = statistics.median(spikes) / statistics.median(resident)
-  print(
-    f"step after a spike / step after page_out: {out['ratio_after_spike_vs_page_out']:.2f} "
-    f"(JAX-array spike: {out['ratio_after_jax_spike_vs_page_out']:.2f}); "
-    f"/ resident step: {out['ratio_after_spike_vs_resident']:.1f}"
-  )
+  for watch in (True, False):
+    suffix = "" if watch else "_watch_off"
+    print(
+      f"watch {'on' if watch else 'off'}: step after a spike / step after page_out: "
+      f"{out['ratio_after_spike_vs_page_out' + suffix]:.2f} (JAX-array spike: "
+      f"{out['ratio_after_jax_spike_vs_page_out' + suffix]:.2f}); / resident step: "
+      f"{out['ratio_after_spike_vs_resident' + suffix]:.1f}"
+    )
+  print(f"resident step, watch on / off: {out['resident_watch_on_over_off']:.3f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1, default=str)

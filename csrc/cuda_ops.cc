@@ -7,14 +7,20 @@
 // CUDA driver API and kernels that NVRTC compiles at first use.
 #include "cuda_ops.h"
 
+#include <pthread.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "adam8bit.h"
@@ -437,15 +443,21 @@ ffi::Error WriteBackEvent(const char* op, Slot& slot, cu::Event* out) {
 // memory check one cuMemGetInfo.
 constexpr size_t kEvictionSignMinBytes = size_t{2} << 20;
 
+// The sign for `placed` device-homed bytes: free memory risen by more.
+size_t EvictionSign(size_t placed) { return std::max(kEvictionSignMinBytes, placed / 16); }
+
+void EnsureEvictionWatch();  // below: the same sign looked for between steps
+
 ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
+  EnsureEvictionWatch();
   size_t free_now = 0, total = 0, placed_on_device = 0;
   for (const Memory& m : slot.memory) {
     if (!m.on_host) placed_on_device += m.device_bytes;
   }
   bool evicted = false;
   if (placed_on_device > 0 && cu::MemGetInfo(&free_now, &total) == cu::kSuccess) {
-    size_t sign = std::max(kEvictionSignMinBytes, placed_on_device / 16);
-    evicted = slot.device_free_seen > 0 && free_now > slot.device_free_seen + sign;
+    evicted = slot.device_free_seen > 0 &&
+              free_now > slot.device_free_seen + EvictionSign(placed_on_device);
     slot.evictions_seen += evicted ? 1 : 0;
   }
   bool paged_in = false;
@@ -1228,6 +1240,127 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
   return moved;
 }
 
+// -- the eviction watch ------------------------------------------------------------
+//
+// A spike (another process, JAX arrays under an allocator that does not
+// preallocate, a plain cudaMalloc) that needs more than free memory makes the
+// driver evict managed pages, and the state's are among them. The step after
+// the spike finds the sign (MakeResident) and prefetches them back, but the
+// driver brings evicted pages back more slowly than paged-out ones
+// (benchmarks/RESULTS.md), and that step pays for it. A spike is usually gone
+// well before the next step (an evaluation pass, a checkpoint's buffers), so
+// a thread looks for the same sign between steps and prefetches the evicted
+// pages while the device is idle or busy with other work: by the next step
+// the state is on the device again.
+//
+// Every kWatchInterval, for each device with device-placed state: one
+// cuMemGetInfo. A device whose free memory fell below a thirty-second of its
+// memory is marked full (the driver evicts only a full device). Once it is
+// marked, a slot whose free memory at its last step (device_free_seen) is
+// exceeded by the step's sign is prefetched back on the paging stream, under
+// the slot's lock (a step waits for it, or the watch skips the slot while a
+// call holds it and looks again next time). Free memory that rises for other
+// reasons (XLA's allocator handing back a step's buffers) costs nothing
+// unless the device was full; a false sign costs a prefetch of pages already
+// there, at most once per slot between two of its steps (the restore clears
+// device_free_seen, and only a step sets it again). Paged-out, retired and
+// pinned memory is never touched (it is not device-homed, or on the host by
+// request).
+//
+// The watch's state lives on the heap and is never destroyed: a process may
+// exit without stopping the thread (set_eviction_watch(False) stops and
+// joins it, as Python's exit does), and a forked child, which has no thread
+// and may have inherited a held lock, starts from a fresh one.
+constexpr auto kWatchInterval = std::chrono::milliseconds(20);
+constexpr auto kWatchIdleInterval = std::chrono::milliseconds(200);  // nothing placed
+
+struct EvictionWatchState {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool enabled = true;
+  bool stop = false;
+  std::thread* thread = nullptr;  // running when not null (owned; joined by stop)
+};
+EvictionWatchState* g_watch = new EvictionWatchState;
+std::atomic<bool> g_watch_running{false};
+
+// Prefetches back the evicted memory of `device`'s slots that show the sign at
+// `free_now`. Returns false when a slot was busy (looked at again next time).
+bool RestoreEvicted(int device, size_t free_now) {
+  bool all_seen = true;
+  for (auto& slot : Registry::Global().AllSlots()) {
+    if (slot->platform != Platform::kCuda || slot->device != device) continue;
+    std::unique_lock<std::mutex> lock(slot->mu, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      all_seen = false;
+      continue;
+    }
+    size_t placed = 0;
+    for (const Memory& m : slot->memory) placed += m.on_host ? 0 : m.device_bytes;
+    if (placed == 0 || slot->device_free_seen == 0 ||
+        free_now <= slot->device_free_seen + EvictionSign(placed)) {
+      continue;
+    }
+    cu::Stream stream = PagingStream(device);
+    cu::Result e = WaitForWriteBack(*slot, stream);
+    for (const Memory& m : slot->memory) {
+      if (e != cu::kSuccess) break;
+      if (m.on_host || m.device_bytes == 0) continue;
+      e = cu::MemPrefetchAsync(m.data, m.device_bytes, DeviceLocation(device), stream);
+    }
+    if (e == cu::kSuccess) e = cu::StreamSynchronize(stream);
+    // A failure leaves the pages where they are: the next step's own check
+    // finds the sign and prefetches (and reports what fails).
+    if (e != cu::kSuccess) continue;
+    slot->device_free_seen = 0;
+    slot->evictions_restored += 1;
+  }
+  return all_seen;
+}
+
+void WatchEvictions(EvictionWatchState* w) {
+  bool full[kMaxDevices] = {};
+  for (;;) {
+    bool placed_anywhere = false;
+    for (int device = 0; device < kMaxDevices; ++device) {
+      if (g_device_bytes[device].load() <= 0) {
+        full[device] = false;
+        continue;
+      }
+      placed_anywhere = true;
+      DeviceScope scope(device);
+      size_t free_now = 0, total = 0;
+      if (cu::MemGetInfo(&free_now, &total) != cu::kSuccess) continue;
+      if (free_now < total / 32) {
+        full[device] = true;
+      } else if (full[device] && RestoreEvicted(device, free_now)) {
+        full[device] = false;
+      }
+    }
+    std::unique_lock<std::mutex> lock(w->mu);
+    w->cv.wait_for(lock, placed_anywhere ? kWatchInterval : kWatchIdleInterval,
+                   [w] { return w->stop; });
+    if (w->stop) return;
+  }
+}
+
+void ForgetWatchInChild() {
+  g_watch = new EvictionWatchState;  // the parent's may be locked; its thread is not here
+  g_watch_running = false;
+}
+
+void EnsureEvictionWatch() {
+  if (g_watch_running.load()) return;
+  static std::once_flag fork_handler;
+  std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, ForgetWatchInChild); });
+  EvictionWatchState* w = g_watch;
+  std::lock_guard<std::mutex> lock(w->mu);
+  if (!w->enabled || w->thread != nullptr) return;
+  w->stop = false;
+  w->thread = new std::thread(WatchEvictions, w);
+  g_watch_running = true;
+}
+
 }  // namespace
 
 ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
@@ -1266,6 +1399,30 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
     }
   }
   return r;
+}
+
+void SetEvictionWatch(bool on) {
+  EvictionWatchState* w = g_watch;
+  std::thread* thread = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->enabled = on;
+    if (!on) {
+      w->stop = true;
+      std::swap(thread, w->thread);
+    }
+  }
+  w->cv.notify_all();
+  if (thread != nullptr) {
+    thread->join();
+    delete thread;
+  }
+  if (!on) g_watch_running = false;
+}
+
+bool EvictionWatchEnabled() {
+  std::lock_guard<std::mutex> lock(g_watch->mu);
+  return g_watch->enabled;
 }
 
 size_t PageOut(int32_t handle, std::string* error) { return Move(handle, true, error); }

@@ -51,6 +51,12 @@ int64_t DeviceBudget();
 // Managed bytes placed on a GPU now.
 int64_t ManagedDeviceBytes(int device);
 
+// Whether a thread restores state that the driver evicted from a GPU (a
+// memory spike) between steps (cuda_ops.cc, "the eviction watch"); on by
+// default. Turning it off stops and joins the thread.
+void SetEvictionWatch(bool on);
+bool EvictionWatchEnabled();
+
 // Whether a state allocated with no room on its GPU goes to page-locked host
 // memory (true, the default) or to managed memory homed on the host.
 void SetPinnedHost(bool pinned);

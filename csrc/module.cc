@@ -71,6 +71,7 @@ py::list SlotInfo(int32_t handle) {
     d["bytes_on_host"] = on_host;
     d["bytes_on_device"] = slot->bytes() - on_host;
     d["evictions_seen"] = slot->evictions_seen;
+    d["evictions_restored"] = slot->evictions_restored;
     d["streamed_steps"] = slot->streamed_steps;
     d["streamed_bytes"] = slot->streamed_bytes;
     d["bytes_pinned"] = pinned;
@@ -256,6 +257,10 @@ PYBIND11_MODULE(_ops, m) {
   m.def("set_pinned_host", &SetPinnedHost,
         "Whether states with no room on their GPU go to page-locked host memory (else managed).");
   m.def("pinned_host", &PinnedHost);
+  m.def("set_eviction_watch", &SetEvictionWatch, py::call_guard<py::gil_scoped_release>(),
+        "Whether a thread restores GPU state evicted by a memory spike between steps; off "
+        "stops and joins it.");
+  m.def("eviction_watch", &EvictionWatchEnabled);
   m.def(
       "set_stream_window",
       [](size_t chunk_bytes, int buffers, int copy_ctas) {

@@ -103,6 +103,13 @@ std::vector<int32_t> Registry::HandlesWithSlots() {
   return handles;
 }
 
+std::vector<std::shared_ptr<Slot>> Registry::AllSlots() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<Slot>> slots;
+  for (auto& [key, slot] : slots_) slots.push_back(slot);
+  return slots;
+}
+
 std::map<int32_t, Registry::Use> Registry::LastUsesLocked() const {
   std::map<int32_t, Use> uses;
   for (auto& [key, slot] : slots_) {

@@ -155,7 +155,8 @@ struct Slot {
   // CUDA: free device memory (cudaMemGetInfo) when the slot last ran; a rise
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;
-  int64_t evictions_seen = 0;  // steps that found the sign and prefetched
+  int64_t evictions_seen = 0;      // steps that found the sign and prefetched
+  int64_t evictions_restored = 0;  // the same found between steps (the eviction watch)
   // CUDA: steps that streamed leaves from host RAM, and the last one's bytes
   // each way (a step of several calls adds up its calls' in `streaming`).
   int64_t streamed_steps = 0;
@@ -246,6 +247,8 @@ class Registry {
   bool WaitForScanRequest(double timeout_s);
   // Handles that have at least one slot.
   std::vector<int32_t> HandlesWithSlots();
+  // Every slot (the eviction watch's look at them; not a use).
+  std::vector<std::shared_ptr<Slot>> AllSlots();
 
   // What every acquisition below is given: the state's handle value (a fresh
   // token or a live handle), where the call runs, the layout it was compiled

@@ -28,6 +28,7 @@ from optax_paged8bit.functional import Adam8bitState, adamw8bit
 from optax_paged8bit.fused import fused_chain
 from optax_paged8bit.memory import (
   collect,
+  eviction_watch,
   host_memory_kind,
   measure_residency,
   page_in,
@@ -35,6 +36,7 @@ from optax_paged8bit.memory import (
   release,
   residency,
   set_device_memory_budget,
+  set_eviction_watch,
   set_host_memory_kind,
   slot_info,
   state_nbytes,
@@ -70,6 +72,7 @@ __all__ = [
   "adamw8bit",
   "collect",
   "dynamic_map",
+  "eviction_watch",
   "export_state",
   "from_optax_adamw",
   "fused_chain",
@@ -84,6 +87,7 @@ __all__ = [
   "restore_checkpoint",
   "save_checkpoint",
   "set_device_memory_budget",
+  "set_eviction_watch",
   "set_host_memory_kind",
   "slot_info",
   "state_nbytes",

@@ -4,6 +4,7 @@ are, and wraps the registry's host-side controls."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import os
@@ -132,6 +133,9 @@ def kernel_cache_dir() -> str:
 
 
 _ops.configure_cuda(nvrtc_library(), kernel_cache_dir())
+# The eviction watch's thread (memory.set_eviction_watch) is stopped before the
+# interpreter and the CUDA driver go away (it exists only once a GPU state did).
+atexit.register(_ops.set_eviction_watch, False)
 
 
 @functools.cache

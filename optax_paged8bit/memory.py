@@ -87,7 +87,9 @@ def slot_info(tree: Any) -> list[dict]:
   """Per-slot registry info of every paged state in `tree`: platform, device,
   step, bytes, bytes placed on the device and on the host, layout key, and
   `evictions_seen`, the steps that found the driver had evicted the slot's
-  pages (a rise of free GPU memory) and prefetched them back, and
+  pages (a rise of free GPU memory) and prefetched them back,
+  `evictions_restored`, the times the eviction watch found the same between
+  steps and prefetched them back (`set_eviction_watch`), and
   `streamed_steps` and `streamed_bytes`, the steps that streamed the part of
   the state in host RAM and the bytes the last one moved each way, and
   `bytes_pinned`, the bytes in page-locked host memory
@@ -131,9 +133,10 @@ def residency(tree: Any) -> dict[str, int]:
   budget guard), paged out (`page_out`) or brought back (the next update,
   `page_in`). Under memory pressure the CUDA driver may evict device-placed
   pages to the host without telling anyone, and no driver query says where
-  pages are; `measure_residency` measures that. The next update prefetches
-  evicted pages back (each update prefetches the state it reads), so this
-  placement is where the state is whenever a step runs.
+  pages are; `measure_residency` measures that. Evicted pages come back once
+  the spike is gone: by the eviction watch between steps
+  (`set_eviction_watch`), or by the next update before its kernel runs, so
+  this placement is where the state is whenever a step runs.
   """
   on_device = on_host = 0
   for info in slot_info(tree):
@@ -200,6 +203,35 @@ def set_host_memory_kind(kind: str) -> str:
 def host_memory_kind() -> str:
   """The kind of host RAM that `set_host_memory_kind` set: "pinned" or "managed"."""
   return "pinned" if _ffi._ops.pinned_host() else "managed"
+
+
+def set_eviction_watch(on: bool) -> bool:
+  """Turns the eviction watch on (the default) or off; returns whether it
+  was on.
+
+  A memory spike on a GPU (JAX arrays under an allocator that does not
+  preallocate, another process, a plain `cudaMalloc`) that needs more than
+  free memory makes the CUDA driver evict pages of device-placed state to
+  host RAM. The watch, a thread of the extension, checks each GPU's free
+  memory every 20 ms; once a GPU has been full and its free memory rises
+  again above what it was at a state's last step, it prefetches that
+  state's pages back, so the next step finds them on the device. Off, the
+  next step finds the same sign and prefetches them itself, before its
+  kernel runs (the driver brings evicted pages back more slowly than
+  paged-out ones: docs/memory.md has the figures). Either way the results
+  are the same. `slot_info` counts both (`evictions_restored`,
+  `evictions_seen`). Off stops the thread; it starts at the next GPU step
+  once on again. No effect on the CPU."""
+  if not isinstance(on, bool):
+    raise ValueError(f"set_eviction_watch: on must be True or False, got {on!r}")
+  before = eviction_watch()
+  _ffi._ops.set_eviction_watch(on)
+  return before
+
+
+def eviction_watch() -> bool:
+  """Whether the eviction watch is on (`set_eviction_watch`)."""
+  return bool(_ffi._ops.eviction_watch())
 
 
 def set_device_memory_budget(nbytes: int | None) -> None:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -254,19 +255,17 @@ def test_measure_residency_finds_where_the_pages_are():
   op.release(placed)
 
 
-def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_identical():
-  """Plain device allocations of 1 GiB until one fails (never managed
-  memory beyond what is free): the driver evicts the state to make room.
-  After the spike is freed, the next step sees free memory risen, prefetches
-  the state back, and every step is bit-identical to an unpressured run."""
-  tx = op.paged_adamw8bit(1e-3)
-  big = lambda: {**small_tree(), "v": jnp.full((600, 1 << 20), 0.01, jnp.bfloat16)}
-  p_ref, s_ref = steps(tx, tx.init(big()), big(), 2)
-  p_ref, s_ref = steps(tx, s_ref, p_ref, 3, seed=12)
-  params, state = steps(tx, tx.init(big()), big(), 2)
-  total = state.layout.state_nbytes()  # 1.2 GB: more than a chunk of the spike
+def big_tree():
+  return {**small_tree(), "v": jnp.full((600, 1 << 20), 0.01, jnp.bfloat16)}
+
+
+def evict_by_a_spike(state):
+  """Plain device allocations of 1 GiB until one fails (never managed memory
+  beyond what is free): the driver evicts the state to make room. Returns
+  where the library placed the state and where it was measured during the
+  spike; the spike is freed on return."""
   op.measure_residency(state)  # its calibration buffers exist before the spike
-  jax.block_until_ready(params)
+  jax.block_until_ready(state)
   try:
     held = op._ffi._ops.fill_device_memory(0, 1 << 30, 1 << 62)
     placed = op.residency(state)
@@ -274,19 +273,138 @@ def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_id
   finally:
     op._ffi._ops.free_device_fill()
   assert held > 0
-  assert placed == {"bytes_on_device": total, "bytes_on_host": 0}  # as placed
-  assert during["bytes_on_host"] > 0, during  # evicted by the driver
-  found = []
-  params, state = steps(
-    tx, state, params, 3, seed=12, before_step=lambda s: found.append(op.measure_residency(s))
-  )
+  return placed, during
+
+
+class eviction_watch:
+  """The eviction watch on or off for a block, then as it was."""
+
+  def __init__(self, on):
+    self.on = on
+
+  def __enter__(self):
+    self.before = op.set_eviction_watch(self.on)
+
+  def __exit__(self, *exc):
+    op.set_eviction_watch(self.before)
+
+
+def evictions(state, key):
+  return [i[key] for i in op.slot_info(state)]
+
+
+def test_a_memory_spike_evicts_the_state_and_the_next_steps_bring_it_back_bit_identical():
+  """With the eviction watch off: after the spike is freed, the next step
+  sees free memory risen, prefetches the state back, and every step is
+  bit-identical to an unpressured run."""
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(big_tree()), big_tree(), 2)
+  p_ref, s_ref = steps(tx, s_ref, p_ref, 3, seed=12)
+  params, state = steps(tx, tx.init(big_tree()), big_tree(), 2)
+  total = state.layout.state_nbytes()  # 1.2 GB: more than a chunk of the spike
+  jax.block_until_ready(params)
+  with eviction_watch(False):
+    placed, during = evict_by_a_spike(state)
+    assert placed == {"bytes_on_device": total, "bytes_on_host": 0}  # as placed
+    assert during["bytes_on_host"] > 0, during  # evicted by the driver
+    time.sleep(0.5)  # nothing brings it back before the step (found[0])
+    found = []
+    params, state = steps(
+      tx, state, params, 3, seed=12, before_step=lambda s: found.append(op.measure_residency(s))
+    )
+  mostly(found[0], "host", total)
   for after in found[1:]:  # before steps 2 and 3: the first step brought it back
     mostly(after, "device", total)
   assert_same_results(params, state, p_ref, s_ref)
   # The first step after the spike saw the eviction; the unpressured run's
   # steps and the later ones saw none.
-  assert [i["evictions_seen"] for i in op.slot_info(state)] == [1]
-  assert [i["evictions_seen"] for i in op.slot_info(s_ref)] == [0]
+  assert evictions(state, "evictions_seen") == [1]
+  assert evictions(state, "evictions_restored") == [0]
+  assert evictions(s_ref, "evictions_seen") == [0]
+  op.release(state)
+  op.release(s_ref)
+
+
+def wait_for_restores(state, n, timeout_s=10.0):
+  deadline = time.monotonic() + timeout_s
+  while sum(evictions(state, "evictions_restored")) < n and time.monotonic() < deadline:
+    time.sleep(0.01)
+  return sum(evictions(state, "evictions_restored"))
+
+
+def test_the_eviction_watch_brings_an_evicted_state_back_before_the_next_step():
+  """With the watch on (the default): once the spike is freed, the state's
+  pages come back to the device with no step, the next step finds nothing
+  to prefetch, and every step is bit-identical to an unpressured run. A
+  paged-out state is left on the host."""
+  assert op.eviction_watch()
+  tx = op.paged_adamw8bit(1e-3)
+  p_ref, s_ref = steps(tx, tx.init(big_tree()), big_tree(), 2)
+  p_ref, s_ref = steps(tx, s_ref, p_ref, 3, seed=12)
+  params, state = steps(tx, tx.init(big_tree()), big_tree(), 2)
+  _, parked = steps(tx, tx.init(small_tree()), small_tree(), 1)
+  op.page_out(parked)
+  total = state.layout.state_nbytes()
+  jax.block_until_ready(params)
+  _, during = evict_by_a_spike(state)
+  assert during["bytes_on_host"] > 0, during
+  assert wait_for_restores(state, 1) == 1
+  mostly(op.measure_residency(state), "device", total)  # before any step
+  params, state = steps(tx, state, params, 3, seed=12)
+  assert_same_results(params, state, p_ref, s_ref)
+  assert evictions(state, "evictions_seen") == [0]  # the steps found it back
+  assert evictions(state, "evictions_restored") == [1]
+  # The paged-out state was not brought back, nor the reference run touched.
+  assert op.residency(parked)["bytes_on_device"] == 0
+  assert evictions(parked, "evictions_restored") == [0]
+  assert evictions(s_ref, "evictions_restored") == [0]
+  for s in (state, s_ref, parked):
+    op.release(s)
+
+
+def test_spikes_beside_a_training_thread_change_nothing():
+  """A thread trains (donated state and params) while the main thread makes
+  spikes that evict its state and frees them: the watch's prefetches and the
+  steps' own run at any moment against each other, and the training ends
+  bit-identical to the same training with no spike."""
+  tx = op.paged_adamw8bit(1e-3)
+  n = 200
+  g0 = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype) * jnp.sin(p), big_tree())
+  scaled = jax.jit(lambda g, t: jax.tree.map(lambda x: x * (1 + t % 3).astype(x.dtype), g))
+  step = jax.jit(tx.fused_update, donate_argnums=(1, 2))
+
+  def run(taken):
+    params, state = big_tree(), tx.init(big_tree())
+    for t in range(n):
+      params, state = step(scaled(g0, t), state, params)
+      taken.append(t)
+    return params, state
+
+  p_ref, s_ref = run([])
+  result, taken = {}, []
+
+  def train():
+    result["out"] = run(taken)
+
+  thread = threading.Thread(target=train)
+  thread.start()
+  spikes = 0
+  while thread.is_alive():
+    if len(taken) < 3:  # the state exists after the first step
+      time.sleep(0.01)
+      continue
+    try:
+      spikes += op._ffi._ops.fill_device_memory(0, 1 << 30, 1 << 62) > 0
+      time.sleep(0.02)
+    finally:
+      op._ffi._ops.free_device_fill()
+    time.sleep(0.03)
+  thread.join()
+  params, state = result["out"]
+  assert spikes >= 1
+  assert_same_results(params, state, p_ref, s_ref)
+  [info] = op.slot_info(state)
+  assert info["step"] == n
   op.release(state)
   op.release(s_ref)
 

@@ -23,6 +23,7 @@ def test_cpu_states_live_on_the_host():
   [info] = op.slot_info(state)
   assert info["platform"] == "cpu" and info["step"] == 1 and info["bytes"] == nbytes
   assert info["evictions_seen"] == 0  # a GPU slot counts the evictions it found
+  assert info["evictions_restored"] == 0  # and those the eviction watch restored
   assert info["bytes_pinned"] == 0  # only a GPU state with no room on its GPU is pinned
   assert op.state_nbytes(state) == nbytes + 4 + 4  # + count and handle
   op.release(state)
@@ -52,3 +53,22 @@ def test_host_memory_kind_is_checked_and_returns_the_kind_before():
     op.release(state)
   finally:
     assert op.set_host_memory_kind("pinned") == "managed"
+
+
+def test_eviction_watch_is_checked_and_returns_whether_it_was_on():
+  assert op.eviction_watch() is True  # the default
+  with pytest.raises(ValueError, match="on must be True or False, got 1"):
+    op.set_eviction_watch(1)
+  assert op.eviction_watch() is True  # a refused value changes nothing
+  try:
+    assert op.set_eviction_watch(False) is True
+    assert op.set_eviction_watch(False) is False  # off twice: nothing to stop
+    # Off changes nothing on the CPU: states step as before.
+    params = {"w": jnp.ones((64, 512))}
+    tx = op.paged_adamw8bit()
+    _, state = tx.update(params, tx.init(params), params)
+    assert op.slot_info(state)[0]["evictions_restored"] == 0
+    op.release(state)
+  finally:
+    assert op.set_eviction_watch(True) is False
+  assert op.eviction_watch() is True
