@@ -362,6 +362,80 @@ def test_the_eviction_watch_brings_an_evicted_state_back_before_the_next_step():
     op.release(s)
 
 
+JAX_SPIKE_SCRIPT = """
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+import optax_paged8bit as op
+
+tx = op.paged_adamw8bit(1e-3)
+make = lambda: {"v": jnp.full((600, 1 << 20), 0.01, jnp.bfloat16), "b": jnp.ones(300)}
+g = jax.tree.map(lambda p: (p * 0.1).astype(p.dtype), make())
+step = jax.jit(tx.fused_update, donate_argnums=(1, 2))
+
+def run(spike):
+  params, state = make(), tx.init(make())
+  for _ in range(2):
+    params, state = step(g, state, params)
+  found = {}
+  if spike:
+    op.measure_residency(state)
+    jax.block_until_ready(params)
+    held = []
+    try:
+      while True:  # JAX arrays of 1 GiB until the platform allocator fails
+        held.append(jnp.zeros((1 << 28,), jnp.float32).block_until_ready())
+    except jax.errors.JaxRuntimeError:
+      pass
+    found["spike_gib"] = len(held)
+    found["during"] = op.measure_residency(state)
+    del held
+    deadline = time.monotonic() + 10
+    while op.slot_info(state)[0]["evictions_restored"] == 0 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    found["before_step"] = op.measure_residency(state)
+  params, state = step(g, state, params)
+  found["info"] = op.slot_info(state)[0]
+  out = [np.asarray(x) for x in jax.tree.leaves(params)]
+  out += [np.asarray(x) for x in jax.tree.leaves(op.export_state(state))]
+  op.release(state)
+  return out, found
+
+ref, _ = run(False)
+got, found = run(True)
+found["identical"] = all(
+  a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(ref, got, strict=True)
+)
+print(json.dumps(found))
+"""
+
+
+def test_the_eviction_watch_restores_a_state_evicted_by_jax_arrays():
+  """A process whose JAX allocator hands memory back (no preallocation, the
+  platform allocator) fills the GPU with JAX arrays until allocation fails:
+  the driver evicts the state. Once the arrays are freed the watch brings it
+  back before the next step, and the step is bit-identical to a run with no
+  spike."""
+  out = subprocess.run(
+    [sys.executable, "-c", JAX_SPIKE_SCRIPT],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={
+      **os.environ,
+      "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+      "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
+    },
+  )
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  found = json.loads(out.stdout.strip().splitlines()[-1])
+  total = found["info"]["bytes"]
+  assert found["spike_gib"] > 0, found
+  assert found["during"]["bytes_on_host"] > 0, found  # evicted by the driver
+  mostly(found["before_step"], "device", total)  # back before the step
+  assert found["info"]["evictions_restored"] == 1 and found["info"]["evictions_seen"] == 0, found
+  assert found["identical"], found
+
+
 def test_spikes_beside_a_training_thread_change_nothing():
   """A thread trains (donated state and params) while the main thread makes
   spikes that evict its state and frees them: the watch's prefetches and the
