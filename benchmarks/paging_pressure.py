@@ -23,6 +23,8 @@ step (each step awaited):
 - both spikes with the eviction watch on (the default: it brings the state
   back once the spike is freed, before the step) and off (the first step
   after the spike finds free memory risen and prefetches the state back);
+- with the watch on, a third plain spike whose step comes at once (it waits
+  for the watch's prefetch or makes its own);
 - resident steps with the watch on and off, alternating, for what the watch
   costs a step that no spike disturbs;
 - each step after page_out or a spike runs `--settle` seconds (1) after the
@@ -202,8 +204,9 @@ def main():
   for watch in (True, False):
     op.set_eviction_watch(watch)
     label = f"watch {'on' if watch else 'off'}"
-    # The spike, then the next steps (repeated: the driver's eviction varies).
-    for _ in range(2):
+    # The spike, then the next steps (repeated: the driver's eviction varies);
+    # with the watch on, a third spike whose step comes at once.
+    for settle in (args.settle, args.settle, 0.0)[: 3 if watch else 2]:
       for _ in range(2):
         _, carry = timed(step, carry)
       jax.block_until_ready(carry)
@@ -215,14 +218,14 @@ def main():
       during_placed = op.residency(carry[1])
       during_measured = measured(carry[1])
       _ffi._ops.free_device_fill()
-      time.sleep(args.settle)
-      before_step = measured(carry[1])
+      time.sleep(settle)
+      before_step = measured(carry[1]) if settle else None
       after = []
       for _ in range(5):
         ms, carry = timed(step, carry)
         after.append(ms)
       row(
-        f"spike, then a step ({label})",
+        f"spike, then a step ({label}{', at once' if not settle else ''})",
         after[0],
         next_steps=after,
         spike_gib=got / GIB,
@@ -234,7 +237,10 @@ def main():
         evictions_found=evictions(carry[1]) - seen_before,
         evictions_restored=evictions(carry[1], "evictions_restored") - restored_before,
       )
-      spikes[watch].append(after[0])
+      if settle:
+        spikes[watch].append(after[0])
+      else:
+        out["step_at_once_after_spike_ms"] = after[0]
     for _ in range(3):
       _, carry = timed(step, carry)
 
