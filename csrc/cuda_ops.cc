@@ -110,6 +110,8 @@ void FreePinned(void* p, int device) {
 // memory (copied by the copy engines) rather than managed memory homed on
 // the host (copied by kernels); set_host_memory_kind.
 std::atomic<bool> g_pinned_host{true};
+// Tests: treat every cuMemAllocHost as refused (RefusePinnedHost).
+std::atomic<bool> g_refuse_pinned{false};
 
 // Whether free device memory (minus a reserve) can take `bytes` more.
 bool FreeMemoryAllows(size_t bytes) {
@@ -185,7 +187,8 @@ class ManagedAllocator : public Allocator {
     m.on_host = false;
     size_t prefix = DevicePrefix(bytes, DeviceRoom(device_));
     void* p = nullptr;
-    if (prefix == 0 && g_pinned_host.load() && cu::MemAllocHost(&p, bytes) == cu::kSuccess) {
+    if (prefix == 0 && g_pinned_host.load() && !g_refuse_pinned.load() &&
+        cu::MemAllocHost(&p, bytes) == cu::kSuccess) {
       std::memset(p, 0, bytes);
       m.data = p;
       m.on_host = true;
@@ -1466,6 +1469,7 @@ void SetDeviceBudget(int64_t bytes) { g_device_budget = bytes; }
 int64_t DeviceBudget() { return g_device_budget.load(); }
 
 void SetPinnedHost(bool pinned) { g_pinned_host = pinned; }
+void RefusePinnedHost(bool refuse) { g_refuse_pinned = refuse; }
 bool PinnedHost() { return g_pinned_host.load(); }
 
 std::string SetStreamWindow(size_t chunk_bytes, int buffers, int copy_ctas) {

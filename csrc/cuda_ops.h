@@ -61,6 +61,9 @@ bool EvictionWatchEnabled();
 // memory (true, the default) or to managed memory homed on the host.
 void SetPinnedHost(bool pinned);
 bool PinnedHost();
+// Tests: act as if the host refused to lock memory (cuMemAllocHost failed),
+// which places such a state in managed memory instead.
+void RefusePinnedHost(bool refuse);
 
 // The device window through which a step streams state that lies in host RAM
 // (cuda_ops.cc): `buffers` buffers of `chunk_bytes` each. 0 and 0 turns

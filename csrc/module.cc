@@ -257,6 +257,8 @@ PYBIND11_MODULE(_ops, m) {
   m.def("set_pinned_host", &SetPinnedHost,
         "Whether states with no room on their GPU go to page-locked host memory (else managed).");
   m.def("pinned_host", &PinnedHost);
+  m.def("refuse_pinned_host", &RefusePinnedHost,
+        "Tests: act as if cuMemAllocHost failed (the state falls back to managed memory).");
   m.def("set_eviction_watch", &SetEvictionWatch, py::call_guard<py::gil_scoped_release>(),
         "Whether a thread restores GPU state evicted by a memory spike between steps; off "
         "stops and joins it.");

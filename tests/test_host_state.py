@@ -312,6 +312,28 @@ def test_a_pinned_state_stays_pinned_and_on_the_host_through_paging_and_a_new_ki
   op.release(host[2])
 
 
+def test_a_host_that_refuses_to_lock_memory_gets_a_managed_state_that_agrees(budget):
+  """When cuMemAllocHost fails (a host short of lockable RAM), a state with
+  no room on its GPU is placed in managed memory homed on the host instead,
+  and trains bit-identically to a resident one."""
+  params, grads = inputs(DTYPES["float32"])
+  tx = lambda: op.paged_adamw8bit(1e-3, percentile_clipping=90)
+  resident = run(tx(), params, grads)
+  assert op.host_memory_kind() == "pinned"
+  budget(0)
+  _ffi._ops.refuse_pinned_host(True)
+  try:
+    host = run(tx(), params, grads)
+  finally:
+    _ffi._ops.refuse_pinned_host(False)
+  info = slot(host[2])
+  assert info["bytes_pinned"] == 0 and info["bytes_on_host"] == info["bytes"], info
+  assert info["streamed_steps"] == len(grads)
+  assert_same(resident[:2], host[:2])
+  op.release(resident[2])
+  op.release(host[2])
+
+
 def test_a_streamed_state_survives_release_and_collection_with_copies_in_flight(budget):
   """Freeing a state whose write-back may still run waits for it (no
   crash, no write into freed memory), and the next state is exact."""
