@@ -453,6 +453,10 @@ void EnsureEvictionWatch();  // below: the same sign looked for between steps
 
 ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   EnsureEvictionWatch();
+  if (slot.restore_pending) {
+    if (auto e = AwaitWriteBack(op, slot, stream); e.failure()) return e;
+    slot.restore_pending = false;
+  }
   size_t free_now = 0, total = 0, placed_on_device = 0;
   for (const Memory& m : slot.memory) {
     if (!m.on_host) placed_on_device += m.device_bytes;
@@ -486,6 +490,7 @@ ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   // What the next step compares with: free memory while this slot's pages
   // are on the device (taken at the next step when pages moved in this one).
   slot.device_free_seen = evicted || paged_in ? 0 : free_now;
+  slot.device_free_seen_at = Clock::now();
   return ffi::Error::Success();
 }
 
@@ -1257,18 +1262,20 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
 // the state is on the device again.
 //
 // Every kWatchInterval, for each device with device-placed state: one
-// cuMemGetInfo. A device whose free memory fell below a thirty-second of its
-// memory is marked full (the driver evicts only a full device). Once it is
-// marked, a slot whose free memory at its last step (device_free_seen) is
-// exceeded by the step's sign is prefetched back on the paging stream, under
-// the slot's lock (a step waits for it, or the watch skips the slot while a
-// call holds it and looks again next time). Free memory that rises for other
-// reasons (XLA's allocator handing back a step's buffers) costs nothing
-// unless the device was full; a false sign costs a prefetch of pages already
-// there, at most once per slot between two of its steps (the restore clears
-// device_free_seen, and only a step sets it again). Paged-out, retired and
-// pinned memory is never touched (it is not device-homed, or on the host by
-// request).
+// cuMemGetInfo. A slot whose free memory at its last step (device_free_seen)
+// is exceeded by the step's sign is prefetched back on the paging stream,
+// when the device was seen full since the last look (free memory below a
+// thirty-second of it: the driver evicts only then) or the slot has had no
+// step for kWatchIdle. Free memory also rises when XLA's allocator hands a
+// step's buffers back; a slot stepped more often than kWatchIdle is left to
+// its steps' own check then. A false sign costs a prefetch of pages already
+// there (the driver's walk, on this thread), at most once between two of the
+// slot's steps (the restore clears device_free_seen; only a step sets it).
+// The prefetch is not waited for: the slot's write-back event marks its end,
+// and the next step (restore_pending), paging and freeing wait for that. The
+// slot's lock is only tried: a call holding it is left alone, and the slot
+// looked at again next time. Paged-out, retired and pinned memory is never
+// touched (it is not device-homed, or on the host by request).
 //
 // The watch's state lives on the heap and is never destroyed: a process may
 // exit without stopping the thread (set_eviction_watch(False) stops and
@@ -1276,6 +1283,7 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
 // and may have inherited a held lock, starts from a fresh one.
 constexpr auto kWatchInterval = std::chrono::milliseconds(20);
 constexpr auto kWatchIdleInterval = std::chrono::milliseconds(200);  // nothing placed
+constexpr auto kWatchIdle = std::chrono::milliseconds(300);
 
 struct EvictionWatchState {
   std::mutex mu;
@@ -1288,9 +1296,11 @@ EvictionWatchState* g_watch = new EvictionWatchState;
 std::atomic<bool> g_watch_running{false};
 
 // Prefetches back the evicted memory of `device`'s slots that show the sign at
-// `free_now`. Returns false when a slot was busy (looked at again next time).
-bool RestoreEvicted(int device, size_t free_now) {
+// `free_now` (`full`: the device was full since the last look). Returns false
+// when a slot was busy (looked at again next time).
+bool RestoreEvicted(int device, size_t free_now, bool full) {
   bool all_seen = true;
+  Clock::time_point now = Clock::now();
   for (auto& slot : Registry::Global().AllSlots()) {
     if (slot->platform != Platform::kCuda || slot->device != device) continue;
     std::unique_lock<std::mutex> lock(slot->mu, std::try_to_lock);
@@ -1301,7 +1311,8 @@ bool RestoreEvicted(int device, size_t free_now) {
     size_t placed = 0;
     for (const Memory& m : slot->memory) placed += m.on_host ? 0 : m.device_bytes;
     if (placed == 0 || slot->device_free_seen == 0 ||
-        free_now <= slot->device_free_seen + EvictionSign(placed)) {
+        free_now <= slot->device_free_seen + EvictionSign(placed) ||
+        !(full || now - slot->device_free_seen_at >= kWatchIdle)) {
       continue;
     }
     cu::Stream stream = PagingStream(device);
@@ -1311,10 +1322,16 @@ bool RestoreEvicted(int device, size_t free_now) {
       if (m.on_host || m.device_bytes == 0) continue;
       e = cu::MemPrefetchAsync(m.data, m.device_bytes, DeviceLocation(device), stream);
     }
-    if (e == cu::kSuccess) e = cu::StreamSynchronize(stream);
+    cu::Event done = nullptr;
+    if (e == cu::kSuccess && WriteBackEvent("eviction watch", *slot, &done).failure()) {
+      e = cu::StreamSynchronize(stream);  // no event: wait here instead
+      done = nullptr;
+    }
+    if (e == cu::kSuccess && done != nullptr) e = cu::EventRecord(done, stream);
     // A failure leaves the pages where they are: the next step's own check
     // finds the sign and prefetches (and reports what fails).
     if (e != cu::kSuccess) continue;
+    slot->restore_pending = done != nullptr;
     slot->device_free_seen = 0;
     slot->evictions_restored += 1;
   }
@@ -1336,7 +1353,7 @@ void WatchEvictions(EvictionWatchState* w) {
       if (cu::MemGetInfo(&free_now, &total) != cu::kSuccess) continue;
       if (free_now < total / 32) {
         full[device] = true;
-      } else if (full[device] && RestoreEvicted(device, free_now)) {
+      } else if (RestoreEvicted(device, free_now, full[device])) {
         full[device] = false;
       }
     }
@@ -1382,9 +1399,19 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
       *error = CudaMessage("waiting for the state's write-back", e);
       return r;
     }
+    // The probe's loads of evicted pages make the driver take device memory
+    // for them (measured: free memory falls back by what the eviction
+    // freed), which would hide the eviction sign from the next step and the
+    // watch: the slot's reference for it moves down as far.
+    size_t free_before = 0, free_after = 0, total = 0;
+    bool counted = cu::MemGetInfo(&free_before, &total) == cu::kSuccess;
     SlotProbe probe;
     *error = ProbeSlot(*slot, PagingStream(slot->device), &probe);
     if (!error->empty()) return r;
+    if (counted && cu::MemGetInfo(&free_after, &total) == cu::kSuccess &&
+        free_after < free_before && slot->device_free_seen > 0) {
+      slot->device_free_seen -= std::min(slot->device_free_seen, free_before - free_after);
+    }
     if (!probe.separated) {
       *error = "measure_residency: device and host loads took " +
                std::to_string(probe.device_cycles) + " and " + std::to_string(probe.host_cycles) +

@@ -155,8 +155,12 @@ struct Slot {
   // CUDA: free device memory (cudaMemGetInfo) when the slot last ran; a rise
   // since then is the sign that the driver evicted its pages (cuda_ops.cc).
   size_t device_free_seen = 0;
-  int64_t evictions_seen = 0;      // steps that found the sign and prefetched
-  int64_t evictions_restored = 0;  // the same found between steps (the eviction watch)
+  Clock::time_point device_free_seen_at;  // when
+  int64_t evictions_seen = 0;             // steps that found the sign and prefetched
+  int64_t evictions_restored = 0;         // the same found between steps (the eviction watch)
+  // The watch's prefetch is in flight (the slot's write-back event marks its
+  // end): the next step waits for it before its kernel.
+  bool restore_pending = false;
   // CUDA: steps that streamed leaves from host RAM, and the last one's bytes
   // each way (a step of several calls adds up its calls' in `streaming`).
   int64_t streamed_steps = 0;

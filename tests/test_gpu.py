@@ -354,10 +354,10 @@ def test_the_eviction_watch_brings_an_evicted_state_back_before_the_next_step():
   assert_same_results(params, state, p_ref, s_ref)
   assert evictions(state, "evictions_seen") == [0]  # the steps found it back
   assert evictions(state, "evictions_restored") == [1]
-  # The paged-out state was not brought back, nor the reference run touched.
+  # The paged-out state was not brought back.
   assert op.residency(parked)["bytes_on_device"] == 0
   assert evictions(parked, "evictions_restored") == [0]
-  assert evictions(s_ref, "evictions_restored") == [0]
+  mostly(op.measure_residency(parked), "host", parked.layout.state_nbytes())
   for s in (state, s_ref, parked):
     op.release(s)
 
