@@ -213,9 +213,10 @@ def set_eviction_watch(on: bool) -> bool:
   preallocate, another process, a plain `cudaMalloc`) that needs more than
   free memory makes the CUDA driver evict pages of device-placed state to
   host RAM. The watch, a thread of the extension, checks each GPU's free
-  memory every 20 ms; once a GPU has been full and its free memory rises
-  again above what it was at a state's last step, it prefetches that
-  state's pages back, so the next step finds them on the device. Off, the
+  memory every 20 ms; when it has risen above what it was at a state's last
+  step, and the GPU was full since the last check or the state has had no
+  step for 0.3 s, it prefetches that state's pages back, so the next step
+  finds them on the device. Off, the
   next step finds the same sign and prefetches them itself, before its
   kernel runs (the driver brings evicted pages back more slowly than
   paged-out ones: docs/memory.md has the figures). Either way the results
