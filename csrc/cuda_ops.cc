@@ -8,7 +8,6 @@
 #include "cuda_ops.h"
 
 #include <pthread.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
