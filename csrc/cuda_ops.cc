@@ -25,6 +25,7 @@
 #include "adam8bit.h"
 #include "cuda_api.h"
 #include "cuda_kernels.h"
+#include "eviction_sign.h"
 #include "ffi_common.h"
 #include "registry.h"
 #include "stream_plan.h"
@@ -442,13 +443,9 @@ ffi::Error WriteBackEvent(const char* op, Slot& slot, cu::Event* out) {
 // (benchmarks/RESULTS.md): letting the kernel fault evicted pages
 // back costs 3-5x a step after page_out, and so did a timed probe of the
 // pages; a prefetch every step costs 27% of each resident step, the free
-// memory check one cuMemGetInfo.
-constexpr size_t kEvictionSignMinBytes = size_t{2} << 20;
-
-// The sign for `placed` device-homed bytes: free memory risen by more.
-size_t EvictionSign(size_t placed) { return std::max(kEvictionSignMinBytes, placed / 16); }
-
-void EnsureEvictionWatch();  // below: the same sign looked for between steps
+// memory check one cuMemGetInfo (eviction_sign.h has the sign). The eviction
+// watch (below) looks for the same sign between steps.
+void EnsureEvictionWatch();
 
 ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   EnsureEvictionWatch();
@@ -462,8 +459,7 @@ ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   }
   bool evicted = false;
   if (placed_on_device > 0 && cu::MemGetInfo(&free_now, &total) == cu::kSuccess) {
-    evicted = slot.device_free_seen > 0 &&
-              free_now > slot.device_free_seen + EvictionSign(placed_on_device);
+    evicted = EvictionSignShows(placed_on_device, slot.device_free_seen, free_now);
     slot.evictions_seen += evicted ? 1 : 0;
   }
   bool paged_in = false;
@@ -1265,9 +1261,9 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
 // is exceeded by the step's sign is prefetched back on the paging stream,
 // when the device was seen full since the last look (free memory below a
 // thirty-second of it: the driver evicts only then) or the slot has had no
-// step for kWatchIdle. Free memory also rises when XLA's allocator hands a
-// step's buffers back; a slot stepped more often than kWatchIdle is left to
-// its steps' own check then. A false sign costs a prefetch of pages already
+// step for kWatchIdleSeconds (eviction_sign.h). Free memory also rises when
+// XLA's allocator hands a step's buffers back; a slot stepped more often than
+// that is left to its steps' own check then. A false sign costs a prefetch of pages already
 // there (the driver's walk, on this thread), at most once between two of the
 // slot's steps (the restore clears device_free_seen; only a step sets it).
 // The prefetch is not waited for: the slot's write-back event marks its end,
@@ -1282,7 +1278,6 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
 // and may have inherited a held lock, starts from a fresh one.
 constexpr auto kWatchInterval = std::chrono::milliseconds(20);
 constexpr auto kWatchIdleInterval = std::chrono::milliseconds(200);  // nothing placed
-constexpr auto kWatchIdle = std::chrono::milliseconds(300);
 
 struct EvictionWatchState {
   std::mutex mu;
@@ -1309,11 +1304,8 @@ bool RestoreEvicted(int device, size_t free_now, bool full) {
     }
     size_t placed = 0;
     for (const Memory& m : slot->memory) placed += m.on_host ? 0 : m.device_bytes;
-    if (placed == 0 || slot->device_free_seen == 0 ||
-        free_now <= slot->device_free_seen + EvictionSign(placed) ||
-        !(full || now - slot->device_free_seen_at >= kWatchIdle)) {
-      continue;
-    }
+    double idle_s = std::chrono::duration<double>(now - slot->device_free_seen_at).count();
+    if (!WatchRestores(placed, slot->device_free_seen, free_now, full, idle_s)) continue;
     cu::Stream stream = PagingStream(device);
     cu::Result e = WaitForWriteBack(*slot, stream);
     for (const Memory& m : slot->memory) {
@@ -1350,7 +1342,7 @@ void WatchEvictions(EvictionWatchState* w) {
       DeviceScope scope(device);
       size_t free_now = 0, total = 0;
       if (cu::MemGetInfo(&free_now, &total) != cu::kSuccess) continue;
-      if (free_now < total / 32) {
+      if (DeviceFull(free_now, total)) {
         full[device] = true;
       } else if (RestoreEvicted(device, free_now, full[device])) {
         full[device] = false;
@@ -1398,18 +1390,14 @@ ResidencyMeasure MeasureResidency(int32_t handle, std::string* error) {
       *error = CudaMessage("waiting for the state's write-back", e);
       return r;
     }
-    // The probe's loads of evicted pages make the driver take device memory
-    // for them (measured: free memory falls back by what the eviction
-    // freed), which would hide the eviction sign from the next step and the
-    // watch: the slot's reference for it moves down as far.
+    // The probe may make the driver take device memory (SeenAfterProbe).
     size_t free_before = 0, free_after = 0, total = 0;
     bool counted = cu::MemGetInfo(&free_before, &total) == cu::kSuccess;
     SlotProbe probe;
     *error = ProbeSlot(*slot, PagingStream(slot->device), &probe);
     if (!error->empty()) return r;
-    if (counted && cu::MemGetInfo(&free_after, &total) == cu::kSuccess &&
-        free_after < free_before && slot->device_free_seen > 0) {
-      slot->device_free_seen -= std::min(slot->device_free_seen, free_before - free_after);
+    if (counted && cu::MemGetInfo(&free_after, &total) == cu::kSuccess) {
+      slot->device_free_seen = SeenAfterProbe(slot->device_free_seen, free_before, free_after);
     }
     if (!probe.separated) {
       *error = "measure_residency: device and host loads took " +
