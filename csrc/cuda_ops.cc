@@ -1369,8 +1369,10 @@ void EnsureEvictionWatch() {
   if (!w->enabled || w->thread != nullptr) return;
   w->stop = false;
   w->thread = new std::thread(WatchEvictions, w);
-  // Named for debuggers and profilers (at most 15 characters on Linux).
+#ifdef __linux__
+  // Named for debuggers and profilers (at most 15 characters).
   pthread_setname_np(w->thread->native_handle(), "paged8bit watch");
+#endif
   g_watch_running = true;
 }
 
