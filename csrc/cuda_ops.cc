@@ -447,16 +447,21 @@ ffi::Error WriteBackEvent(const char* op, Slot& slot, cu::Event* out) {
 // watch (below) looks for the same sign between steps.
 void EnsureEvictionWatch();
 
+// Bytes of a slot homed on its device and not paged out: what an eviction can
+// take, and what the sign is measured against.
+size_t PlacedOnDevice(const Slot& slot) {
+  size_t placed = 0;
+  for (const Memory& m : slot.memory) placed += m.on_host ? 0 : m.device_bytes;
+  return placed;
+}
+
 ffi::Error MakeResident(const char* op, Slot& slot, cu::Stream stream) {
   EnsureEvictionWatch();
   if (slot.restore_pending) {
     if (auto e = AwaitWriteBack(op, slot, stream); e.failure()) return e;
     slot.restore_pending = false;
   }
-  size_t free_now = 0, total = 0, placed_on_device = 0;
-  for (const Memory& m : slot.memory) {
-    if (!m.on_host) placed_on_device += m.device_bytes;
-  }
+  size_t free_now = 0, total = 0, placed_on_device = PlacedOnDevice(slot);
   bool evicted = false;
   if (placed_on_device > 0 && cu::MemGetInfo(&free_now, &total) == cu::kSuccess) {
     evicted = EvictionSignShows(placed_on_device, slot.device_free_seen, free_now);
@@ -1263,9 +1268,10 @@ size_t Move(int32_t handle, bool to_host, std::string* error, bool touch = true)
 // thirty-second of it: the driver evicts only then) or the slot has had no
 // step for kWatchIdleSeconds (eviction_sign.h). Free memory also rises when
 // XLA's allocator hands a step's buffers back; a slot stepped more often than
-// that is left to its steps' own check then. A false sign costs a prefetch of pages already
-// there (the driver's walk, on this thread), at most once between two of the
-// slot's steps (the restore clears device_free_seen; only a step sets it).
+// that is left to its steps' own check then. A false sign costs a prefetch of
+// pages already there (the driver's walk, on this thread), at most once
+// between two of the slot's steps (the restore clears device_free_seen; only
+// a step sets it).
 // The prefetch is not waited for: the slot's write-back event marks its end,
 // and the next step (restore_pending), paging and freeing wait for that. The
 // slot's lock is only tried: a call holding it is left alone, and the slot
@@ -1302,10 +1308,10 @@ bool RestoreEvicted(int device, size_t free_now, bool full) {
       all_seen = false;
       continue;
     }
-    size_t placed = 0;
-    for (const Memory& m : slot->memory) placed += m.on_host ? 0 : m.device_bytes;
     double idle_s = std::chrono::duration<double>(now - slot->device_free_seen_at).count();
-    if (!WatchRestores(placed, slot->device_free_seen, free_now, full, idle_s)) continue;
+    if (!WatchRestores(PlacedOnDevice(*slot), slot->device_free_seen, free_now, full, idle_s)) {
+      continue;
+    }
     cu::Stream stream = PagingStream(device);
     cu::Result e = WaitForWriteBack(*slot, stream);
     for (const Memory& m : slot->memory) {
