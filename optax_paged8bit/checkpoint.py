@@ -423,7 +423,8 @@ def _checksums(tree: Any) -> np.ndarray:
   out = np.zeros(len(leaves), np.uint32)
   groups: dict[tuple, list[int]] = {}
   for i, x in enumerate(leaves):
-    if isinstance(x, jax.Array) and _scalar(x) is None:
+    # A 0-d array hashes as the number it holds (_scalar), on the host.
+    if isinstance(x, jax.Array) and x.ndim != 0:
       devices = tuple(sorted(d.id for d in x.sharding.device_set))
       groups.setdefault((x.sharding.memory_kind, devices), []).append(i)
     else:
