@@ -168,23 +168,21 @@ def main():
         mib, buffers, *ctas = (int(x) for x in w.split("x"))
         shape = (mib * MIB, buffers, *ctas)
         kind = "managed" if ctas else "pinned"
-        row["c_by_window"][f"{w} {kind}"] = paged_ms(params, grads, args.iters, True, shape, kind)[
-          0
-        ]
+        ms, _ = paged_ms(params, grads, args.iters, True, shape, kind)
+        row["c_by_window"][f"{w} {kind}"] = ms
     floor = floor_ms(row["state_bytes"])
     row["d_floor_ms"], row["d_h2d_ms"], row["d_d2h_ms"] = floor["both"], floor["h2d"], floor["d2h"]
     row["pinned_alloc_s"] = floor["pinned_alloc_s"]
     row["e_adamw_pinned_host_ms"], row["e_state_memory_kinds"] = adamw_pinned_host_ms(
       params, grads, max(3, args.iters // 2)
     )
-    extra = row["c_host_streamed_ms"] - row["a_resident_ms"]
-    row["c_minus_a_over_d"] = extra / row["d_floor_ms"]
-    row["c_managed_minus_a_over_d"] = (row["c_managed_streamed_ms"] - row["a_resident_ms"]) / row[
-      "d_floor_ms"
-    ]
-    row["b_minus_a_over_d"] = (row["b_host_over_the_bus_ms"] - row["a_resident_ms"]) / row[
-      "d_floor_ms"
-    ]
+    # The extra time over a resident step, in units of the bus floor.
+    for key, ms in (
+      ("c", "c_host_streamed_ms"),
+      ("c_managed", "c_managed_streamed_ms"),
+      ("b", "b_host_over_the_bus_ms"),
+    ):
+      row[f"{key}_minus_a_over_d"] = (row[ms] - row["a_resident_ms"]) / row["d_floor_ms"]
     row["e_over_c"] = row["e_adamw_pinned_host_ms"] / row["c_host_streamed_ms"]
     row["c_over_a"] = row["c_host_streamed_ms"] / row["a_resident_ms"]
     out["trees"][name] = row

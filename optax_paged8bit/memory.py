@@ -216,11 +216,10 @@ def set_eviction_watch(on: bool) -> bool:
   memory every 20 ms; when it has risen above what it was at a state's last
   step, and the GPU was full since the last check or the state has had no
   step for 0.3 s, it prefetches that state's pages back, so the next step
-  finds them on the device. Off, the
-  next step finds the same sign and prefetches them itself, before its
-  kernel runs (the driver brings evicted pages back more slowly than
-  paged-out ones: docs/memory.md has the figures). Either way the results
-  are the same. `slot_info` counts both (`evictions_restored`,
+  finds them on the device. Off, the next step finds the same sign and
+  prefetches them itself, before its kernel runs (the driver brings evicted
+  pages back more slowly than paged-out ones: docs/memory.md has the
+  figures). Either way the results are the same. `slot_info` counts both (`evictions_restored`,
   `evictions_seen`). Off stops the thread; it starts at the next GPU step
   once on again. No effect on the CPU."""
   if not isinstance(on, bool):
